@@ -1,0 +1,143 @@
+"""The task contract every family implements.
+
+A :class:`Task` is an immutable, JSON-serialisable value: a family name plus its
+parameters. A :class:`TaskDistribution` samples tasks, gives the benchmark's
+train/test split where one is defined, builds environments for tasks and
+re-points a built environment to another task without rebuilding it.
+
+A task never changes on ``reset()``: only an explicit ``set_task`` changes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+def _freeze(value: Any) -> Any:
+    """Turns lists and arrays into tuples so that a task stays hashable."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(
+        f"task parameter {value!r} of type {type(value).__name__} is not JSON-serialisable; "
+        "use numbers, strings, or (nested) tuples of them"
+    )
+
+
+def _flatten_numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, tuple):
+        out: list[float] = []
+        for v in value:
+            out.extend(_flatten_numbers(v))
+        return out
+    return []
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: a family name and sorted ``(name, value)`` parameter pairs.
+
+    Build it with :meth:`Task.make` (``Task.make("navigation-2d", goal=(0.3, -0.1))``),
+    read a parameter with ``task["goal"]``.
+    """
+
+    family: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, family: str, **params: Any) -> Task:
+        return cls(family, tuple(sorted((k, _freeze(v)) for k, v in params.items())))
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self.params:
+            if k == key:
+                return v
+        raise KeyError(f"task of family {self.family!r} has no parameter {key!r}; it has {self.keys()}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.params]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "params": {k: v for k, v in self.params}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        return cls.make(data["family"], **data.get("params", {}))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Task:
+        return cls.from_dict(json.loads(text))
+
+    def vector(self) -> np.ndarray:
+        """All numeric parameters, flattened in key order: the task's values in Trajectories."""
+        out: list[float] = []
+        for _, v in self.params:
+            out.extend(_flatten_numbers(v))
+        return np.asarray(out, dtype=np.float32)
+
+
+class TaskDistribution:
+    """Base of every task family. Subclasses set the class attributes and the methods.
+
+    Attributes:
+        name: registry name of the family (``"navigation-2d"``).
+        horizon: the fixed episode length used by samplers.
+        observation_space, action_space: identical for every task of the family.
+    """
+
+    name: str = ""
+    horizon: int = 0
+    observation_space: gym.Space
+    action_space: gym.Space
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Task]:
+        """Draws ``n`` tasks from the training distribution."""
+        raise NotImplementedError
+
+    def train_tasks(self) -> list[Task]:
+        """The benchmark's training tasks (a fixed, seeded set where the paper defines none)."""
+        raise NotImplementedError
+
+    def test_tasks(self) -> list[Task]:
+        """The benchmark's held-out tasks, disjoint from :meth:`train_tasks`."""
+        raise NotImplementedError
+
+    def make_env(self, task: Task) -> gym.Env:
+        """Builds an environment fixed on ``task``."""
+        raise NotImplementedError
+
+    def set_task(self, env: gym.Env, task: Task) -> None:
+        """Re-points an environment built by :meth:`make_env` at ``task`` without rebuilding it."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for ``metarl list envs``."""
+        return {
+            "name": self.name,
+            "horizon": self.horizon,
+            "observation_space": str(self.observation_space),
+            "action_space": str(self.action_space),
+        }
