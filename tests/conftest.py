@@ -1,0 +1,32 @@
+"""Shared fixtures: RNG state restored after every test, and the shared data directory."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng_state():
+    """Tests may seed freely; the global RNGs are put back as they were afterwards."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    torch.set_rng_state(torch_state)
+
+
+@pytest.fixture
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the project root (read-only data the project cannot download)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data directory not found at {SHARED_DATA}; CI places ../shared beside the clone")
+    return SHARED_DATA
