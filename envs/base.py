@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -141,3 +142,77 @@ class TaskDistribution:
             "observation_space": str(self.observation_space),
             "action_space": str(self.action_space),
         }
+
+
+def seeded_split(
+    sample: Callable[[int, np.random.Generator], list[Task]],
+    num_train: int,
+    num_test: int,
+    seed: int,
+) -> tuple[list[Task], list[Task]]:
+    """Draws a fixed train set and a fixed, disjoint test set from two seeded streams.
+
+    Args:
+        sample: the family's ``sample(n, rng)``.
+        num_train: number of training tasks.
+        num_test: number of held-out tasks.
+        seed: the split seed; train uses stream ``(seed, 0)``, test stream ``(seed, 1)``.
+
+    Returns:
+        ``(train, test)`` lists of tasks with no task in both.
+
+    Raises:
+        ValueError: if a size is not positive, or the two sets share a task (a family with
+            finitely many tasks must define its split itself).
+    """
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"num_train={num_train} and num_test={num_test} must both be >= 1")
+    train = sample(num_train, np.random.default_rng([seed, 0]))
+    test = sample(num_test, np.random.default_rng([seed, 1]))
+    shared = set(train) & set(test)
+    if shared:
+        raise ValueError(
+            f"{len(shared)} task(s) drawn for both train and test (e.g. {next(iter(shared))}); "
+            "this family has too few distinct tasks for a random split: define the split explicitly"
+        )
+    return train, test
+
+
+class EpisodeClock:
+    """Counts the steps of one episode, truncates at the horizon and refuses to step past the end.
+
+    Used by composition in every environment of the package, so that all families share one
+    rule: after ``terminated`` or ``truncated`` the next call must be ``reset()``.
+    """
+
+    def __init__(self, horizon: int, family: str) -> None:
+        if horizon < 1:
+            raise ValueError(f"{family}: horizon={horizon} must be >= 1")
+        self.horizon = horizon
+        self.family = family
+        self.t = 0
+        self._ended = True
+
+    def start(self) -> None:
+        """Marks the start of an episode (called by ``reset``)."""
+        self.t = 0
+        self._ended = False
+
+    def check(self) -> None:
+        """Raises before a step that would go past the end of the episode.
+
+        Raises:
+            RuntimeError: if the episode has not been reset or has already ended.
+        """
+        if self._ended:
+            where = "before the first reset()" if self.t == 0 else f"after the episode ended at step {self.t}"
+            raise RuntimeError(
+                f"{self.family}: step() called {where} (horizon {self.horizon}); call reset() first"
+            )
+
+    def tick(self, terminated: bool) -> bool:
+        """Advances one step and returns ``truncated`` (horizon reached and not terminated)."""
+        self.t += 1
+        truncated = self.t >= self.horizon and not terminated
+        self._ended = terminated or truncated
+        return truncated
