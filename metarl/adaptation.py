@@ -1,0 +1,172 @@
+"""The one adaptation core shared by the supervised learners and the RL agents.
+
+Parameters are plain ``dict[str, Tensor]``; models run them with
+``torch.func.functional_call``. :func:`adapt` takes inner gradient steps with
+``torch.func.grad``, so it works both on its own and inside ``torch.func.vmap``
+over a batch of tasks, and its result stays differentiable with respect to the
+initial parameters (and to learned per-parameter rates) unless
+``first_order``.
+
+Modes, all through :func:`adapt`:
+
+* MAML: ``first_order=False`` (second-order meta-gradient).
+* FOMAML: ``first_order=True`` (inner gradients treated as constants).
+* Meta-SGD: ``lr`` is a dict of tensors with ``requires_grad`` (one rate per
+  parameter element), meta-trained with the initial parameters.
+* ANIL: ``names`` lists the head parameters; the rest are not adapted.
+* Reptile: plain first-order adaptation, then :func:`reptile_update`.
+
+Batching over tasks. :func:`meta_objective` runs adaptation plus the query
+loss for every task of a meta-batch either with ``vmap`` or with a Python loop.
+Measured on a 2-core CPU (``metarl bench adapt``): vmap wins for small MLPs,
+where per-task kernels are tiny and Python overhead dominates; a loop wins for
+the conv4 Omniglot model, where vmapped convolutions and batch norm fall back
+to slower batched kernels. Learners pick the faster one per model by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.func import grad, vmap
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[Params, Any], torch.Tensor]
+LearningRate = float | Mapping[str, torch.Tensor]
+
+
+def _rate(lr: LearningRate, name: str) -> float | torch.Tensor:
+    if isinstance(lr, Mapping):
+        if name not in lr:
+            raise KeyError(f"per-parameter learning rates have no entry for {name!r}; have {sorted(lr)}")
+        return lr[name]
+    return lr
+
+
+def _check_names(params: Params, names: Iterable[str] | None) -> list[str]:
+    if names is None:
+        return list(params)
+    names = list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise KeyError(f"cannot adapt unknown parameters {unknown}; the model has {sorted(params)}")
+    if not names:
+        raise ValueError("names is empty: at least one parameter must adapt")
+    return names
+
+
+def adapt(
+    loss_fn: LossFn,
+    params: Params,
+    data: Any,
+    steps: int = 1,
+    lr: LearningRate = 0.01,
+    first_order: bool = False,
+    names: Iterable[str] | None = None,
+) -> Params:
+    """Takes ``steps`` gradient steps on ``loss_fn(params, data)`` and returns the adapted params.
+
+    Args:
+        loss_fn: ``loss_fn(params, data) -> scalar tensor``; must be a pure function of its inputs.
+        params: initial parameters, left untouched.
+        data: the task's support data, any pytree of tensors.
+        steps: number of inner gradient steps (0 returns ``params`` unchanged).
+        lr: one inner learning rate, or a dict of per-parameter rates (Meta-SGD), each a tensor
+            broadcastable to its parameter.
+        first_order: treat inner gradients as constants (FOMAML, Reptile).
+        names: the parameters to adapt (ANIL adapts only the head); all when ``None``.
+
+    Returns:
+        A new dict with every key of ``params``; adapted entries differentiable with respect to
+        ``params`` and ``lr`` (through the inner gradients too, unless ``first_order``).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    keys = _check_names(params, names)
+    adapted = dict(params)
+    for _ in range(steps):
+        frozen = {k: v for k, v in adapted.items() if k not in keys}
+
+        def inner_loss(sub: Params, frozen: Params = frozen) -> torch.Tensor:
+            return loss_fn({**frozen, **sub}, data)
+
+        grads = grad(inner_loss)({k: adapted[k] for k in keys})
+        for k in keys:
+            g = grads[k].detach() if first_order else grads[k]
+            adapted[k] = adapted[k] - _rate(lr, k) * g
+    return adapted
+
+
+def _stack_index(batch: Any, i: int) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t[i], batch)
+
+
+def meta_objective(
+    loss_fn: LossFn,
+    params: Params,
+    support: Any,
+    query: Any,
+    steps: int = 1,
+    lr: LearningRate = 0.01,
+    first_order: bool = False,
+    names: Iterable[str] | None = None,
+    batch: Literal["vmap", "loop"] = "vmap",
+    query_loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """Per-task query losses after adaptation on each task's support data.
+
+    Args:
+        loss_fn: inner loss, ``loss_fn(params, data) -> scalar``.
+        params: shared initial parameters.
+        support: pytree of tensors with a leading task axis ``[B, ...]``.
+        query: pytree of tensors with a leading task axis ``[B, ...]``.
+        steps, lr, first_order, names: as in :func:`adapt`.
+        batch: ``"vmap"`` to vectorise over tasks, ``"loop"`` for a per-task Python loop.
+            Both give the same values (tested); pick the faster one for the model.
+        query_loss_fn: outer loss on the query data; ``loss_fn`` when ``None``.
+
+    Returns:
+        ``[B]`` tensor of post-adaptation query losses; its mean is the meta-loss.
+    """
+    outer = query_loss_fn or loss_fn
+
+    def one_task(p: Params, s: Any, q: Any) -> torch.Tensor:
+        return outer(adapt(loss_fn, p, s, steps, lr, first_order, names), q)
+
+    if batch == "vmap":
+        return vmap(one_task, in_dims=(None, 0, 0), randomness="different")(params, support, query)
+    if batch == "loop":
+        num_tasks = _num_tasks(support)
+        return torch.stack(
+            [one_task(params, _stack_index(support, i), _stack_index(query, i)) for i in range(num_tasks)]
+        )
+    raise ValueError(f"batch must be 'vmap' or 'loop', got {batch!r}")
+
+
+def _num_tasks(batch: Any) -> int:
+    leaves = torch.utils._pytree.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("support data holds no tensors")
+    return int(leaves[0].shape[0])
+
+
+@torch.no_grad()
+def reptile_update(params: Params, adapted: Sequence[Params] | Params, outer_lr: float) -> Params:
+    """Reptile's outer rule: ``θ ← θ + ε · mean_i(θ̃_i − θ)``.
+
+    Args:
+        params: current initial parameters.
+        adapted: per-task adapted parameters, either a list of dicts or one dict whose tensors
+            carry a leading task axis ``[B, ...]``.
+        outer_lr: the interpolation rate ε.
+
+    Returns:
+        New parameters (detached).
+    """
+    if isinstance(adapted, Mapping):
+        mean = {k: adapted[k].mean(0) for k in params}
+    else:
+        mean = {k: torch.stack([a[k] for a in adapted]).mean(0) for k in params}
+    return {k: params[k] + outer_lr * (mean[k] - params[k]) for k in params}

@@ -1,0 +1,164 @@
+"""The ``metarl`` command line.
+
+    metarl run CONFIG [--set section.key=value ...] [--out RUN_DIR]
+    metarl run --resume RUN_DIR
+    metarl eval RUN_DIR
+    metarl list [agents|envs]
+    metarl bench adapt|sampler|envs ...
+    metarl demo
+
+Configuration mistakes exit with code 2 and a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from metarl.config import ConfigError
+
+DEMO_CONFIG = "experiments/demo.toml"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if k in ("adaptation_steps", "iteration", "num_tasks", "plots")
+                      or k.endswith("_mean")}))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from metarl.experiment import Experiment
+    from metarl.fewshot.maml import NonFiniteLossError
+
+    if args.resume:
+        if args.config or args.set:
+            raise ConfigError("--resume takes only the run directory; its config.toml is reused as it was")
+        experiment = Experiment.resume(args.resume)
+    elif args.config:
+        experiment = Experiment.create(args.config, args.set, args.out)
+    else:
+        raise ConfigError("metarl run needs a CONFIG file or --resume RUN_DIR")
+    print(f"run directory: {experiment.run_dir}", flush=True)
+    try:
+        experiment.run(progress=not args.no_progress)
+    except FloatingPointError as e:
+        kind = "non-finite loss" if isinstance(e, NonFiniteLossError) else "floating-point error"
+        print(f"error: {kind} at iteration {experiment.iteration + 1}: {e}\n"
+              f"the last good checkpoint in {experiment.run_dir} is intact; lower the learning rates "
+              f"and start again, or resume with `metarl run --resume {experiment.run_dir}`", file=sys.stderr)
+        return 1
+    if experiment.run_cfg.eval_at_end:
+        _print_summary(experiment.evaluate())
+    print(f"results: {experiment.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from metarl.experiment import Experiment
+
+    experiment = Experiment.resume(args.run_dir)
+    if experiment.iteration == 0:
+        print(f"warning: {args.run_dir} has no checkpoint; evaluating the initial parameters", file=sys.stderr)
+    summary = experiment.evaluate()
+    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    _print_summary(summary)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from metarl.config import field_docs
+    from metarl.registry import FEWSHOT, discover_agents
+
+    if args.what in ("agents", "all"):
+        print("agents (use as [run] agent = '...'):")
+        for path, cls in sorted(discover_agents().items()):
+            docs = field_docs(cls.Config)
+            print(f"  {path}\n    config keys: {', '.join(docs) or '-'}")
+    if args.what in ("envs", "all"):
+        import envs
+
+        print("task distributions ([tasks] name = '...'):")
+        for name in sorted(FEWSHOT):
+            print(f"  {name} (few-shot)")
+        for name in envs.names():
+            info = envs.make(name).describe() if args.verbose else {}
+            print(f"  {name}" + (f": {json.dumps(info, default=str)}" if info else ""))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "adapt":
+        from metarl.bench.adapt import main as bench_adapt
+
+        return bench_adapt(args.rest)
+    if args.what == "sampler":
+        from metarl.rollout.bench import main as bench_sampler
+
+        return bench_sampler(args.rest)
+    if args.what == "envs":
+        from envs.bench import main as bench_envs
+
+        return bench_envs(args.rest)
+    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler or envs")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = Path(DEMO_CONFIG)
+    if not config.is_file():
+        raise ConfigError(f"demo config {config} not found; run `make demo` from the project root")
+    out = Path("runs") / "demo"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    run_args = argparse.Namespace(config=str(config), set=args.set, out=str(out), resume=None, no_progress=False)
+    code = cmd_run(run_args)
+    if code == 0:
+        print(f"demo done: metrics {out / 'metrics.jsonl'}, checkpoint {out / 'checkpoint.pt'}, "
+              f"evaluation {out / 'eval.json'}, plots {sorted(str(p) for p in out.glob('*.png'))}")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarl", description="Meta-RL and few-shot learning experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train an experiment from a TOML config, or resume one")
+    run.add_argument("config", nargs="?", help="experiments/NAME.toml")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    run.add_argument("--out", help="run directory (default runs/NAME-sSEED-TIME)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.set_defaults(func=cmd_run)
+    ev = sub.add_parser("eval", help="evaluate a run's agent on held-out tasks")
+    ev.add_argument("run_dir")
+    ev.set_defaults(func=cmd_eval)
+    ls = sub.add_parser("list", help="list agents and task distributions")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "agents", "envs"])
+    ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (builds it)")
+    ls.set_defaults(func=cmd_list)
+    bench = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
+    bench.add_argument("what", choices=["adapt", "sampler", "envs"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
+    bench.set_defaults(func=cmd_bench)
+    demo = sub.add_parser("demo", help="a small default experiment, end to end")
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (resume with `metarl run --resume RUN_DIR`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

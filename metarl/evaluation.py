@@ -1,0 +1,149 @@
+"""Held-out evaluation: statistics, ``eval.json`` and plots.
+
+Statistics follow common practice in the field: the mean with a normal 95% interval
+(``1.96 · s / √n``), and the interquartile mean (mean of the middle 50% of scores) with a
+percentile bootstrap 95% interval (Agarwal et al. 2021, "Deep RL at the edge of the statistical
+precipice"). Per-task scores are kept, not just the aggregates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% confidence interval (NaNs ignored)."""
+    values = np.asarray(values, dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    if values.size == 1:
+        return float(values[0]), math.nan
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the scores between the 25th and 75th percentile ranks.
+
+    With ``n`` sorted scores, the lowest and highest ``n/4`` are dropped, fractional scores
+    weighted, as in a 25%-trimmed mean.
+    """
+    x = np.sort(np.asarray(values, dtype=float).ravel())
+    n = x.size
+    if n == 0:
+        return math.nan
+    lo, hi = 0.25 * n, 0.75 * n
+    # Weight of each sorted score inside [lo, hi] on the rank axis (score i covers [i, i+1]).
+    idx = np.arange(n)
+    weights = np.clip(np.minimum(idx + 1, hi) - np.maximum(idx, lo), 0.0, 1.0)
+    return float((weights * x).sum() / weights.sum())
+
+
+def bootstrap_ci(values: np.ndarray, statistic=iqm, num_samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of ``statistic`` over the scores."""
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(x[rng.integers(0, x.size, x.size)]) for _ in range(num_samples)])
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+    """Mean ± 95% CI and IQM with its bootstrap interval of a set of per-task scores."""
+    mean, ci = mean_ci95(values)
+    lo, hi = bootstrap_ci(values)
+    finite = np.isfinite(np.asarray(values, dtype=float))
+    return {"mean": mean, "ci95": ci, "iqm": iqm(np.asarray(values)[finite]), "iqm_lo": lo, "iqm_hi": hi,
+            "num": int(finite.sum()), "num_nonfinite": int((~finite).sum())}
+
+
+def summarize_curves(result: dict[str, Any]) -> dict[str, Any]:
+    """Aggregates per-task score arrays ``[num_tasks, num_steps]`` step by step."""
+    steps = list(result["adaptation_steps"])
+    out: dict[str, Any] = {"adaptation_steps": steps}
+    for key, values in result.items():
+        if key == "adaptation_steps" or values is None:
+            continue
+        arr = np.asarray(values, dtype=float)
+        if arr.ndim != 2 or arr.shape[1] != len(steps):
+            continue
+        per_step = [summarize(arr[:, j]) for j in range(len(steps))]
+        out[key] = {stat: [s[stat] for s in per_step] for stat in per_step[0]}
+        out[f"{key}_mean"] = out[key]["mean"]
+    return out
+
+
+def plot_curves(summary: dict[str, Any], path: Path, title: str) -> list[Path]:
+    """One PNG per metric: mean ± 95% CI against adaptation steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steps = summary["adaptation_steps"]
+    for key, stats in summary.items():
+        if not isinstance(stats, dict) or "mean" not in stats:
+            continue
+        mean, ci = np.array(stats["mean"]), np.nan_to_num(np.array(stats["ci95"]))
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3)
+        ax.set_xlabel("adaptation steps")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = path.parent / f"{path.stem}_{key}.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        paths.append(out)
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def evaluate_experiment(experiment: Any) -> dict[str, Any]:
+    """Evaluates an experiment's agent on held-out tasks; writes ``eval.json`` and PNG plots.
+
+    Returns:
+        The summary: ``adaptation_steps`` and, aligned with it, ``<metric>_mean`` lists, plus the
+        paths of the plots.
+    """
+    tasks = experiment.distribution.test_tasks()
+    if experiment.eval_cfg.num_tasks:
+        tasks = tasks[: experiment.eval_cfg.num_tasks]
+    rng = np.random.default_rng(experiment.eval_cfg.seed)
+    result = experiment.agent.evaluate(tasks, rng)
+    summary = summarize_curves(result)
+    run_dir = Path(experiment.run_dir)
+    title = f"{experiment.task_name}: {Path(run_dir).name}"
+    plots = plot_curves(summary, run_dir / "adaptation.png", title)
+    plot_fits = getattr(experiment.distribution, "plot_fits", None)
+    if plot_fits is not None:
+        plots.append(plot_fits(experiment.agent, tasks[:3], run_dir / "fits.png"))
+    summary["plots"] = [str(p) for p in plots]
+    summary["iteration"] = experiment.iteration
+    summary["num_tasks"] = len(tasks)
+    document = {"summary": summary, "per_task": {k: v for k, v in result.items() if k != "adaptation_steps"},
+                "tasks": [t.to_dict() for t in tasks]}
+    (run_dir / "eval.json").write_text(json.dumps(_jsonable(document), indent=1))
+    return _jsonable(summary)

@@ -1,0 +1,100 @@
+"""Models run functionally: a module defines the computation, a ``dict[str, Tensor]`` holds the weights.
+
+``FunctionalModel`` pairs a module with :func:`torch.func.functional_call` so that
+learners only ever handle parameter dicts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+class MLP(nn.Module):
+    """Fully connected network, e.g. the MAML sinusoid regressor 1-40-40-1 ReLU.
+
+    Args:
+        sizes: layer widths including input and output, e.g. ``(1, 40, 40, 1)``.
+        activation: ``"relu"`` or ``"tanh"`` between hidden layers.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], activation: str = "relu"):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"an MLP needs at least input and output sizes, got {sizes}")
+        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(acts[activation]())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``."""
+        return self.net(x)
+
+
+def _conv_block(in_channels: int, channels: int) -> nn.Sequential:
+    # Batch statistics only (no running averages), as MAML uses them in the inner loop.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of MAML / ProtoNets for 28×28 Omniglot.
+
+    Each block: 3×3 conv with ``channels`` filters, batch norm (batch statistics), ReLU, 2×2
+    max-pool; 28 → 14 → 7 → 3 → 1. With ``num_classes`` a linear head follows; with 0 the
+    network is an encoder returning ``[B, channels]`` embeddings.
+    """
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 1, channels: int = 64):
+        super().__init__()
+        blocks = [_conv_block(in_channels, channels)] + [_conv_block(channels, channels) for _ in range(3)]
+        self.encoder = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, 28, 28] -> logits [B, num_classes]`` (or embeddings ``[B, channels]``)."""
+        return self.head(self.encoder(x))
+
+
+class FunctionalModel:
+    """A module used as a pure function of ``(params, inputs)``.
+
+    Args:
+        module: the computation; its own parameters only provide the initial values.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def init_params(self, seed: int) -> Params:
+        """Fresh initial parameters from PyTorch's default initialisation under ``seed``."""
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            for m in self.module.modules():
+                if hasattr(m, "reset_parameters") and m is not self.module:
+                    m.reset_parameters()
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return {k: v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, params, (x,))
+
+    def head_names(self, params: Params) -> list[str]:
+        """Names of the last layer's parameters (what ANIL adapts)."""
+        last = list(params)[-1].rsplit(".", 1)[0]
+        return [k for k in params if k.rsplit(".", 1)[0] == last]
