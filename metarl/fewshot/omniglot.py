@@ -36,6 +36,7 @@ import io
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def _decode_png(archive: zipfile.ZipFile, member: str, path: Path, image_size: i
     try:
         with Image.open(io.BytesIO(archive.read(member))) as image:
             gray = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
-    except Exception as err:  # zlib, CRC and PIL errors all mean the same thing here
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # CRC, inflate and PIL decoding errors all mean the archive's bytes are bad.
         raise OmniglotDataError(
             f"cannot decode {member} in {path.name} (in {path.parent}): {err!r}; the archive is "
             f"corrupt: replace it with a fresh copy ({_HINT})."
@@ -216,7 +218,7 @@ def _load_npz(file: Path) -> tuple[list[str], np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as npz:
             return [str(n) for n in npz["character_names"]], npz["images"]
-    except Exception as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise OmniglotDataError(
             f"cache file {file} cannot be read ({err!r}); delete it to rebuild it from the archives."
         ) from err
