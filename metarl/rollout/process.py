@@ -154,6 +154,7 @@ class ProcessBackend:
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(["metarl.rollout.process", type(distribution).__module__])
         self._request = 0
+        self._request_of: dict[int, int] = {}
         self._handles: list[_Handle | None] = [None] * num_workers
         self._finalizer = weakref.finalize(self, _stop_all, self._handles)
         for w in range(num_workers):
@@ -214,7 +215,6 @@ class ProcessBackend:
         shares = [[episodes[i] for i in r] for r in split_shares(len(episodes), self.num_workers)]
         attempts = dict.fromkeys(range(len(shares)), 0)
         deadlines: dict[int, float] = {}
-        self._request_of: dict[int, int] = {}
         results: dict[int, Batch] = {}
         try:
             pending = list(range(len(shares)))
