@@ -1,0 +1,172 @@
+"""Rewards against the published formulas, computed here by hand from the MuJoCo state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import envs
+from envs.base import Task
+
+DT = 0.05  # frame_skip 5 x timestep 0.01 for HalfCheetah and Ant
+
+
+def _rollout_checks(name: str, task: Task, expected, num_steps: int = 30, seed: int = 0):
+    """Steps random actions; ``expected(sim, before, action, task)`` is the published reward."""
+    dist = envs.make(name)
+    env = dist.make_env(task)
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    sim = env.unwrapped.sim
+    for _ in range(num_steps):
+        action = rng.uniform(-1, 1, size=env.action_space.shape)
+        before = {"qpos": sim.data.qpos.copy(), "torso": sim.data.body("torso").xpos.copy()}
+        _, reward, terminated, truncated, info = env.step(action)
+        assert reward == pytest.approx(expected(sim, before, action, task), rel=1e-9, abs=1e-9)
+        if terminated or truncated:
+            break
+    return info
+
+
+def _contact(sim) -> float:
+    return 0.5e-3 * float(np.sum(np.clip(sim.data.cfrc_ext, -1, 1) ** 2))
+
+
+def test_navigation_reward_by_hand():
+    dist = envs.make("navigation-2d")
+    task = Task.make("navigation-2d", goal=(0.3, -0.2))
+    env = dist.make_env(task)
+    env.reset(seed=0)
+    position = np.zeros(2)
+    for action in ([0.05, 0.0], [0.5, -0.5], [-0.3, 0.02]):  # the second is clipped to 0.1
+        position = position + np.clip(action, -0.1, 0.1)
+        obs, reward, *_ = env.step(np.array(action, dtype=np.float32))
+        np.testing.assert_allclose(obs, position, atol=1e-6)
+        assert reward == pytest.approx(-np.hypot(position[0] - 0.3, position[1] + 0.2), abs=1e-6)
+
+
+def test_navigation_wind_adds_drift_and_goal_terminates():
+    task = Task.make("navigation-2d-wind", goal=(0.15, 0.0), wind=(0.05, 0.0))
+    env = envs.make("navigation-2d-wind").make_env(task)
+    env.reset(seed=0)
+    obs, _, terminated, *_ = env.step(np.array([0.05, 0.0]))
+    np.testing.assert_allclose(obs, [0.1, 0.0], atol=1e-6)
+    assert not terminated
+    obs, reward, terminated, *_ = env.step(np.array([0.0, 0.0]))
+    assert terminated and reward == pytest.approx(0.0, abs=1e-9)  # 0.1 + 0 + wind 0.05 = goal
+
+
+def test_halfcheetah_vel_reward():
+    def expected(sim, before, action, task):
+        v = (sim.data.qpos[0] - before["qpos"][0]) / DT
+        return -abs(v - task["velocity"]) - 0.05 * np.sum(action**2)
+
+    info = _rollout_checks("halfcheetah-vel", Task.make("halfcheetah-vel", velocity=1.3), expected)
+    assert {"x_velocity", "reward_forward", "reward_ctrl"} <= set(info)
+
+
+@pytest.mark.parametrize("direction", [-1.0, 1.0])
+def test_halfcheetah_dir_reward(direction):
+    def expected(sim, before, action, task):
+        return task["direction"] * (sim.data.qpos[0] - before["qpos"][0]) / DT - 0.05 * np.sum(action**2)
+
+    _rollout_checks("halfcheetah-dir", Task.make("halfcheetah-dir", direction=direction), expected)
+
+
+def test_ant_dir_reward():
+    def expected(sim, before, action, task):
+        v = (sim.data.body("torso").xpos[0] - before["torso"][0]) / DT
+        return task["direction"] * v - 0.5 * np.sum(action**2) - _contact(sim) + 1.0
+
+    _rollout_checks("ant-dir", Task.make("ant-dir", direction=-1.0), expected)
+
+
+def test_ant_dir_2d_reward():
+    u = np.array([0.6, -0.8])
+
+    def expected(sim, before, action, task):
+        v = (sim.data.body("torso").xpos[:2] - before["torso"][:2]) / DT
+        return float(u @ v) - 0.5 * np.sum(action**2) - _contact(sim) + 1.0
+
+    _rollout_checks("ant-dir-2d", Task.make("ant-dir-2d", direction=tuple(u)), expected)
+
+
+def test_ant_goal_reward_and_observation_has_position():
+    goal = np.array([1.0, -2.0])
+
+    def expected(sim, before, action, task):
+        distance = np.sum(np.abs(sim.data.body("torso").xpos[:2] - goal))
+        return -distance - 0.1 * np.sum(action**2) - _contact(sim)
+
+    _rollout_checks("ant-goal", Task.make("ant-goal", goal=tuple(goal)), expected)
+    dist = envs.make("ant-goal")
+    env = dist.make_env(dist.train_tasks()[0])
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_allclose(obs[:2], env.unwrapped.sim.data.qpos[:2], atol=1e-6)
+    radii = [np.hypot(*t["goal"]) for t in dist.sample(500, np.random.default_rng(0))]
+    assert max(radii) <= 3.0 and np.mean(np.array(radii) < 1.5) == pytest.approx(0.25, abs=0.06)
+
+
+@pytest.mark.parametrize("name", ["hopper-params", "walker-params"])
+def test_rand_params_reward_is_gymnasium_v5(name):
+    def expected(sim, before, action, task):
+        v = (sim.data.qpos[0] - before["qpos"][0]) / sim.dt
+        return v + 1.0 - 1e-3 * np.sum(action**2)  # healthy reward 1 while alive
+
+    dist = envs.make(name)
+    _rollout_checks(name, dist.train_tasks()[0], expected, num_steps=10)
+
+
+@pytest.mark.parametrize("name", ["hopper-params", "walker-params"])
+def test_rand_params_set_task_rewrites_from_nominal(name):
+    dist = envs.make(name)
+    tasks = dist.train_tasks()
+    env = dist.make_env(tasks[0])
+    model = env.unwrapped.sim.model
+    from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+    from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
+
+    fresh = (HopperEnv if name == "hopper-params" else Walker2dEnv)().model
+    for task in (tasks[1], tasks[2], tasks[1]):  # going back must give the same arrays: no compounding
+        dist.set_task(env, task)
+        for field, base in (("body_mass", 1.5), ("body_inertia", 1.5), ("dof_damping", 1.3), ("geom_friction", 1.5)):
+            scale = np.asarray(task[f"{field}_scale"]).reshape(getattr(fresh, field).shape)
+            np.testing.assert_allclose(getattr(model, field), getattr(fresh, field) * scale)
+            exponents = np.log(scale) / np.log(base)
+            assert np.all(np.abs(exponents) <= 3.0 + 1e-9)
+
+
+def test_bandit_rewards_follow_arm_means():
+    task = Task.make("bandit", arm_means=(0.1, 0.9, 0.5))
+    env = envs.make("bandit", num_arms=3, horizon=1000).make_env(task)
+    env.reset(seed=0)
+    rewards = [env.step(1)[1] for _ in range(1000)]
+    assert set(rewards) <= {0.0, 1.0}
+    assert np.mean(rewards) == pytest.approx(0.9, abs=0.04)
+
+
+def test_tabular_mdp_follows_its_tables():
+    transitions = np.zeros((2, 2, 2))
+    transitions[0, 0] = [0.25, 0.75]
+    transitions[0, 1] = [1.0, 0.0]
+    transitions[1, :] = [1.0, 0.0]
+    task = Task.make("tabular-mdp", transitions=transitions, reward_means=[[2.0, -1.0], [0.0, 0.0]])
+    env = envs.make("tabular-mdp", num_states=2, num_actions=2, horizon=1).make_env(task)
+    next_states, rewards = [], []
+    for seed in range(2000):
+        obs, _ = env.reset(seed=seed)
+        np.testing.assert_array_equal(obs, [1.0, 0.0])  # every episode starts in state 0
+        obs, reward, *_ = env.step(0)
+        next_states.append(int(np.argmax(obs)))
+        rewards.append(reward)
+    assert np.mean(next_states) == pytest.approx(0.75, abs=0.03)
+    assert np.mean(rewards) == pytest.approx(2.0, abs=0.07) and np.std(rewards) == pytest.approx(1.0, abs=0.07)
+
+
+def test_tabular_mdp_task_distribution():
+    dist = envs.make("tabular-mdp")
+    task = dist.sample(1, np.random.default_rng(0))[0]
+    p = np.asarray(task["transitions"])
+    assert p.shape == (10, 5, 10) and np.allclose(p.sum(-1), 1.0) and np.all(p >= 0)
+    means = np.concatenate([np.ravel(t["reward_means"]) for t in dist.sample(40, np.random.default_rng(1))])
+    assert np.mean(means) == pytest.approx(1.0, abs=0.1) and np.std(means) == pytest.approx(1.0, abs=0.1)
