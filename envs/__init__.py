@@ -19,7 +19,15 @@ from typing import Any
 
 from envs.base import EpisodeClock, Task, TaskDistribution, seeded_split
 
-__all__ = ["EpisodeClock", "Task", "TaskDistribution", "UnknownParameterError", "make", "names", "seeded_split"]
+__all__ = [
+    "EpisodeClock",
+    "Task",
+    "TaskDistribution",
+    "UnknownParameterError",
+    "make",
+    "names",
+    "seeded_split",
+]
 
 # name -> "module:factory"; a factory takes the family's keyword parameters.
 _REGISTRY: dict[str, str] = {

@@ -11,8 +11,8 @@ A task never changes on ``reset()``: only an explicit ``set_task`` changes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym

@@ -66,7 +66,9 @@ def _measure_one(name: str, seconds: float, seed: int) -> dict[str, Any]:
     }
 
 
-def measure_env_rates(names: list[str] | None = None, seconds: float = 3.0, seed: int = 0) -> list[dict[str, Any]]:
+def measure_env_rates(
+    names: list[str] | None = None, seconds: float = 3.0, seed: int = 0
+) -> list[dict[str, Any]]:
     """Steps/s of one env per family, stepped with seeded random actions in this process.
 
     Args:
@@ -93,7 +95,12 @@ def machine() -> dict[str, Any]:
         pass
     import gymnasium
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "gymnasium": gymnasium.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "gymnasium": gymnasium.__version__,
+    }
 
 
 def _markdown(rows: list[dict[str, Any]], command: str, host: dict[str, Any]) -> str:
@@ -118,10 +125,18 @@ def _markdown(rows: list[dict[str, Any]], command: str, host: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m envs.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="experiments/results/envs", help="output path without suffix")
-    parser.add_argument("--seconds", type=float, default=3.0, help="seconds inside step() per family")
-    parser.add_argument("--names", nargs="*", default=None, help=f"families (default all: {' '.join(envs.names())})")
+    parser = argparse.ArgumentParser(
+        prog="python -m envs.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--out", default="experiments/results/envs", help="output path without suffix"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="seconds inside step() per family"
+    )
+    parser.add_argument(
+        "--names", nargs="*", default=None, help=f"families (default all: {' '.join(envs.names())})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     command = "python -m envs.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -130,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(_markdown(rows, command, host))
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": host, "results": rows}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "machine": host, "results": rows}, indent=2) + "\n"
+    )
     print(json.dumps({"results": rows}))
     return 0
 

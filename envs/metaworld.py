@@ -62,7 +62,9 @@ def _split_names(benchmark: str, env_name: str) -> tuple[list[str], list[str]]:
     return list(table["train"]), list(table["test"])
 
 
-def _build_task_data(benchmark: str, env_name: str, seed: int) -> dict[tuple[str, str], list[bytes]]:
+def _build_task_data(
+    benchmark: str, env_name: str, seed: int
+) -> dict[tuple[str, str], list[bytes]]:
     """Builds the metaworld benchmark once per process and keeps only its pickled task data."""
     key = (benchmark, env_name, seed)
     if key not in _TASK_DATA:
@@ -78,7 +80,9 @@ def _build_task_data(benchmark: str, env_name: str, seed: int) -> dict[tuple[str
                 data.setdefault((split, mw_task.env_name), []).append(mw_task.data)
         bad = {k: len(v) for k, v in data.items() if len(v) != NUM_GOALS}
         if bad:
-            raise RuntimeError(f"{benchmark}: expected {NUM_GOALS} goals per env and split, got {bad}")
+            raise RuntimeError(
+                f"{benchmark}: expected {NUM_GOALS} goals per env and split, got {bad}"
+            )
         _TASK_DATA[key] = data
     return _TASK_DATA[key]
 
@@ -144,7 +148,9 @@ class MetaWorldEnv(gym.Env):
     def _learner_obs(self, obs: np.ndarray) -> np.ndarray:
         obs = np.array(obs, dtype=np.float64)
         obs[-3:] = 0.0
-        return np.clip(obs.astype(np.float32), self.observation_space.low, self.observation_space.high)
+        return np.clip(
+            obs.astype(np.float32), self.observation_space.low, self.observation_space.high
+        )
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -187,7 +193,9 @@ class MetaWorld(TaskDistribution):
         horizon: episode length, at most 500 (Meta-World's ``max_path_length``).
     """
 
-    def __init__(self, benchmark: str, env_name: str = "", seed: int = 0, horizon: int = MAX_PATH_LENGTH) -> None:
+    def __init__(
+        self, benchmark: str, env_name: str = "", seed: int = 0, horizon: int = MAX_PATH_LENGTH
+    ) -> None:
         if benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark {benchmark!r} unknown; expected one of {BENCHMARKS}")
         if not 1 <= horizon <= MAX_PATH_LENGTH:
@@ -240,14 +248,20 @@ class MetaWorld(TaskDistribution):
     def set_task(self, env: gym.Env, task: Task) -> None:
         core = env.unwrapped
         if not isinstance(core, MetaWorldEnv):
-            raise TypeError(f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}")
+            raise TypeError(
+                f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}"
+            )
         core.point(task, self.task_data(task))
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "source": "Meta-World (arXiv 1910.10897); metaworld 3.1.1 benchmark definitions",
-            "params": {"env_name": self.env_name or None, "seed": self.seed, "goal": "hidden (obs[-3:] = 0)"},
+            "params": {
+                "env_name": self.env_name or None,
+                "seed": self.seed,
+                "goal": "hidden (obs[-3:] = 0)",
+            },
             "train_env_names": self.train_names,
             "test_env_names": self.test_names,
             "num_train": len(self.train_names) * NUM_GOALS,
@@ -274,7 +288,9 @@ def _true_goal(task: Task) -> np.ndarray:
     if task not in _EXPERT_GOALS:
         from metaworld.types import Task as MetaWorldTask
 
-        dist = MetaWorld(task.family, task["env_name"] if task.family == "ml1" else "", task["seed"])
+        dist = MetaWorld(
+            task.family, task["env_name"] if task.family == "ml1" else "", task["seed"]
+        )
         data = pickle.loads(dist.task_data(task))
         data["partially_observable"] = False  # the scripted experts read the goal
         env_name = task["env_name"]
@@ -306,7 +322,9 @@ def expert_policy(task: Task) -> Callable[[np.ndarray], np.ndarray]:
     def act(obs: np.ndarray) -> np.ndarray:
         batch = np.array(obs, dtype=np.float64, ndmin=2)
         if batch.shape[-1] != OBS_DIM:
-            raise ValueError(f"expert_policy expects observations [B, {OBS_DIM}], got {np.shape(obs)}")
+            raise ValueError(
+                f"expert_policy expects observations [B, {OBS_DIM}], got {np.shape(obs)}"
+            )
         batch[:, -3:] = goal
         actions = np.stack([policy.get_action(row) for row in batch]).astype(np.float32)
         return actions[0] if np.ndim(obs) == 1 else actions

@@ -21,7 +21,9 @@ from envs.base import EpisodeClock, Task, TaskDistribution, seeded_split
 
 # (sim, state before the step, action, task, (inner reward, inner terminated, inner info))
 # -> (reward, terminated, info)
-RewardFn = Callable[[Any, np.ndarray, np.ndarray, Task, tuple[float, bool, dict]], tuple[float, bool, dict]]
+RewardFn = Callable[
+    [Any, np.ndarray, np.ndarray, Task, tuple[float, bool, dict]], tuple[float, bool, dict]
+]
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,13 @@ class MujocoTaskEnv(gym.Env):
         model = self.sim.model
         self.nominal = {name: getattr(model, name).copy() for name in spec.model_fields}
         self.clock = EpisodeClock(horizon, spec.name)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(spec.obs_dim,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(
+            -np.inf, np.inf, shape=(spec.obs_dim,), dtype=np.float32
+        )
         low, high = self.sim.action_space.low, self.sim.action_space.high
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(
+            low.astype(np.float32), high.astype(np.float32), dtype=np.float32
+        )
         if self.sim.observation_space.shape != (spec.obs_dim,) or low.shape != (spec.act_dim,):
             raise RuntimeError(
                 f"{spec.name}: built model has obs {self.sim.observation_space.shape} and action {low.shape}, "
@@ -132,11 +138,20 @@ class MujocoFamily(TaskDistribution):
         split_seed: seed of the fixed splits.
     """
 
-    def __init__(self, spec: FamilySpec, horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0) -> None:
+    def __init__(
+        self,
+        spec: FamilySpec,
+        horizon: int = 200,
+        num_train: int = 100,
+        num_test: int = 40,
+        split_seed: int = 0,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.horizon = horizon
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(spec.obs_dim,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(
+            -np.inf, np.inf, shape=(spec.obs_dim,), dtype=np.float32
+        )
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(spec.act_dim,), dtype=np.float32)
         if spec.fixed_tasks is not None:
             fixed = [Task.make(spec.name, **p) for p in spec.fixed_tasks]
@@ -159,7 +174,9 @@ class MujocoFamily(TaskDistribution):
     def set_task(self, env: gym.Env, task: Task) -> None:
         core = env.unwrapped
         if not isinstance(core, MujocoTaskEnv) or core.spec_.name != self.name:
-            raise TypeError(f"{self.name}.set_task needs an env from this family's make_env, got {core!r}")
+            raise TypeError(
+                f"{self.name}.set_task needs an env from this family's make_env, got {core!r}"
+            )
         core.set_task(task)
 
     def describe(self) -> dict[str, Any]:
@@ -169,5 +186,7 @@ class MujocoFamily(TaskDistribution):
             "params": dict(self.spec.params_doc),
             "num_train": len(self._train),
             "num_test": len(self._test),
-            "split": "the finite task set (train = test)" if self.spec.fixed_tasks else "fixed seeded draws",
+            "split": "the finite task set (train = test)"
+            if self.spec.fixed_tasks
+            else "fixed seeded draws",
         }

@@ -47,7 +47,9 @@ def _halfcheetah() -> Any:
 def _ant(with_xy: bool) -> Any:
     from gymnasium.envs.mujoco.ant_v5 import AntEnv
 
-    return AntEnv(exclude_current_positions_from_observation=not with_xy, terminate_when_unhealthy=False)
+    return AntEnv(
+        exclude_current_positions_from_observation=not with_xy, terminate_when_unhealthy=False
+    )
 
 
 def _cheetah_x(sim: Any) -> np.ndarray:
@@ -58,14 +60,20 @@ def _torso_xy(sim: Any) -> np.ndarray:
     return sim.data.body("torso").xpos[:2].copy()
 
 
-def _cheetah_reward(sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple) -> tuple[float, bool, dict]:
+def _cheetah_reward(
+    sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple
+) -> tuple[float, bool, dict]:
     velocity = (sim.data.qpos[0] - before[0]) / sim.dt
     ctrl_cost = CHEETAH_CTRL * float(np.sum(action**2))
     if "velocity" in task.keys():
         forward = -abs(velocity - task["velocity"])
     else:
         forward = task["direction"] * velocity
-    info = {"x_velocity": float(velocity), "reward_forward": float(forward), "reward_ctrl": -ctrl_cost}
+    info = {
+        "x_velocity": float(velocity),
+        "reward_forward": float(forward),
+        "reward_ctrl": -ctrl_cost,
+    }
     return forward - ctrl_cost, False, info
 
 
@@ -73,7 +81,9 @@ def _contact_cost(sim: Any) -> float:
     return ANT_CONTACT * float(np.sum(np.clip(sim.data.cfrc_ext, -1.0, 1.0) ** 2))
 
 
-def _ant_dir_reward(sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple) -> tuple[float, bool, dict]:
+def _ant_dir_reward(
+    sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple
+) -> tuple[float, bool, dict]:
     velocity = (sim.data.body("torso").xpos[:2] - before) / sim.dt
     direction = np.asarray(task["direction"], dtype=np.float64)
     forward = float(direction * velocity[0]) if direction.ndim == 0 else float(direction @ velocity)
@@ -91,12 +101,19 @@ def _ant_dir_reward(sim: Any, before: np.ndarray, action: np.ndarray, task: Task
     return forward - ctrl_cost - contact_cost + ANT_DIR_SURVIVE, bool(terminated), info
 
 
-def _ant_goal_reward(sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple) -> tuple[float, bool, dict]:
+def _ant_goal_reward(
+    sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple
+) -> tuple[float, bool, dict]:
     position = sim.data.body("torso").xpos[:2]
     goal_reward = -float(np.sum(np.abs(position - np.asarray(task["goal"]))))
     ctrl_cost = ANT_GOAL_CTRL * float(np.sum(action**2))
     contact_cost = _contact_cost(sim)
-    info = {"xy_position": position.copy(), "reward_goal": goal_reward, "reward_ctrl": -ctrl_cost, "reward_contact": -contact_cost}
+    info = {
+        "xy_position": position.copy(),
+        "reward_goal": goal_reward,
+        "reward_ctrl": -ctrl_cost,
+        "reward_contact": -contact_cost,
+    }
     return goal_reward - ctrl_cost - contact_cost, False, info
 
 
@@ -117,7 +134,7 @@ def _sample_unit_2d(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
 def _sample_disc(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     angle = rng.uniform(0.0, 2 * np.pi, size=n)
     radius = ANT_GOAL_RADIUS * np.sqrt(rng.uniform(0.0, 1.0, size=n))
-    return [{"goal": (r * np.cos(a), r * np.sin(a))} for r, a in zip(radius, angle)]
+    return [{"goal": (r * np.cos(a), r * np.sin(a))} for r, a in zip(radius, angle, strict=True)]
 
 
 _SIGNS = ({"direction": -1.0}, {"direction": 1.0})
@@ -125,28 +142,73 @@ _MAML = "MAML (arXiv 1703.03400) section 5.3; pytorch-maml-rl maml_rl/envs/mujoc
 _PROMP = "ProMP (arXiv 1810.06784); meta_policy_search/envs/mujoco_envs/"
 
 HALFCHEETAH_VEL = FamilySpec(
-    "halfcheetah-vel", _MAML, _halfcheetah, 17, 6, _sample_velocity, _cheetah_reward, _cheetah_x,
+    "halfcheetah-vel",
+    _MAML,
+    _halfcheetah,
+    17,
+    6,
+    _sample_velocity,
+    _cheetah_reward,
+    _cheetah_x,
     {"velocity": "U[0, 2]", "reward": "-|v_x - velocity| - 0.05 ||a||^2"},
 )
 HALFCHEETAH_DIR = FamilySpec(
-    "halfcheetah-dir", _MAML, _halfcheetah, 17, 6, _sample_sign, _cheetah_reward, _cheetah_x,
-    {"direction": "-1 or +1", "reward": "direction * v_x - 0.05 ||a||^2"}, fixed_tasks=_SIGNS,
+    "halfcheetah-dir",
+    _MAML,
+    _halfcheetah,
+    17,
+    6,
+    _sample_sign,
+    _cheetah_reward,
+    _cheetah_x,
+    {"direction": "-1 or +1", "reward": "direction * v_x - 0.05 ||a||^2"},
+    fixed_tasks=_SIGNS,
 )
 ANT_DIR = FamilySpec(
-    "ant-dir", _PROMP + "ant_rand_direc.py", partial(_ant, False), 105, 8, _sample_sign, _ant_dir_reward, _torso_xy,
-    {"direction": "-1 or +1", "reward": "direction * v_x - 0.5 ||a||^2 - contact + 1"}, fixed_tasks=_SIGNS,
+    "ant-dir",
+    _PROMP + "ant_rand_direc.py",
+    partial(_ant, False),
+    105,
+    8,
+    _sample_sign,
+    _ant_dir_reward,
+    _torso_xy,
+    {"direction": "-1 or +1", "reward": "direction * v_x - 0.5 ||a||^2 - contact + 1"},
+    fixed_tasks=_SIGNS,
 )
 ANT_DIR_2D = FamilySpec(
-    "ant-dir-2d", _PROMP + "ant_rand_direc_2d.py", partial(_ant, False), 105, 8, _sample_unit_2d, _ant_dir_reward, _torso_xy,
-    {"direction": "unit vector, normalised N(0, I_2)", "reward": "direction . v_xy - 0.5 ||a||^2 - contact + 1"},
+    "ant-dir-2d",
+    _PROMP + "ant_rand_direc_2d.py",
+    partial(_ant, False),
+    105,
+    8,
+    _sample_unit_2d,
+    _ant_dir_reward,
+    _torso_xy,
+    {
+        "direction": "unit vector, normalised N(0, I_2)",
+        "reward": "direction . v_xy - 0.5 ||a||^2 - contact + 1",
+    },
 )
 ANT_GOAL = FamilySpec(
-    "ant-goal", _PROMP + "ant_rand_goal.py", partial(_ant, True), 107, 8, _sample_disc, _ant_goal_reward, _torso_xy,
-    {"goal": "uniform in the disc of radius 3", "reward": "-||p_xy - goal||_1 - 0.1 ||a||^2 - contact"},
+    "ant-goal",
+    _PROMP + "ant_rand_goal.py",
+    partial(_ant, True),
+    107,
+    8,
+    _sample_disc,
+    _ant_goal_reward,
+    _torso_xy,
+    {
+        "goal": "uniform in the disc of radius 3",
+        "reward": "-||p_xy - goal||_1 - 0.1 ||a||^2 - contact",
+    },
 )
 
 
-def halfcheetah_vel(horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0) -> MujocoFamily:
+def halfcheetah_vel(
+    horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+) -> MujocoFamily:
     """HalfCheetah target velocity; task field ``velocity`` (float)."""
     return MujocoFamily(HALFCHEETAH_VEL, horizon, num_train, num_test, split_seed)
 
@@ -161,11 +223,15 @@ def ant_dir(horizon: int = 200) -> MujocoFamily:
     return MujocoFamily(ANT_DIR, horizon)
 
 
-def ant_dir_2d(horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0) -> MujocoFamily:
+def ant_dir_2d(
+    horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+) -> MujocoFamily:
     """Ant running in a 2D direction; task field ``direction`` (unit 2-tuple)."""
     return MujocoFamily(ANT_DIR_2D, horizon, num_train, num_test, split_seed)
 
 
-def ant_goal(horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0) -> MujocoFamily:
+def ant_goal(
+    horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+) -> MujocoFamily:
     """Ant reaching a goal position; task field ``goal`` (2-tuple in the disc of radius 3)."""
     return MujocoFamily(ANT_GOAL, horizon, num_train, num_test, split_seed)

@@ -103,7 +103,7 @@ class Navigation2D(TaskDistribution):
         if self.wind_scale == 0:
             return [Task.make(self.name, goal=g) for g in goals]
         winds = rng.uniform(-self.wind_scale, self.wind_scale, size=(n, 2))
-        return [Task.make(self.name, goal=g, wind=w) for g, w in zip(goals, winds)]
+        return [Task.make(self.name, goal=g, wind=w) for g, w in zip(goals, winds, strict=True)]
 
     def train_tasks(self) -> list[Task]:
         return list(self._train)
@@ -119,21 +119,28 @@ class Navigation2D(TaskDistribution):
         self._check_family(task)
         core = env.unwrapped
         if not isinstance(core, Navigation2DEnv):
-            raise TypeError(f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}")
+            raise TypeError(
+                f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}"
+            )
         core.set_task(task)
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "source": "MAML (arXiv 1703.03400) 2D navigation; pytorch-maml-rl",
-            "params": {"goal": "U[-0.5, 0.5]^2", "wind": f"U[-{self.wind_scale}, {self.wind_scale}]^2"},
+            "params": {
+                "goal": "U[-0.5, 0.5]^2",
+                "wind": f"U[-{self.wind_scale}, {self.wind_scale}]^2",
+            },
             "num_train": len(self._train),
             "num_test": len(self._test),
         }
 
     def _check_family(self, task: Task) -> None:
         if task.family != self.name:
-            raise ValueError(f"task family {task.family!r} given to {self.name!r}; sample tasks from this distribution")
+            raise ValueError(
+                f"task family {task.family!r} given to {self.name!r}; sample tasks from this distribution"
+            )
 
 
 def navigation_2d_wind(
@@ -145,5 +152,7 @@ def navigation_2d_wind(
 ) -> Navigation2D:
     """The wind variant: each task also draws a constant drift U[-wind_scale, wind_scale]^2."""
     if wind_scale <= 0:
-        raise ValueError(f"navigation-2d-wind needs wind_scale > 0, got {wind_scale}; use navigation-2d for none")
+        raise ValueError(
+            f"navigation-2d-wind needs wind_scale > 0, got {wind_scale}; use navigation-2d for none"
+        )
     return Navigation2D(horizon, wind_scale, num_train, num_test, split_seed)

@@ -51,7 +51,13 @@ class BanditEnv(gym.Env):
             raise ValueError(f"arm {action!r} out of range; expected 0..{len(self._means) - 1}")
         reward = float(self.np_random.random() < self._means[arm])
         truncated = self.clock.tick(False)
-        return np.zeros(1, dtype=np.float32), reward, False, truncated, {"arm_mean": float(self._means[arm])}
+        return (
+            np.zeros(1, dtype=np.float32),
+            reward,
+            False,
+            truncated,
+            {"arm_mean": float(self._means[arm])},
+        )
 
 
 class TabularMDPEnv(gym.Env):
@@ -92,13 +98,21 @@ class TabularMDPEnv(gym.Env):
         self.clock.check()
         a = int(action)
         if not 0 <= a < self._rewards.shape[1]:
-            raise ValueError(f"action {action!r} out of range; expected 0..{self._rewards.shape[1] - 1}")
+            raise ValueError(
+                f"action {action!r} out of range; expected 0..{self._rewards.shape[1] - 1}"
+            )
         mean = self._rewards[self._state, a]
         reward = float(self.np_random.normal(mean, 1.0))
         u = self.np_random.random()
         self._state = int(np.searchsorted(self._cumulative[self._state, a], u, side="right"))
         truncated = self.clock.tick(False)
-        return self._obs(), reward, False, truncated, {"state": self._state, "reward_mean": float(mean)}
+        return (
+            self._obs(),
+            reward,
+            False,
+            truncated,
+            {"state": self._state, "reward_mean": float(mean)},
+        )
 
 
 class _DiscreteFamily(TaskDistribution):
@@ -123,12 +137,16 @@ class _DiscreteFamily(TaskDistribution):
         self._check_family(task)
         core = env.unwrapped
         if not isinstance(core, self.env_cls):
-            raise TypeError(f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}")
+            raise TypeError(
+                f"{self.name}.set_task needs an env from make_env, got {type(core).__name__}"
+            )
         core.set_task(task)
 
     def _check_family(self, task: Task) -> None:
         if task.family != self.name:
-            raise ValueError(f"task family {task.family!r} given to {self.name!r}; sample tasks from this distribution")
+            raise ValueError(
+                f"task family {task.family!r} given to {self.name!r}; sample tasks from this distribution"
+            )
 
 
 class Bandit(_DiscreteFamily):
@@ -144,7 +162,12 @@ class Bandit(_DiscreteFamily):
     env_cls = BanditEnv
 
     def __init__(
-        self, num_arms: int = 5, horizon: int = 100, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+        self,
+        num_arms: int = 5,
+        horizon: int = 100,
+        num_train: int = 100,
+        num_test: int = 40,
+        split_seed: int = 0,
     ) -> None:
         if num_arms < 2:
             raise ValueError(f"num_arms={num_arms} must be >= 2")
@@ -155,7 +178,10 @@ class Bandit(_DiscreteFamily):
         super().__init__(num_train, num_test, split_seed)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Task]:
-        return [Task.make(self.name, arm_means=m) for m in rng.uniform(0.0, 1.0, size=(n, self.num_arms))]
+        return [
+            Task.make(self.name, arm_means=m)
+            for m in rng.uniform(0.0, 1.0, size=(n, self.num_arms))
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -192,7 +218,9 @@ class TabularMDP(_DiscreteFamily):
         split_seed: int = 0,
     ) -> None:
         if num_states < 2 or num_actions < 2:
-            raise ValueError(f"num_states={num_states} and num_actions={num_actions} must both be >= 2")
+            raise ValueError(
+                f"num_states={num_states} and num_actions={num_actions} must both be >= 2"
+            )
         self.num_states, self.num_actions = num_states, num_actions
         self.horizon = horizon
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(num_states,), dtype=np.float32)
@@ -204,7 +232,8 @@ class TabularMDP(_DiscreteFamily):
         transitions = rng.dirichlet(np.ones(s), size=(n, s, a))
         reward_means = rng.normal(1.0, 1.0, size=(n, s, a))
         return [
-            Task.make(self.name, transitions=p, reward_means=r) for p, r in zip(transitions, reward_means)
+            Task.make(self.name, transitions=p, reward_means=r)
+            for p, r in zip(transitions, reward_means, strict=True)
         ]
 
     def describe(self) -> dict[str, Any]:

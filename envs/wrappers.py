@@ -23,7 +23,7 @@ MODES = ("episodes", "steps", "drift")
 
 def _interpolate_value(a: Any, b: Any, weight: float, key: str) -> Any:
     if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
-        return tuple(_interpolate_value(x, y, weight, key) for x, y in zip(a, b))
+        return tuple(_interpolate_value(x, y, weight, key) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and isinstance(b, float):
         return (1.0 - weight) * a + weight * b
     if a == b:
@@ -48,7 +48,9 @@ def _generator(seed: int, salt: int) -> np.random.Generator:
 def _mujoco(env: gym.Env, wrapper: str) -> tuple[Any, Any]:
     core = env.unwrapped
     if not hasattr(core, "mujoco_model"):
-        raise TypeError(f"{wrapper} needs a MuJoCo family (an env with mujoco_model/mujoco_data), got {type(core).__name__}")
+        raise TypeError(
+            f"{wrapper} needs a MuJoCo family (an env with mujoco_model/mujoco_data), got {type(core).__name__}"
+        )
     return core.mujoco_model, core.mujoco_data
 
 
@@ -68,14 +70,18 @@ class NonStationary(gym.Wrapper):
 
     _SALT = 101
 
-    def __init__(self, env: gym.Env, distribution: TaskDistribution, mode: str = "episodes", period: int = 1) -> None:
+    def __init__(
+        self, env: gym.Env, distribution: TaskDistribution, mode: str = "episodes", period: int = 1
+    ) -> None:
         super().__init__(env)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if period < 1:
             raise ValueError(f"period={period} must be >= 1")
         if mode != "episodes" and getattr(env.unwrapped, "task_switch_needs_reset", False):
-            raise ValueError(f"{type(env.unwrapped).__name__} applies a new task only on reset; use mode='episodes'")
+            raise ValueError(
+                f"{type(env.unwrapped).__name__} applies a new task only on reset; use mode='episodes'"
+            )
         self.distribution, self.mode, self.period = distribution, mode, period
         self._initial_task: Task = env.unwrapped.task
         self._rng = np.random.default_rng()
@@ -94,7 +100,9 @@ class NonStationary(gym.Wrapper):
         info["wrapper/task_vector"] = self.task.vector()
         return info
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         switched = False
         if seed is not None:
             self._rng = _generator(seed, self._SALT)
@@ -142,7 +150,9 @@ class ObservationNoise(gym.Wrapper):
     def __init__(self, env: gym.Env, std: float = 0.01) -> None:
         super().__init__(env)
         if not isinstance(env.observation_space, gym.spaces.Box) or std < 0:
-            raise ValueError(f"ObservationNoise needs a Box observation space and std >= 0, got {env.observation_space}, std={std}")
+            raise ValueError(
+                f"ObservationNoise needs a Box observation space and std >= 0, got {env.observation_space}, std={std}"
+            )
         self.std = float(std)
         self._rng = np.random.default_rng()
 
@@ -151,7 +161,9 @@ class ObservationNoise(gym.Wrapper):
         noisy = obs + self._rng.normal(0.0, self.std, size=np.shape(obs))
         return np.clip(noisy, space.low, space.high).astype(space.dtype)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         if seed is not None:
             self._rng = _generator(seed, self._SALT)
         obs, info = self.env.reset(seed=seed, options=options)
@@ -177,13 +189,19 @@ class ActionNoise(gym.Wrapper):
     def __init__(self, env: gym.Env, std: float = 0.05, random_action_prob: float = 0.1) -> None:
         super().__init__(env)
         if std < 0 or not 0.0 <= random_action_prob <= 1.0:
-            raise ValueError(f"need std >= 0 and random_action_prob in [0, 1], got {std}, {random_action_prob}")
+            raise ValueError(
+                f"need std >= 0 and random_action_prob in [0, 1], got {std}, {random_action_prob}"
+            )
         if not isinstance(env.action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-            raise TypeError(f"ActionNoise supports Box and Discrete actions, got {env.action_space}")
+            raise TypeError(
+                f"ActionNoise supports Box and Discrete actions, got {env.action_space}"
+            )
         self.std, self.random_action_prob = float(std), float(random_action_prob)
         self._rng = np.random.default_rng()
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         if seed is not None:
             self._rng = _generator(seed, self._SALT)
         return self.env.reset(seed=seed, options=options)
@@ -191,7 +209,9 @@ class ActionNoise(gym.Wrapper):
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         space = self.action_space
         if isinstance(space, gym.spaces.Box):
-            noisy = np.asarray(action, dtype=np.float64) + self._rng.normal(0.0, self.std, size=space.shape)
+            noisy = np.asarray(action, dtype=np.float64) + self._rng.normal(
+                0.0, self.std, size=space.shape
+            )
             new_action: Any = np.clip(noisy, space.low, space.high).astype(space.dtype)
             perturbed = self.std > 0
         else:
@@ -214,10 +234,19 @@ class ExternalForce(gym.Wrapper):
 
     _SALT = 404
 
-    def __init__(self, env: gym.Env, force_scale: float = 0.5, prob: float = 0.05, duration: int = 5, body: str | None = None) -> None:
+    def __init__(
+        self,
+        env: gym.Env,
+        force_scale: float = 0.5,
+        prob: float = 0.05,
+        duration: int = 5,
+        body: str | None = None,
+    ) -> None:
         super().__init__(env)
         if force_scale < 0 or not 0.0 <= prob <= 1.0 or duration < 1:
-            raise ValueError(f"need force_scale >= 0, prob in [0, 1], duration >= 1; got {force_scale}, {prob}, {duration}")
+            raise ValueError(
+                f"need force_scale >= 0, prob in [0, 1], duration >= 1; got {force_scale}, {prob}, {duration}"
+            )
         model, _ = _mujoco(env, "ExternalForce")
         self.body_id = 1 if body is None else model.body(body).id
         self.force_scale, self.prob, self.duration = float(force_scale), float(prob), int(duration)
@@ -230,7 +259,9 @@ class ExternalForce(gym.Wrapper):
         data.xfrc_applied[self.body_id, :3] = force
         self._force = force
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         if seed is not None:
             self._rng = _generator(seed, self._SALT)
         obs, info = self.env.reset(seed=seed, options=options)
@@ -266,7 +297,12 @@ class DynamicsShift(gym.Wrapper):
 
     _SALT = 505
 
-    def __init__(self, env: gym.Env, mass_range: tuple[float, float] = (0.7, 1.3), friction_range: tuple[float, float] = (0.7, 1.3)) -> None:
+    def __init__(
+        self,
+        env: gym.Env,
+        mass_range: tuple[float, float] = (0.7, 1.3),
+        friction_range: tuple[float, float] = (0.7, 1.3),
+    ) -> None:
         super().__init__(env)
         for name, (low, high) in (("mass_range", mass_range), ("friction_range", friction_range)):
             if not 0 < low <= high:
@@ -280,7 +316,10 @@ class DynamicsShift(gym.Wrapper):
 
     def _shift(self) -> None:
         model, _ = _mujoco(self.env, "DynamicsShift")
-        self.scales = {"mass": float(self._rng.uniform(*self.mass_range)), "friction": float(self._rng.uniform(*self.friction_range))}
+        self.scales = {
+            "mass": float(self._rng.uniform(*self.mass_range)),
+            "friction": float(self._rng.uniform(*self.friction_range)),
+        }
         for field, key in (("body_mass", "mass"), ("geom_friction", "friction")):
             current = getattr(model, field)
             untouched = field in self._written and np.array_equal(current, self._written[field])
@@ -293,7 +332,9 @@ class DynamicsShift(gym.Wrapper):
         info["wrapper/friction_scale"] = self.scales["friction"]
         return info
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         if seed is not None:
             self._rng = _generator(seed, self._SALT)
         self._shift()

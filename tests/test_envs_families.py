@@ -54,7 +54,10 @@ def test_same_seed_same_tasks_and_observations(name):
 def test_splits_are_fixed_and_disjoint(name):
     a, b = envs.make(name), envs.make(name)
     assert a.train_tasks() == b.train_tasks() and a.test_tasks() == b.test_tasks()
-    if name in ("halfcheetah-dir", "ant-dir"):  # only two tasks exist: both sets are both directions
+    if name in (
+        "halfcheetah-dir",
+        "ant-dir",
+    ):  # only two tasks exist: both sets are both directions
         assert sorted(t["direction"] for t in a.test_tasks()) == [-1.0, 1.0]
         return
     assert len(a.train_tasks()) == 100 and len(a.test_tasks()) == 40
@@ -82,7 +85,7 @@ def test_stepping_past_the_horizon_is_refused(name):
     with pytest.raises(RuntimeError, match="reset"):
         env.step(env.action_space.sample())
     env.reset(seed=0)
-    for t in range(5):
+    for _ in range(5):
         _, _, terminated, truncated, _ = env.step(env.action_space.sample())
     assert truncated and not terminated
     with pytest.raises(RuntimeError, match="after the episode ended at step 5"):

@@ -144,7 +144,9 @@ def test_tasks_from_elsewhere_are_refused(reach):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env_name", ["push-v3", "pick-place-v3", "door-open-v3", "window-close-v3"])
+@pytest.mark.parametrize(
+    "env_name", ["push-v3", "pick-place-v3", "door-open-v3", "window-close-v3"]
+)
 def test_ml1_goals_disjoint_for_several_envs(env_name):
     dist = envs.make("ml1", env_name=env_name)
     train, test = _rand_vecs(dist, dist.train_tasks()), _rand_vecs(dist, dist.test_tasks())
@@ -152,14 +154,20 @@ def test_ml1_goals_disjoint_for_several_envs(env_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,num_train,test_names", [("ml10", 10, ML10_TEST), ("ml45", 45, ML45_TEST)])
+@pytest.mark.parametrize(
+    "name,num_train,test_names", [("ml10", 10, ML10_TEST), ("ml45", 45, ML45_TEST)]
+)
 def test_ml10_ml45_split(name, num_train, test_names):
     dist = envs.make(name, horizon=20)
     assert set(dist.test_names) == test_names and len(dist.train_names) == num_train
     assert not set(dist.train_names) & test_names
     assert {t["env_name"] for t in dist.test_tasks()} == test_names
     env = dist.make_env(dist.train_tasks()[0])  # builds the benchmark
-    for task in (dist.test_tasks()[0], dist.test_tasks()[60], dist.sample(1, np.random.default_rng(0))[0]):
+    for task in (
+        dist.test_tasks()[0],
+        dist.test_tasks()[60],
+        dist.sample(1, np.random.default_rng(0))[0],
+    ):
         dist.set_task(env, task)
         obs, _ = env.reset(seed=0)
         for _ in range(3):
@@ -172,5 +180,7 @@ def test_ml10_ml45_split(name, num_train, test_names):
 @pytest.mark.parametrize("env_name", ["reach-v3", "push-v3"])
 def test_expert_solves_held_out_goals_with_hidden_goal(env_name):
     dist = envs.make("ml1", env_name=env_name)
-    successes = [_run_expert(dist, task)[0][-1]["episode_success"] for task in dist.test_tasks()[:10]]
+    successes = [
+        _run_expert(dist, task)[0][-1]["episode_success"] for task in dist.test_tasks()[:10]
+    ]
     assert sum(successes) >= 9, successes

@@ -18,8 +18,20 @@ CLASSIC = [n for n in envs.names() if not n.startswith("ml")]
 
 def test_names_lists_every_family():
     expected = {
-        "navigation-2d", "navigation-2d-wind", "halfcheetah-vel", "halfcheetah-dir", "ant-dir", "ant-dir-2d",
-        "ant-goal", "hopper-params", "walker-params", "bandit", "tabular-mdp", "ml1", "ml10", "ml45",
+        "navigation-2d",
+        "navigation-2d-wind",
+        "halfcheetah-vel",
+        "halfcheetah-dir",
+        "ant-dir",
+        "ant-dir-2d",
+        "ant-goal",
+        "hopper-params",
+        "walker-params",
+        "bandit",
+        "tabular-mdp",
+        "ml1",
+        "ml10",
+        "ml45",
     }
     assert set(envs.names()) == expected
     assert envs.names() == sorted(envs.names())
@@ -61,7 +73,12 @@ def test_metaworld_task_json_round_trip_without_building():
     dist = envs.make("ml10")
     task = dist.test_tasks()[7]
     assert Task.from_json(task.to_json()) == task
-    assert task.to_dict()["params"] == {"env_name": "drawer-open-v3", "goal_index": 7, "seed": 0, "split": "test"}
+    assert task.to_dict()["params"] == {
+        "env_name": "drawer-open-v3",
+        "goal_index": 7,
+        "seed": 0,
+        "split": "test",
+    }
 
 
 @pytest.mark.parametrize("name", envs.names())

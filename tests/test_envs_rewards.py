@@ -68,7 +68,9 @@ def test_halfcheetah_vel_reward():
 @pytest.mark.parametrize("direction", [-1.0, 1.0])
 def test_halfcheetah_dir_reward(direction):
     def expected(sim, before, action, task):
-        return task["direction"] * (sim.data.qpos[0] - before["qpos"][0]) / DT - 0.05 * np.sum(action**2)
+        return task["direction"] * (sim.data.qpos[0] - before["qpos"][0]) / DT - 0.05 * np.sum(
+            action**2
+        )
 
     _rollout_checks("halfcheetah-dir", Task.make("halfcheetah-dir", direction=direction), expected)
 
@@ -127,9 +129,18 @@ def test_rand_params_set_task_rewrites_from_nominal(name):
     from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
     fresh = (HopperEnv if name == "hopper-params" else Walker2dEnv)().model
-    for task in (tasks[1], tasks[2], tasks[1]):  # going back must give the same arrays: no compounding
+    for task in (
+        tasks[1],
+        tasks[2],
+        tasks[1],
+    ):  # going back must give the same arrays: no compounding
         dist.set_task(env, task)
-        for field, base in (("body_mass", 1.5), ("body_inertia", 1.5), ("dof_damping", 1.3), ("geom_friction", 1.5)):
+        for field, base in (
+            ("body_mass", 1.5),
+            ("body_inertia", 1.5),
+            ("dof_damping", 1.3),
+            ("geom_friction", 1.5),
+        ):
             scale = np.asarray(task[f"{field}_scale"]).reshape(getattr(fresh, field).shape)
             np.testing.assert_allclose(getattr(model, field), getattr(fresh, field) * scale)
             exponents = np.log(scale) / np.log(base)
@@ -160,7 +171,9 @@ def test_tabular_mdp_follows_its_tables():
         next_states.append(int(np.argmax(obs)))
         rewards.append(reward)
     assert np.mean(next_states) == pytest.approx(0.75, abs=0.03)
-    assert np.mean(rewards) == pytest.approx(2.0, abs=0.07) and np.std(rewards) == pytest.approx(1.0, abs=0.07)
+    assert np.mean(rewards) == pytest.approx(2.0, abs=0.07) and np.std(rewards) == pytest.approx(
+        1.0, abs=0.07
+    )
 
 
 def test_tabular_mdp_task_distribution():
@@ -168,5 +181,9 @@ def test_tabular_mdp_task_distribution():
     task = dist.sample(1, np.random.default_rng(0))[0]
     p = np.asarray(task["transitions"])
     assert p.shape == (10, 5, 10) and np.allclose(p.sum(-1), 1.0) and np.all(p >= 0)
-    means = np.concatenate([np.ravel(t["reward_means"]) for t in dist.sample(40, np.random.default_rng(1))])
-    assert np.mean(means) == pytest.approx(1.0, abs=0.1) and np.std(means) == pytest.approx(1.0, abs=0.1)
+    means = np.concatenate(
+        [np.ravel(t["reward_means"]) for t in dist.sample(40, np.random.default_rng(1))]
+    )
+    assert np.mean(means) == pytest.approx(1.0, abs=0.1) and np.std(means) == pytest.approx(
+        1.0, abs=0.1
+    )

@@ -9,7 +9,14 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.wrappers import ActionNoise, DynamicsShift, ExternalForce, NonStationary, ObservationNoise, interpolate_tasks
+from envs.wrappers import (
+    ActionNoise,
+    DynamicsShift,
+    ExternalForce,
+    NonStationary,
+    ObservationNoise,
+    interpolate_tasks,
+)
 
 WRAPPERS = {
     "nonstationary-episodes": lambda env, dist: NonStationary(env, dist, "episodes", 2),
@@ -21,7 +28,15 @@ WRAPPERS = {
     "dynamics-shift": lambda env, dist: DynamicsShift(env),
 }
 MUJOCO_ONLY = {"external-force", "dynamics-shift"}
-CASES = [(w, f) for w in WRAPPERS for f in (["hopper-params", "ant-goal"] if w in MUJOCO_ONLY else ["navigation-2d", "tabular-mdp", "hopper-params"])]
+CASES = [
+    (w, f)
+    for w in WRAPPERS
+    for f in (
+        ["hopper-params", "ant-goal"]
+        if w in MUJOCO_ONLY
+        else ["navigation-2d", "tabular-mdp", "hopper-params"]
+    )
+]
 
 
 def _wrapped(wrapper: str, family: str):
@@ -132,7 +147,9 @@ def test_dynamics_shift_does_not_compound():
     for seed in range(3):
         _, info = env.reset(seed=seed)
         np.testing.assert_allclose(model.body_mass, base_mass * info["wrapper/mass_scale"])
-        np.testing.assert_allclose(model.geom_friction, base_friction * info["wrapper/friction_scale"])
+        np.testing.assert_allclose(
+            model.geom_friction, base_friction * info["wrapper/friction_scale"]
+        )
     dist.set_task(env, dist.train_tasks()[1])  # a task rewrite becomes the new base
     new_base = model.body_mass.copy()
     _, info = env.reset(seed=9)
@@ -148,10 +165,18 @@ def test_mujoco_wrappers_refuse_other_families():
 def test_wrappers_compose():
     dist = envs.make("halfcheetah-vel")
     env = dist.make_env(dist.train_tasks()[0])
-    env = ObservationNoise(ActionNoise(DynamicsShift(ExternalForce(NonStationary(env, dist, "steps", 20)))), 0.01)
+    env = ObservationNoise(
+        ActionNoise(DynamicsShift(ExternalForce(NonStationary(env, dist, "steps", 20)))), 0.01
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_env(env, skip_render_check=True)
     _, infos = _run(env, seed=0, num_steps=50)
     keys = set().union(*infos)
-    assert {"wrapper/task_switched", "wrapper/force", "wrapper/mass_scale", "wrapper/action_noise_std", "wrapper/obs_noise_std"} <= keys
+    assert {
+        "wrapper/task_switched",
+        "wrapper/force",
+        "wrapper/mass_scale",
+        "wrapper/action_noise_std",
+        "wrapper/obs_noise_std",
+    } <= keys
