@@ -16,7 +16,6 @@ import logging
 import multiprocessing as mp
 import signal
 import time
-import traceback
 import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 
 from envs.base import TaskDistribution
 from metarl.rollout.sampler import WorkerError, params_from_numpy, share_params, split_shares
-from metarl.rollout.worker import Batch, EpisodeSpec, RolloutWorker
+from metarl.rollout.worker import Batch, EpisodeSpec, RolloutWorker, describe_exception
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +54,9 @@ def _worker_main(conn: Connection, distribution: TaskDistribution, max_envs: int
             try:
                 with torch.no_grad():
                     batch = worker.run(policy, params_from_numpy(arrays), episodes, horizon)
-            except Exception:
+            except Exception as exc:
                 # Forwarded to the sampler, which raises it as a WorkerError.
-                conn.send(("error", request, traceback.format_exc()))
+                conn.send(("error", request, describe_exception(exc)))
                 continue
             conn.send(("ok", request, batch))
     finally:

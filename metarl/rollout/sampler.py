@@ -65,7 +65,8 @@ def share_params(
 
 def params_from_numpy(arrays: list[dict[str, np.ndarray]]) -> list[Params]:
     """Inverse of the numpy conversion in :func:`share_params`."""
-    return [{k: torch.from_numpy(v) for k, v in a.items()} for a in arrays]
+    # Arrays read from a shared object store are read-only; torch wants writable memory.
+    return [{k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in a.items()} for a in arrays]
 
 
 def _check_policy(policy: Any, distribution: TaskDistribution) -> None:

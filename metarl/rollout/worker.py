@@ -13,6 +13,7 @@ its trajectory.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -249,3 +250,11 @@ def _describe(spec: EpisodeSpec, what: str) -> str:
         f"environment failed while {what} for task {spec.task_index} ({spec.task.to_json()}), "
         f"episode {spec.episode_index}"
     )
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One summary line (with the direct cause) followed by the full traceback, for remote errors."""
+    summary = "".join(traceback.format_exception_only(exc)).strip()
+    if exc.__cause__ is not None:
+        summary += f" (caused by {''.join(traceback.format_exception_only(exc.__cause__)).strip()})"
+    return f"{summary}\n\nremote traceback:\n{''.join(traceback.format_exception(exc))}"
