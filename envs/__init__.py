@@ -26,6 +26,7 @@ __all__ = [
     "UnknownParameterError",
     "make",
     "names",
+    "parameters",
     "seeded_split",
 ]
 
