@@ -84,20 +84,6 @@ def allocate_batch(
     }
 
 
-class _Slot:
-    """An environment and the episode it is running."""
-
-    __slots__ = ("index", "env", "task", "job", "t", "param_index")
-
-    def __init__(self, index: int, env: gym.Env, task: Task) -> None:
-        self.index = index
-        self.env = env
-        self.task = task
-        self.job = -1
-        self.t = 0
-        self.param_index = 0
-
-
 class RolloutWorker:
     """Runs episodes of one task family on environments it builds once.
 
@@ -121,49 +107,57 @@ class RolloutWorker:
         box = None if self.discrete else self.action_space
         self._clip = None if box is None or not clip_actions else (box.low, box.high)
         self._action_start = int(self.action_space.start) if self.discrete else 0
-        self._slots: list[_Slot] = []
+        self._envs: list[gym.Env] = []
+        self._env_tasks: list[Task] = []
 
     @property
     def num_envs(self) -> int:
         """How many environments are built."""
-        return len(self._slots)
+        return len(self._envs)
 
     def close(self) -> None:
         """Closes every environment."""
-        for slot in self._slots:
-            slot.env.close()
-        self._slots = []
+        for env in self._envs:
+            env.close()
+        self._envs, self._env_tasks = [], []
 
-    def _slot_for(self, index: int, task: Task) -> _Slot:
-        while len(self._slots) <= index:
-            self._slots.append(_Slot(len(self._slots), self.distribution.make_env(task), task))
-        slot = self._slots[index]
-        if slot.task != task:
-            self.distribution.set_task(slot.env, task)
-            slot.task = task
-        return slot
-
-    def _start(self, slot: _Slot, job: int, spec: EpisodeSpec, out: Batch, noise: np.ndarray, policy: Any) -> None:
-        env_seed, noise_rng = episode_seeds(spec)
-        noise[job] = policy.sample_noise(noise_rng, noise.shape[1])
-        obs, _ = slot.env.reset(seed=env_seed)
+    def _begin(self, lane: int, job: int, spec: EpisodeSpec, out: Batch, noise: np.ndarray, policy: Any) -> gym.Env:
+        """Points environment ``lane`` at the episode's task, resets it with the episode's seed."""
+        try:
+            if lane == len(self._envs):
+                self._envs.append(self.distribution.make_env(spec.task))
+                self._env_tasks.append(spec.task)
+            env = self._envs[lane]
+            if self._env_tasks[lane] != spec.task:
+                self.distribution.set_task(env, spec.task)
+                self._env_tasks[lane] = spec.task
+            env_seed, noise_rng = episode_seeds(spec)
+            noise[job] = policy.sample_noise(noise_rng, noise.shape[1])
+            obs, _ = env.reset(seed=env_seed)
+        except Exception as exc:
+            raise EpisodeError(_describe(spec, "building or resetting the environment")) from exc
         out["obs"][job, 0] = np.reshape(obs, -1)
-        slot.job, slot.t, slot.param_index = job, 0, spec.param_index
+        return env
 
-    def _act(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], active: list[_Slot], out: Batch, noise: np.ndarray) -> np.ndarray:
-        """One batched forward per parameter set; writes actions and log-probs, returns env actions."""
-        jobs = np.fromiter((s.job for s in active), dtype=np.int64, count=len(active))
-        steps = np.fromiter((s.t for s in active), dtype=np.int64, count=len(active))
-        param_idx = np.fromiter((s.param_index for s in active), dtype=np.int64, count=len(active))
-        obs = out["obs"][jobs, steps]
-        step_noise = noise[jobs, steps]
-        actions = np.empty((len(active), *out["actions"].shape[2:]), dtype=out["actions"].dtype)
-        log_probs = np.empty(len(active), dtype=np.float32)
-        for p in np.unique(param_idx):
-            rows = np.flatnonzero(param_idx == p) if len(param_sets) > 1 else slice(None)
-            a, lp = policy.act(param_sets[p], torch.from_numpy(obs[rows]), torch.from_numpy(step_noise[rows]))
-            actions[rows] = a.numpy()
-            log_probs[rows] = lp.numpy()
+    def _act(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], lanes: _Lanes, out: Batch, noise: np.ndarray) -> np.ndarray:
+        """One batched forward per parameter set; records actions, log-probs and mask.
+
+        Returns:
+            ``[num_lanes, ...]`` the actions to send to the environments (clipped or offset).
+        """
+        jobs, steps = lanes.jobs, lanes.steps
+        obs = torch.from_numpy(out["obs"][jobs, steps])
+        step_noise = torch.from_numpy(noise[jobs, steps])
+        if len(param_sets) == 1:
+            a, lp = policy.act(param_sets[0], obs, step_noise)
+            actions, log_probs = a.numpy(), lp.numpy()
+        else:
+            actions = np.empty((len(jobs), *out["actions"].shape[2:]), dtype=out["actions"].dtype)
+            log_probs = np.empty(len(jobs), dtype=np.float32)
+            for p in np.unique(lanes.params):
+                rows = np.flatnonzero(lanes.params == p)
+                a, lp = policy.act(param_sets[p], obs[rows], step_noise[rows])
+                actions[rows], log_probs[rows] = a.numpy(), lp.numpy()
         out["actions"][jobs, steps] = actions
         out["log_probs"][jobs, steps] = log_probs
         out["mask"][jobs, steps] = 1.0
@@ -173,24 +167,37 @@ class RolloutWorker:
             return np.clip(actions, self._clip[0], self._clip[1])
         return actions
 
-    def _step(self, slot: _Slot, action: Any, out: Batch, horizon: int) -> bool:
-        """Steps one environment and records the transition; returns whether the episode goes on."""
-        job, t = slot.job, slot.t
-        next_obs, reward, terminated, truncated, info = slot.env.step(action)
-        next_obs = np.reshape(next_obs, -1)
-        out["rewards"][job, t] = reward
-        out["next_obs"][job, t] = next_obs
-        if terminated:
-            out["terminated"][job, t] = 1.0
-        if "success" in info:
-            success = float(info["success"])
-            previous = out["success"][job]
-            out["success"][job] = success if np.isnan(previous) else max(previous, success)
-        slot.t = t + 1
-        if terminated or truncated or slot.t >= horizon:
-            return False
-        out["obs"][job, slot.t] = next_obs
-        return True
+    @staticmethod
+    def _step_all(lanes: _Lanes, env_actions: np.ndarray, episodes: list[EpisodeSpec]) -> list[tuple]:
+        results = []
+        for i, (env, action) in enumerate(zip(lanes.envs, env_actions)):
+            try:
+                results.append(env.step(action))
+            except Exception as exc:
+                spec = episodes[lanes.jobs[i]]
+                raise EpisodeError(_describe(spec, f"stepping at t={lanes.steps[i]}")) from exc
+        return results
+
+    @staticmethod
+    def _record(results: list[tuple], lanes: _Lanes, out: Batch, horizon: int) -> np.ndarray:
+        """Writes one step of every lane; returns ``[num_lanes]`` whether each episode ended."""
+        jobs, steps = lanes.jobs, lanes.steps
+        next_obs, rewards, terminated, truncated, infos = zip(*results)
+        next_obs = np.asarray(next_obs, dtype=np.float32).reshape(len(jobs), -1)
+        terminated = np.asarray(terminated, dtype=bool)
+        out["next_obs"][jobs, steps] = next_obs
+        out["rewards"][jobs, steps] = rewards
+        out["terminated"][jobs, steps] = terminated
+        success = np.fromiter((info.get("success", np.nan) for info in infos), np.float32, len(jobs))
+        # fmax ignores NaN: an episode's success is NaN until the env first reports one.
+        out["success"][jobs] = np.fmax(out["success"][jobs], success)
+        ended = terminated | np.asarray(truncated, dtype=bool) | (steps + 1 >= horizon)
+        if ended.any():
+            going = ~ended
+            out["obs"][jobs[going], steps[going] + 1] = next_obs[going]
+        else:
+            out["obs"][jobs, steps + 1] = next_obs
+        return ended
 
     def run(
         self,
@@ -212,37 +219,52 @@ class RolloutWorker:
         """
         out = allocate_batch(len(episodes), horizon, self.obs_dim, self.action_space)
         noise = np.zeros((len(episodes), horizon, *policy.noise_shape), dtype=np.float32)
-        num_slots = len(episodes) if self.max_envs is None else min(self.max_envs, len(episodes))
-        pending = iter(range(num_slots, len(episodes)))
-        active: list[_Slot] = []
-        for job in range(num_slots):
-            active.append(self._prepare(job, job, episodes[job], out, noise, policy))
-        while active:
-            env_actions = self._act(policy, param_sets, active, out, noise)
-            still: list[_Slot] = []
-            for i, slot in enumerate(active):
-                if self._step_checked(slot, env_actions[i], out, horizon, episodes[slot.job]):
-                    still.append(slot)
-                    continue
-                job = next(pending, None)
-                if job is not None:
-                    still.append(self._prepare(slot.index, job, episodes[job], out, noise, policy))
-            active = still
+        num_lanes = len(episodes) if self.max_envs is None else min(self.max_envs, len(episodes))
+        lanes = _Lanes([self._begin(i, i, episodes[i], out, noise, policy) for i in range(num_lanes)], episodes)
+        next_job = num_lanes
+        while lanes.envs:
+            env_actions = self._act(policy, param_sets, lanes, out, noise)
+            results = self._step_all(lanes, env_actions, episodes)
+            ended = self._record(results, lanes, out, horizon)
+            lanes.steps += 1
+            for i in np.flatnonzero(ended):
+                if next_job < len(episodes):
+                    lanes.envs[i] = self._begin(int(lanes.env_index[i]), next_job, episodes[next_job], out, noise, policy)
+                    lanes.restart(i, next_job, episodes[next_job].param_index)
+                    next_job += 1
+                else:
+                    lanes.retire(i)
+            lanes.compact()
         return out
 
-    def _prepare(self, index: int, job: int, spec: EpisodeSpec, out: Batch, noise: np.ndarray, policy: Any) -> _Slot:
-        try:
-            slot = self._slot_for(index, spec.task)
-            self._start(slot, job, spec, out, noise, policy)
-        except Exception as exc:
-            raise EpisodeError(_describe(spec, "building or resetting the environment")) from exc
-        return slot
 
-    def _step_checked(self, slot: _Slot, action: Any, out: Batch, horizon: int, spec: EpisodeSpec) -> bool:
-        try:
-            return self._step(slot, action, out, horizon)
-        except Exception as exc:
-            raise EpisodeError(_describe(spec, f"stepping at t={slot.t}")) from exc
+class _Lanes:
+    """The environments running in lockstep and, per lane, its episode row, step and parameter set."""
+
+    def __init__(self, envs: list[gym.Env], episodes: list[EpisodeSpec]) -> None:
+        self.envs = envs
+        self.env_index = np.arange(len(envs))
+        self.jobs = np.arange(len(envs))
+        self.steps = np.zeros(len(envs), dtype=np.int64)
+        self.params = np.array([episodes[j].param_index for j in range(len(envs))], dtype=np.int64)
+        self._retired: list[int] = []
+
+    def restart(self, lane: int, job: int, param_index: int) -> None:
+        self.jobs[lane], self.steps[lane], self.params[lane] = job, 0, param_index
+
+    def retire(self, lane: int) -> None:
+        self._retired.append(lane)
+
+    def compact(self) -> None:
+        """Drops retired lanes (their environments stay built for the next call)."""
+        if not self._retired:
+            return
+        keep = np.ones(len(self.envs), dtype=bool)
+        keep[self._retired] = False
+        self.envs = [env for env, k in zip(self.envs, keep) if k]
+        self.env_index, self.jobs = self.env_index[keep], self.jobs[keep]
+        self.steps, self.params = self.steps[keep], self.params[keep]
+        self._retired = []
 
 
 def _describe(spec: EpisodeSpec, what: str) -> str:

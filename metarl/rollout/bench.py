@@ -1,0 +1,190 @@
+"""Sampler throughput against the physical limit and against gymnasium's AsyncVectorEnv.
+
+Three rates are measured in one run, on the same environments:
+
+* the sampler's env steps/s (a 64-64 MLP Gaussian or categorical policy, episodes to the horizon);
+* the raw single-process env rate: one environment stepped with pre-drawn random actions;
+* a hand-written baseline: ``gymnasium.vector.AsyncVectorEnv`` over as many environments as the
+  sampler runs, with one batched torch policy forward per step in the calling process.
+
+``efficiency = steps_per_s / (raw_steps_per_s * min(num_workers, cores))``: 1.0 is the physical
+limit of perfectly parallel stepping with zero policy and communication cost.
+
+Run ``python -m metarl.rollout.bench --env halfcheetah-vel --backend process --workers 2``; the
+last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from envs.base import Task, TaskDistribution
+from metarl.policies import make_policy
+from metarl.rollout import make_sampler
+
+
+def _make_distribution(env_name: str) -> TaskDistribution:
+    import envs
+
+    return envs.make(env_name)
+
+
+def _random_actions(space: gym.Space, num: int, rng: np.random.Generator) -> list[Any]:
+    if isinstance(space, gym.spaces.Discrete):
+        return [int(a) for a in rng.integers(space.start, space.start + space.n, num)]
+    return list(rng.uniform(space.low, space.high, (num, *space.shape)).astype(space.dtype))
+
+
+def raw_env_rate(distribution: TaskDistribution, task: Task, horizon: int, seconds: float) -> float:
+    """Env steps/s of one environment in this process with pre-drawn random actions.
+
+    Episodes are reset at termination, truncation or the horizon, as the sampler does.
+    """
+    env = distribution.make_env(task)
+    actions = _random_actions(distribution.action_space, 4096, np.random.default_rng(0))
+    env.reset(seed=0)
+    steps, t, episode = 0, 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(256):
+            _, _, terminated, truncated, _ = env.step(actions[steps % len(actions)])
+            steps, t = steps + 1, t + 1
+            if terminated or truncated or t >= horizon:
+                episode += 1
+                env.reset(seed=episode)
+                t = 0
+    elapsed = time.perf_counter() - start
+    env.close()
+    return steps / elapsed
+
+
+def gym_async_rate(distribution: TaskDistribution, tasks: list[Task], policy: Any, params: dict, seconds: float) -> float:
+    """Env steps/s of ``AsyncVectorEnv`` over one env per task in ``tasks``, one policy forward per step."""
+    vec = gym.vector.AsyncVectorEnv([lambda t=t: distribution.make_env(t) for t in tasks])
+    space = distribution.action_space
+    rng = np.random.default_rng(0)
+    obs, _ = vec.reset(seed=0)
+    steps = 0
+    try:
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            noise = policy.sample_noise(rng, len(tasks))
+            with torch.no_grad():
+                actions, _ = policy.act(params, torch.as_tensor(obs, dtype=torch.float32).reshape(len(tasks), -1), torch.from_numpy(noise))
+            actions = actions.numpy()
+            if isinstance(space, gym.spaces.Box):
+                actions = np.clip(actions, space.low, space.high)
+            else:
+                actions = actions + space.start
+            obs, *_ = vec.step(actions)
+            steps += len(tasks)
+        elapsed = time.perf_counter() - start
+    finally:
+        vec.close()
+    return steps / elapsed
+
+
+def sampler_rate(
+    distribution: TaskDistribution,
+    backend: str,
+    num_workers: int,
+    envs_per_worker: int,
+    horizon: int,
+    seconds: float,
+    policy: Any,
+    params: dict,
+) -> float:
+    """Env steps/s of the sampler: ``num_workers`` tasks, ``envs_per_worker`` episodes each, per call."""
+    tasks = distribution.sample(num_workers, np.random.default_rng(0))
+    with make_sampler(distribution, backend, num_workers=num_workers, envs_per_worker=envs_per_worker, horizon=horizon) as sampler:
+        sampler.sample(policy, params, tasks, envs_per_worker)  # builds the environments
+        steps = 0.0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            steps += float(sampler.sample(policy, params, tasks, envs_per_worker).mask.sum())
+        return steps / (time.perf_counter() - start)
+
+
+def bench_sampler(
+    env_name: str,
+    backend: str = "process",
+    num_workers: int = 2,
+    seconds: float = 10.0,
+    envs_per_worker: int = 8,
+    horizon: int | None = None,
+    distribution: TaskDistribution | None = None,
+    with_baseline: bool = True,
+) -> dict[str, Any]:
+    """Measures the sampler, the raw env rate and the AsyncVectorEnv baseline in one run.
+
+    Args:
+        env_name: registered family (``envs.make``); ignored when ``distribution`` is given.
+        backend: ``"serial"``, ``"process"`` or ``"ray"``.
+        num_workers: sampler workers.
+        seconds: measuring time of the sampler and of the baseline (the raw rate gets half).
+        envs_per_worker: environments (episodes) per worker per call.
+        horizon: episode length; ``None`` uses the family's horizon.
+        distribution: a ready distribution instead of ``envs.make(env_name)``.
+        with_baseline: also measure the AsyncVectorEnv baseline.
+
+    Returns:
+        ``steps_per_s``, ``raw_steps_per_s``, ``efficiency``, ``gym_async_steps_per_s``,
+        ``speedup_vs_gym_async`` and the settings used.
+    """
+    dist = distribution if distribution is not None else _make_distribution(env_name)
+    horizon = int(horizon or dist.horizon)
+    policy = make_policy(dist.observation_space, dist.action_space, hidden_sizes=(64, 64))
+    params = policy.init_params(0)
+    cores = len(os.sched_getaffinity(0))
+    task = dist.sample(1, np.random.default_rng(1))[0]
+    raw = raw_env_rate(dist, task, horizon, seconds / 2)
+    rate = sampler_rate(dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params)
+    result: dict[str, Any] = {
+        "env": env_name if distribution is None else dist.name,
+        "backend": backend,
+        "num_workers": num_workers,
+        "envs_per_worker": envs_per_worker,
+        "horizon": horizon,
+        "cores": cores,
+        "steps_per_s": rate,
+        "raw_steps_per_s": raw,
+        "efficiency": rate / (raw * min(num_workers, cores)),
+    }
+    if with_baseline:
+        num_envs = num_workers * envs_per_worker
+        baseline = gym_async_rate(dist, dist.sample(num_envs, np.random.default_rng(2)), policy, params, seconds)
+        result.update(
+            gym_async_num_envs=num_envs,
+            gym_async_steps_per_s=baseline,
+            speedup_vs_gym_async=rate / baseline,
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="halfcheetah-vel")
+    parser.add_argument("--backend", default="process", choices=["serial", "process", "ray"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--envs-per-worker", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--horizon", type=int, default=None)
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args(argv)
+    result = bench_sampler(
+        args.env, args.backend, args.workers, args.seconds, args.envs_per_worker, args.horizon,
+        with_baseline=not args.no_baseline,
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The runner: determinism, SIGKILL + resume, config errors, NaN handling, evaluation statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from metarl.cli import main
+from metarl.evaluation import iqm, mean_ci95
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "run.num_iterations=600", "run.log_every=10", "run.checkpoint_every=40", "run.eval_at_end=false",
+    "agent.meta_batch_size=2", "agent.num_queries=5", "tasks.num_test_tasks=20",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_project_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def metarl(*args: str, check: bool = True) -> Result:
+    """Runs the CLI in process (as the console script would), capturing its output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"metarl {' '.join(args)} exited {code}:\n{result.stderr}")
+    return result
+
+
+def small_run(out: Path, *extra: str) -> list[str]:
+    args = ["run", "experiments/sinusoid_maml.toml", "--out", str(out), "--no-progress"]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    metarl(*small_run(tmp_path / "a", "run.num_iterations=60"))
+    metarl(*small_run(tmp_path / "b", "run.num_iterations=60"))
+    a = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert len(a.splitlines()) == 6
+    metarl(*small_run(tmp_path / "c", "run.num_iterations=60", "run.seed=1"))
+    assert a != (tmp_path / "c" / "metrics.jsonl").read_text()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    metarl(*small_run(tmp_path / "full"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "metarl.cli", *small_run(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)  # let it run past the checkpoint, so the resume has lines to drop
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    logged = (killed / "metrics.jsonl").read_text().splitlines()
+    assert 0 < len(logged) < 60, "the run must be killed midway for this test to mean anything"
+    metarl("run", "--resume", str(killed), "--no-progress")
+    assert (killed / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("agent.inner_lrr=0.1", "unknown key(s) ['inner_lrr'] in [agent]"),
+        ("agent.inner_lr='fast'", "[agent] inner_lr: expected a number"),
+        ("run.num_iterations=1.5", "[run] num_iterations: expected an integer"),
+        ("agent.method='mamll'", "is not one of"),
+        ("agent.meta_batch_size=0", "meta_batch_size must be >= 1"),
+        ("nosuch.key=1", "unknown section [nosuch]"),
+    ],
+)
+def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path, override, expected):
+    proc = metarl("run", "experiments/sinusoid_maml.toml", "--out", str(tmp_path / "r"), "--set", override, check=False)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "unknown key" in expected:
+        assert "inner_lr = 0.01" in proc.stderr and "outer_lr" in proc.stderr  # lists the valid keys
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_unknown_task_distribution_lists_known_ones(tmp_path):
+    proc = metarl("run", "experiments/sinusoid_maml.toml", "--out", str(tmp_path / "r"),
+                  "--set", "tasks.name='sinusoidd'", check=False)
+    assert proc.returncode == 2 and "sinusoid" in proc.stderr and "known" in proc.stderr
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    before = (run / "checkpoint.pt").read_bytes()
+    config = run / "config.toml"
+    text = config.read_text().replace("num_iterations = 40", "num_iterations = 80")
+    config.write_text(text.replace("inner_lr = 0.01", "inner_lr = 1e30"))
+    proc = metarl("run", "--resume", str(run), "--no-progress", check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss" in proc.stderr and "checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_eval_writes_json_and_plots_and_prints_curve(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    proc = metarl("eval", str(run))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["adaptation_steps"] == [0, 1, 2, 3, 5, 10]
+    assert len(summary["loss_mean"]) == 6 and summary["num_tasks"] == 20
+    document = json.loads((run / "eval.json").read_text())
+    assert np.array(document["per_task"]["loss"]).shape == (20, 6)
+    assert (run / "adaptation_loss.png").stat().st_size > 1000
+    assert (run / "fits.png").stat().st_size > 1000
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=10"))
+    proc = metarl(*small_run(run, "run.num_iterations=10"), check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_mean_ci95_and_iqm_by_hand():
+    mean, ci = mean_ci95(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5
+    assert ci == pytest.approx(1.96 * np.sqrt(((1.5**2 + 0.5**2) * 2) / 3) / 2)
+    # 8 scores: drop the 2 lowest and 2 highest, mean of the middle 4.
+    assert iqm(np.array([100.0, 1, 2, 3, 4, 5, 6, -100])) == pytest.approx(3.5)
+    # 6 scores: ranks 1.5..4.5 -> half of the 2nd, 3rd, 4th, half of the 5th (sorted 1..6).
+    assert iqm(np.arange(1.0, 7.0)) == pytest.approx((0.5 * 2 + 3 + 4 + 0.5 * 5) / 3)
