@@ -162,7 +162,8 @@ class GaussianMLPPolicy:
         actions = torch.addcmul(self.mlp.rows(params, obs), log_std.exp(), noise)
         # log N(a; mean, std) at a = mean + std * noise, written with as few tensor ops as possible:
         # this runs once per environment step in every rollout worker.
-        log_probs = noise.square().sum(-1).mul_(-0.5).sub_(log_std.sum() + 0.5 * _LOG_2PI * self.act_dim)
+        const = log_std.sum() + 0.5 * _LOG_2PI * self.act_dim
+        log_probs = torch.sub(-const, torch.linalg.vecdot(noise, noise), alpha=0.5)
         return actions, log_probs
 
     def sample_noise(self, rng: np.random.Generator, num_steps: int) -> np.ndarray:

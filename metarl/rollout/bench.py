@@ -118,10 +118,11 @@ def bench_sampler(
     backend: str = "process",
     num_workers: int = 2,
     seconds: float = 10.0,
-    envs_per_worker: int = 8,
+    envs_per_worker: int = 32,
     horizon: int | None = None,
     distribution: TaskDistribution | None = None,
     with_baseline: bool = True,
+    baseline_max_envs: int = 16,
 ) -> dict[str, Any]:
     """Measures the sampler, the raw env rate and the AsyncVectorEnv baseline in one run.
 
@@ -134,6 +135,8 @@ def bench_sampler(
         horizon: episode length; ``None`` uses the family's horizon.
         distribution: a ready distribution instead of ``envs.make(env_name)``.
         with_baseline: also measure the AsyncVectorEnv baseline.
+        baseline_max_envs: cap on the baseline's environments (one process each), so that it is
+            not swamped by hundreds of processes on a small machine.
 
     Returns:
         ``steps_per_s``, ``raw_steps_per_s``, ``efficiency``, ``gym_async_steps_per_s``,
@@ -159,7 +162,7 @@ def bench_sampler(
         "efficiency": rate / (raw * min(num_workers, cores)),
     }
     if with_baseline:
-        num_envs = num_workers * envs_per_worker
+        num_envs = min(num_workers * envs_per_worker, baseline_max_envs)
         baseline = gym_async_rate(dist, dist.sample(num_envs, np.random.default_rng(2)), policy, params, seconds)
         result.update(
             gym_async_num_envs=num_envs,
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", default="halfcheetah-vel")
     parser.add_argument("--backend", default="process", choices=["serial", "process", "ray"])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--envs-per-worker", type=int, default=8)
+    parser.add_argument("--envs-per-worker", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--horizon", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true")

@@ -217,6 +217,11 @@ class RolloutWorker:
         Returns:
             The arrays of :func:`allocate_batch` with ``M = len(episodes)``.
         """
+        # Inference mode skips autograd bookkeeping on every op; nothing here needs gradients.
+        with torch.inference_mode():
+            return self._run(policy, param_sets, episodes, horizon)
+
+    def _run(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], episodes: list[EpisodeSpec], horizon: int) -> Batch:
         out = allocate_batch(len(episodes), horizon, self.obs_dim, self.action_space)
         noise = np.zeros((len(episodes), horizon, *policy.noise_shape), dtype=np.float32)
         num_lanes = len(episodes) if self.max_envs is None else min(self.max_envs, len(episodes))
