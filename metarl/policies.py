@@ -38,7 +38,7 @@ def _init_mlp(sizes: list[int], seed: int, output_scale: float) -> Params:
     generator = torch.Generator().manual_seed(seed)
     params: Params = {}
     num_layers = len(sizes) - 1
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         name = "out" if i == num_layers - 1 else f"fc{i}"
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         weight = (torch.rand(fan_out, fan_in, generator=generator) * 2.0 - 1.0) * bound
@@ -123,7 +123,9 @@ class GaussianMLPPolicy:
         params["log_std"] = torch.full((self.act_dim,), self.init_log_std)
         return params
 
-    def distribution_params(self, params: Params, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution_params(
+        self, params: Params, obs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``obs [..., obs_dim]`` -> ``(mean [..., act_dim], log_std [..., act_dim])``."""
         mean = self.mlp(params, obs)
         return mean, params["log_std"].expand_as(mean)
@@ -147,7 +149,9 @@ class GaussianMLPPolicy:
         mahalanobis = (mean_p - mean_q).pow(2) * torch.exp(-2.0 * log_std_q)
         return (log_std_q - log_std_p + 0.5 * (var_ratio + mahalanobis - 1.0)).sum(-1)
 
-    def act(self, params: Params, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(
+        self, params: Params, obs: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised sample ``mean + exp(log_std) * noise``.
 
         Args:
@@ -227,7 +231,9 @@ class CategoricalMLPPolicy:
         logq = self.distribution_params(params_q, obs)
         return (logp.exp() * (logp - logq)).sum(-1)
 
-    def act(self, params: Params, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(
+        self, params: Params, obs: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gumbel-max sample: ``argmax(logits - log(-log(noise)))``.
 
         Args:
@@ -275,4 +281,6 @@ def make_policy(observation_space: gym.Space, action_space: gym.Space, **kwargs:
         return GaussianMLPPolicy(obs_dim, int(np.prod(action_space.shape)), **kwargs)
     if isinstance(action_space, gym.spaces.Discrete):
         return CategoricalMLPPolicy(obs_dim, int(action_space.n), **kwargs)
-    raise TypeError(f"action space {action_space} is not supported; expected a Box or a Discrete space")
+    raise TypeError(
+        f"action space {action_space} is not supported; expected a Box or a Discrete space"
+    )

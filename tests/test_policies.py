@@ -47,7 +47,9 @@ def test_gaussian_log_prob_entropy_match_torch_normal(gaussian):
     mean = _forward_by_hand(params, obs, "tanh")
     dist = Normal(mean, params["log_std"].exp())
     actions = dist.sample()
-    torch.testing.assert_close(policy.log_prob(params, obs, actions), dist.log_prob(actions).sum(-1))
+    torch.testing.assert_close(
+        policy.log_prob(params, obs, actions), dist.log_prob(actions).sum(-1)
+    )
     torch.testing.assert_close(policy.entropy(params, obs), dist.entropy().sum(-1))
     assert policy.log_prob(params, obs, actions).shape == (7, 4)
 
@@ -73,7 +75,9 @@ def test_gaussian_act_zero_noise_is_mean_and_log_prob_consistent(gaussian):
     torch.testing.assert_close(actions, _forward_by_hand(params, obs, "tanh"))
     noise = torch.randn(obs.shape[0], 3)
     actions, log_probs = policy.act(params, obs, noise)
-    torch.testing.assert_close(actions, _forward_by_hand(params, obs, "tanh") + params["log_std"].exp() * noise)
+    torch.testing.assert_close(
+        actions, _forward_by_hand(params, obs, "tanh") + params["log_std"].exp() * noise
+    )
     torch.testing.assert_close(log_probs, policy.log_prob(params, obs, actions))
 
 
@@ -102,7 +106,10 @@ def test_categorical_act_constant_noise_is_mode_and_gumbel_frequencies(categoric
     torch.testing.assert_close(log_probs, torch.log_softmax(logits[0], -1)[actions])
 
 
-@pytest.mark.parametrize("make", [lambda: GaussianMLPPolicy(6, 2, (64, 64)), lambda: CategoricalMLPPolicy(6, 3, (64, 64))])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: GaussianMLPPolicy(6, 2, (64, 64)), lambda: CategoricalMLPPolicy(6, 3, (64, 64))],
+)
 def test_act_rows_do_not_depend_on_the_rest_of_the_batch(make):
     """Sampling must give the same action whether an env is stepped alone or with many others."""
     policy = make()
@@ -112,7 +119,10 @@ def test_act_rows_do_not_depend_on_the_rest_of_the_batch(make):
     noise = torch.rand(101, *policy.noise_shape, generator=gen)
     full_actions, full_log_probs = policy.act(params, obs, noise)
     for chunk in (1, 3, 5, 13, 64):
-        parts = [policy.act(params, obs[i : i + chunk], noise[i : i + chunk]) for i in range(0, 101, chunk)]
+        parts = [
+            policy.act(params, obs[i : i + chunk], noise[i : i + chunk])
+            for i in range(0, 101, chunk)
+        ]
         assert torch.equal(torch.cat([a for a, _ in parts]), full_actions), chunk
         assert torch.equal(torch.cat([lp for _, lp in parts]), full_log_probs), chunk
 
@@ -122,9 +132,12 @@ def test_vmap_over_parameter_sets_matches_a_loop(gaussian):
     stacked = {k: torch.stack([v, v * 1.1, v - 0.2]) for k, v in params.items()}
     actions = torch.randn(3, 4, 3)
     vmapped = torch.func.vmap(policy.log_prob, in_dims=(0, 0, 0))(stacked, obs[:3], actions)
-    looped = torch.stack([
-        policy.log_prob({k: v[i] for k, v in stacked.items()}, obs[i], actions[i]) for i in range(3)
-    ])
+    looped = torch.stack(
+        [
+            policy.log_prob({k: v[i] for k, v in stacked.items()}, obs[i], actions[i])
+            for i in range(3)
+        ]
+    )
     torch.testing.assert_close(vmapped, looped)
     grads = torch.func.grad(lambda p: policy.log_prob(p, obs[0], actions[0]).sum())(params)
     assert set(grads) == set(params) and all(torch.isfinite(g).all() for g in grads.values())
@@ -139,14 +152,18 @@ def test_init_params_seeded_and_policies_pickle():
     torch.testing.assert_close(a["log_std"], torch.full((2,), -1.0))
     clone = pickle.loads(pickle.dumps(policy))
     obs = torch.randn(3, 4)
-    torch.testing.assert_close(clone.log_prob(a, obs, torch.zeros(3, 2)), policy.log_prob(a, obs, torch.zeros(3, 2)))
+    torch.testing.assert_close(
+        clone.log_prob(a, obs, torch.zeros(3, 2)), policy.log_prob(a, obs, torch.zeros(3, 2))
+    )
     assert len(pickle.dumps(policy)) < 2000
 
 
 def test_make_policy_chooses_by_space():
     obs_space = gym.spaces.Box(-1, 1, (3, 2), np.float32)
     gaussian = make_policy(obs_space, gym.spaces.Box(-1, 1, (2,), np.float32), hidden_sizes=(8,))
-    assert isinstance(gaussian, GaussianMLPPolicy) and gaussian.obs_dim == 6 and gaussian.act_dim == 2
+    assert (
+        isinstance(gaussian, GaussianMLPPolicy) and gaussian.obs_dim == 6 and gaussian.act_dim == 2
+    )
     categorical = make_policy(obs_space, gym.spaces.Discrete(5))
     assert isinstance(categorical, CategoricalMLPPolicy) and categorical.num_actions == 5
     with pytest.raises(TypeError, match="MultiBinary"):

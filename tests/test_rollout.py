@@ -98,7 +98,7 @@ def _policy_and_params(dist: TaskDistribution, seed: int = 0):
 
 
 def _assert_same(a: Trajectories, b: Trajectories) -> None:
-    for name, x, y in zip(Trajectories._fields, a, b):
+    for name, x, y in zip(Trajectories._fields, a, b, strict=True):
         assert torch.equal(x.nan_to_num(-9.0), y.nan_to_num(-9.0)), f"field {name} differs"
 
 
@@ -121,7 +121,12 @@ def _kill_later(pid: int, delay_s: float) -> threading.Timer:
 
 def test_masks_follow_termination_and_truncation():
     dist = ToyDistribution()
-    tasks = [toy_task(length=3), toy_task(length=HORIZON + 5), toy_task(truncate=5), toy_task(length=1)]
+    tasks = [
+        toy_task(length=3),
+        toy_task(length=HORIZON + 5),
+        toy_task(truncate=5),
+        toy_task(length=1),
+    ]
     policy, params = _policy_and_params(dist)
     with make_sampler(dist, envs_per_worker=3) as sampler:
         traj = sampler.sample(policy, params, tasks, episodes_per_task=2)
@@ -129,15 +134,26 @@ def test_masks_follow_termination_and_truncation():
     assert traj.actions.shape == (4, 2, HORIZON, 1) and traj.rewards.shape == (4, 2, HORIZON)
     expected_lengths = torch.tensor([3, HORIZON, 5, 1]).float()[:, None].expand(4, 2)
     assert torch.equal(traj.mask.sum(-1), expected_lengths)
-    assert torch.equal(traj.mask, (traj.obs[..., 2] < expected_lengths[..., None]).float() * traj.mask)
-    assert torch.equal(traj.terminated.sum(-1), torch.tensor([1.0, 0.0, 0.0, 1.0])[:, None].expand(4, 2))
+    assert torch.equal(
+        traj.mask, (traj.obs[..., 2] < expected_lengths[..., None]).float() * traj.mask
+    )
+    assert torch.equal(
+        traj.terminated.sum(-1), torch.tensor([1.0, 0.0, 0.0, 1.0])[:, None].expand(4, 2)
+    )
     assert traj.terminated[0, :, 2].eq(1).all() and traj.terminated[3, :, 0].eq(1).all()
     dead = traj.mask == 0
-    assert traj.obs[dead].eq(0).all() and traj.rewards[dead].eq(0).all() and traj.log_probs[dead].eq(0).all()
+    assert (
+        traj.obs[dead].eq(0).all()
+        and traj.rewards[dead].eq(0).all()
+        and traj.log_probs[dead].eq(0).all()
+    )
     # Steps recorded in order: the toy obs carries its own step counter.
     steps = torch.arange(HORIZON).float().expand(4, 2, HORIZON)
     assert torch.equal(traj.obs[..., 2] * traj.mask, steps * traj.mask)
-    assert torch.equal(traj.next_obs[..., :-1, :][traj.mask[..., 1:] == 1], traj.obs[..., 1:, :][traj.mask[..., 1:] == 1])
+    assert torch.equal(
+        traj.next_obs[..., :-1, :][traj.mask[..., 1:] == 1],
+        traj.obs[..., 1:, :][traj.mask[..., 1:] == 1],
+    )
     assert not traj.obs.requires_grad and traj.obs.dtype == torch.float32
 
 
@@ -162,7 +178,12 @@ def test_fixed_horizon_rewards_log_probs_and_task_vectors():
 
 def test_success_is_any_success_in_the_episode_and_nan_without_report():
     dist = ToyDistribution()
-    tasks = [toy_task(success_at=2), toy_task(success_at=-1), toy_task(), toy_task(success_at=6, length=4)]
+    tasks = [
+        toy_task(success_at=2),
+        toy_task(success_at=-1),
+        toy_task(),
+        toy_task(success_at=6, length=4),
+    ]
     policy, params = _policy_and_params(dist)
     with make_sampler(dist) as sampler:
         success = sampler.sample(policy, params, tasks, episodes_per_task=2).success
@@ -179,8 +200,12 @@ def test_discrete_actions_reach_the_env_with_the_space_offset():
     assert traj.actions.shape == (2, 3, HORIZON) and traj.actions.dtype == torch.int64
     assert set(traj.actions[traj.mask == 1].tolist()) <= {0, 1, 2}
     moved = traj.next_obs[..., 0] - traj.obs[..., 0]
-    torch.testing.assert_close(moved * traj.mask, 0.1 * (traj.actions - 1).float() * traj.mask, atol=1e-6, rtol=0)
-    torch.testing.assert_close(traj.log_probs, policy.log_prob(params, traj.obs, traj.actions) * traj.mask)
+    torch.testing.assert_close(
+        moved * traj.mask, 0.1 * (traj.actions - 1).float() * traj.mask, atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        traj.log_probs, policy.log_prob(params, traj.obs, traj.actions) * traj.mask
+    )
 
 
 def _constant_action_params(policy, value: float):
@@ -202,7 +227,9 @@ def test_per_task_params_are_honoured(backend):
         traj = sampler.sample(policy, params, tasks, episodes_per_task=3)
     for i, value in enumerate(values):
         torch.testing.assert_close(traj.actions[i], torch.full((3, HORIZON, 1), value))
-        torch.testing.assert_close(traj.next_obs[i, ..., 0] - traj.obs[i, ..., 0], torch.full((3, HORIZON), 0.1 * value))
+        torch.testing.assert_close(
+            traj.next_obs[i, ..., 0] - traj.obs[i, ..., 0], torch.full((3, HORIZON), 0.1 * value)
+        )
     with pytest.raises(ValueError, match="3 parameter dicts for 4 tasks"):
         make_sampler(dist).sample(policy, params[:3], tasks, 1)
 
@@ -211,7 +238,12 @@ def test_per_task_params_are_honoured(backend):
 
 
 def _mixed_tasks() -> list[Task]:
-    return [toy_task(0.3, length=4), toy_task(-0.2), toy_task(0.8, truncate=7, success_at=3), toy_task(0.1, length=9)]
+    return [
+        toy_task(0.3, length=4),
+        toy_task(-0.2),
+        toy_task(0.8, truncate=7, success_at=3),
+        toy_task(0.1, length=9),
+    ]
 
 
 def test_serial_and_process_identical_for_any_worker_layout():
@@ -223,7 +255,9 @@ def test_serial_and_process_identical_for_any_worker_layout():
     with make_sampler(dist, seed=11) as serial:
         expected = [serial.sample(policy, per_task, tasks, 5) for _ in range(2)]
     for num_workers, envs_per_worker in [(1, 3), (2, None), (3, 2)]:
-        with make_sampler(dist, "process", num_workers=num_workers, envs_per_worker=envs_per_worker, seed=11) as sampler:
+        with make_sampler(
+            dist, "process", num_workers=num_workers, envs_per_worker=envs_per_worker, seed=11
+        ) as sampler:
             for want in expected:
                 _assert_same(sampler.sample(policy, per_task, tasks, 5), want)
     assert not torch.equal(expected[0].obs, expected[1].obs), "each call must draw fresh seeds"
@@ -274,7 +308,9 @@ def test_restart_recollects_the_killed_workers_share():
         serial.sample(policy, params, tasks, 1)
         expected = serial.sample(policy, params, tasks, 6)
     slow = ToyDistribution(delay_s=0.004)
-    with make_sampler(slow, "process", num_workers=2, envs_per_worker=2, seed=7, on_failure="restart") as sampler:
+    with make_sampler(
+        slow, "process", num_workers=2, envs_per_worker=2, seed=7, on_failure="restart"
+    ) as sampler:
         sampler.sample(policy, params, tasks, 1)
         victim = sampler.backend.pids[0]
         timer = _kill_later(victim, 0.2)
@@ -292,7 +328,10 @@ def test_hung_worker_times_out_and_env_errors_name_the_task():
         with pytest.raises(WorkerError, match="worker 1 .*tasks \\[1\\].*timeout_s=2"):
             sampler.sample(policy, params, [toy_task(), toy_task(hang_at=3)], 1)
         assert time.monotonic() - start < 8.0
-        with pytest.raises(WorkerError, match="task 1 .*episode 0 \\(caused by ValueError: toy failure at step 2\\)"):
+        with pytest.raises(
+            WorkerError,
+            match="task 1 .*episode 0 \\(caused by ValueError: toy failure at step 2\\)",
+        ):
             sampler.sample(policy, params, [toy_task(), toy_task(fail_at=2)], 1)
         assert sampler.sample(policy, params, [toy_task(), toy_task()], 1).mask.eq(1).all()
         pids = sampler.backend.pids
@@ -324,7 +363,9 @@ def test_no_child_survives_close_or_interpreter_exit(tmp_path: Path):
         "    sampler.sample(policy, params, [toy_task()], 2)\n"
         "    print(*sampler.backend.pids)\n"
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
     orphans = [int(p) for p in out.stdout.split()]
     assert len(orphans) == 2
     deadline = time.monotonic() + 5
@@ -351,12 +392,16 @@ def test_bad_arguments_fail_early_with_the_value():
 
 @pytest.fixture(scope="module")
 def ray_runtime():
-    ray = pytest.importorskip("ray", reason="Ray is not installed; pip install 'metarl[ray]' to run the Ray backend tests")
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed; pip install 'metarl[ray]' to run the Ray backend tests"
+    )
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+        },
     )
     yield ray
     ray.shutdown()
@@ -368,7 +413,9 @@ def test_ray_matches_serial_and_survives_a_killed_actor(ray_runtime):
     tasks = _mixed_tasks()
     with make_sampler(ToyDistribution(), seed=4) as serial:
         expected = [serial.sample(policy, params, tasks, k) for k in (2, 6, 6, 6)]
-    with make_sampler(dist, "ray", num_workers=2, envs_per_worker=2, seed=4, timeout_s=30) as sampler:
+    with make_sampler(
+        dist, "ray", num_workers=2, envs_per_worker=2, seed=4, timeout_s=30
+    ) as sampler:
         _assert_same(sampler.sample(policy, params, tasks, 2), expected[0])
         victim = sampler.backend.pids[1]
         timer = _kill_later(victim, 0.2)

@@ -22,15 +22,21 @@ _BACKENDS = ("serial", "process", "ray")
 _ON_FAILURE = ("raise", "restart")
 
 
-def _check_args(backend: str, num_workers: int, envs_per_worker: int | None, timeout_s: float, on_failure: str) -> None:
+def _check_args(
+    backend: str, num_workers: int, envs_per_worker: int | None, timeout_s: float, on_failure: str
+) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; use one of {_BACKENDS}")
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
     if envs_per_worker is not None and envs_per_worker < 1:
-        raise ValueError(f"envs_per_worker={envs_per_worker} must be at least 1, or None for one env per episode")
+        raise ValueError(
+            f"envs_per_worker={envs_per_worker} must be at least 1, or None for one env per episode"
+        )
     if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s} must be positive (seconds a worker may take per call)")
+        raise ValueError(
+            f"timeout_s={timeout_s} must be positive (seconds a worker may take per call)"
+        )
     if on_failure not in _ON_FAILURE:
         raise ValueError(f"on_failure={on_failure!r} is unknown; use one of {_ON_FAILURE}")
 
@@ -76,7 +82,9 @@ def make_sampler(
     elif backend == "process":
         from metarl.rollout.process import ProcessBackend
 
-        impl = ProcessBackend(distribution, num_workers, envs_per_worker, timeout_s, on_failure, start_method)
+        impl = ProcessBackend(
+            distribution, num_workers, envs_per_worker, timeout_s, on_failure, start_method
+        )
     else:
         try:
             from metarl.rollout.ray_backend import RayBackend
@@ -84,5 +92,7 @@ def make_sampler(
             raise ImportError(
                 "backend='ray' needs Ray; install it with pip install 'metarl[ray]' (or 'ray>=2.9')"
             ) from exc
-        impl = RayBackend(distribution, num_workers, envs_per_worker, timeout_s, on_failure, address)
+        impl = RayBackend(
+            distribution, num_workers, envs_per_worker, timeout_s, on_failure, address
+        )
     return Sampler(distribution, impl, horizon, seed)

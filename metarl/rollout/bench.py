@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -40,6 +41,10 @@ def _make_distribution(env_name: str) -> TaskDistribution:
 def _random_actions(space: gym.Space, num: int, rng: np.random.Generator) -> list[Any]:
     if isinstance(space, gym.spaces.Discrete):
         return [int(a) for a in rng.integers(space.start, space.start + space.n, num)]
+    if not isinstance(space, gym.spaces.Box):
+        raise TypeError(
+            f"action space {space} is not supported; expected a Box or a Discrete space"
+        )
     return list(rng.uniform(space.low, space.high, (num, *space.shape)).astype(space.dtype))
 
 
@@ -66,9 +71,11 @@ def raw_env_rate(distribution: TaskDistribution, task: Task, horizon: int, secon
     return steps / elapsed
 
 
-def gym_async_rate(distribution: TaskDistribution, tasks: list[Task], policy: Any, params: dict, seconds: float) -> float:
+def gym_async_rate(
+    distribution: TaskDistribution, tasks: list[Task], policy: Any, params: dict, seconds: float
+) -> float:
     """Env steps/s of ``AsyncVectorEnv`` over one env per task in ``tasks``, one policy forward per step."""
-    vec = gym.vector.AsyncVectorEnv([lambda t=t: distribution.make_env(t) for t in tasks])
+    vec = gym.vector.AsyncVectorEnv([partial(distribution.make_env, t) for t in tasks])
     space = distribution.action_space
     rng = np.random.default_rng(0)
     obs, _ = vec.reset(seed=0)
@@ -78,11 +85,15 @@ def gym_async_rate(distribution: TaskDistribution, tasks: list[Task], policy: An
         while time.perf_counter() - start < seconds:
             noise = policy.sample_noise(rng, len(tasks))
             with torch.no_grad():
-                actions, _ = policy.act(params, torch.as_tensor(obs, dtype=torch.float32).reshape(len(tasks), -1), torch.from_numpy(noise))
+                actions, _ = policy.act(
+                    params,
+                    torch.as_tensor(obs, dtype=torch.float32).reshape(len(tasks), -1),
+                    torch.from_numpy(noise),
+                )
             actions = actions.numpy()
             if isinstance(space, gym.spaces.Box):
                 actions = np.clip(actions, space.low, space.high)
-            else:
+            elif isinstance(space, gym.spaces.Discrete):
                 actions = actions + space.start
             obs, *_ = vec.step(actions)
             steps += len(tasks)
@@ -104,7 +115,13 @@ def sampler_rate(
 ) -> float:
     """Env steps/s of the sampler: ``num_workers`` tasks, ``envs_per_worker`` episodes each, per call."""
     tasks = distribution.sample(num_workers, np.random.default_rng(0))
-    with make_sampler(distribution, backend, num_workers=num_workers, envs_per_worker=envs_per_worker, horizon=horizon) as sampler:
+    with make_sampler(
+        distribution,
+        backend,
+        num_workers=num_workers,
+        envs_per_worker=envs_per_worker,
+        horizon=horizon,
+    ) as sampler:
         sampler.sample(policy, params, tasks, envs_per_worker)  # builds the environments
         steps = 0.0
         start = time.perf_counter()
@@ -149,7 +166,9 @@ def bench_sampler(
     cores = len(os.sched_getaffinity(0))
     task = dist.sample(1, np.random.default_rng(1))[0]
     raw = raw_env_rate(dist, task, horizon, seconds / 2)
-    rate = sampler_rate(dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params)
+    rate = sampler_rate(
+        dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params
+    )
     result: dict[str, Any] = {
         "env": env_name if distribution is None else dist.name,
         "backend": backend,
@@ -163,7 +182,9 @@ def bench_sampler(
     }
     if with_baseline:
         num_envs = min(num_workers * envs_per_worker, baseline_max_envs)
-        baseline = gym_async_rate(dist, dist.sample(num_envs, np.random.default_rng(2)), policy, params, seconds)
+        baseline = gym_async_rate(
+            dist, dist.sample(num_envs, np.random.default_rng(2)), policy, params, seconds
+        )
         result.update(
             gym_async_num_envs=num_envs,
             gym_async_steps_per_s=baseline,
@@ -183,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
     result = bench_sampler(
-        args.env, args.backend, args.workers, args.seconds, args.envs_per_worker, args.horizon,
+        args.env,
+        args.backend,
+        args.workers,
+        args.seconds,
+        args.envs_per_worker,
+        args.horizon,
         with_baseline=not args.no_baseline,
     )
     print(json.dumps(result))

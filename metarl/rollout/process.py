@@ -73,7 +73,9 @@ def _exit_cause(process: mp.process.BaseProcess) -> str:
 class _Handle:
     """One worker process and the parent's end of its pipe."""
 
-    def __init__(self, ctx: Any, index: int, distribution: TaskDistribution, max_envs: int | None) -> None:
+    def __init__(
+        self, ctx: Any, index: int, distribution: TaskDistribution, max_envs: int | None
+    ) -> None:
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(
             target=_worker_main,
@@ -142,7 +144,9 @@ class ProcessBackend:
         max_restarts: int = 2,
     ) -> None:
         if start_method not in ("forkserver", "spawn"):
-            raise ValueError(f"start_method={start_method!r}; use 'forkserver' or 'spawn' (fork is unsafe with torch threads)")
+            raise ValueError(
+                f"start_method={start_method!r}; use 'forkserver' or 'spawn' (fork is unsafe with torch threads)"
+            )
         self.distribution = distribution
         self.num_workers = num_workers
         self.envs_per_worker = envs_per_worker
@@ -151,7 +155,9 @@ class ProcessBackend:
         self.max_restarts = max_restarts
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["metarl.rollout.process", type(distribution).__module__])
+            self._ctx.set_forkserver_preload(
+                ["metarl.rollout.process", type(distribution).__module__]
+            )
         self._request = 0
         self._request_of: dict[int, int] = {}
         self._handles: list[_Handle | None] = [None] * num_workers
@@ -167,7 +173,14 @@ class ProcessBackend:
     def _spawn(self, w: int) -> _Handle:
         return _Handle(self._ctx, w, self.distribution, self.envs_per_worker)
 
-    def _submit(self, w: int, policy: Any, param_sets: list[dict[str, torch.Tensor]], share: list[EpisodeSpec], horizon: int) -> None:
+    def _submit(
+        self,
+        w: int,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        share: list[EpisodeSpec],
+        horizon: int,
+    ) -> None:
         handle = self._handles[w]
         if handle is None:
             handle = self._handles[w] = self._spawn(w)
@@ -201,7 +214,9 @@ class ProcessBackend:
                 handle.process.join(_JOIN_TIMEOUT_S)
                 return "dead", _exit_cause(handle.process)
             if request != self._request_of[w]:
-                raise RuntimeError(f"worker {w} answered request {request}, expected {self._request_of[w]}")
+                raise RuntimeError(
+                    f"worker {w} answered request {request}, expected {self._request_of[w]}"
+                )
             if kind == "ok":
                 return "ok", payload
             return "dead", f"its environment raised:\n{payload}"
@@ -209,7 +224,13 @@ class ProcessBackend:
             return "dead", _exit_cause(handle.process)
         return "busy", None
 
-    def collect(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], episodes: list[EpisodeSpec], horizon: int) -> Batch:
+    def collect(
+        self,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        episodes: list[EpisodeSpec],
+        horizon: int,
+    ) -> Batch:
         """Splits ``episodes`` over the workers and gathers their rows in order."""
         shares = [[episodes[i] for i in r] for r in split_shares(len(episodes), self.num_workers)]
         attempts = dict.fromkeys(range(len(shares)), 0)
@@ -227,7 +248,16 @@ class ProcessBackend:
             raise
         return {k: np.concatenate([results[w][k] for w in range(len(shares))]) for k in results[0]}
 
-    def _send(self, w: int, policy: Any, param_sets: list, share: list[EpisodeSpec], horizon: int, attempts: dict[int, int], deadlines: dict[int, float]) -> None:
+    def _send(
+        self,
+        w: int,
+        policy: Any,
+        param_sets: list,
+        share: list[EpisodeSpec],
+        horizon: int,
+        attempts: dict[int, int],
+        deadlines: dict[int, float],
+    ) -> None:
         while True:
             try:
                 self._submit(w, policy, param_sets, share, horizon)
@@ -238,10 +268,18 @@ class ProcessBackend:
             deadlines[w] = time.monotonic() + self.timeout_s
             return
 
-    def _wait_round(self, shares: list[list[EpisodeSpec]], attempts: dict[int, int], deadlines: dict[int, float], results: dict[int, Batch]) -> list[int]:
+    def _wait_round(
+        self,
+        shares: list[list[EpisodeSpec]],
+        attempts: dict[int, int],
+        deadlines: dict[int, float],
+        results: dict[int, Batch],
+    ) -> list[int]:
         """Waits for the next event; returns the workers whose share must be sent again."""
         handles = {w: self._handles[w] for w in deadlines}
-        objects = [h.conn for h in handles.values() if h] + [h.process.sentinel for h in handles.values() if h]
+        objects = [h.conn for h in handles.values() if h] + [
+            h.process.sentinel for h in handles.values() if h
+        ]
         wait(objects, timeout=max(0.0, min(deadlines.values()) - time.monotonic()))
         retry: list[int] = []
         for w in list(deadlines):
@@ -253,7 +291,9 @@ class ProcessBackend:
                 results[w] = payload
                 continue
             if status == "busy":
-                payload = f"no result within timeout_s={self.timeout_s:g} s (worker hung or too slow)"
+                payload = (
+                    f"no result within timeout_s={self.timeout_s:g} s (worker hung or too slow)"
+                )
             if self._fail(w, shares[w], payload, attempts):
                 retry.append(w)
         return retry

@@ -35,7 +35,9 @@ class RolloutActor:
     def set_policy(self, policy: Any) -> None:
         self.policy = policy
 
-    def run(self, arrays: list[dict[str, np.ndarray]], episodes: list[EpisodeSpec], horizon: int) -> Batch:
+    def run(
+        self, arrays: list[dict[str, np.ndarray]], episodes: list[EpisodeSpec], horizon: int
+    ) -> Batch:
         with torch.no_grad():
             return self.worker.run(self.policy, params_from_numpy(arrays), episodes, horizon)
 
@@ -84,14 +86,21 @@ class RayBackend:
         self._closed = False
 
     def _spawn(self) -> Any:
-        return RolloutActor.remote(self.distribution, self.envs_per_worker)
+        return RolloutActor.remote(self.distribution, self.envs_per_worker)  # type: ignore[attr-defined]
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the actors (blocks until they are up)."""
         return ray.get([a.pid.remote() for a in self._actors])
 
-    def _submit(self, w: int, policy: Any, param_sets: list[dict[str, torch.Tensor]], share: list[EpisodeSpec], horizon: int) -> Any:
+    def _submit(
+        self,
+        w: int,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        share: list[EpisodeSpec],
+        horizon: int,
+    ) -> Any:
         if self._actors[w] is None:
             self._actors[w] = self._spawn()
             self._policies[w] = None
@@ -125,7 +134,13 @@ class RayBackend:
         except ray.exceptions.RayError as exc:
             return False, f"the actor died: {exc!r}"
 
-    def collect(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], episodes: list[EpisodeSpec], horizon: int) -> Batch:
+    def collect(
+        self,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        episodes: list[EpisodeSpec],
+        horizon: int,
+    ) -> Batch:
         """Splits ``episodes`` over the actors and gathers their rows in order."""
         shares = [[episodes[i] for i in r] for r in split_shares(len(episodes), len(self._actors))]
         attempts = dict.fromkeys(range(len(shares)), 0)
@@ -139,12 +154,17 @@ class RayBackend:
             while refs:
                 timeout = max(0.0, min(deadlines.values()) - time.monotonic())
                 ready, _ = ray.wait(list(refs.values()), num_returns=1, timeout=timeout)
-                for w in [w for w, ref in refs.items() if ref in ready or time.monotonic() >= deadlines[w]]:
+                for w in [
+                    w for w, ref in refs.items() if ref in ready or time.monotonic() >= deadlines[w]
+                ]:
                     ref = refs.pop(w)
                     if ref in ready:
                         ok, payload = self._outcome(ref)
                     else:
-                        ok, payload = False, f"no result within timeout_s={self.timeout_s:g} s (actor hung or too slow)"
+                        ok, payload = (
+                            False,
+                            f"no result within timeout_s={self.timeout_s:g} s (actor hung or too slow)",
+                        )
                     if ok:
                         results[w] = payload
                         continue

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from envs.base import Task, TaskDistribution
-from metarl.rollout.worker import Batch, EpisodeSpec
+from metarl.rollout.worker import Batch, EpisodeSpec, flat_dim
 from metarl.types import Trajectories
 
 Params = dict[str, torch.Tensor]
@@ -34,7 +34,9 @@ class WorkerError(RuntimeError):
         self.worker = worker
         self.tasks = list(tasks)
         self.cause = cause
-        super().__init__(f"rollout worker {worker} failed while collecting tasks {self.tasks}: {cause}")
+        super().__init__(
+            f"rollout worker {worker} failed while collecting tasks {self.tasks}: {cause}"
+        )
 
 
 class Backend(Protocol):
@@ -42,7 +44,9 @@ class Backend(Protocol):
 
     name: str
 
-    def collect(self, policy: Any, param_sets: list[Params], episodes: list[EpisodeSpec], horizon: int) -> Batch: ...
+    def collect(
+        self, policy: Any, param_sets: list[Params], episodes: list[EpisodeSpec], horizon: int
+    ) -> Batch: ...
 
     def close(self) -> None: ...
 
@@ -50,7 +54,7 @@ class Backend(Protocol):
 def split_shares(num_items: int, num_workers: int) -> list[range]:
     """Contiguous, balanced shares of ``range(num_items)``, empty shares dropped."""
     bounds = np.linspace(0, num_items, num_workers + 1).round().astype(int)
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def share_params(
@@ -66,11 +70,14 @@ def share_params(
 def params_from_numpy(arrays: list[dict[str, np.ndarray]]) -> list[Params]:
     """Inverse of the numpy conversion in :func:`share_params`."""
     # Arrays read from a shared object store are read-only; torch wants writable memory.
-    return [{k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in a.items()} for a in arrays]
+    return [
+        {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in a.items()}
+        for a in arrays
+    ]
 
 
 def _check_policy(policy: Any, distribution: TaskDistribution) -> None:
-    obs_dim = int(np.prod(distribution.observation_space.shape))
+    obs_dim = flat_dim(distribution.observation_space)
     if getattr(policy, "obs_dim", None) != obs_dim:
         raise ValueError(
             f"policy obs_dim={getattr(policy, 'obs_dim', None)} does not match the observation space "
@@ -85,7 +92,9 @@ def _check_policy(policy: Any, distribution: TaskDistribution) -> None:
         )
 
 
-def _param_sets(params: Params | Sequence[Params], num_tasks: int) -> tuple[list[Params], list[int]]:
+def _param_sets(
+    params: Params | Sequence[Params], num_tasks: int
+) -> tuple[list[Params], list[int]]:
     """Distinct parameter sets and each task's index into them (shared dicts are batched together)."""
     if isinstance(params, dict):
         return [{k: v.detach() for k, v in params.items()}], [0] * num_tasks
@@ -117,7 +126,9 @@ class Sampler:
         seed: root of every episode's seed.
     """
 
-    def __init__(self, distribution: TaskDistribution, backend: Backend, horizon: int | None, seed: int) -> None:
+    def __init__(
+        self, distribution: TaskDistribution, backend: Backend, horizon: int | None, seed: int
+    ) -> None:
         self.distribution = distribution
         self.backend = backend
         self.horizon = int(horizon if horizon is not None else distribution.horizon)
@@ -148,7 +159,9 @@ class Sampler:
         """
         tasks = list(tasks)
         if not tasks or not all(isinstance(t, Task) for t in tasks):
-            raise ValueError(f"tasks must be a non-empty list of envs.base.Task, got {tasks!r:.200}")
+            raise ValueError(
+                f"tasks must be a non-empty list of envs.base.Task, got {tasks!r:.200}"
+            )
         if int(episodes_per_task) < 1:
             raise ValueError(f"episodes_per_task={episodes_per_task} must be at least 1")
         _check_policy(policy, self.distribution)

@@ -25,7 +25,11 @@ class SerialBackend:
         self.worker = RolloutWorker(distribution, max_envs=envs_per_worker)
 
     def collect(
-        self, policy: Any, param_sets: list[dict[str, torch.Tensor]], episodes: list[EpisodeSpec], horizon: int
+        self,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        episodes: list[EpisodeSpec],
+        horizon: int,
     ) -> Batch:
         """Runs ``episodes`` here; see :meth:`RolloutWorker.run`."""
         with torch.no_grad():

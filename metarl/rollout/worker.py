@@ -62,16 +62,20 @@ def episode_seeds(spec: EpisodeSpec) -> tuple[int, np.random.Generator]:
     return int(env_seq.generate_state(1)[0]), np.random.default_rng(noise_seq)
 
 
-def allocate_batch(
-    num_episodes: int, horizon: int, obs_dim: int, action_space: gym.Space
-) -> Batch:
+def flat_dim(space: gym.Space) -> int:
+    """Number of entries in one (flattened) sample of a ``Box`` space."""
+    return int(np.prod(space.shape or ()))
+
+
+def allocate_batch(num_episodes: int, horizon: int, obs_dim: int, action_space: gym.Space) -> Batch:
     """Zeroed output arrays: ``obs``/``next_obs [M, T, obs_dim]``, ``actions [M, T(, act_dim)]``,
     ``rewards``/``log_probs``/``mask``/``terminated [M, T]``, ``success [M]`` (NaN)."""
     m, t = num_episodes, horizon
+    actions: np.ndarray
     if isinstance(action_space, gym.spaces.Discrete):
         actions = np.zeros((m, t), dtype=np.int64)
     else:
-        actions = np.zeros((m, t, int(np.prod(action_space.shape))), dtype=np.float32)
+        actions = np.zeros((m, t, flat_dim(action_space)), dtype=np.float32)
     return {
         "obs": np.zeros((m, t, obs_dim), dtype=np.float32),
         "actions": actions,
@@ -98,15 +102,18 @@ class RolloutWorker:
         self, distribution: TaskDistribution, max_envs: int | None = None, clip_actions: bool = True
     ) -> None:
         if max_envs is not None and max_envs < 1:
-            raise ValueError(f"max_envs={max_envs} must be at least 1 (or None for one per episode)")
+            raise ValueError(
+                f"max_envs={max_envs} must be at least 1 (or None for one per episode)"
+            )
         self.distribution = distribution
         self.max_envs = max_envs
-        self.obs_dim = int(np.prod(distribution.observation_space.shape))
-        self.action_space = distribution.action_space
-        self.discrete = isinstance(self.action_space, gym.spaces.Discrete)
-        box = None if self.discrete else self.action_space
-        self._clip = None if box is None or not clip_actions else (box.low, box.high)
-        self._action_start = int(self.action_space.start) if self.discrete else 0
+        self.obs_dim = flat_dim(distribution.observation_space)
+        space = self.action_space = distribution.action_space
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        self._action_start = int(space.start) if isinstance(space, gym.spaces.Discrete) else 0
+        self._clip = None
+        if isinstance(space, gym.spaces.Box) and clip_actions:
+            self._clip = (space.low, space.high)
         self._envs: list[gym.Env] = []
         self._env_tasks: list[Task] = []
 
@@ -121,7 +128,9 @@ class RolloutWorker:
             env.close()
         self._envs, self._env_tasks = [], []
 
-    def _begin(self, lane: int, job: int, spec: EpisodeSpec, out: Batch, noise: np.ndarray, policy: Any) -> gym.Env:
+    def _begin(
+        self, lane: int, job: int, spec: EpisodeSpec, out: Batch, noise: np.ndarray, policy: Any
+    ) -> gym.Env:
         """Points environment ``lane`` at the episode's task, resets it with the episode's seed."""
         try:
             if lane == len(self._envs):
@@ -139,7 +148,14 @@ class RolloutWorker:
         out["obs"][job, 0] = np.reshape(obs, -1)
         return env
 
-    def _act(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], lanes: _Lanes, out: Batch, noise: np.ndarray) -> np.ndarray:
+    def _act(
+        self,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        lanes: _Lanes,
+        out: Batch,
+        noise: np.ndarray,
+    ) -> np.ndarray:
         """One batched forward per parameter set; records actions, log-probs and mask.
 
         Returns:
@@ -168,9 +184,11 @@ class RolloutWorker:
         return actions
 
     @staticmethod
-    def _step_all(lanes: _Lanes, env_actions: np.ndarray, episodes: list[EpisodeSpec]) -> list[tuple]:
+    def _step_all(
+        lanes: _Lanes, env_actions: np.ndarray, episodes: list[EpisodeSpec]
+    ) -> list[tuple]:
         results = []
-        for i, (env, action) in enumerate(zip(lanes.envs, env_actions)):
+        for i, (env, action) in enumerate(zip(lanes.envs, env_actions, strict=True)):
             try:
                 results.append(env.step(action))
             except Exception as exc:
@@ -182,16 +200,18 @@ class RolloutWorker:
     def _record(results: list[tuple], lanes: _Lanes, out: Batch, horizon: int) -> np.ndarray:
         """Writes one step of every lane; returns ``[num_lanes]`` whether each episode ended."""
         jobs, steps = lanes.jobs, lanes.steps
-        next_obs, rewards, terminated, truncated, infos = zip(*results)
-        next_obs = np.asarray(next_obs, dtype=np.float32).reshape(len(jobs), -1)
-        terminated = np.asarray(terminated, dtype=bool)
+        obs_list, rewards, term_list, trunc_list, infos = zip(*results, strict=True)
+        next_obs = np.asarray(obs_list, dtype=np.float32).reshape(len(jobs), -1)
+        terminated = np.asarray(term_list, dtype=bool)
         out["next_obs"][jobs, steps] = next_obs
         out["rewards"][jobs, steps] = rewards
         out["terminated"][jobs, steps] = terminated
-        success = np.fromiter((info.get("success", np.nan) for info in infos), np.float32, len(jobs))
+        success = np.fromiter(
+            (info.get("success", np.nan) for info in infos), np.float32, len(jobs)
+        )
         # fmax ignores NaN: an episode's success is NaN until the env first reports one.
         out["success"][jobs] = np.fmax(out["success"][jobs], success)
-        ended = terminated | np.asarray(truncated, dtype=bool) | (steps + 1 >= horizon)
+        ended = terminated | np.asarray(trunc_list, dtype=bool) | (steps + 1 >= horizon)
         if ended.any():
             going = ~ended
             out["obs"][jobs[going], steps[going] + 1] = next_obs[going]
@@ -221,20 +241,30 @@ class RolloutWorker:
         with torch.inference_mode():
             return self._run(policy, param_sets, episodes, horizon)
 
-    def _run(self, policy: Any, param_sets: list[dict[str, torch.Tensor]], episodes: list[EpisodeSpec], horizon: int) -> Batch:
+    def _run(
+        self,
+        policy: Any,
+        param_sets: list[dict[str, torch.Tensor]],
+        episodes: list[EpisodeSpec],
+        horizon: int,
+    ) -> Batch:
         out = allocate_batch(len(episodes), horizon, self.obs_dim, self.action_space)
         noise = np.zeros((len(episodes), horizon, *policy.noise_shape), dtype=np.float32)
         num_lanes = len(episodes) if self.max_envs is None else min(self.max_envs, len(episodes))
-        lanes = _Lanes([self._begin(i, i, episodes[i], out, noise, policy) for i in range(num_lanes)], episodes)
+        lanes = _Lanes(
+            [self._begin(i, i, episodes[i], out, noise, policy) for i in range(num_lanes)], episodes
+        )
         next_job = num_lanes
         while lanes.envs:
             env_actions = self._act(policy, param_sets, lanes, out, noise)
             results = self._step_all(lanes, env_actions, episodes)
             ended = self._record(results, lanes, out, horizon)
             lanes.steps += 1
-            for i in np.flatnonzero(ended):
+            for i in np.flatnonzero(ended).tolist():
                 if next_job < len(episodes):
-                    lanes.envs[i] = self._begin(int(lanes.env_index[i]), next_job, episodes[next_job], out, noise, policy)
+                    lanes.envs[i] = self._begin(
+                        int(lanes.env_index[i]), next_job, episodes[next_job], out, noise, policy
+                    )
                     lanes.restart(i, next_job, episodes[next_job].param_index)
                     next_job += 1
                 else:
@@ -266,7 +296,7 @@ class _Lanes:
             return
         keep = np.ones(len(self.envs), dtype=bool)
         keep[self._retired] = False
-        self.envs = [env for env, k in zip(self.envs, keep) if k]
+        self.envs = [env for env, k in zip(self.envs, keep, strict=True) if k]
         self.env_index, self.jobs = self.env_index[keep], self.jobs[keep]
         self.steps, self.params = self.steps[keep], self.params[keep]
         self._retired = []
