@@ -43,14 +43,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {experiment.run_dir}", flush=True)
     try:
         experiment.run(progress=not args.no_progress)
+        if experiment.run_cfg.eval_at_end:
+            _print_summary(experiment.evaluate())
     except FloatingPointError as e:
         kind = "non-finite loss" if isinstance(e, NonFiniteLossError) else "floating-point error"
         print(f"error: {kind} at iteration {experiment.iteration + 1}: {e}\n"
               f"the last good checkpoint in {experiment.run_dir} is intact; lower the learning rates "
               f"and start again, or resume with `metarl run --resume {experiment.run_dir}`", file=sys.stderr)
         return 1
-    if experiment.run_cfg.eval_at_end:
-        _print_summary(experiment.evaluate())
+    finally:
+        experiment.close()
     print(f"results: {experiment.run_dir}")
     return 0
 
@@ -61,7 +63,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     experiment = Experiment.resume(args.run_dir)
     if experiment.iteration == 0:
         print(f"warning: {args.run_dir} has no checkpoint; evaluating the initial parameters", file=sys.stderr)
-    summary = experiment.evaluate()
+    try:
+        summary = experiment.evaluate()
+    finally:
+        experiment.close()
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     _print_summary(summary)
     return 0

@@ -176,6 +176,12 @@ class Experiment:
             bar.close()
             logger.close()
 
+    def close(self) -> None:
+        """Releases what the agent holds (e.g. rollout worker processes)."""
+        close = getattr(self.agent, "close", None)
+        if close is not None:
+            close()
+
     def evaluate(self) -> dict[str, Any]:
         """Held-out evaluation with the agent's own protocol; written to ``eval.json`` with plots."""
         from metarl.evaluation import evaluate_experiment
