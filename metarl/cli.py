@@ -88,8 +88,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in sorted(FEWSHOT):
             print(f"  {name} (few-shot)")
         for name in envs.names():
-            info = envs.make(name).describe() if args.verbose else {}
-            print(f"  {name}" + (f": {json.dumps(info, default=str)}" if info else ""))
+            print(f"  {name}")
+            if args.what == "envs" or args.verbose:
+                for key, value in envs.make(name).describe().items():
+                    if key != "name":
+                        print(f"      {key}: {value}")
     return 0
 
 
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="list agents and task distributions")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "agents", "envs"])
-    ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (builds it)")
+    ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (as `metarl list envs` does)")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
     bench.add_argument("what", choices=["adapt", "sampler", "envs"])
