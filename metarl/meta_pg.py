@@ -1,0 +1,362 @@
+"""Pieces shared by the gradient-based meta-RL agents (MAML-TRPO, MAML-PPO).
+
+The inner loop is the MAML paper's (Finn et al. 2017, §5.3): ``adapt_steps`` vanilla
+policy-gradient (REINFORCE) steps, each on fresh trajectories sampled with the latest adapted
+parameters, advantages from a baseline fit on those trajectories. Every inner step is one call of
+:func:`metarl.adaptation.adapt` on a task's data, vmapped over the task axis.
+
+Batching over tasks: measured on a 2-core CPU with the (100, 100) policy, 40 tasks × 20 episodes
+× 200 steps, one vmapped inner step took 1.3 s against 2.4 s for a per-task loop, and a
+vector-Jacobian product through it 2.7 s against 10.1 s; so everything here is vmapped.
+
+Shapes: ``N`` tasks, ``E`` episodes per task, ``T`` horizon, ``P`` any parameter's shape.
+Per-task parameters are one dict whose tensors carry a leading task axis ``[N, *P]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from envs.base import Task
+from metarl.adaptation import Params, adapt
+from metarl.baselines import Baseline
+from metarl.returns import discounted_returns, gae, normalize
+from metarl.rollout import Sampler
+from metarl.types import Trajectories
+
+
+class PGBatch(NamedTuple):
+    """Policy-gradient data of ``N`` tasks.
+
+    Attributes:
+        obs: ``[N, E, T, obs_dim]``.
+        actions: ``[N, E, T, act_dim]`` (continuous) or ``[N, E, T]`` (discrete).
+        advantages: ``[N, E, T]`` detached advantages, 0 where masked.
+        mask: ``[N, E, T]`` 1.0 while the episode is alive.
+    """
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+
+
+class MetaBatch(NamedTuple):
+    """One meta-iteration's data.
+
+    Attributes:
+        pre: one :class:`PGBatch` per inner step (``adapt_steps`` of them).
+        post: the post-adaptation batch, the outer objective's data.
+        trajectories: every sampled :class:`Trajectories`, pre-update first, post-update last.
+        sampling_s: wall time spent inside the sampler.
+    """
+
+    pre: list[PGBatch]
+    post: PGBatch
+    trajectories: list[Trajectories]
+    sampling_s: float
+
+
+class InnerLoop(NamedTuple):
+    """What the inner loop needs besides parameters and data.
+
+    Attributes:
+        policy: a policy from :mod:`metarl.policies`.
+        lr: inner SGD step size.
+        first_order: treat inner gradients as constants.
+    """
+
+    policy: Any
+    lr: float
+    first_order: bool
+
+
+def task_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tasks of each task's mean over its alive steps: ``[N, E, T]`` -> scalar."""
+    per_task = (x * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
+    return per_task.mean()
+
+
+def pg_batch(
+    trajectories: Trajectories, baseline: Baseline, gamma: float, lam: float, normalized: bool
+) -> PGBatch:
+    """Advantages from a baseline fit on ``trajectories`` (per task for the linear baseline).
+
+    The baseline is regressed on Monte-Carlo returns; GAE bootstraps a truncated episode with the
+    baseline's value of its last ``next_obs`` and a terminated one with 0. With ``normalized``,
+    each task's advantages are standardised over its alive steps.
+    """
+    t = trajectories
+    returns = discounted_returns(t.rewards, t.mask, t.terminated, gamma)
+    values, next_values = baseline.fit_values(t.obs, t.next_obs, returns, t.mask)
+    advantages = gae(t.rewards, values, t.mask, t.terminated, gamma, lam, next_values)
+    if normalized:
+        advantages = vmap(normalize)(advantages, t.mask)
+    return PGBatch(t.obs, t.actions, advantages.detach(), t.mask)
+
+
+def reinforce_loss(policy: Any, params: Params, batch: PGBatch) -> torch.Tensor:
+    """One task's REINFORCE loss ``-mean_alive(log pi(a|s) A)``; ``batch`` fields are ``[E, T, ...]``."""
+    log_probs = policy.log_prob(params, batch.obs, batch.actions)
+    return -(log_probs * batch.advantages * batch.mask).sum() / batch.mask.sum().clamp(min=1.0)
+
+
+def inner_step(inner: InnerLoop, params: Params, batch: PGBatch, shared: bool) -> Params:
+    """One inner policy-gradient step on every task, vmapped over the task axis.
+
+    Args:
+        inner: policy, step size and order.
+        params: shared ``[*P]`` parameters (``shared=True``) or per-task ``[N, *P]`` ones.
+        batch: the tasks' data ``[N, E, T, ...]``.
+        shared: whether ``params`` has no task axis.
+
+    Returns:
+        Per-task parameters ``[N, *P]``, differentiable w.r.t. ``params`` (second order unless
+        ``inner.first_order``).
+    """
+
+    def loss_fn(p: Params, data: PGBatch) -> torch.Tensor:
+        return reinforce_loss(inner.policy, p, data)
+
+    def one_task(p: Params, data: PGBatch) -> Params:
+        return adapt(loss_fn, p, data, steps=1, lr=inner.lr, first_order=inner.first_order)
+
+    return vmap(one_task, in_dims=(None if shared else 0, 0))(params, batch)
+
+
+def adapt_tasks(inner: InnerLoop, params: Params, pre: Sequence[PGBatch]) -> Params:
+    """Per-task parameters after one inner step on each batch of ``pre`` in turn: ``[N, *P]``."""
+    current, shared = params, True
+    for batch in pre:
+        current, shared = inner_step(inner, current, batch, shared), False
+    return current
+
+
+def unstack(params: Params) -> list[Params]:
+    """``[N, *P]`` per-task parameters -> a list of ``N`` detached dicts (for the sampler)."""
+    num_tasks = next(iter(params.values())).shape[0]
+    return [{k: v[i].detach() for k, v in params.items()} for i in range(num_tasks)]
+
+
+class _Timed:
+    """Accumulates the wall time spent in sampler calls."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.seconds = sampler, 0.0
+
+    def sample(
+        self, policy: Any, params: Params | list[Params], tasks: list[Task], num: int
+    ) -> Trajectories:
+        start = time.perf_counter()
+        out = self.sampler.sample(policy, params, tasks, num)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def collect(
+    sampler: Sampler,
+    inner: InnerLoop,
+    params: Params,
+    tasks: list[Task],
+    episodes_per_task: int,
+    adapt_steps: int,
+    advantages: Callable[[Trajectories], PGBatch],
+) -> MetaBatch:
+    """Samples and adapts ``adapt_steps`` times, then samples the post-update data.
+
+    Inner step ``k`` uses data sampled with the parameters after step ``k - 1``. Adaptation here
+    builds no graph; the outer update recomputes it differentiably from the same data.
+
+    Args:
+        sampler: the agent's sampler.
+        inner: the inner loop's settings.
+        params: the meta-parameters ``[*P]``.
+        tasks: the ``N`` tasks.
+        episodes_per_task: ``E``.
+        adapt_steps: inner steps (at least 1).
+        advantages: turns trajectories into a :class:`PGBatch` (fits the baseline).
+    """
+    timed = _Timed(sampler)
+    first_order = inner._replace(first_order=True)
+    current: Params = {k: v.detach() for k, v in params.items()}
+    adapted: Params | None = None
+    pre, trajectories = [], []
+    for _ in range(adapt_steps):
+        traj = timed.sample(
+            inner.policy, current if adapted is None else unstack(adapted), tasks, episodes_per_task
+        )
+        batch = advantages(traj)
+        start = current if adapted is None else adapted
+        adapted = {
+            k: v.detach() for k, v in inner_step(first_order, start, batch, adapted is None).items()
+        }
+        pre.append(batch)
+        trajectories.append(traj)
+    assert adapted is not None, "adapt_steps must be at least 1"
+    post_traj = timed.sample(inner.policy, unstack(adapted), tasks, episodes_per_task)
+    trajectories.append(post_traj)
+    return MetaBatch(pre, advantages(post_traj), trajectories, timed.seconds)
+
+
+def post_log_probs(policy: Any, params: Params, batch: PGBatch) -> torch.Tensor:
+    """``[N, E, T]`` log-probabilities of the batch's actions under per-task ``params [N, *P]``."""
+    return vmap(policy.log_prob)(params, batch.obs, batch.actions)
+
+
+def mean_kl(policy: Any, old: Params, new: Params, batch: PGBatch) -> torch.Tensor:
+    """Mean over tasks and alive steps of ``KL(pi_old || pi_new)``; per-task params ``[N, *P]``."""
+    return task_mean(vmap(policy.kl)(old, new, batch.obs), batch.mask)
+
+
+def check_finite(name: str, value: torch.Tensor, hint: str) -> None:
+    """Raises :class:`NonFiniteLossError` naming ``name`` if ``value`` holds a NaN or an Inf."""
+    from metarl.fewshot.maml import NonFiniteLossError
+
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteLossError(
+            f"{name} is not finite ({value.flatten()[:4].tolist()}); parameters unchanged. {hint}"
+        )
+
+
+def _mean_success(success: torch.Tensor) -> np.ndarray | None:
+    """``[N, E]`` success with NaN where unreported -> ``[N]`` per-task mean, or None if none reported."""
+    values = success.numpy()
+    if np.isnan(values).all():
+        return None
+    return np.nanmean(values, axis=1)
+
+
+def trajectory_metrics(batch: MetaBatch) -> dict[str, float]:
+    """``train/pre_return``, ``train/post_return``, success rates where reported, env steps."""
+    pre, post = batch.trajectories[0], batch.trajectories[-1]
+    metrics = {
+        "train/pre_return": float(pre.episode_returns().mean()),
+        "train/post_return": float(post.episode_returns().mean()),
+        "train/env_steps": float(sum(float(t.mask.sum()) for t in batch.trajectories)),
+    }
+    for name, traj in (("pre", pre), ("post", post)):
+        success = _mean_success(traj.success)
+        if success is not None:
+            metrics[f"train/success_{name}"] = float(success.mean())
+    return metrics
+
+
+def evaluate_adaptation(
+    sampler: Sampler,
+    inner: InnerLoop,
+    params: Params,
+    tasks: list[Task],
+    num_steps: int,
+    episodes_per_task: int,
+    advantages: Callable[[Trajectories], PGBatch],
+) -> dict[str, Any]:
+    """Mean return and success of each task before adaptation and after each of ``num_steps`` steps.
+
+    Step ``k``'s episodes are sampled with the parameters after ``k`` inner steps, and step
+    ``k + 1`` adapts on them.
+
+    Returns:
+        ``{"adaptation_steps": [0..num_steps], "return": [N, num_steps + 1],
+        "success": [N, num_steps + 1] or None}``.
+    """
+    inner = inner._replace(first_order=True)
+    adapted: Params | None = None
+    returns, successes = [], []
+    for step in range(num_steps + 1):
+        current = params if adapted is None else unstack(adapted)
+        traj = sampler.sample(inner.policy, current, tasks, episodes_per_task)
+        returns.append(traj.episode_returns().mean(1).numpy())
+        successes.append(_mean_success(traj.success))
+        if step < num_steps:
+            start = params if adapted is None else adapted
+            adapted = {
+                k: v.detach()
+                for k, v in inner_step(inner, start, advantages(traj), adapted is None).items()
+            }
+    success = None if any(s is None for s in successes) else np.stack(successes, axis=1)
+    return {
+        "adaptation_steps": list(range(num_steps + 1)),
+        "return": np.stack(returns, axis=1).astype(np.float64),
+        "success": success,
+    }
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenates tensors into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Params) -> Params:
+    """Splits a flat vector into tensors shaped like ``like``'s values."""
+    out, offset = {}, 0
+    for k, v in like.items():
+        out[k] = vector[offset : offset + v.numel()].view_as(v)
+        offset += v.numel()
+    return out
+
+
+def check_common_config(cfg: Any) -> None:
+    """Checks the fields every meta-policy-gradient config shares; raises ``ValueError``."""
+    positive = (
+        "meta_batch_size",
+        "episodes_per_task",
+        "adapt_steps",
+        "num_workers",
+        "eval_episodes_per_task",
+    )
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("horizon", "envs_per_worker", "eval_adapt_steps"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0 means the default), got {getattr(cfg, name)}")
+    if not cfg.inner_lr > 0:
+        raise ValueError(f"inner_lr must be > 0, got {cfg.inner_lr}")
+    if not 0.0 <= cfg.gamma <= 1.0 or not 0.0 <= cfg.gae_lambda <= 1.0:
+        raise ValueError(
+            f"gamma and gae_lambda must lie in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}"
+        )
+    if not cfg.hidden_sizes or min(cfg.hidden_sizes) < 1:
+        raise ValueError(
+            f"hidden_sizes must be positive widths, e.g. [100, 100], got {cfg.hidden_sizes}"
+        )
+    if not math.isfinite(cfg.init_log_std):
+        raise ValueError(f"init_log_std must be finite, got {cfg.init_log_std}")
+
+
+def make_agent_sampler(cfg: Any, distribution: Any, seed: int) -> Sampler:
+    """The sampler a config asks for (``backend``, ``num_workers``, ``envs_per_worker``, ``horizon``)."""
+    from metarl.rollout import make_sampler
+
+    return make_sampler(
+        distribution,
+        backend=cfg.backend,
+        num_workers=cfg.num_workers,
+        envs_per_worker=cfg.envs_per_worker or None,
+        horizon=cfg.horizon or None,
+        seed=seed,
+    )
+
+
+def eval_seed(rng: np.random.Generator) -> int:
+    """A sampler seed drawn from the evaluation generator."""
+    return int(rng.integers(2**31 - 1))
+
+
+def make_agent_policy(cfg: Any, distribution: Any) -> Any:
+    """The policy for the distribution's spaces with the config's architecture."""
+    import gymnasium as gym
+
+    from metarl.policies import make_policy
+
+    kwargs: dict[str, Any] = {"hidden_sizes": cfg.hidden_sizes, "activation": cfg.activation}
+    if isinstance(distribution.action_space, gym.spaces.Box):
+        kwargs["init_log_std"] = cfg.init_log_std
+    return make_policy(distribution.observation_space, distribution.action_space, **kwargs)
