@@ -28,9 +28,7 @@ Profile one iteration: ``python -m agents.maml_trpo --profile`` (see :func:`prof
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -233,6 +231,21 @@ def surrogate(
     return meta_pg.task_mean(ratio * post.advantages, post.mask)
 
 
+def surrogate_gradient(
+    policy: Any, adapted: Params, old_log_probs: torch.Tensor, post: PGBatch, vjps: list[VJP]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The surrogate at the old parameters and its gradient in θ through the inner steps.
+
+    Returns:
+        ``(surrogate, gradient [D])``, both detached; ``D`` is the number of policy parameters.
+    """
+    leaf = {k: v.detach().requires_grad_() for k, v in adapted.items()}
+    value = surrogate(policy, leaf, old_log_probs, post)
+    leaf_grads = torch.autograd.grad(value, list(leaf.values()))
+    grads = through(vjps, dict(zip(leaf, leaf_grads, strict=True)), transposed=True)
+    return value.detach(), meta_pg.flatten([g.sum(0) for g in grads.values()])
+
+
 class MAMLTRPO:
     """MAML with a TRPO meta-update; see the module docstring.
 
@@ -288,12 +301,8 @@ class MAMLTRPO:
             self.inner, self.params, batch.pre, num_curvature
         )
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()
-        leaf = {k: v.detach().requires_grad_() for k, v in adapted.items()}
-        old_surrogate = surrogate(policy, leaf, old_log_probs, post)
+        old_surrogate, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
         meta_pg.check_finite("surrogate", old_surrogate, hint)
-        leaf_grads = torch.autograd.grad(old_surrogate, list(leaf.values()))
-        grads = through(grad_vjps, dict(zip(leaf, leaf_grads, strict=True)), transposed=True)
-        grad = meta_pg.flatten([g.sum(0) for g in grads.values()])
         meta_pg.check_finite("meta-gradient", grad, hint)
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
         hvp = kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
@@ -301,10 +310,8 @@ class MAMLTRPO:
         curvature = direction.dot(hvp(direction))
         meta_pg.check_finite("step curvature", curvature, hint)
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / curvature.clamp(min=1e-12))
-        return self._line_search(
-            batch, adapted, old_log_probs, float(old_surrogate.detach()), full_step
-        ) | {
-            "train/surrogate_before": float(old_surrogate.detach()),
+        return self._line_search(batch, adapted, old_log_probs, float(old_surrogate), full_step) | {
+            "train/surrogate_before": float(old_surrogate),
             "train/grad_norm": float(grad.norm()),
         }
 

@@ -1,0 +1,329 @@
+"""MAML-TRPO and MAML-PPO: inner step by hand, meta-gradient and KL Hessian against finite
+differences and autograd's explicit Hessian, learning on 2D navigation, and runs through the runner."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+from agents.maml_ppo import MAMLPPO, MAMLPPOConfig
+from agents.maml_trpo import (
+    MAMLTRPO,
+    MAMLTRPOConfig,
+    conjugate_gradient,
+    kl_hvp,
+    linearize,
+    surrogate,
+    surrogate_gradient,
+)
+from metarl import meta_pg
+from metarl.cli import main
+from metarl.meta_pg import InnerLoop, PGBatch
+from metarl.policies import CategoricalMLPPolicy, GaussianMLPPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- inner step and outer gradients
+
+
+def test_inner_step_matches_hand_reinforce_gradient_on_a_bandit():
+    # One-step bandit, 3 arms, constant observation 1: logits = W * 1 + b.
+    policy = CategoricalMLPPolicy(obs_dim=1, num_actions=3, hidden_sizes=())
+    w, b = np.array([0.2, -0.1, 0.0]), np.array([0.1, -0.2, 0.3])
+    params = {"out.weight": torch.tensor(w[:, None]), "out.bias": torch.tensor(b)}
+    actions, rewards = np.array([0, 1, 2, 1]), np.array([1.0, 0.0, 2.0, 0.0])
+    batch = PGBatch(
+        obs=torch.ones(1, 4, 1, 1, dtype=torch.float64),
+        actions=torch.tensor(actions).view(1, 4, 1),
+        advantages=torch.tensor(rewards).view(1, 4, 1),
+        mask=torch.ones(1, 4, 1, dtype=torch.float64),
+    )
+    lr = 0.1
+    adapted = meta_pg.inner_step(InnerLoop(policy, lr, False), params, batch, shared=True)
+    logits = w + b
+    pi = np.exp(logits) / np.exp(logits).sum()
+    # d/dlogits log pi(a) = onehot(a) - pi; REINFORCE ascends mean_s r_s (onehot(a_s) - pi).
+    ascent = np.mean(
+        [r * (np.eye(3)[a] - pi) for a, r in zip(actions, rewards, strict=True)], axis=0
+    )
+    np.testing.assert_allclose(adapted["out.bias"][0].numpy(), b + lr * ascent, rtol=1e-12)
+    np.testing.assert_allclose(adapted["out.weight"][0, :, 0].numpy(), w + lr * ascent, rtol=1e-12)
+
+
+def _tiny_problem(num_steps: int = 2, seed: int = 0):
+    """A float64 Gaussian policy (2 -> 4 -> 2), 2 tasks, 3 episodes of 4 steps, some steps masked."""
+    gen = torch.Generator().manual_seed(seed)
+    policy = GaussianMLPPolicy(2, 2, hidden_sizes=(4,), activation="tanh")
+    params = {
+        k: v.double() + 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64)
+        for k, v in policy.init_params(seed).items()
+    }
+
+    def batch() -> PGBatch:
+        mask = torch.ones(2, 3, 4, dtype=torch.float64)
+        mask[0, 1, 2:] = 0.0
+        return PGBatch(
+            torch.randn(2, 3, 4, 2, generator=gen, dtype=torch.float64),
+            torch.randn(2, 3, 4, 2, generator=gen, dtype=torch.float64),
+            torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) * mask,
+            mask,
+        )
+
+    pre = [batch() for _ in range(num_steps)]
+    return policy, params, pre, batch()
+
+
+def test_meta_gradient_through_two_inner_steps_matches_central_differences():
+    policy, params, pre, post = _tiny_problem()
+    inner = InnerLoop(policy, 0.5, first_order=False)
+    adapted, grad_vjps, _ = linearize(inner, params, pre, num_curvature=3)
+    old_log_probs = meta_pg.post_log_probs(policy, adapted, post)
+    _, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
+
+    flat = meta_pg.flatten(list(params.values()))
+
+    def objective(vector: torch.Tensor) -> float:
+        p = meta_pg.unflatten(vector, params)
+        return float(surrogate(policy, meta_pg.adapt_tasks(inner, p, pre), old_log_probs, post))
+
+    eps = 1e-6
+    numeric = torch.stack(
+        [
+            torch.tensor((objective(flat + eps * e) - objective(flat - eps * e)) / (2 * eps))
+            for e in torch.eye(flat.numel(), dtype=torch.float64)
+        ]
+    )
+    torch.testing.assert_close(grad, numeric.double(), rtol=1e-6, atol=1e-8)
+    first_order_grad = surrogate_gradient(
+        policy,
+        adapted,
+        old_log_probs,
+        post,
+        linearize(inner._replace(first_order=True), params, pre, 3)[1],
+    )[1]
+    assert not torch.allclose(first_order_grad, grad, rtol=1e-3), (
+        "second-order terms must matter here"
+    )
+
+
+def test_conjugate_gradient_solves_a_random_spd_system():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: a @ v, b, num_iters=40, tol=1e-30)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_kl_hessian_vector_product_matches_the_explicit_hessian(num_steps):
+    policy, params, pre, post = _tiny_problem(num_steps, seed=1)
+    inner = InnerLoop(policy, 0.5, first_order=False)
+    adapted, _, curvature_vjps = linearize(inner, params, pre, num_curvature=3)
+    old = {k: v.detach() for k, v in adapted.items()}
+
+    def mean_kl(vector: torch.Tensor) -> torch.Tensor:
+        new = meta_pg.adapt_tasks(inner, meta_pg.unflatten(vector, params), pre)
+        return meta_pg.mean_kl(policy, old, new, post)
+
+    flat = meta_pg.flatten(list(params.values()))
+    hessian = torch.autograd.functional.hessian(mean_kl, flat)
+    hvp = kl_hvp(policy, adapted, post, curvature_vjps, damping=0.0)
+    products = torch.stack([hvp(e) for e in torch.eye(flat.numel(), dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(products, hessian, rtol=1e-7, atol=1e-10)
+
+
+# ---------------------------------------------------------------- learning on 2D navigation
+
+
+def _learning_run(agent_cls, config, num_iterations: int) -> list[dict[str, float]]:
+    distribution = envs.make("navigation-2d")
+    agent = agent_cls(config, distribution, 0)
+    rng = np.random.default_rng(0)
+    try:
+        return [
+            agent.step(distribution.sample(config.meta_batch_size, rng))
+            for _ in range(num_iterations)
+        ]
+    finally:
+        agent.close()
+
+
+def test_maml_trpo_post_update_return_beats_pre_update_on_navigation():
+    config = MAMLTRPOConfig(meta_batch_size=10, episodes_per_task=10, hidden_sizes=(32, 32))
+    history = _learning_run(MAMLTRPO, config, 8)
+    gains = [m["train/post_return"] - m["train/pre_return"] for m in history[-3:]]
+    assert np.mean(gains) > 5.0, gains
+    assert history[-1]["train/post_return"] > history[0]["train/post_return"] + 20
+    assert all(m["train/kl"] <= config.max_kl for m in history)
+
+
+@pytest.mark.slow
+def test_maml_ppo_post_update_return_beats_pre_update_on_navigation():
+    config = MAMLPPOConfig(
+        meta_batch_size=10, episodes_per_task=10, hidden_sizes=(32, 32), outer_lr=0.01
+    )
+    history = _learning_run(MAMLPPO, config, 15)
+    gains = [m["train/post_return"] - m["train/pre_return"] for m in history[-5:]]
+    assert np.mean(gains) > 3.0, gains
+
+
+def test_evaluate_and_adapt_shapes():
+    distribution = envs.make("navigation-2d", horizon=10, num_test=3)
+    config = MAMLTRPOConfig(
+        meta_batch_size=2,
+        episodes_per_task=2,
+        hidden_sizes=(8,),
+        eval_adapt_steps=2,
+        eval_episodes_per_task=2,
+    )
+    agent = MAMLTRPO(config, distribution, 0)
+    try:
+        tasks = distribution.test_tasks()
+        result = agent.evaluate(tasks, np.random.default_rng(0))
+        assert result["adaptation_steps"] == [0, 1, 2]
+        assert result["return"].shape == (3, 3) and result["success"] is None
+        before = agent.state_dict()
+        traj = agent.sampler.sample(agent.policy, agent.params, tasks[:1], 2)
+        adapted = agent.adapt(tasks[0], traj)
+        assert (
+            set(adapted) == set(agent.params)
+            and adapted["out.bias"].shape == agent.params["out.bias"].shape
+        )
+        assert not torch.equal(adapted["out.bias"], agent.params["out.bias"])
+        assert agent.state_dict()["params"]["out.bias"].equal(before["params"]["out.bias"])
+    finally:
+        agent.close()
+
+
+def test_bad_settings_fail_early_with_the_value():
+    with pytest.raises(ValueError, match="max_kl"):
+        MAMLTRPOConfig(max_kl=0.0)
+    with pytest.raises(ValueError, match="ls_backtrack_ratio must lie in"):
+        MAMLTRPOConfig(ls_backtrack_ratio=1.5)
+    with pytest.raises(ValueError, match="clip_range must lie in"):
+        MAMLPPOConfig(clip_range=2.0)
+    with pytest.raises(ValueError, match="adapt_steps must be >= 1, got 0"):
+        MAMLPPOConfig(adapt_steps=0)
+
+
+# ---------------------------------------------------------------- through the runner
+
+TINY = [
+    "run.log_every=1",
+    "run.checkpoint_every=5",
+    "run.eval_at_end=false",
+    "tasks.horizon=20",
+    "agent.meta_batch_size=2",
+    "agent.episodes_per_task=2",
+    "agent.hidden_sizes=[8, 8]",
+    "agent.backend='serial'",
+    "agent.eval_episodes_per_task=2",
+    "agent.eval_adapt_steps=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_project_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def metarl(*args: str, check: bool = True) -> tuple[int, str]:
+    """Runs the CLI in process; returns the exit code and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    if check and code != 0:
+        raise AssertionError(f"metarl {' '.join(args)} exited {code}:\n{err.getvalue()}")
+    return code, err.getvalue()
+
+
+def tiny_run(config: str, out: Path, *extra: str) -> list[str]:
+    args = ["run", config, "--out", str(out), "--no-progress"]
+    for s in TINY + list(extra):
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize(
+    "config", ["experiments/maml_trpo_nav2d.toml", "experiments/maml_ppo_nav2d.toml"]
+)
+def test_same_seed_gives_identical_metrics(tmp_path, config):
+    metarl(*tiny_run(config, tmp_path / "a", "run.num_iterations=4"))
+    metarl(*tiny_run(config, tmp_path / "b", "run.num_iterations=4"))
+    a = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert len(a.splitlines()) == 4 and "train/post_return" in a and "time/" not in a
+    timing = (tmp_path / "a" / "timing.jsonl").read_text()
+    assert "time/sampling_s" in timing and "time/env_steps_per_s" in timing
+
+
+@pytest.mark.parametrize(
+    "config", ["experiments/maml_trpo_nav2d.toml", "experiments/maml_ppo_nav2d.toml"]
+)
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config):
+    iterations = "run.num_iterations=60"
+    metarl(*tiny_run(config, tmp_path / "full", iterations))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarl.cli", *tiny_run(config, killed, iterations)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # run past the checkpoint, so the resume has lines to drop
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    logged = (killed / "metrics.jsonl").read_text().splitlines()
+    assert 0 < len(logged) < 60, "the run must be killed midway for this test to mean anything"
+    metarl("run", "--resume", str(killed), "--no-progress")
+    assert (killed / "metrics.jsonl").read_text() == (
+        tmp_path / "full" / "metrics.jsonl"
+    ).read_text()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    metarl(*tiny_run("experiments/maml_trpo_nav2d.toml", run, "run.num_iterations=5"))
+    before = (run / "checkpoint.pt").read_bytes()
+    config = run / "config.toml"
+    text = config.read_text().replace("num_iterations = 5", "num_iterations = 10")
+    config.write_text(text.replace("inner_lr = 0.1", "inner_lr = 1e30"))
+    code, err = metarl("run", "--resume", str(run), "--no-progress", check=False)
+    assert code == 1 and "non-finite loss" in err and "Traceback" not in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_eval_writes_per_task_adaptation_curves(tmp_path):
+    run = tmp_path / "r"
+    metarl(
+        *tiny_run(
+            "experiments/maml_trpo_nav2d.toml",
+            run,
+            "run.num_iterations=2",
+            "tasks.num_test=4",
+            "agent.eval_adapt_steps=2",
+        )
+    )
+    metarl("eval", str(run))
+    document = json.loads((run / "eval.json").read_text())
+    assert document["summary"]["adaptation_steps"] == [0, 1, 2]
+    assert np.array(document["per_task"]["return"]).shape == (4, 3)
+    assert all(math.isfinite(v) for v in document["summary"]["return_mean"])
