@@ -12,11 +12,9 @@ One meta-iteration on ``N`` tasks:
    post-update episodes subject to ``mean_i KL(π_old || π_θ'_i(θ)) ≤ max_kl``: conjugate gradient
    on Hessian-vector products of the KL through the inner update, then a backtracking line search.
 
-The Hessian of the mean KL at the old parameters is exactly ``Σ_i J_iᵀ F_i J_i`` (the KL's
-gradient in θ'_i vanishes there), with ``J_i = ∂θ'_i/∂θ`` and ``F_i`` the Fisher matrix of the
-post-update policy. Each product is computed as a vector-Jacobian product through the inner
-steps (``J = I − α ∇²L`` per step is symmetric, so the same product serves for ``J v``), a
-Fisher-vector product on the post-update data, and the transposed chain: no third derivatives.
+The KL Hessian-vector products run through the inner steps without third derivatives
+(:mod:`metarl.trust_region`); ``hvp_subsample`` < 1 computes them on the first fraction of each
+task's episodes to save time, as TRPO implementations allow (rllab's ``subsample_factor``).
 
 Defaults follow the MAML paper and its reference implementations (rllab's conjugate-gradient
 optimiser, pytorch-maml-rl): inner lr 0.1, max KL 0.01, 10 CG iterations, damping 1e-5,
@@ -28,19 +26,19 @@ Profile one iteration: ``python -m agents.maml_trpo --profile`` (see :func:`prof
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.func import vjp
 
 from envs.base import Task, TaskDistribution
-from metarl import meta_pg
+from metarl import meta_pg, trust_region
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
@@ -116,136 +114,6 @@ class MAMLTRPOConfig:
             raise ValueError(f"hvp_subsample must lie in (0, 1], got {self.hvp_subsample}")
 
 
-def conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    b: torch.Tensor,
-    num_iters: int,
-    tol: float = 1e-10,
-) -> torch.Tensor:
-    """Approximately solves ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec``.
-
-    Args:
-        matvec: ``x [D] -> A x [D]``.
-        b: ``[D]``.
-        num_iters: at most this many iterations (exact after ``D`` in exact arithmetic).
-        tol: stop once the squared residual norm falls below it.
-
-    Returns:
-        ``[D]`` the solution estimate, starting from 0.
-    """
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
-    rr = r.dot(r)
-    for _ in range(num_iters):
-        if rr < tol:
-            break
-        ap = matvec(p)
-        alpha = rr / p.dot(ap)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = r.dot(r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
-
-
-VJP = Callable[[Params], tuple[Params]]
-
-
-def linearize(
-    inner: InnerLoop, params: Params, pre: list[PGBatch], num_curvature: int
-) -> tuple[Params, list[VJP], list[VJP]]:
-    """Runs the inner steps from ``params`` and keeps each step's vector-Jacobian product.
-
-    Args:
-        inner: the inner loop's settings.
-        params: meta-parameters ``[*P]``.
-        pre: one batch per inner step, ``[N, E, T, ...]``.
-        num_curvature: episodes per task for the curvature products (``E``: the same products).
-
-    Returns:
-        ``(adapted [N, *P] detached, grad_vjps, curvature_vjps)``: per step, the product
-        ``u ↦ J_kᵀ u`` with per-task cotangents ``[N, *P]`` on all episodes and on the first
-        ``num_curvature`` (both at the full-data point).
-    """
-    num_tasks = pre[0].mask.shape[0]
-    current = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in params.items()}
-    grad_vjps, curvature_vjps = [], []
-    for batch in pre:
-        out, grad_vjp = vjp(
-            lambda p, b=batch: meta_pg.inner_step(inner, p, b, shared=False), current
-        )
-        grad_vjps.append(grad_vjp)
-        if num_curvature < batch.mask.shape[1]:
-            sub = PGBatch(*(t[:, :num_curvature] for t in batch))
-            _, curvature_vjp = vjp(
-                lambda p, b=sub: meta_pg.inner_step(inner, p, b, shared=False), current
-            )
-            curvature_vjps.append(curvature_vjp)
-        else:
-            curvature_vjps.append(grad_vjp)
-        current = {k: v.detach() for k, v in out.items()}
-    return current, grad_vjps, curvature_vjps
-
-
-def through(vjps: list[VJP], u: Params, transposed: bool) -> Params:
-    """Applies the inner steps' Jacobians: ``J u`` (first step first) or ``Jᵀ u`` (last step first).
-
-    Every one-step Jacobian ``I − α ∇²L`` is symmetric, so its VJP also gives ``J_k u``.
-    """
-    for fn in reversed(vjps) if transposed else vjps:
-        (u,) = fn(u)
-    return u
-
-
-def kl_hvp(
-    policy: Any, adapted: Params, post: PGBatch, vjps: list[VJP], damping: float
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v [D] -> (Σ_i J_iᵀ F_i J_i / N + damping I) v``: the mean KL's Hessian through the inner steps."""
-    leaf = {k: v.detach().requires_grad_() for k, v in adapted.items()}
-    old = {k: v.detach() for k, v in adapted.items()}
-    kl = meta_pg.mean_kl(policy, old, leaf, post)
-    kl_grads = torch.autograd.grad(kl, list(leaf.values()), create_graph=True)
-    like = {k: v[0] for k, v in old.items()}
-    num_tasks = post.mask.shape[0]
-
-    def fisher(u: Params) -> Params:
-        products = torch.autograd.grad(
-            kl_grads, list(leaf.values()), list(u.values()), retain_graph=True
-        )
-        return dict(zip(leaf, products, strict=True))
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        per_task = {k: t.expand(num_tasks, *t.shape) for k, t in meta_pg.unflatten(v, like).items()}
-        w = through(vjps, fisher(through(vjps, per_task, transposed=False)), transposed=True)
-        return meta_pg.flatten([t.sum(0) for t in w.values()]) + damping * v
-
-    return product
-
-
-def surrogate(
-    policy: Any, adapted: Params, old_log_probs: torch.Tensor, post: PGBatch
-) -> torch.Tensor:
-    """``mean_i E[ratio · A]`` on the post-update batch (per-task ``adapted [N, *P]``)."""
-    ratio = torch.exp(meta_pg.post_log_probs(policy, adapted, post) - old_log_probs)
-    return meta_pg.task_mean(ratio * post.advantages, post.mask)
-
-
-def surrogate_gradient(
-    policy: Any, adapted: Params, old_log_probs: torch.Tensor, post: PGBatch, vjps: list[VJP]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The surrogate at the old parameters and its gradient in θ through the inner steps.
-
-    Returns:
-        ``(surrogate, gradient [D])``, both detached; ``D`` is the number of policy parameters.
-    """
-    leaf = {k: v.detach().requires_grad_() for k, v in adapted.items()}
-    value = surrogate(policy, leaf, old_log_probs, post)
-    leaf_grads = torch.autograd.grad(value, list(leaf.values()))
-    grads = through(vjps, dict(zip(leaf, leaf_grads, strict=True)), transposed=True)
-    return value.detach(), meta_pg.flatten([g.sum(0) for g in grads.values()])
-
-
 class MAMLTRPO:
     """MAML with a TRPO meta-update; see the module docstring.
 
@@ -285,7 +153,9 @@ class MAMLTRPO:
             self.config.adapt_steps,
             self._advantages,
         )
+        update_start = time.perf_counter()
         metrics = {**meta_pg.trajectory_metrics(batch), **self._update(batch)}
+        metrics["time/update_s"] = time.perf_counter() - update_start
         total = time.perf_counter() - start
         metrics["time/sampling_s"] = batch.sampling_s
         metrics["time/optimization_s"] = total - batch.sampling_s
@@ -297,16 +167,18 @@ class MAMLTRPO:
         cfg, policy, post = self.config, self.policy, batch.post
         hint = "lower inner_lr or max_kl, or check the rewards for NaN"
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
-        adapted, grad_vjps, curvature_vjps = linearize(
+        adapted, grad_vjps, curvature_vjps = trust_region.linearize(
             self.inner, self.params, batch.pre, num_curvature
         )
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()
-        old_surrogate, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
+        old_surrogate, grad = trust_region.surrogate_gradient(
+            policy, adapted, old_log_probs, post, grad_vjps
+        )
         meta_pg.check_finite("surrogate", old_surrogate, hint)
         meta_pg.check_finite("meta-gradient", grad, hint)
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
-        hvp = kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
-        direction = conjugate_gradient(hvp, grad, cfg.cg_iters)
+        hvp = trust_region.kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
+        direction = trust_region.conjugate_gradient(hvp, grad, cfg.cg_iters)
         curvature = direction.dot(hvp(direction))
         meta_pg.check_finite("step curvature", curvature, hint)
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / curvature.clamp(min=1e-12))
@@ -325,7 +197,7 @@ class MAMLTRPO:
     ) -> dict[str, float]:
         """Backtracks from ``full_step`` until the surrogate improves and the KL is within bounds."""
         cfg, policy, post = self.config, self.policy, batch.post
-        steps = meta_pg.unflatten(full_step, self.params)
+        steps = trust_region.unflatten(full_step, self.params)
         inner = self.inner._replace(first_order=True)
         new_surrogate, kl = old_surrogate, 0.0
         for i in range(cfg.ls_max_steps):
@@ -333,7 +205,7 @@ class MAMLTRPO:
             candidate = {k: v + fraction * steps[k] for k, v in self.params.items()}
             with torch.no_grad():
                 adapted = meta_pg.adapt_tasks(inner, candidate, batch.pre)
-                value = float(surrogate(policy, adapted, old_log_probs, post))
+                value = float(trust_region.surrogate(policy, adapted, old_log_probs, post))
                 kl_value = float(meta_pg.mean_kl(policy, old, adapted, post))
             if (
                 math.isfinite(value)
@@ -403,3 +275,84 @@ class MAMLTRPO:
     def close(self) -> None:
         """Stops the rollout workers."""
         self.sampler.close()
+
+
+def profile(
+    task_name: str = "halfcheetah-vel",
+    num_iterations: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Times sampling against optimisation for MAML-TRPO iterations (paper-sized by default).
+
+    Args:
+        task_name: the task family (``envs.make`` name).
+        num_iterations: iterations to run; the first includes building workers and environments,
+            so the summary reports the last one.
+        **overrides: :class:`MAMLTRPOConfig` fields (default: 40 tasks × 20 episodes, process
+            backend with 2 workers).
+
+    Returns:
+        Per-iteration ``sampling_s``, ``optimization_s`` (everything outside the sampler),
+        ``update_s`` (the TRPO step alone) and the last iteration's optimisation / sampling ratio.
+    """
+    import envs
+
+    settings: dict[str, Any] = {
+        "meta_batch_size": 40,
+        "episodes_per_task": 20,
+        "backend": "process",
+        "num_workers": 2,
+        "envs_per_worker": 20,
+    }
+    config = MAMLTRPOConfig(**(settings | overrides))
+    distribution = envs.make(task_name)
+    agent = MAMLTRPO(config, distribution, seed=0)
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for _ in range(num_iterations):
+            m = agent.step(distribution.sample(config.meta_batch_size, rng))
+            rows.append(
+                {
+                    k.removeprefix("time/"): round(v, 3)
+                    for k, v in m.items()
+                    if k.startswith("time/")
+                }
+            )
+    finally:
+        agent.close()
+    last = rows[-1]
+    return {
+        "task": task_name,
+        "config": {k: getattr(config, k) for k in settings | overrides},
+        "iterations": rows,
+        "optimization_over_sampling": round(last["optimization_s"] / last["sampling_s"], 4),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="MAML-TRPO utilities.")
+    parser.add_argument(
+        "--profile", action="store_true", help="time sampling vs optimisation; prints JSON"
+    )
+    parser.add_argument("--task", default="halfcheetah-vel")
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--meta-batch-size", type=int, default=40)
+    parser.add_argument("--episodes-per-task", type=int, default=20)
+    parser.add_argument("--hvp-subsample", type=float, default=1.0)
+    args = parser.parse_args()
+    if not args.profile:
+        parser.error("nothing to do: pass --profile")
+    print(
+        json.dumps(
+            profile(
+                args.task,
+                args.iterations,
+                meta_batch_size=args.meta_batch_size,
+                episodes_per_task=args.episodes_per_task,
+                envs_per_worker=args.episodes_per_task,
+                hvp_subsample=args.hvp_subsample,
+            )
+        )
+    )

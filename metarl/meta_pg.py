@@ -288,20 +288,6 @@ def evaluate_adaptation(
     }
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenates tensors into one flat vector."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten(vector: torch.Tensor, like: Params) -> Params:
-    """Splits a flat vector into tensors shaped like ``like``'s values."""
-    out, offset = {}, 0
-    for k, v in like.items():
-        out[k] = vector[offset : offset + v.numel()].view_as(v)
-        offset += v.numel()
-    return out
-
-
 def check_common_config(cfg: Any) -> None:
     """Checks the fields every meta-policy-gradient config shares; raises ``ValueError``."""
     positive = (

@@ -20,19 +20,20 @@ import torch
 
 import envs
 from agents.maml_ppo import MAMLPPO, MAMLPPOConfig
-from agents.maml_trpo import (
-    MAMLTRPO,
-    MAMLTRPOConfig,
-    conjugate_gradient,
-    kl_hvp,
-    linearize,
-    surrogate,
-    surrogate_gradient,
-)
+from agents.maml_trpo import MAMLTRPO, MAMLTRPOConfig
 from metarl import meta_pg
 from metarl.cli import main
 from metarl.meta_pg import InnerLoop, PGBatch
 from metarl.policies import CategoricalMLPPolicy, GaussianMLPPolicy
+from metarl.trust_region import (
+    conjugate_gradient,
+    flatten,
+    kl_hvp,
+    linearize,
+    surrogate,
+    surrogate_gradient,
+    unflatten,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,10 +95,10 @@ def test_meta_gradient_through_two_inner_steps_matches_central_differences():
     old_log_probs = meta_pg.post_log_probs(policy, adapted, post)
     _, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
 
-    flat = meta_pg.flatten(list(params.values()))
+    flat = flatten(list(params.values()))
 
     def objective(vector: torch.Tensor) -> float:
-        p = meta_pg.unflatten(vector, params)
+        p = unflatten(vector, params)
         return float(surrogate(policy, meta_pg.adapt_tasks(inner, p, pre), old_log_probs, post))
 
     eps = 1e-6
@@ -137,10 +138,10 @@ def test_kl_hessian_vector_product_matches_the_explicit_hessian(num_steps):
     old = {k: v.detach() for k, v in adapted.items()}
 
     def mean_kl(vector: torch.Tensor) -> torch.Tensor:
-        new = meta_pg.adapt_tasks(inner, meta_pg.unflatten(vector, params), pre)
+        new = meta_pg.adapt_tasks(inner, unflatten(vector, params), pre)
         return meta_pg.mean_kl(policy, old, new, post)
 
-    flat = meta_pg.flatten(list(params.values()))
+    flat = flatten(list(params.values()))
     hessian = torch.autograd.functional.hessian(mean_kl, flat)
     hvp = kl_hvp(policy, adapted, post, curvature_vjps, damping=0.0)
     products = torch.stack([hvp(e) for e in torch.eye(flat.numel(), dtype=torch.float64)], dim=1)
