@@ -1,0 +1,182 @@
+"""Omniglot few-shot learners: the task distribution, ProtoNets and Matching Nets scores against hand
+arithmetic, learning on a tiny fixed episode stream, the official-run scorer path and the runner."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metarl.cli import main
+from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
+from metarl.fewshot.matchingnet import MatchingNetwork, cosine_attention, matching_logits
+from metarl.fewshot.omniglot import OfficialRun, load_official_runs
+from metarl.fewshot.omniglot_tasks import OmniglotDistribution, official_runs_error
+from metarl.fewshot.protonet import MetricLearnerConfig, PrototypicalNetwork, prototype_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = 8  # conv4 filters in the learning tests
+
+
+@pytest.fixture
+def omniglot(shared_data_dir) -> OmniglotDistribution:
+    return OmniglotDistribution(
+        num_ways=5, data_dir=str(shared_data_dir), subset="minimal", channels=TINY, num_test_tasks=6
+    )
+
+
+def test_prototype_logits_are_negative_squared_distances_to_class_means():
+    support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1])  # class means (1, 0) and (0, 2)
+    query = torch.tensor([[1.0, 1.0], [3.0, 0.0]])
+    expected = torch.tensor([[-(0 + 1), -(1 + 1)], [-(4 + 0), -(9 + 4)]])
+    assert torch.allclose(prototype_logits(support, labels, query, 2), expected.float(), atol=1e-5)
+
+
+def test_matching_attention_is_softmax_of_cosine_similarities():
+    support = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    query = torch.tensor([[2.0, 0.0], [-1.0, -1.0]])
+    cosines = [[1.0, 0.0, 1 / math.sqrt(2)], [-1 / math.sqrt(2), -1 / math.sqrt(2), -1.0]]
+    for row, sims in zip(cosine_attention(support, query), cosines, strict=True):
+        total = sum(math.exp(s) for s in sims)
+        assert row.tolist() == pytest.approx([math.exp(s) / total for s in sims], abs=1e-6)
+    labels = torch.tensor([0, 1, 0])
+    sims = cosines[0]
+    total = sum(math.exp(s) for s in sims)
+    by_hand = [
+        math.log((math.exp(sims[0]) + math.exp(sims[2])) / total),
+        math.log(math.exp(sims[1]) / total),
+    ]
+    assert matching_logits(support, labels, query, 2)[0].tolist() == pytest.approx(
+        by_hand, abs=1e-6
+    )
+
+
+def test_tasks_fix_their_episodes_and_the_held_out_set(omniglot):
+    tasks = omniglot.sample(3, np.random.default_rng(0))
+    assert tasks == omniglot.sample(3, np.random.default_rng(0))
+    assert json.loads(tasks[0].to_json())["params"]["split"] == "train"
+    support, query = omniglot.episodes(tasks, 2, 3, np.random.default_rng(1))
+    again, _ = omniglot.episodes(tasks, 2, 3, np.random.default_rng(2))
+    assert support.x.shape == (3, 10, 1, 28, 28) and support.y.shape == (3, 10)
+    assert query.x.shape == (3, 15, 1, 28, 28) and query.y.tolist()[0] == sorted(
+        query.y.tolist()[0]
+    )
+    assert torch.equal(support.x, again.x)
+    assert [t["index"] for t in omniglot.test_tasks()] == list(range(6))
+    assert {t["split"] for t in omniglot.test_tasks()} == {"test"}
+    assert {t["num_ways"] for t in omniglot.test_tasks(num_ways=20)} == {20}
+
+
+def test_gradient_learners_refuse_a_wider_training_episode(shared_data_dir):
+    distribution = OmniglotDistribution(
+        num_ways=5, train_ways=20, data_dir=str(shared_data_dir), channels=TINY
+    )
+    with pytest.raises(ValueError, match="train_ways=20"):
+        distribution.make_model()
+
+
+def _learner(name: str, distribution: OmniglotDistribution):
+    if name in ("protonet", "matchingnet"):
+        cls = PrototypicalNetwork if name == "protonet" else MatchingNetwork
+        return cls(MetricLearnerConfig(num_shots=1, num_queries=3, outer_lr=0.01), distribution, 0)
+    reptile = name == "reptile"
+    config = GradientLearnerConfig(
+        method=name,
+        meta_batch_size=2,
+        num_shots=1,
+        num_queries=3,
+        num_eval_queries=3,
+        inner_lr=0.1 if reptile else 0.4,
+        adapt_steps=3 if reptile else 1,
+        eval_adapt_steps=(0, 1),
+        outer_lr=0.5 if reptile else 0.01,
+    )
+    return GradientLearner(config, distribution, 0)
+
+
+@pytest.mark.parametrize(
+    "name", ["maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matchingnet"]
+)
+def test_loss_decreases_on_a_fixed_tiny_episode_stream(omniglot, name):
+    learner = _learner(name, omniglot)
+    tasks = omniglot.sample(learner.config.meta_batch_size, np.random.default_rng(3))
+    losses = [learner.step(tasks)["train/query_loss"] for _ in range(12)]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_metric_learners_train_wider_than_they_test(shared_data_dir):
+    distribution = OmniglotDistribution(
+        num_ways=5, train_ways=12, data_dir=str(shared_data_dir), channels=TINY, num_test_tasks=4
+    )
+    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
+    tasks = distribution.sample(1, np.random.default_rng(0))
+    assert tasks[0]["num_ways"] == 12
+    learner.step(tasks)
+    result = learner.evaluate(distribution.test_tasks(), np.random.default_rng(0))
+    assert result["adaptation_steps"] == [0]
+    assert result["accuracy"].shape == (4, 1) and result["loss"].shape == (4, 1)
+
+
+def test_protonet_nearest_prototype_is_exact_on_copied_training_images(shared_data_dir):
+    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=64)
+    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    runs = [
+        OfficialRun(r.name, r.train_x, r.train_x[perm], perm)
+        for r in load_official_runs(shared_data_dir)[:3]
+    ]
+    result = official_runs_error(learner, runs)
+    assert result["error_per_run"] == [0.0, 0.0, 0.0] and result["mean_error"] == 0.0
+
+
+@pytest.mark.parametrize("num_ways", [5, 20])
+def test_gradient_learner_official_runs_use_a_20_way_head(shared_data_dir, num_ways):
+    distribution = OmniglotDistribution(
+        num_ways=num_ways, data_dir=str(shared_data_dir), channels=TINY
+    )
+    learner = _learner("maml", distribution)
+    result = official_runs_error(learner, load_official_runs(shared_data_dir)[:2], head_steps=5)
+    assert result["num_runs"] == 2 and all(0 <= e <= 100 for e in result["error_per_run"])
+    assert ("zero-initialised 20-way head" in result["protocol"]) == (num_ways != 20)
+
+
+def _cli(*args: str) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("config", ["omniglot_protonet", "omniglot_maml"])
+def test_runner_trains_and_evaluates_omniglot(tmp_path, monkeypatch, config):
+    monkeypatch.chdir(ROOT)
+    tiny = [
+        "run.num_iterations=3",
+        "run.log_every=1",
+        "run.checkpoint_every=3",
+        "run.eval_at_end=false",
+        "tasks.channels=8",
+        "tasks.num_test_tasks=4",
+    ]
+    tiny += (
+        ["tasks.train_ways=10"] if config == "omniglot_protonet" else ["agent.meta_batch_size=2"]
+    )
+    args = ["run", f"experiments/{config}.toml", "--out", str(tmp_path / "r"), "--no-progress"]
+    _cli(*args, *(item for s in tiny for item in ("--set", s)))
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    summary = json.loads(_cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
+    steps = summary["adaptation_steps"]
+    assert steps == ([0] if config == "omniglot_protonet" else [0, 1, 3, 5, 10])
+    assert len(summary["accuracy_mean"]) == len(steps) and all(
+        0 <= a <= 1 for a in summary["accuracy_mean"]
+    )
+    assert summary["num_tasks"] == 4
