@@ -80,9 +80,13 @@ def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
 
 
 def _accuracy(document: dict[str, Any], step: int) -> list[float]:
-    steps = document["adaptation_steps"]
-    acc = np.array(document["accuracy"], dtype=float)
-    return (100.0 * acc[:, steps.index(step) if step in steps else -1]).tolist()
+    steps = list(document["adaptation_steps"])
+    if step not in steps:
+        raise ValueError(
+            f"the table reports accuracy after {step} inner steps, but the run evaluated {steps}; "
+            f"add {step} to agent.eval_adapt_steps in the config"
+        )
+    return (100.0 * np.asarray(document["accuracy"], dtype=float)[:, steps.index(step)]).tolist()
 
 
 def run_cell(
@@ -106,9 +110,9 @@ def run_cell(
     run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
     done = run_dir / "table.json"
     if done.exists():
-        result = json.loads(done.read_text())
-        if result["iterations"] == iterations:
-            return result
+        previous: dict[str, Any] = json.loads(done.read_text())
+        if previous["iterations"] == iterations:
+            return previous
     if (run_dir / "config.toml").exists():
         experiment = Experiment.resume(run_dir)
         if experiment.run_cfg.num_iterations != iterations:
@@ -163,7 +167,7 @@ def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
             if not cells:
                 continue
             cells.sort(key=lambda r: r["seed"])
-            scores = sum((r["accuracy"][str(ways)]["per_task"] for r in cells), [])
+            scores: list[float] = sum((r["accuracy"][str(ways)]["per_task"] for r in cells), [])
             rows.append(
                 {
                     "method": method,
@@ -182,7 +186,7 @@ def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
             key=lambda r: r["seed"],
         )
         if runs:
-            errors = sum((r["official"]["error_per_run"] for r in runs), [])
+            errors: list[float] = sum((r["official"]["error_per_run"] for r in runs), [])
             official.append(
                 {
                     "method": method,
