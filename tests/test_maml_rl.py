@@ -277,7 +277,7 @@ def test_same_seed_gives_identical_metrics(tmp_path, config):
     "config", ["experiments/maml_trpo_nav2d.toml", "experiments/maml_ppo_nav2d.toml"]
 )
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config):
-    iterations = "run.num_iterations=60"
+    iterations = "run.num_iterations=40"
     metarl(*tiny_run(config, tmp_path / "full", iterations))
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -293,7 +293,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     logged = (killed / "metrics.jsonl").read_text().splitlines()
-    assert 0 < len(logged) < 60, "the run must be killed midway for this test to mean anything"
+    assert 0 < len(logged) < 40, "the run must be killed midway for this test to mean anything"
     metarl("run", "--resume", str(killed), "--no-progress")
     assert (killed / "metrics.jsonl").read_text() == (
         tmp_path / "full" / "metrics.jsonl"
