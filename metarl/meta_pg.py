@@ -280,7 +280,8 @@ def evaluate_adaptation(
                 k: v.detach()
                 for k, v in inner_step(inner, start, advantages(traj), adapted is None).items()
             }
-    success = None if any(s is None for s in successes) else np.stack(successes, axis=1)
+    reported = [s for s in successes if s is not None]
+    success = np.stack(reported, axis=1) if len(reported) == len(successes) else None
     return {
         "adaptation_steps": list(range(num_steps + 1)),
         "return": np.stack(returns, axis=1).astype(np.float64),

@@ -97,15 +97,15 @@ def linearize(
     current = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in params.items()}
     grad_vjps, curvature_vjps = [], []
     for batch in pre:
-        out, grad_vjp = vjp(
-            lambda p, b=batch: meta_pg.inner_step(inner, p, b, shared=False), current
-        )
+        # vjp returns (output, vjp_fn); indexing keeps mypy off its has_aux overload.
+        linear = vjp(lambda p, b=batch: meta_pg.inner_step(inner, p, b, shared=False), current)
+        out, grad_vjp = linear[0], linear[1]
         grad_vjps.append(grad_vjp)
         if num_curvature < batch.mask.shape[1]:
             sub = PGBatch(*(t[:, :num_curvature] for t in batch))
-            _, curvature_vjp = vjp(
+            curvature_vjp = vjp(
                 lambda p, b=sub: meta_pg.inner_step(inner, p, b, shared=False), current
-            )
+            )[1]
             curvature_vjps.append(curvature_vjp)
         else:
             curvature_vjps.append(grad_vjp)
