@@ -180,3 +180,17 @@ def test_runner_trains_and_evaluates_omniglot(tmp_path, monkeypatch, config):
         0 <= a <= 1 for a in summary["accuracy_mean"]
     )
     assert summary["num_tasks"] == 4
+
+
+def test_reptile_loop_and_vmap_give_the_same_step(omniglot):
+    import dataclasses
+
+    loop = _learner("reptile", omniglot)
+    vmapped = GradientLearner(dataclasses.replace(loop.config, batch="vmap"), omniglot, 0)
+    assert loop.batch == "loop"
+    tasks = omniglot.sample(2, np.random.default_rng(5))
+    assert loop.step(tasks)["train/query_loss"] == pytest.approx(
+        vmapped.step(tasks)["train/query_loss"], rel=1e-5
+    )
+    for name, value in loop.params.items():
+        assert torch.allclose(value, vmapped.params[name], atol=1e-5), name

@@ -137,8 +137,14 @@ class GradientLearner:
         def one(data: Any) -> Params:
             return adapt(self.loss_fn, detached, data, self.config.adapt_steps, self.config.inner_lr, True)
 
-        adapted = vmap(one, randomness="different")(both)
-        post = vmap(self.loss_fn)(adapted, both).mean()
+        if self.batch == "loop":  # conv4 on CPU: a loop beats vmap (see metarl.adaptation)
+            tasks = [type(both)(*(t[i] for t in both)) for i in range(len(both[0]))]
+            per_task = [one(data) for data in tasks]
+            adapted = {k: torch.stack([a[k] for a in per_task]) for k in detached}
+            post = torch.stack([self.loss_fn(a, data) for a, data in zip(per_task, tasks, strict=True)]).mean()
+        else:
+            adapted = vmap(one, randomness="different")(both)
+            post = vmap(self.loss_fn)(adapted, both).mean()
         if not torch.isfinite(post):
             raise NonFiniteLossError(f"Reptile post-adaptation loss is {post.item()}; parameters unchanged")
         new = reptile_update(detached, adapted, self.config.outer_lr)
