@@ -24,8 +24,15 @@ DEMO_CONFIG = "experiments/demo.toml"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(json.dumps({k: v for k, v in summary.items() if k in ("adaptation_steps", "iteration", "num_tasks", "plots")
-                      or k.endswith("_mean")}))
+    out = {k: v for k, v in summary.items() if k in ("adaptation_steps", "iteration", "num_tasks", "plots")
+           or k.endswith("_mean")}
+    if "baselines" in summary:
+        b = summary["baselines"]
+        out["baselines"] = {"budget_steps": b["budget_steps"], "pretrain_steps": b["pretrain_steps"]} | {
+            name: {k: v for k, v in b[name].items() if k == "algo" or k.endswith("_mean")}
+            for name in ("scratch", "multitask")
+        }
+    print(json.dumps(out))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,11 +71,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if experiment.iteration == 0:
         print(f"warning: {args.run_dir} has no checkpoint; evaluating the initial parameters", file=sys.stderr)
     try:
-        summary = experiment.evaluate()
+        summary = experiment.evaluate(_baseline_options(args))
     finally:
         experiment.close()
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     _print_summary(summary)
+    return 0
+
+
+def _baseline_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.baselines:
+        return None
+    return {"pretrain_steps": args.pretrain_steps, "episodes": args.baseline_episodes, "algo": args.algo}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from metarl.sweep import sweep
+
+    result = sweep(args.config, args.seeds, args.set, args.grid, args.out, args.backend, args.workers,
+                   _baseline_options(args))
+    print(f"wrote {result['out']}/sweep.md, sweep.json and plots")
+    print(json.dumps({"out": result["out"], "cells": {
+        label: {m: agg[m]["iqm"] for m in ("return", "success", "loss", "accuracy") if m in agg}
+        for label, agg in result["cells"].items()}}))
     return 0
 
 
@@ -129,6 +154,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _add_baseline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baselines", action="store_true",
+                        help="also train stable-baselines3 baselines (from scratch, multi-task fine-tuned) per "
+                             "held-out task on the meta-learner's environment-step budget (RL agents)")
+    parser.add_argument("--pretrain-steps", type=int, default=100_000,
+                        help="multi-task baseline: environment steps on the training tasks")
+    parser.add_argument("--baseline-episodes", type=int, default=5, help="scoring episodes per task (baselines)")
+    parser.add_argument("--algo", default="auto", choices=["auto", "ppo", "sac"],
+                        help="from-scratch baseline algorithm (auto: SAC on MuJoCo, PPO otherwise)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="Meta-RL and few-shot learning experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="evaluate a run's agent on held-out tasks")
     ev.add_argument("run_dir")
+    _add_baseline_options(ev)
     ev.set_defaults(func=cmd_eval)
+    sw = sub.add_parser("sweep", help="several seeds (and a --grid of values) of one config in parallel, aggregated")
+    sw.add_argument("config")
+    sw.add_argument("--seeds", type=int, default=3)
+    sw.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
+    sw.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                    help="values to sweep; several --grid give their product")
+    sw.add_argument("--backend", default="process", choices=["process", "ray"],
+                    help="run locally in processes, or as Ray tasks (RAY_ADDRESS for a cluster)")
+    sw.add_argument("--workers", type=int, default=0, help="parallel runs (process backend; default: cores)")
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-NAME)")
+    _add_baseline_options(sw)
+    sw.set_defaults(func=cmd_sweep)
     ls = sub.add_parser("list", help="list agents and task distributions")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "agents", "envs"])
     ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (as `metarl list envs` does)")

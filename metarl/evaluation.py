@@ -80,8 +80,13 @@ def summarize_curves(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plot_curves(summary: dict[str, Any], path: Path, title: str) -> list[Path]:
-    """One PNG per metric: mean ± 95% CI against adaptation steps."""
+def plot_curves(
+    summary: dict[str, Any], path: Path, title: str, references: dict[str, dict[str, float]] | None = None
+) -> list[Path]:
+    """One PNG per metric: mean ± 95% CI against adaptation steps.
+
+    ``references`` maps a metric to ``{label: value}`` drawn as horizontal lines (baselines).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +99,11 @@ def plot_curves(summary: dict[str, Any], path: Path, title: str) -> list[Path]:
             continue
         mean, ci = np.array(stats["mean"]), np.nan_to_num(np.array(stats["ci95"]))
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3)
+        ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, label="meta-learner")
+        for i, (label, value) in enumerate((references or {}).get(key, {}).items()):
+            ax.axhline(value, color=f"C{i + 1}", linestyle="--", label=label)
+        if references and key in references:
+            ax.legend(fontsize=8)
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel(key)
         ax.set_title(title)
@@ -121,13 +130,51 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def evaluate_experiment(experiment: Any) -> dict[str, Any]:
+def baseline_budget(experiment: Any) -> int:
+    """Environment steps the meta-learner takes on one held-out task before its last score."""
+    cfg = experiment.agent.config
+    if not hasattr(cfg, "eval_episodes_per_task"):
+        from metarl.config import ConfigError
+
+        raise ConfigError(
+            f"{type(experiment.agent).__name__} is not an RL agent; the stable-baselines3 baselines "
+            "compare RL meta-learners only"
+        )
+    horizon = getattr(cfg, "horizon", 0) or experiment.distribution.horizon
+    return max(1, cfg.eval_adapt_steps) * cfg.eval_episodes_per_task * horizon
+
+
+def _baseline_summary(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"budget_steps": result["budget_steps"], "pretrain_steps": result["pretrain_steps"]}
+    for name in ("scratch", "multitask"):
+        part = result[name]
+        entry: dict[str, Any] = {"algo": part["algo"]}
+        for key, values in part.items():
+            if key == "algo":
+                continue
+            arr = np.asarray(values, dtype=float)
+            if np.isnan(arr).all():
+                continue
+            entry[key] = summarize(arr)
+            entry[f"{key}_mean"] = entry[key]["mean"]
+        out[name] = entry
+    return out
+
+
+def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluates an experiment's agent on held-out tasks; writes ``eval.json`` and PNG plots.
+
+    Args:
+        experiment: a created or resumed :class:`~metarl.experiment.Experiment`.
+        baselines: when given, also trains the stable-baselines3 baselines of
+            :mod:`metarl.sb3_baselines` on the same held-out tasks and budget; the dict holds
+            ``run_baselines``' optional arguments (``pretrain_steps``, ``episodes``, ``algo``).
 
     Returns:
         The summary: ``adaptation_steps`` and, aligned with it, ``<metric>_mean`` lists, plus the
-        paths of the plots.
+        paths of the plots (and ``baselines`` when asked for).
     """
+    budget = baseline_budget(experiment) if baselines is not None else 0  # fail before the long work
     tasks = experiment.distribution.test_tasks()
     if experiment.eval_cfg.num_tasks:
         tasks = tasks[: experiment.eval_cfg.num_tasks]
@@ -136,7 +183,23 @@ def evaluate_experiment(experiment: Any) -> dict[str, Any]:
     summary = summarize_curves(result)
     run_dir = Path(experiment.run_dir)
     title = f"{experiment.task_name}: {Path(run_dir).name}"
-    plots = plot_curves(summary, run_dir / "adaptation.png", title)
+    references: dict[str, dict[str, float]] = {}
+    baseline_result = None
+    if baselines is not None:
+        from metarl.sb3_baselines import run_baselines
+
+        baseline_result = run_baselines(
+            experiment.distribution, experiment.task_name, tasks, budget,
+            seed=experiment.eval_cfg.seed, **baselines,
+        )
+        summary["baselines"] = _baseline_summary(baseline_result)
+        for metric in ("return", "success"):
+            for name in ("scratch", "multitask"):
+                entry = summary["baselines"][name]
+                if metric in entry:
+                    label = f"{name} {entry['algo'].upper()} ({summary['baselines']['budget_steps']} steps)"
+                    references.setdefault(metric, {})[label] = entry[metric]["mean"]
+    plots = plot_curves(summary, run_dir / "adaptation.png", title, references)
     plot_fits = getattr(experiment.distribution, "plot_fits", None)
     if plot_fits is not None:
         plots.append(plot_fits(experiment.agent, tasks[:3], run_dir / "fits.png"))
@@ -145,5 +208,7 @@ def evaluate_experiment(experiment: Any) -> dict[str, Any]:
     summary["num_tasks"] = len(tasks)
     document = {"summary": summary, "per_task": {k: v for k, v in result.items() if k != "adaptation_steps"},
                 "tasks": [t.to_dict() for t in tasks]}
+    if baseline_result is not None:
+        document["baselines_per_task"] = baseline_result
     (run_dir / "eval.json").write_text(json.dumps(_jsonable(document), indent=1))
     return _jsonable(summary)

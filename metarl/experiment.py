@@ -182,9 +182,13 @@ class Experiment:
         if close is not None:
             close()
 
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out evaluation with the agent's own protocol; written to ``eval.json`` with plots."""
+    def evaluate(self, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Held-out evaluation with the agent's own protocol; written to ``eval.json`` with plots.
+
+        ``baselines``: also train the stable-baselines3 baselines (see
+        :func:`metarl.evaluation.evaluate_experiment`).
+        """
         from metarl.evaluation import evaluate_experiment
 
         torch.manual_seed(self.eval_cfg.seed)
-        return evaluate_experiment(self)
+        return evaluate_experiment(self, baselines)

@@ -37,6 +37,7 @@ def _distribution(label: str) -> Any:
 
 def profile_serial(label: str, envs_per_worker: int) -> dict[str, float]:
     """Shares of one serial sampling call spent in env stepping, the policy, and the rest."""
+    import envs
     from metarl.policies import make_policy
     from metarl.rollout import make_sampler
 
@@ -56,9 +57,12 @@ def profile_serial(label: str, envs_per_worker: int) -> dict[str, float]:
     def cumulative(predicate) -> float:
         return max((ct for (file, _, fn), (_, _, _, ct, _) in stats.items() if predicate(file, fn)), default=0.0)
 
-    env_step = sum(ct for (file, _, fn), (_, _, _, ct, _) in stats.items()
-                   if fn == "step" and "/envs/" in file.replace("\\", "/") and "wrappers" not in file)
-    env_step = min(env_step, total)
+    # The outermost ``step`` of the project's env classes holds every nested step (gymnasium's,
+    # MuJoCo's, Meta-World's), so take the largest cumulative time rather than a sum.
+    package = str(Path(envs.__file__).resolve().parent)
+    env_step = cumulative(
+        lambda file, fn: fn == "step" and file.startswith(package) and "wrappers" not in file
+    )
     policy_s = cumulative(lambda file, fn: fn == "act" and file.endswith("policies.py"))
     return {"total_s": total, "env_step_share": env_step / total, "policy_share": policy_s / total,
             "other_share": max(0.0, 1 - (env_step + policy_s) / total)}

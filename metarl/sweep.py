@@ -1,0 +1,228 @@
+"""``metarl sweep``: several seeds (and a grid of ``--set`` values) of one config, in parallel.
+
+    metarl sweep experiments/maml_trpo_nav2d.toml --seeds 3
+    metarl sweep experiments/maml_trpo_nav2d.toml --seeds 5 --grid agent.inner_lr=0.05,0.1 --backend ray
+
+Every run trains and is evaluated on held-out tasks like ``metarl run``; the sweep then pools the
+per-task scores of all seeds of a grid cell and reports, for each adaptation step, the
+interquartile mean with a 95% bootstrap interval (DESIGN.md section 4). It writes
+``OUT/sweep.json``, ``OUT/sweep.md`` and one PNG curve per metric. Finished runs (with
+``eval.json``) are reused and interrupted ones resumed, so a stopped sweep picks up where it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl.config import ConfigError
+from metarl.evaluation import bootstrap_ci, iqm
+
+METRICS = ("return", "success", "loss", "accuracy")
+
+
+def grid_cells(grid: list[str]) -> list[list[str]]:
+    """``["agent.inner_lr=0.05,0.1", "agent.adapt_steps=1,2"]`` -> every combination as overrides."""
+    axes = []
+    for item in grid:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2,...")
+        key, values = item.split("=", 1)
+        axes.append([f"{key}={v}" for v in values.split(",") if v != ""])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def _label(cell: list[str]) -> str:
+    if not cell:
+        return "base"
+    return "_".join(o.split(".", 1)[-1].replace("=", "-") for o in cell)
+
+
+def run_one(config: str, overrides: list[str], run_dir: str, baselines: dict[str, Any] | None) -> dict[str, Any]:
+    """Trains (or resumes) one run and evaluates it; returns its ``eval.json`` document."""
+    import torch
+
+    from metarl.experiment import Experiment
+
+    torch.set_num_threads(1)
+    path = Path(run_dir)
+    done = path / "eval.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    experiment = (
+        Experiment.resume(path) if (path / "config.toml").exists() else Experiment.create(config, overrides, path)
+    )
+    try:
+        experiment.run(progress=False)
+        experiment.evaluate(baselines)
+    finally:
+        experiment.close()
+    return json.loads(done.read_text())
+
+
+def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[int, dict], None]) -> list[dict]:
+    results: list[dict | None] = [None] * len(jobs)
+    if backend == "ray":
+        try:
+            import ray
+        except ImportError as e:
+            raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from e
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(run_one)
+        refs = {remote.remote(*job): i for i, job in enumerate(jobs)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = refs[ready[0]]
+            results[i] = ray.get(ready[0])
+            on_done(i, results[i])
+    elif backend == "process":
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                on_done(i, results[i])
+    else:
+        raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
+    return [r for r in results if r is not None]
+
+
+def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pools per-task scores over seeds: IQM and 95% bootstrap CI per metric and adaptation step."""
+    steps = documents[0]["summary"]["adaptation_steps"]
+    out: dict[str, Any] = {"adaptation_steps": steps, "num_seeds": len(documents)}
+    for metric in METRICS:
+        arrays = [d["per_task"].get(metric) for d in documents]
+        if any(a is None for a in arrays):
+            continue
+        pooled = np.concatenate([np.asarray(a, dtype=float) for a in arrays])
+        if pooled.ndim != 2 or np.isnan(pooled).all():
+            continue
+        cols = [pooled[:, j][np.isfinite(pooled[:, j])] for j in range(pooled.shape[1])]
+        cis = [bootstrap_ci(c) for c in cols]
+        out[metric] = {
+            "iqm": [iqm(c) for c in cols],
+            "lo": [lo for lo, _ in cis],
+            "hi": [hi for _, hi in cis],
+            "mean": [float(c.mean()) for c in cols],
+            "num": [len(c) for c in cols],
+        }
+    base = [d["summary"].get("baselines") for d in documents]
+    if all(b is not None for b in base):
+        out["baselines"] = {}
+        for name in ("scratch", "multitask"):
+            for key in ("return", "success", "return_pre", "success_pre"):
+                values = [d["baselines_per_task"][name].get(key) for d in documents]
+                if any(v is None for v in values):
+                    continue
+                pooled = np.concatenate([np.asarray(v, dtype=float) for v in values])
+                pooled = pooled[np.isfinite(pooled)]
+                if len(pooled):
+                    lo, hi = bootstrap_ci(pooled)
+                    out["baselines"][f"{name}/{key}"] = {"iqm": iqm(pooled), "lo": lo, "hi": hi,
+                                                         "algo": base[0][name]["algo"]}
+        out["baselines"]["budget_steps"] = base[0]["budget_steps"]
+    return out
+
+
+def write_report(cells: dict[str, dict[str, Any]], commands: dict[str, str], out: Path, title: str) -> None:
+    """``sweep.json``, ``sweep.md`` and ``sweep_<metric>.png`` under ``out``."""
+    (out / "sweep.json").write_text(json.dumps({"title": title, "cells": cells, "commands": commands}, indent=1))
+    lines = [f"# Sweep: {title}", "", "IQM over held-out tasks × seeds, 95% bootstrap interval in brackets.", ""]
+    for label, agg in cells.items():
+        lines += [f"## {label} ({agg['num_seeds']} seeds)", "", f"`{commands[label]}`", ""]
+        steps = agg["adaptation_steps"]
+        lines += ["| metric | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for metric in METRICS:
+            if metric in agg:
+                m = agg[metric]
+                lines.append(f"| {metric} | " + " | ".join(
+                    f"{v:.3g} [{lo:.3g}, {hi:.3g}]" for v, lo, hi in zip(m["iqm"], m["lo"], m["hi"], strict=True)) + " |")
+        for key, b in agg.get("baselines", {}).items():
+            if isinstance(b, dict):
+                lines.append(f"| baseline {key} ({b['algo']}, {agg['baselines']['budget_steps']} steps) | "
+                             f"{b['iqm']:.3g} [{b['lo']:.3g}, {b['hi']:.3g}] |" + " |" * (len(steps) - 1))
+        lines.append("")
+    (out / "sweep.md").write_text("\n".join(lines))
+    _plot(cells, out, title)
+
+
+def _plot(cells: dict[str, dict[str, Any]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric in METRICS:
+        if not any(metric in agg for agg in cells.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for label, agg in cells.items():
+            if metric in agg:
+                m = agg[metric]
+                ax.plot(agg["adaptation_steps"], m["iqm"], marker="o", label=label)
+                ax.fill_between(agg["adaptation_steps"], m["lo"], m["hi"], alpha=0.2)
+        ax.set_xlabel("adaptation steps")
+        ax.set_ylabel(f"{metric} (IQM, 95% CI)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{metric}.png", dpi=120)
+        plt.close(fig)
+
+
+def sweep(
+    config: str,
+    seeds: int,
+    overrides: list[str],
+    grid: list[str],
+    out: str | None,
+    backend: str = "process",
+    workers: int = 0,
+    baselines: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Runs every (grid cell, seed) of ``config`` and writes the aggregate table; returns it."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not Path(config).is_file():
+        raise ConfigError(f"config {config} not found")
+    root = Path(out) if out else Path("runs") / f"sweep-{Path(config).stem}"
+    root.mkdir(parents=True, exist_ok=True)
+    cells = grid_cells(grid)
+    jobs, index = [], []
+    for cell in cells:
+        for seed in range(seeds):
+            run_overrides = [*overrides, *cell, f"run.seed={seed}"]
+            jobs.append((config, run_overrides, str(root / f"{_label(cell)}-s{seed}"), baselines))
+            index.append(_label(cell))
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+
+    def on_done(i: int, document: dict[str, Any]) -> None:
+        summary = document["summary"]
+        means = {k: [round(v, 3) for v in summary[k]] for k in summary if k.endswith("_mean")}
+        print(f"[{i + 1}/{len(jobs)}] {Path(jobs[i][2]).name}: {means}", flush=True)
+
+    documents = _pool_map(jobs, workers, backend, on_done)
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for label, document in zip(index, documents, strict=True):
+        by_cell.setdefault(label, []).append(document)
+    aggregated = {label: aggregate(docs) for label, docs in by_cell.items()}
+    commands = {
+        _label(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
+                                f"--set run.seed={{0..{seeds - 1}}}"])
+        for cell in cells
+    }
+    write_report(aggregated, commands, root, Path(config).stem)
+    return {"out": str(root), "cells": aggregated}
