@@ -20,7 +20,11 @@ from typing import Any
 
 from metarl.config import ConfigError
 
-DEMO_CONFIG = "experiments/demo.toml"
+# `make demo` runs the first; `metarl demo sinusoid` the supervised one.
+DEMOS = {
+    "maml-trpo-nav2d": "experiments/maml_trpo_nav2d_demo.toml",
+    "sinusoid": "experiments/sinusoid_demo.toml",
+}
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -138,10 +142,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = Path(DEMO_CONFIG)
+    if args.name not in DEMOS:
+        raise ConfigError(f"unknown demo {args.name!r}; choose one of {sorted(DEMOS)}")
+    config = Path(DEMOS[args.name])
     if not config.is_file():
         raise ConfigError(f"demo config {config} not found; run `make demo` from the project root")
-    out = Path("runs") / "demo"
+    out = Path("runs") / f"demo-{args.name}"
     if out.exists():
         import shutil
 
@@ -149,8 +155,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_args = argparse.Namespace(config=str(config), set=args.set, out=str(out), resume=None, no_progress=False)
     code = cmd_run(run_args)
     if code == 0:
-        print(f"demo done: metrics {out / 'metrics.jsonl'}, checkpoint {out / 'checkpoint.pt'}, "
-              f"evaluation {out / 'eval.json'}, plots {sorted(str(p) for p in out.glob('*.png'))}")
+        summary = json.loads((out / "eval.json").read_text())["summary"]
+        print(f"adaptation on {summary['num_tasks']} held-out tasks (mean after each inner step):")
+        for key in sorted(k for k in summary if k.endswith("_mean")):
+            values = ", ".join(f"{v:.3f}" for v in summary[key])
+            print(f"  {key[: -len('_mean')]}: {values}  (steps {summary['adaptation_steps']})")
+        print(f"demo done: run directory {out}: metrics {out / 'metrics.jsonl'}, checkpoint "
+              f"{out / 'checkpoint.pt'}, evaluation {out / 'eval.json'}, plots "
+              f"{', '.join(sorted(str(p) for p in out.glob('*.png')))}")
     return code
 
 
@@ -200,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a small default experiment, end to end")
+    demo.add_argument("name", nargs="?", default="maml-trpo-nav2d", help=f"which demo: {', '.join(DEMOS)}")
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -104,6 +104,7 @@ def plot_curves(
             ax.axhline(value, color=f"C{i + 1}", linestyle="--", label=label)
         if references and key in references:
             ax.legend(fontsize=8)
+        ax.set_xticks(steps)
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel(key)
         ax.set_title(title)

@@ -81,8 +81,9 @@ def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             i = refs[ready[0]]
-            results[i] = ray.get(ready[0])
-            on_done(i, results[i])
+            done = ray.get(ready[0])
+            results[i] = done
+            on_done(i, done)
     elif backend == "process":
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -90,8 +91,9 @@ def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[
             futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]
-                results[i] = future.result()
-                on_done(i, results[i])
+                done = future.result()
+                results[i] = done
+                on_done(i, done)
     else:
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
     return [r for r in results if r is not None]
@@ -173,6 +175,7 @@ def _plot(cells: dict[str, dict[str, Any]], out: Path, title: str) -> None:
                 m = agg[metric]
                 ax.plot(agg["adaptation_steps"], m["iqm"], marker="o", label=label)
                 ax.fill_between(agg["adaptation_steps"], m["lo"], m["hi"], alpha=0.2)
+        ax.set_xticks(next(iter(cells.values()))["adaptation_steps"])
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel(f"{metric} (IQM, 95% CI)")
         ax.set_title(title, fontsize=9)
