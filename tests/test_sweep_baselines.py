@@ -123,3 +123,24 @@ def test_eval_with_baselines_reports_them_beside_the_meta_learner(tmp_path, monk
     assert {"return_mean", "return_pre_mean"} <= set(baselines["multitask"])
     document = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert len(document["baselines_per_task"]["scratch"]["return"]) == 3
+
+
+def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
+    from metarl.rl_table import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    args = ["sweep", "experiments/maml_trpo_nav2d.toml", "--seeds", "2", "--workers", "1", "--out", str(tmp_path / "s")]
+    for s in TINY:
+        args += ["--set", s]
+    metarl(*args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table")]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    (row,) = table["rows"]
+    cell = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]["base"]
+    assert row["return"] == cell["return"] and row["num_seeds"] == 2 and row["num_tasks"] == 3
+    timings = [json.loads(line) for s in (0, 1) for line in (tmp_path / "s" / f"base-s{s}" / "timing.jsonl").read_text().splitlines()]
+    sampling = np.mean([t["time/sampling_s"] for t in timings])
+    optimisation = np.mean([t["time/optimization_s"] for t in timings])
+    assert row["timing"]["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
+    assert "| return |" in (tmp_path / "table.md").read_text()
