@@ -31,6 +31,7 @@ from metarl import meta_pg
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
+from metarl.runtime import tune_allocator
 from metarl.types import Trajectories
 
 
@@ -124,6 +125,7 @@ class MAMLPPO:
     Config = MAMLPPOConfig
 
     def __init__(self, config: MAMLPPOConfig, distribution: TaskDistribution, seed: int) -> None:
+        tune_allocator()  # large activations are reused instead of re-faulted every update
         self.config = config
         self.distribution = distribution
         self.policy = meta_pg.make_agent_policy(config, distribution)

@@ -42,6 +42,7 @@ from metarl import meta_pg, trust_region
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
+from metarl.runtime import tune_allocator
 from metarl.types import Trajectories
 
 
@@ -126,6 +127,7 @@ class MAMLTRPO:
     Config = MAMLTRPOConfig
 
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
+        tune_allocator()  # large activations are reused instead of re-faulted every update
         self.config = config
         self.distribution = distribution
         self.policy = meta_pg.make_agent_policy(config, distribution)
@@ -159,6 +161,7 @@ class MAMLTRPO:
         total = time.perf_counter() - start
         metrics["time/sampling_s"] = batch.sampling_s
         metrics["time/optimization_s"] = total - batch.sampling_s
+        metrics["time/inner_s"] = metrics["time/optimization_s"] - metrics["time/update_s"]
         metrics["time/env_steps_per_s"] = metrics["train/env_steps"] / max(batch.sampling_s, 1e-9)
         return metrics
 
@@ -166,6 +169,7 @@ class MAMLTRPO:
         """The TRPO meta-update; parameters change only if the line search accepts a step."""
         cfg, policy, post = self.config, self.policy, batch.post
         hint = "lower inner_lr or max_kl, or check the rewards for NaN"
+        clock = time.perf_counter()
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
         adapted, grad_vjps, curvature_vjps = trust_region.linearize(
             self.inner, self.params, batch.pre, num_curvature
@@ -176,15 +180,21 @@ class MAMLTRPO:
         )
         meta_pg.check_finite("surrogate", old_surrogate, hint)
         meta_pg.check_finite("meta-gradient", grad, hint)
+        gradient_s, clock = time.perf_counter() - clock, time.perf_counter()
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
         hvp = trust_region.kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
         direction = trust_region.conjugate_gradient(hvp, grad, cfg.cg_iters)
         curvature = direction.dot(hvp(direction))
         meta_pg.check_finite("step curvature", curvature, hint)
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / curvature.clamp(min=1e-12))
-        return self._line_search(batch, adapted, old_log_probs, float(old_surrogate), full_step) | {
+        cg_s, clock = time.perf_counter() - clock, time.perf_counter()
+        metrics = self._line_search(batch, adapted, old_log_probs, float(old_surrogate), full_step)
+        return metrics | {
             "train/surrogate_before": float(old_surrogate),
             "train/grad_norm": float(grad.norm()),
+            "time/gradient_s": gradient_s,
+            "time/cg_s": cg_s,
+            "time/line_search_s": time.perf_counter() - clock,
         }
 
     def _line_search(

@@ -4,7 +4,7 @@
     metarl run --resume RUN_DIR
     metarl eval RUN_DIR
     metarl list [agents|envs]
-    metarl bench adapt|sampler|envs ...
+    metarl bench adapt|sampler|envs|trpo ...
     metarl demo
 
 Configuration mistakes exit with code 2 and a message, never a traceback.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from metarl.config import ConfigError
+from metarl.runtime import tune_allocator
 
 # `make demo` runs the first; `metarl demo sinusoid` the supervised one.
 DEMOS = {
@@ -138,7 +139,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from envs.bench import main as bench_envs
 
         return bench_envs(args.rest)
-    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler or envs")
+    if args.what == "trpo":
+        from metarl.bench.meta_update import main as bench_trpo
+
+        return bench_trpo(args.rest)
+    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler, envs or trpo")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (as `metarl list envs` does)")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
-    bench.add_argument("what", choices=["adapt", "sampler", "envs"])
+    bench.add_argument("what", choices=["adapt", "sampler", "envs", "trpo"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a small default experiment, end to end")
@@ -220,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -1,0 +1,131 @@
+"""``metarl bench trpo``: time spent optimising against time spent sampling, per MAML-TRPO iteration.
+
+    metarl bench trpo --iterations 4 --hvp-subsample 1.0 0.1 --out experiments/results/trpo_timing
+
+Runs paper-sized MAML-TRPO iterations (halfcheetah-vel, 40 tasks × 20 episodes × 200 steps, the
+process backend with one worker per core) and reports, per setting of ``hvp_subsample``, the mean
+seconds per iteration spent in the sampler and outside it, split into the inner steps (baseline
+fits and adapted parameters between the sampler calls), the meta-gradient through the inner
+step, conjugate gradient and the line search. The reference is the sampling time of the same
+iterations, so the figure that matters is the ratio. The first iteration builds workers and
+environments and is left out of the means.
+
+The agent is found at run time (``agents.maml_trpo``), as the experiment runner finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl.bench.adapt import machine
+
+PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
+
+
+def bench_setting(
+    task: str, iterations: int, hvp_subsample: float, workers: int, **overrides: Any
+) -> dict[str, Any]:
+    """Mean timings of ``iterations - 1`` MAML-TRPO iterations after a warm-up one."""
+    if iterations < 2:
+        raise ValueError(f"iterations must be >= 2 (the first is a warm-up), got {iterations}")
+    trpo = importlib.import_module("agents.maml_trpo")
+    result = trpo.profile(
+        task, iterations, hvp_subsample=hvp_subsample, num_workers=workers, **overrides
+    )
+    rows = result["iterations"][1:]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {
+        "hvp_subsample": hvp_subsample,
+        "config": result["config"],
+        "iterations_timed": len(rows),
+        "sampling_s": mean["sampling_s"],
+        "optimization_s": mean["optimization_s"],
+        "optimization_over_sampling": mean["optimization_s"] / mean["sampling_s"],
+        "env_steps_per_s": mean["env_steps_per_s"],
+        "parts_s": {k.removesuffix("_s"): mean[k] for k in PARTS},
+        "per_iteration": result["iterations"],
+    }
+
+
+def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
+    """``out.json`` and ``out.md`` with the same figures."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# MAML-TRPO: optimisation time against sampling time per iteration",
+        "",
+        f"{results['task']}, {results['meta_batch_size']} tasks × {results['episodes_per_task']} "
+        f"episodes × 200 steps per batch (pre- and post-update), process backend with "
+        f"{results['workers']} workers; mean over {results['settings'][0]['iterations_timed']} "
+        "iterations after a warm-up one. Optimisation is everything outside the sampler: the "
+        "inner steps (baseline fits, adapted parameters), the meta-gradient through the inner "
+        "step, conjugate gradient (10 Hessian-vector products of the KL through the inner step) "
+        "and the line search. Target: optimisation ≤ 0.10 × sampling.",
+        "",
+        f"Machine: {results['machine']}. Command: `{command}`.",
+        "",
+        "| hvp_subsample | sampling s | optimisation s | ratio | inner | gradient | CG | line search | env steps/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results["settings"]:
+        p = s["parts_s"]
+        lines.append(
+            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
+            f"**{s['optimization_over_sampling']:.3f}** | {p['inner']:.2f} | {p['gradient']:.2f} | "
+            f"{p['cg']:.2f} | {p['line_search']:.2f} | {s['env_steps_per_s']:,.0f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="metarl bench trpo", description="MAML-TRPO: optimisation vs sampling time"
+    )
+    parser.add_argument("--task", default="halfcheetah-vel")
+    parser.add_argument("--iterations", type=int, default=4, help="per setting, the first a warm-up")
+    parser.add_argument("--hvp-subsample", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--meta-batch-size", type=int, default=40)
+    parser.add_argument("--episodes-per-task", type=int, default=20)
+    parser.add_argument("--out", help="also write OUT.json and OUT.md (e.g. experiments/results/trpo_timing)")
+    args = parser.parse_args(argv)
+    settings = []
+    for fraction in args.hvp_subsample:
+        r = bench_setting(
+            args.task,
+            args.iterations,
+            fraction,
+            args.workers,
+            meta_batch_size=args.meta_batch_size,
+            episodes_per_task=args.episodes_per_task,
+            envs_per_worker=args.episodes_per_task,
+        )
+        settings.append(r)
+        print(
+            f"hvp_subsample={fraction}: sampling {r['sampling_s']:.2f} s, optimisation "
+            f"{r['optimization_s']:.2f} s, ratio {r['optimization_over_sampling']:.3f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in r['parts_s'].items())})",
+            flush=True,
+        )
+    results = {
+        "task": args.task,
+        "meta_batch_size": args.meta_batch_size,
+        "episodes_per_task": args.episodes_per_task,
+        "workers": args.workers,
+        "settings": settings,
+        "machine": machine(),
+    }
+    if args.out:
+        command = "metarl bench trpo " + " ".join(argv or [])
+        write_tables(results, Path(args.out), command.strip())
+    print(json.dumps({k: v for k, v in results.items() if k != "settings"} | {
+        "ratios": {str(s["hvp_subsample"]): round(s["optimization_over_sampling"], 4) for s in settings}
+    }))
+    return 0
