@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="metarl bench trpo", description="MAML-TRPO: optimisation vs sampling time"
     )
     parser.add_argument("--task", default="halfcheetah-vel")
-    parser.add_argument("--iterations", type=int, default=4, help="per setting, the first a warm-up")
+    parser.add_argument(
+        "--iterations", type=int, default=4, help="per setting, the first a warm-up"
+    )
     parser.add_argument("--hvp-subsample", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--meta-batch-size", type=int, default=40)
     parser.add_argument("--episodes-per-task", type=int, default=20)
-    parser.add_argument("--out", help="also write OUT.json and OUT.md (e.g. experiments/results/trpo_timing)")
+    parser.add_argument(
+        "--out", help="also write OUT.json and OUT.md (e.g. experiments/results/trpo_timing)"
+    )
     args = parser.parse_args(argv)
     settings = []
     for fraction in args.hvp_subsample:
@@ -125,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = "metarl bench trpo " + " ".join(argv or [])
         write_tables(results, Path(args.out), command.strip())
-    print(json.dumps({k: v for k, v in results.items() if k != "settings"} | {
-        "ratios": {str(s["hvp_subsample"]): round(s["optimization_over_sampling"], 4) for s in settings}
-    }))
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k != "settings"}
+            | {
+                "ratios": {
+                    str(s["hvp_subsample"]): round(s["optimization_over_sampling"], 4)
+                    for s in settings
+                }
+            }
+        )
+    )
     return 0
