@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from metarl.sweep import sweep
 
     result = sweep(args.config, args.seeds, args.set, args.grid, args.out, args.backend, args.workers,
-                   _baseline_options(args))
+                   _baseline_options(args), sweep_command=args.command_line)
     print(f"wrote {result['out']}/sweep.md, sweep.json and plots")
     print(json.dumps({"out": result["out"], "cells": {
         label: {m: agg[m]["iqm"] for m in ("return", "success", "loss", "accuracy") if m in agg}
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = "metarl " + shlex.join(sys.argv[1:] if argv is None else argv)
     tune_allocator()
     try:
         return int(args.func(args) or 0)

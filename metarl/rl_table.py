@@ -52,7 +52,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
             "return": cell.get("return"), "success": cell.get("success"),
             "baselines": cell.get("baselines", {}), "timing": _timing(runs),
             "num_tasks": config.get("summary", {}).get("num_tasks"),
-            "command": document["commands"][label],
+            "command": document.get("sweep_command") or document["commands"][label],
         })
     return rows
 
@@ -63,8 +63,38 @@ def _fmt(metric: dict[str, Any] | None, j: int) -> str:
     return f"{metric['iqm'][j]:.3g} [{metric['lo'][j]:.3g}, {metric['hi'][j]:.3g}]"
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
-    document = {"benchmark": "MAML-RL held-out adaptation", "machine": machine(), "command": command, "rows": rows}
+def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
+    """The paper-sized optimisation/sampling measurement of ``metarl bench trpo`` as table lines."""
+    lines = [
+        "",
+        f"## Optimisation against sampling time, {timing['task']} "
+        f"({timing['meta_batch_size']} tasks × {timing['episodes_per_task']} episodes)",
+        "",
+        f"From `{source}` (written by `{timing.get('command', 'metarl bench trpo')}` on "
+        f"{timing['machine']}); target: optimisation ≤ 0.10 × sampling.",
+        "",
+        "| hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | CG | line search |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in timing["settings"]:
+        p = s["parts_s"]
+        lines.append(
+            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
+            f"{s['optimization_over_sampling']:.3f} | {p['inner']:.2f} | {p['gradient']:.2f} | "
+            f"{p['cg']:.2f} | {p['line_search']:.2f} |"
+        )
+    return lines
+
+
+def write_table(
+    rows: list[dict[str, Any]],
+    out: Path,
+    command: str,
+    trpo_timing: dict[str, Any] | None = None,
+    timing_source: str = "",
+) -> None:
+    document = {"benchmark": "MAML-RL held-out adaptation", "machine": machine(), "command": command, "rows": rows,
+                "trpo_timing": trpo_timing}
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
         "# MAML-RL: held-out adaptation",
@@ -97,6 +127,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
                 f"{_fmt(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
                 f"{timing} | `{row['command']}` |"
             )
+    if trpo_timing:
+        lines += _timing_section(trpo_timing, timing_source)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -104,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/maml_rl")
+    parser.add_argument("--timing", help="a `metarl bench trpo --out X` result, X.json, to include")
     args = parser.parse_args(argv)
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
+    timing = json.loads(Path(args.timing).read_text()) if args.timing else None
     command = "python -m metarl.rl_table " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table(rows, Path(args.out), command)
+    write_table(rows, Path(args.out), command, timing, args.timing or "")
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0
 

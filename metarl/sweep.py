@@ -137,10 +137,23 @@ def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_report(cells: dict[str, dict[str, Any]], commands: dict[str, str], out: Path, title: str) -> None:
-    """``sweep.json``, ``sweep.md`` and ``sweep_<metric>.png`` under ``out``."""
-    (out / "sweep.json").write_text(json.dumps({"title": title, "cells": cells, "commands": commands}, indent=1))
+def write_report(
+    cells: dict[str, dict[str, Any]],
+    commands: dict[str, str],
+    out: Path,
+    title: str,
+    sweep_command: str | None = None,
+) -> None:
+    """``sweep.json``, ``sweep.md`` and ``sweep_<metric>.png`` under ``out``.
+
+    ``commands`` holds each cell's ``metarl run`` command; ``sweep_command`` the whole sweep's
+    (baseline options included), which re-creates the directory.
+    """
+    document = {"title": title, "cells": cells, "commands": commands, "sweep_command": sweep_command}
+    (out / "sweep.json").write_text(json.dumps(document, indent=1))
     lines = [f"# Sweep: {title}", "", "IQM over held-out tasks × seeds, 95% bootstrap interval in brackets.", ""]
+    if sweep_command:
+        lines += [f"Made by `{sweep_command}`.", ""]
     for label, agg in cells.items():
         lines += [f"## {label} ({agg['num_seeds']} seeds)", "", f"`{commands[label]}`", ""]
         steps = agg["adaptation_steps"]
@@ -195,8 +208,12 @@ def sweep(
     backend: str = "process",
     workers: int = 0,
     baselines: dict[str, Any] | None = None,
+    sweep_command: str | None = None,
 ) -> dict[str, Any]:
-    """Runs every (grid cell, seed) of ``config`` and writes the aggregate table; returns it."""
+    """Runs every (grid cell, seed) of ``config`` and writes the aggregate table; returns it.
+
+    ``sweep_command`` (the command line that asked for the sweep) is recorded in ``sweep.json``.
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if not Path(config).is_file():
@@ -227,5 +244,5 @@ def sweep(
                                 f"--set run.seed={{0..{seeds - 1}}}"])
         for cell in cells
     }
-    write_report(aggregated, commands, root, Path(config).stem)
+    write_report(aggregated, commands, root, Path(config).stem, sweep_command)
     return {"out": str(root), "cells": aggregated}

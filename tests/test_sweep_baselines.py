@@ -144,3 +144,36 @@ def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
     optimisation = np.mean([t["time/optimization_s"] for t in timings])
     assert row["timing"]["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
     assert "| return |" in (tmp_path / "table.md").read_text()
+    # The row names the whole sweep command, baseline options included, so it can be re-run as is.
+    assert row["command"].startswith("metarl sweep experiments/maml_trpo_nav2d.toml --seeds 2 --workers 1")
+
+
+def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, monkeypatch):
+    from metarl.rl_table import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "trpo_timing"
+    last = metarl("bench", "trpo", "--task", "navigation-2d", "--iterations", "3", "--meta-batch-size", "2",
+                  "--episodes-per-task", "2", "--workers", "1", "--hvp-subsample", "1.0", "0.5",
+                  "--out", str(out)).strip().splitlines()[-1]
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert [s["hvp_subsample"] for s in document["settings"]] == [1.0, 0.5]
+    for setting in document["settings"]:
+        timed = setting["per_iteration"][1:]  # the first builds workers and is left out
+        assert setting["iterations_timed"] == 2 == len(timed)
+        sampling = np.mean([r["sampling_s"] for r in timed])
+        optimisation = np.mean([r["optimization_s"] for r in timed])
+        assert setting["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
+        # The parts are disjoint pieces of the optimisation time.
+        assert 0 < sum(setting["parts_s"].values()) <= optimisation * (1 + 1e-6)
+        assert json.loads(last)["ratios"][str(setting["hvp_subsample"])] == pytest.approx(
+            setting["optimization_over_sampling"], abs=1e-4)
+    assert f"**{document['settings'][0]['optimization_over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
+    # rl_table carries the measurement into the MAML-RL table.
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"title": "t", "cells": {}, "commands": {}}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"), "--timing",
+                         str(out.with_suffix(".json"))]) == 0
+    assert json.loads((tmp_path / "table.json").read_text())["trpo_timing"]["settings"] == document["settings"]
+    assert f"{document['settings'][1]['optimization_over_sampling']:.3f}" in (tmp_path / "table.md").read_text()

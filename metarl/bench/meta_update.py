@@ -57,7 +57,7 @@ def bench_setting(
 def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
     """``out.json`` and ``out.md`` with the same figures."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results | {"command": command}, indent=2) + "\n")
     lines = [
         "# MAML-TRPO: optimisation time against sampling time per iteration",
         "",
