@@ -96,9 +96,12 @@ class MAMLTRPOConfig:
     """Inner steps scored at evaluation (each on episodes sampled with the latest parameters)."""
     eval_episodes_per_task: int = 20
     """Episodes per held-out task for each evaluation step."""
+    device: str = "cpu"
+    """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 
     def __post_init__(self) -> None:
         meta_pg.check_common_config(self)
+        meta_pg.check_device(self.device)
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(
                 f"need max_kl > 0 and cg_damping >= 0, got {self.max_kl}, {self.cg_damping}"
@@ -131,7 +134,10 @@ class MAMLTRPO:
         self.config = config
         self.distribution = distribution
         self.policy = meta_pg.make_agent_policy(config, distribution)
-        self.params: Params = self.policy.init_params(seed)
+        self.device = torch.device(config.device)
+        self.params: Params = {
+            k: v.to(self.device) for k, v in self.policy.init_params(seed).items()
+        }
         self.inner = InnerLoop(self.policy, config.inner_lr, config.first_order)
         self.baseline = make_baseline(config.baseline, self.policy.obs_dim, seed)
         self.seed = seed
@@ -154,6 +160,7 @@ class MAMLTRPO:
             self.config.episodes_per_task,
             self.config.adapt_steps,
             self._advantages,
+            self.device,
         )
         update_start = time.perf_counter()
         metrics = {**meta_pg.trajectory_metrics(batch), **self._update(batch)}
@@ -241,12 +248,12 @@ class MAMLTRPO:
     def adapt(self, task: Task, trajectories: Trajectories, params: Params | None = None) -> Params:
         """One inner step on one task's ``trajectories`` (``[1, E, T, ...]``) from ``params`` (θ by default)."""
         del task  # the data carries everything the inner step needs
-        start = self.params if params is None else params
-        batch = self._advantages(trajectories)
+        start = self.params if params is None else {k: v.to(self.device) for k, v in params.items()}
+        batch = meta_pg.to_device(self._advantages(trajectories), self.device)
         adapted = meta_pg.inner_step(
             self.inner._replace(first_order=True), start, batch, shared=True
         )
-        return {k: v[0].detach() for k, v in adapted.items()}
+        return {k: v[0].detach().cpu() for k, v in adapted.items()}
 
     def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
         """Return and success per held-out task after 0..``eval_adapt_steps`` inner steps."""
@@ -268,17 +275,18 @@ class MAMLTRPO:
                 cfg.eval_adapt_steps,
                 cfg.eval_episodes_per_task,
                 advantages,
+                self.device,
             )
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {k: v.clone() for k, v in self.params.items()},
+            "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
             "sampler": self.sampler.state_dict(),
             "baseline": self.baseline.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.params = {k: v.clone() for k, v in state["params"].items()}
+        self.params = {k: v.to(self.device).clone() for k, v in state["params"].items()}
         self.sampler.load_state_dict(state["sampler"])
         self.baseline.load_state_dict(state["baseline"])
 

@@ -140,9 +140,32 @@ def adapt_tasks(inner: InnerLoop, params: Params, pre: Sequence[PGBatch]) -> Par
 
 
 def unstack(params: Params) -> list[Params]:
-    """``[N, *P]`` per-task parameters -> a list of ``N`` detached dicts (for the sampler)."""
+    """``[N, *P]`` per-task parameters -> a list of ``N`` detached CPU dicts (for the sampler)."""
     num_tasks = next(iter(params.values())).shape[0]
-    return [{k: v[i].detach() for k, v in params.items()} for i in range(num_tasks)]
+    cpu = {k: v.detach().cpu() for k, v in params.items()}
+    return [{k: v[i] for k, v in cpu.items()} for i in range(num_tasks)]
+
+
+def _cpu(params: Params) -> Params:
+    """Detached CPU copies of shared parameters (for the sampler)."""
+    return {k: v.detach().cpu() for k, v in params.items()}
+
+
+def to_device(batch: PGBatch, device: torch.device | str | None) -> PGBatch:
+    """``batch`` with every tensor on ``device`` (unchanged when ``None``)."""
+    return batch if device is None else PGBatch(*(t.to(device) for t in batch))
+
+
+def check_device(device: str) -> None:
+    """Raises ``ValueError`` unless ``device`` names a torch device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='cpu'")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
 
 
 class _Timed:
@@ -168,6 +191,7 @@ def collect(
     episodes_per_task: int,
     adapt_steps: int,
     advantages: Callable[[Trajectories], PGBatch],
+    device: torch.device | str | None = None,
 ) -> MetaBatch:
     """Samples and adapts ``adapt_steps`` times, then samples the post-update data.
 
@@ -182,6 +206,8 @@ def collect(
         episodes_per_task: ``E``.
         adapt_steps: inner steps (at least 1).
         advantages: turns trajectories into a :class:`PGBatch` (fits the baseline).
+        device: where the batches and adapted parameters live (``params``' device); rollouts
+            always run with CPU copies. ``None`` keeps everything on the CPU.
     """
     timed = _Timed(sampler)
     first_order = inner._replace(first_order=True)
@@ -189,10 +215,9 @@ def collect(
     adapted: Params | None = None
     pre, trajectories = [], []
     for _ in range(adapt_steps):
-        traj = timed.sample(
-            inner.policy, current if adapted is None else unstack(adapted), tasks, episodes_per_task
-        )
-        batch = advantages(traj)
+        rollout_params = _cpu(current) if adapted is None else unstack(adapted)
+        traj = timed.sample(inner.policy, rollout_params, tasks, episodes_per_task)
+        batch = to_device(advantages(traj), device)
         start = current if adapted is None else adapted
         adapted = {
             k: v.detach() for k, v in inner_step(first_order, start, batch, adapted is None).items()
@@ -202,7 +227,7 @@ def collect(
     assert adapted is not None, "adapt_steps must be at least 1"
     post_traj = timed.sample(inner.policy, unstack(adapted), tasks, episodes_per_task)
     trajectories.append(post_traj)
-    return MetaBatch(pre, advantages(post_traj), trajectories, timed.seconds)
+    return MetaBatch(pre, to_device(advantages(post_traj), device), trajectories, timed.seconds)
 
 
 def post_log_probs(policy: Any, params: Params, batch: PGBatch) -> torch.Tensor:
@@ -256,11 +281,12 @@ def evaluate_adaptation(
     num_steps: int,
     episodes_per_task: int,
     advantages: Callable[[Trajectories], PGBatch],
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Mean return and success of each task before adaptation and after each of ``num_steps`` steps.
 
     Step ``k``'s episodes are sampled with the parameters after ``k`` inner steps, and step
-    ``k + 1`` adapts on them.
+    ``k + 1`` adapts on them. Adaptation runs on ``device`` (``params``' device; ``None``: CPU).
 
     Returns:
         ``{"adaptation_steps": [0..num_steps], "return": [N, num_steps + 1],
@@ -270,7 +296,7 @@ def evaluate_adaptation(
     adapted: Params | None = None
     returns, successes = [], []
     for step in range(num_steps + 1):
-        current = params if adapted is None else unstack(adapted)
+        current = _cpu(params) if adapted is None else unstack(adapted)
         traj = sampler.sample(inner.policy, current, tasks, episodes_per_task)
         returns.append(traj.episode_returns().mean(1).numpy())
         successes.append(_mean_success(traj.success))
@@ -278,7 +304,9 @@ def evaluate_adaptation(
             start = params if adapted is None else adapted
             adapted = {
                 k: v.detach()
-                for k, v in inner_step(inner, start, advantages(traj), adapted is None).items()
+                for k, v in inner_step(
+                    inner, start, to_device(advantages(traj), device), adapted is None
+                ).items()
             }
     reported = [s for s in successes if s is not None]
     success = np.stack(reported, axis=1) if len(reported) == len(successes) else None

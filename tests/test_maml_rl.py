@@ -220,6 +220,30 @@ def test_bad_settings_fail_early_with_the_value():
         MAMLPPOConfig(clip_range=2.0)
     with pytest.raises(ValueError, match="adapt_steps must be >= 1, got 0"):
         MAMLPPOConfig(adapt_steps=0)
+    with pytest.raises(ValueError, match="not a torch device"):
+        MAMLTRPOConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device; use device='cpu'"):
+            MAMLTRPOConfig(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_meta_update_on_cuda_matches_the_cpu_update():
+    """Same rollouts (sampled on CPU workers either way), same TRPO step up to float rounding."""
+    distribution = envs.make("navigation-2d", horizon=10, num_test=3)
+    settings = dict(meta_batch_size=3, episodes_per_task=4, hidden_sizes=(16, 16))
+    tasks = distribution.sample(3, np.random.default_rng(0))
+    params = {}
+    for device in ("cpu", "cuda"):
+        agent = MAMLTRPO(MAMLTRPOConfig(device=device, **settings), distribution, seed=0)
+        try:
+            metrics = agent.step(tasks)
+            params[device] = {k: v.cpu() for k, v in agent.params.items()}
+            assert metrics["train/accepted"] == 1.0
+        finally:
+            agent.close()
+    for k in params["cpu"]:
+        torch.testing.assert_close(params["cuda"][k], params["cpu"][k], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- through the runner

@@ -63,7 +63,7 @@ def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
         "",
         f"{results['task']}, {results['meta_batch_size']} tasks × {results['episodes_per_task']} "
         f"episodes × 200 steps per batch (pre- and post-update), process backend with "
-        f"{results['workers']} workers; mean over {results['settings'][0]['iterations_timed']} "
+        f"{results['workers']} workers, meta-update on {results.get('device', 'cpu')}; mean over {results['settings'][0]['iterations_timed']} "
         "iterations after a warm-up one. Optimisation is everything outside the sampler: the "
         "inner steps (baseline fits, adapted parameters), the meta-gradient through the inner "
         "step, conjugate gradient (10 Hessian-vector products of the KL through the inner step) "
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-batch-size", type=int, default=40)
     parser.add_argument("--episodes-per-task", type=int, default=20)
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the meta-update runs (cpu or cuda); rollouts stay on CPU",
+    )
+    parser.add_argument(
         "--out", help="also write OUT.json and OUT.md (e.g. experiments/results/trpo_timing)"
     )
     args = parser.parse_args(argv)
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             meta_batch_size=args.meta_batch_size,
             episodes_per_task=args.episodes_per_task,
             envs_per_worker=args.episodes_per_task,
+            device=args.device,
         )
         settings.append(r)
         print(
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta_batch_size": args.meta_batch_size,
         "episodes_per_task": args.episodes_per_task,
         "workers": args.workers,
+        "device": args.device,
         "settings": settings,
         "machine": machine(),
     }
