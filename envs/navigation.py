@@ -15,6 +15,7 @@ the clipped action: ``x' = x + clip(a, -0.1, 0.1) + wind``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -67,6 +68,27 @@ class Navigation2DEnv(gym.Env):
         truncated = self.clock.tick(terminated)
         info = {"distance": distance, "wind": self._wind.copy()}
         return self._state.astype(np.float32), -distance, terminated, truncated, info
+
+
+def expert_policy(task: Task) -> Callable[[np.ndarray], np.ndarray]:
+    """The analytic expert of ``task``: the velocity that cancels the wind and heads for the goal.
+
+    Returns:
+        A function from positions ``[B, 2]`` (or one ``[2]``) to actions of the same shape,
+        ``clip(goal − x − wind, −0.1, 0.1)``: the goal is reached exactly in
+        ``ceil(max|goal − x| / 0.1)`` steps when the wind is within the speed limit, which ends
+        the episode (termination within 0.01 of the goal).
+    """
+    goal = np.asarray(task["goal"], dtype=np.float64)
+    wind = np.asarray(task.get("wind", (0.0, 0.0)), dtype=np.float64)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        position = np.asarray(obs, dtype=np.float64)
+        if position.shape[-1] != 2:
+            raise ValueError(f"expects positions [..., 2], got shape {position.shape}")
+        return np.clip(goal - position - wind, -MAX_SPEED, MAX_SPEED).astype(np.float32)
+
+    return act
 
 
 class Navigation2D(TaskDistribution):

@@ -284,3 +284,8 @@ def make_policy(observation_space: gym.Space, action_space: gym.Space, **kwargs:
     raise TypeError(
         f"action space {action_space} is not supported; expected a Box or a Discrete space"
     )
+
+
+# Public names for other functional networks built the same way (the discriminator).
+FunctionalMLP = _MLP
+init_mlp = _init_mlp

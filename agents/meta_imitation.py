@@ -1,0 +1,420 @@
+"""Meta-adversarial imitation: a policy G and a discriminator D, both meta-learned to adapt fast.
+
+The objective is ``min_θ max_φ Σ_i L(G_θ_i, D_φ_i)`` with ``θ_i, φ_i`` adapted to task ``i``
+from ``K`` demonstrations and the policy's own rollouts; no environment reward is used during
+adaptation. In the spirit of Meta-AIRL (arXiv 2103.12694), on the one adaptation core.
+
+One meta-iteration on ``N`` tasks (each step vmapped over tasks):
+
+1. Sample ``E`` episodes per task with θ (the pre-update rollouts).
+2. Adapt D: ``φ_i = adapt(φ)`` by ``disc_adapt_steps`` SGD steps on the binary cross-entropy of
+   the ``K`` support demonstrations (label 1) against the pre-update rollouts (label 0), with a
+   gradient penalty (:mod:`metarl.discriminator`).
+3. Adapt G: one REINFORCE step on the reward ``log D_φ_i − log(1 − D_φ_i)`` (absorbing states
+   handled as in DAC, so ending an episode early is neither free nor punished); repeat 1–3
+   ``adapt_steps`` times.
+4. Sample post-update episodes with θ_i.
+5. Outer loop (first order by default): θ takes ``num_epochs`` Adam steps on PPO's clipped
+   surrogate of the post-update episodes scored by D_φ_i; φ takes as many Adam steps on the
+   cross-entropy of D_φ_i on held-back query demonstrations against the post-update episodes.
+   With ``first_order=False`` both go through their inner updates.
+
+Evaluation on a held-out task with ``K`` demonstrations repeats steps 1–3 ``eval_adapt_steps``
+times, reporting the environment's return and success after each; the environment's reward
+is read for scoring only.
+
+Demonstrations: the analytic expert of ``navigation-2d`` and Meta-World's scripted experts
+(:mod:`metarl.demos`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from agents.maml_ppo import clipped_objective
+from envs.base import Task, TaskDistribution
+from metarl import demos, discriminator, meta_pg
+from metarl.adaptation import Params, adapt
+from metarl.baselines import make_baseline
+from metarl.discriminator import DiscData, Discriminator
+from metarl.meta_pg import InnerLoop, PGBatch
+from metarl.runtime import tune_allocator
+from metarl.types import Trajectories
+
+
+@dataclass(frozen=True)
+class MetaImitationConfig:
+    meta_batch_size: int = 20
+    """Tasks per meta-iteration."""
+    episodes_per_task: int = 20
+    """Policy episodes per task for each inner step and for the post-update batch."""
+    num_demos: int = 1
+    """K: expert demonstrations per task that adaptation sees."""
+    num_query_demos: int = 1
+    """Held-back demonstrations per task for the discriminator's outer update."""
+    adapt_steps: int = 1
+    """Inner steps during meta-training, each: fresh rollouts, adapt D, one policy step."""
+    inner_lr: float = 0.1
+    """Policy inner SGD step size."""
+    disc_adapt_steps: int = 5
+    """Discriminator SGD steps per inner step (from the meta-learned φ each time)."""
+    disc_inner_lr: float = 0.1
+    """Discriminator inner SGD step size."""
+    first_order: bool = True
+    """Outer updates treat both inner updates as constants (first-order MAML)."""
+    gamma: float = 0.99
+    """Discount factor (also discounts the absorbing-state reward)."""
+    gae_lambda: float = 1.0
+    """GAE's λ."""
+    normalize_advantages: bool = True
+    """Standardise each task's advantages over its alive steps."""
+    baseline: Literal["linear", "mlp"] = "linear"
+    """State-value baseline of the discriminator's reward."""
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    """Policy hidden widths."""
+    activation: Literal["relu", "tanh"] = "relu"
+    """Policy hidden activation."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the Gaussian policy."""
+    disc_hidden_sizes: tuple[int, ...] = (64, 64)
+    """Discriminator hidden widths."""
+    disc_activation: Literal["relu", "tanh"] = "tanh"
+    """Discriminator hidden activation (tanh keeps the gradient penalty smooth)."""
+    state_only: bool = False
+    """Discriminate (s, s') pairs instead of (s, a): imitation from observation."""
+    gradient_penalty: float = 1.0
+    """λ of the zero-centred gradient penalty on demonstrations (0 turns it off)."""
+    outer_lr: float = 1e-3
+    """Adam step size of the policy's outer loop."""
+    disc_outer_lr: float = 1e-3
+    """Adam step size of the discriminator's outer loop."""
+    clip_range: float = 0.2
+    """PPO's ε in the policy's outer objective."""
+    num_epochs: int = 5
+    """Outer Adam steps per meta-iteration, for each of G and D."""
+    backend: Literal["serial", "process", "ray"] = "serial"
+    """Rollout backend."""
+    num_workers: int = 1
+    """Rollout worker processes or actors."""
+    envs_per_worker: int = 0
+    """Environments each worker keeps; 0 keeps one per episode of its share."""
+    horizon: int = 0
+    """Steps per episode; 0 uses the task distribution's horizon."""
+    eval_adapt_steps: int = 5
+    """Adaptation steps scored at evaluation."""
+    eval_episodes_per_task: int = 20
+    """Policy episodes per held-out task for each evaluation step."""
+
+    def __post_init__(self) -> None:
+        meta_pg.check_common_config(self)
+        for name in ("num_demos", "num_query_demos", "disc_adapt_steps", "num_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.gradient_penalty < 0:
+            raise ValueError(f"gradient_penalty must be >= 0, got {self.gradient_penalty}")
+        if not 0.0 < self.clip_range < 1.0:
+            raise ValueError(f"clip_range must lie in (0, 1), got {self.clip_range}")
+        if not self.disc_hidden_sizes or min(self.disc_hidden_sizes) < 1:
+            raise ValueError(
+                f"disc_hidden_sizes must be positive widths, got {self.disc_hidden_sizes}"
+            )
+
+
+class MetaImitation:
+    """Meta-adversarial imitation; see the module docstring.
+
+    Args:
+        config: the agent's settings.
+        distribution: a family with an expert (navigation-2d, Meta-World).
+        seed: seeds parameters, rollouts and demonstration resets.
+    """
+
+    Config = MetaImitationConfig
+
+    def __init__(
+        self, config: MetaImitationConfig, distribution: TaskDistribution, seed: int
+    ) -> None:
+        tune_allocator()
+        self.config, self.distribution, self.seed = config, distribution, seed
+        space = distribution.action_space
+        self.action_low = torch.as_tensor(space.low, dtype=torch.float32)
+        self.action_high = torch.as_tensor(space.high, dtype=torch.float32)
+        self.policy = meta_pg.make_agent_policy(config, distribution)
+        second = self.policy.obs_dim if config.state_only else self.policy.act_dim
+        self.disc = Discriminator(
+            self.policy.obs_dim + second + 1, config.disc_hidden_sizes, config.disc_activation
+        )
+        self.params = {k: v.requires_grad_() for k, v in self.policy.init_params(seed).items()}
+        self.disc_params = {
+            k: v.requires_grad_() for k, v in self.disc.init_params(seed + 1).items()
+        }
+        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.outer_lr)
+        self.disc_optimizer = torch.optim.Adam(
+            list(self.disc_params.values()), lr=config.disc_outer_lr
+        )
+        self.inner = InnerLoop(self.policy, config.inner_lr, first_order=True)
+        self.baseline = make_baseline(config.baseline, self.policy.obs_dim, seed)
+        self.sampler = meta_pg.make_agent_sampler(config, distribution, seed)
+        self.horizon = self.sampler.horizon
+        self.num_demo_calls = 0
+
+    # ------------------------------------------------------------------ data
+
+    def demonstrations(self, tasks: list[Task], num: int) -> Trajectories:
+        """``num`` fresh expert episodes per task (new reset seeds at every call)."""
+        self.num_demo_calls += 1
+        seed = self.seed * 1_000_003 + self.num_demo_calls * 100_003
+        return demos.record(self.distribution, tasks, num, self.horizon, seed)
+
+    def _second(self, t: Trajectories) -> torch.Tensor:
+        if self.config.state_only:
+            return t.next_obs
+        return torch.maximum(torch.minimum(t.actions, self.action_high), self.action_low)
+
+    def disc_data(self, t: Trajectories) -> DiscData:
+        """``[N, M, F]`` discriminator samples of trajectories ``[N, E, T, ...]``."""
+        return discriminator.transition_inputs(t.obs, self._second(t), t.mask, t.terminated)
+
+    def adapt_disc(
+        self, phi: Params, reference: DiscData, generated: DiscData, first_order: bool = True
+    ) -> Params:
+        """``[N, *P]`` per-task discriminators after ``disc_adapt_steps`` SGD steps from ``phi``."""
+        cfg = self.config
+
+        def loss_fn(p: Params, data: tuple[DiscData, DiscData]) -> torch.Tensor:
+            return discriminator.loss(self.disc, p, data[0], data[1], cfg.gradient_penalty)
+
+        def one(ref: DiscData, gen: DiscData) -> Params:
+            return adapt(
+                loss_fn, phi, (ref, gen), cfg.disc_adapt_steps, cfg.disc_inner_lr, first_order
+            )
+
+        return vmap(one)(reference, generated)
+
+    def scored(self, t: Trajectories, disc_params: Params) -> Trajectories:
+        """``t`` with its rewards replaced by the per-task discriminators' rewards."""
+        gamma = self.config.gamma
+
+        def one(
+            p: Params,
+            obs: torch.Tensor,
+            second: torch.Tensor,
+            mask: torch.Tensor,
+            terminated: torch.Tensor,
+        ) -> torch.Tensor:
+            return discriminator.rewards(self.disc, p, obs, second, mask, terminated, gamma)
+
+        detached = {k: v.detach() for k, v in disc_params.items()}
+        r = vmap(one)(detached, t.obs, self._second(t), t.mask, t.terminated)
+        return t._replace(rewards=r)
+
+    def _advantages(self, t: Trajectories, baseline: Any = None) -> PGBatch:
+        cfg = self.config
+        return meta_pg.pg_batch(
+            t, baseline or self.baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
+        )
+
+    def _adapt_once(
+        self, start: Params, shared: bool, traj: Trajectories, support: DiscData, baseline: Any
+    ) -> tuple[Params, Params, PGBatch]:
+        """Adapt D on the support demos against ``traj``, then one policy step on D's reward."""
+        phi = {k: v.detach() for k, v in self.disc_params.items()}
+        disc_i = {
+            k: v.detach() for k, v in self.adapt_disc(phi, support, self.disc_data(traj)).items()
+        }
+        batch = self._advantages(self.scored(traj, disc_i), baseline)
+        detached = {k: v.detach() for k, v in start.items()}
+        adapted = meta_pg.inner_step(self.inner, detached, batch, shared)
+        return {k: v.detach() for k, v in adapted.items()}, disc_i, batch
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, tasks: list[Task]) -> dict[str, float]:
+        """One meta-iteration; returns ``train/*`` and ``time/*`` metrics."""
+        cfg, start = self.config, time.perf_counter()
+        sampling = 0.0
+        demo = self.demonstrations(tasks, cfg.num_demos + cfg.num_query_demos)
+        support = self.disc_data(_episodes(demo, 0, cfg.num_demos))
+        query = self.disc_data(_episodes(demo, cfg.num_demos, None))
+        current: Params = {k: v.detach() for k, v in self.params.items()}
+        shared, pre_batches, sampled = True, [], []
+        for _ in range(cfg.adapt_steps):
+            clock = time.perf_counter()
+            traj = self.sampler.sample(
+                self.policy,
+                current if shared else meta_pg.unstack(current),
+                tasks,
+                cfg.episodes_per_task,
+            )
+            sampling += time.perf_counter() - clock
+            sampled.append(traj)
+            current, disc_i, batch = self._adapt_once(current, shared, traj, support, None)
+            pre_batches.append(batch)
+            shared = False
+        clock = time.perf_counter()
+        post = self.sampler.sample(
+            self.policy, meta_pg.unstack(current), tasks, cfg.episodes_per_task
+        )
+        sampling += time.perf_counter() - clock
+        post_scored = self.scored(post, disc_i)
+        metrics = self._update_policy(current, pre_batches, self._advantages(post_scored))
+        metrics |= self._update_disc(
+            support, self.disc_data(sampled[-1]), query, self.disc_data(post)
+        )
+        env_steps = sum(float(t.mask.sum()) for t in [*sampled, post])
+        first_traj = sampled[0]
+        metrics |= {
+            "train/pre_return": float(first_traj.episode_returns().mean()),
+            "train/post_return": float(post.episode_returns().mean()),
+            "train/disc_return_post": float(post_scored.episode_returns().mean()),
+            "train/env_steps": env_steps,
+            "time/sampling_s": sampling,
+            "time/optimization_s": time.perf_counter() - start - sampling,
+            "time/env_steps_per_s": env_steps / max(sampling, 1e-9),
+        }
+        for name, t in (("pre", first_traj), ("post", post)):
+            if not torch.isnan(t.success).all():
+                metrics[f"train/success_{name}"] = float(torch.nanmean(t.success))
+        return metrics
+
+    def _update_policy(
+        self, adapted: Params, pre_batches: list[PGBatch], post: PGBatch
+    ) -> dict[str, float]:
+        """PPO's clipped surrogate of the post-update episodes, through θ_i(θ)."""
+        cfg, policy = self.config, self.policy
+        with torch.no_grad():
+            old_log_probs = meta_pg.post_log_probs(policy, adapted, post)
+            delta = {k: adapted[k] - self.params[k].detach() for k in adapted}
+        second_order = self.inner._replace(first_order=False)
+        clip_fraction = torch.zeros(())
+        for _ in range(cfg.num_epochs):
+            if cfg.first_order:
+                theta_i = {k: v + delta[k] for k, v in self.params.items()}
+            else:
+                theta_i = meta_pg.adapt_tasks(second_order, self.params, pre_batches)
+            objective, clip_fraction = clipped_objective(
+                meta_pg.post_log_probs(policy, theta_i, post), old_log_probs, post, cfg.clip_range
+            )
+            meta_pg.check_finite(
+                "policy objective", objective.detach(), "lower inner_lr or outer_lr"
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            (-objective).backward()
+            self.optimizer.step()
+        return {
+            "train/surrogate": float(objective.detach()),
+            "train/clip_fraction": float(clip_fraction),
+        }
+
+    def _update_disc(
+        self, support: DiscData, pre: DiscData, query: DiscData, post: DiscData
+    ) -> dict[str, float]:
+        """Cross-entropy of φ_i(φ) on query demonstrations against the post-update episodes."""
+        cfg = self.config
+        with torch.no_grad():
+            phi = {k: v.detach() for k, v in self.disc_params.items()}
+            adapted = self.adapt_disc(phi, support, pre)
+            delta = {k: adapted[k] - phi[k] for k in phi}
+            inner_loss = discriminator.task_losses(self.disc, adapted, support, pre, 0.0).mean()
+        for _ in range(cfg.num_epochs):
+            if cfg.first_order:
+                phi_i = {k: v + delta[k] for k, v in self.disc_params.items()}
+            else:
+                phi_i = self.adapt_disc(self.disc_params, support, pre, first_order=False)
+            loss = discriminator.task_losses(
+                self.disc, phi_i, query, post, cfg.gradient_penalty
+            ).mean()
+            meta_pg.check_finite(
+                "discriminator loss", loss.detach(), "lower disc_inner_lr or disc_outer_lr"
+            )
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.disc_optimizer.step()
+        return {
+            "train/disc_loss_inner": float(inner_loss),
+            "train/disc_loss_outer": float(loss.detach()),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
+        """Environment return and success per held-out task after 0..``eval_adapt_steps`` steps."""
+        cfg = self.config
+        baseline = copy.deepcopy(self.baseline)
+        demo = demos.record(
+            self.distribution, tasks, cfg.num_demos, self.horizon, meta_pg.eval_seed(rng)
+        )
+        support = self.disc_data(demo)
+        sampler = meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng))
+        current: Params = {k: v.detach() for k, v in self.params.items()}
+        shared, returns, successes = True, [], []
+        with sampler:
+            for step in range(cfg.eval_adapt_steps + 1):
+                params = current if shared else meta_pg.unstack(current)
+                traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+                returns.append(traj.episode_returns().mean(1).numpy())
+                successes.append(traj.success.numpy())
+                if step < cfg.eval_adapt_steps:
+                    current, _, _ = self._adapt_once(current, shared, traj, support, baseline)
+                    shared = False
+        reported = not np.isnan(np.stack(successes)).all()
+        success = np.stack([s.mean(axis=1) for s in successes], axis=1) if reported else None
+        return {
+            "adaptation_steps": list(range(cfg.eval_adapt_steps + 1)),
+            "return": np.stack(returns, axis=1).astype(np.float64),
+            "success": success,
+            "demo_return": demo.episode_returns().mean(1).numpy().astype(np.float64),
+        }
+
+    def adapt(self, task: Task, trajectories: Trajectories, params: Params | None = None) -> Params:
+        """One adaptation step on one task from ``trajectories`` ``[1, E, T, ...]`` and fresh demos."""
+        support = self.disc_data(self.demonstrations([task], self.config.num_demos))
+        start = {k: v.detach() for k, v in (self.params if params is None else params).items()}
+        adapted, _, _ = self._adapt_once(
+            start, True, trajectories, support, copy.deepcopy(self.baseline)
+        )
+        return {k: v[0] for k, v in adapted.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "disc_params": {k: v.detach().clone() for k, v in self.disc_params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "baseline": self.baseline.state_dict(),
+            "num_demo_calls": self.num_demo_calls,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(state["params"][k])
+            for k, v in self.disc_params.items():
+                v.copy_(state["disc_params"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.baseline.load_state_dict(state["baseline"])
+        self.num_demo_calls = int(state["num_demo_calls"])
+
+    def close(self) -> None:
+        """Stops the rollout workers."""
+        self.sampler.close()
+
+
+def _episodes(t: Trajectories, start: int, stop: int | None) -> Trajectories:
+    """Episodes ``start:stop`` of every task (the task vectors are kept whole)."""
+    return Trajectories(
+        *(x if name == "task" else x[:, start:stop] for name, x in zip(t._fields, t, strict=True))
+    )
