@@ -57,6 +57,17 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def kept_rows(path: Path, new_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of an earlier table whose sweep is not among ``new_rows``, tagged with their machine."""
+    document = json.loads(path.read_text())
+    fresh = {(r["sweep"], r["cell"]) for r in new_rows}
+    return [
+        {**row, "machine": row.get("machine", document["machine"])}
+        for row in document["rows"]
+        if (row["sweep"], row["cell"]) not in fresh
+    ]
+
+
 def _fmt(metric: dict[str, Any] | None, j: int) -> str:
     if metric is None:
         return "–"
@@ -103,11 +114,11 @@ def write_table(
         "Baselines (stable-baselines3) train on each held-out task with the environment steps the "
         "meta-learner used there. Timing: mean seconds per training iteration over all seeds.",
         "",
-        f"Machine: {document['machine']}. Table written by `{command}`.",
+        f"Table written by `{command}` on {document['machine']}; each row names the machine it ran on.",
         "",
         "| sweep | seeds × tasks | iterations | metric | before adaptation | after 1 step | after last step | "
-        "scratch baseline | multi-task fine-tuned | sampling s/it | optimisation s/it (ratio) | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "scratch baseline | multi-task fine-tuned | sampling s/it | optimisation s/it (ratio) | machine | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t = row["timing"]
@@ -125,7 +136,7 @@ def write_table(
                 f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
                 f"{t.get('iterations', '–')} | {metric} | {_fmt(row[metric], 0)} | {_fmt(row[metric], 1)} | "
                 f"{_fmt(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
-                f"{timing} | `{row['command']}` |"
+                f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
     if trpo_timing:
         lines += _timing_section(trpo_timing, timing_source)
@@ -137,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/maml_rl")
     parser.add_argument("--timing", help="a `metarl bench trpo --out X` result, X.json, to include")
+    parser.add_argument("--keep", help="an earlier table's JSON: its rows for sweeps not given here are "
+                                       "kept as they are, each with the machine it ran on")
     args = parser.parse_args(argv)
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
+    for row in rows:
+        row["machine"] = machine()
+    if args.keep:
+        rows = kept_rows(Path(args.keep), rows) + rows
     timing = json.loads(Path(args.timing).read_text()) if args.timing else None
     command = "python -m metarl.rl_table " + " ".join(sys.argv[1:] if argv is None else argv)
     write_table(rows, Path(args.out), command, timing, args.timing or "")

@@ -177,3 +177,26 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
                          str(out.with_suffix(".json"))]) == 0
     assert json.loads((tmp_path / "table.json").read_text())["trpo_timing"]["settings"] == document["settings"]
     assert f"{document['settings'][1]['optimization_over_sampling']:.3f}" in (tmp_path / "table.md").read_text()
+
+
+def test_rl_table_keeps_earlier_rows_with_their_machine(tmp_path, monkeypatch):
+    from metarl.rl_table import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    metric = {"iqm": [-40.0, -20.0], "lo": [-45.0, -25.0], "hi": [-35.0, -15.0]}
+    old_row = {"sweep": "old_sweep", "cell": "base", "num_seeds": 3, "adaptation_steps": [0, 1],
+               "return": metric, "success": None, "baselines": {}, "timing": {}, "num_tasks": 40,
+               "command": "metarl run old.toml"}
+    replaced = {**old_row, "sweep": "t"}  # the sweep given again below replaces this one
+    (tmp_path / "old.json").write_text(json.dumps({"machine": "machine A", "rows": [old_row, replaced]}))
+    (tmp_path / "s").mkdir()
+    cell = {"num_seeds": 2, "adaptation_steps": [0, 1], "return": metric}
+    (tmp_path / "s" / "sweep.json").write_text(
+        json.dumps({"title": "t", "cells": {"base": cell}, "commands": {"base": "metarl run new.toml"}}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"), "--keep", str(tmp_path / "old.json")]) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["sweep"], r["command"]) for r in rows] == [("old_sweep", "metarl run old.toml"),
+                                                          ("t", "metarl run new.toml")]
+    assert rows[0]["machine"] == "machine A" and rows[1]["machine"] != "machine A"
+    assert "| machine A | `metarl run old.toml` |" in (tmp_path / "table.md").read_text()
