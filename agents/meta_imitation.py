@@ -111,13 +111,36 @@ class MetaImitationConfig:
     """Adaptation steps scored at evaluation."""
     eval_episodes_per_task: int = 20
     """Policy episodes per held-out task for each evaluation step."""
+    eval_ablations: bool = True
+    """Also score GAIL from scratch (fresh G, fresh D), meta G + fresh D, and fresh G + meta D."""
+    eval_bc_baselines: bool = True
+    """Also score BC from scratch, multi-task BC fine-tuned and MAML-BC on the same demonstrations."""
+    bc_steps: int = 200
+    """Adam steps of behaviour cloning on a held-out task's demonstrations."""
+    bc_lr: float = 1e-3
+    """Adam step size of the BC baselines (also MAML-BC's outer step)."""
+    bc_pretrain_steps: int = 1000
+    """Adam steps of the multi-task BC policy on the training tasks' demonstrations."""
+    maml_bc_meta_steps: int = 500
+    """MAML-BC meta-iterations on the training tasks' demonstrations."""
+    num_pretrain_tasks: int = 50
+    """Training tasks whose demonstrations train the multi-task BC and MAML-BC baselines."""
 
     def __post_init__(self) -> None:
         meta_pg.check_common_config(self)
-        for name in ("num_demos", "num_query_demos", "disc_adapt_steps", "num_epochs"):
+        for name in (
+            "num_demos",
+            "num_query_demos",
+            "disc_adapt_steps",
+            "num_epochs",
+            "bc_steps",
+            "bc_pretrain_steps",
+            "maml_bc_meta_steps",
+            "num_pretrain_tasks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr"):
+        for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr", "bc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.gradient_penalty < 0:
@@ -225,10 +248,17 @@ class MetaImitation:
         )
 
     def _adapt_once(
-        self, start: Params, shared: bool, traj: Trajectories, support: DiscData, baseline: Any
+        self,
+        start: Params,
+        shared: bool,
+        traj: Trajectories,
+        support: DiscData,
+        baseline: Any,
+        phi: Params | None = None,
     ) -> tuple[Params, Params, PGBatch]:
-        """Adapt D on the support demos against ``traj``, then one policy step on D's reward."""
-        phi = {k: v.detach() for k, v in self.disc_params.items()}
+        """Adapt D (from ``phi``, the meta-learned φ by default) on the support demos against
+        ``traj``, then one policy step on D's reward."""
+        phi = {k: v.detach() for k, v in (phi or self.disc_params).items()}
         disc_i = {
             k: v.detach() for k, v in self.adapt_disc(phi, support, self.disc_data(traj)).items()
         }
@@ -347,34 +377,100 @@ class MetaImitation:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
-        """Environment return and success per held-out task after 0..``eval_adapt_steps`` steps."""
+    def _curve(
+        self, sampler: Any, tasks: list[Task], support: DiscData, theta: Params, phi: Params
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Environment return and success ``[N, S + 1]`` along ``eval_adapt_steps`` adaptation steps."""
+        cfg, baseline = self.config, copy.deepcopy(self.baseline)
+        current: Params = {k: v.detach() for k, v in theta.items()}
+        shared, returns, successes = True, [], []
+        for step in range(cfg.eval_adapt_steps + 1):
+            params = current if shared else meta_pg.unstack(current)
+            traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+            returns.append(traj.episode_returns().mean(1).numpy())
+            successes.append(traj.success.mean(1).numpy())
+            if step < cfg.eval_adapt_steps:
+                current, _, _ = self._adapt_once(current, shared, traj, support, baseline, phi)
+                shared = False
+        return np.stack(returns, axis=1).astype(np.float64), np.stack(successes, axis=1)
+
+    def _bc_scores(
+        self, sampler: Any, tasks: list[Task], demo: Trajectories, rng: np.random.Generator
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Return and success ``[N]`` of the behaviour-cloning baselines on the same demos."""
+        from metarl import imitation_baselines
+
         cfg = self.config
-        baseline = copy.deepcopy(self.baseline)
+        train = self.distribution.train_tasks() or self.distribution.sample(
+            cfg.num_pretrain_tasks, rng
+        )
+        train = list(train)[: cfg.num_pretrain_tasks]
+        train_demos = demos.record(
+            self.distribution,
+            train,
+            cfg.num_demos + cfg.num_query_demos,
+            self.horizon,
+            meta_pg.eval_seed(rng),
+        )
+        settings = {
+            "bc_steps": cfg.bc_steps,
+            "bc_lr": cfg.bc_lr,
+            "pretrain_steps": cfg.bc_pretrain_steps,
+            "meta_steps": cfg.maml_bc_meta_steps,
+            "meta_batch_size": cfg.meta_batch_size,
+            "inner_lr": cfg.inner_lr,
+        }
+        per_task = imitation_baselines.adapted_params(
+            self.policy,
+            self.policy.init_params(self.seed + 2),
+            _episodes(train_demos, 0, cfg.num_demos),
+            _episodes(train_demos, cfg.num_demos, None),
+            demo,
+            settings,
+            meta_pg.eval_seed(rng),
+        )
+        out = {}
+        for name, params in per_task.items():
+            traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+            out[name] = {
+                "return": traj.episode_returns().mean(1).numpy().astype(np.float64),
+                "success": traj.success.mean(1).numpy(),
+            }
+        return out
+
+    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
+        """Environment return and success per held-out task after 0..``eval_adapt_steps`` steps.
+
+        With ``eval_ablations``, the same curves for GAIL from scratch (``*_gail_scratch``), a
+        meta-trained G with a fresh D (``*_meta_g_fresh_d``) and a fresh G with the meta-trained
+        D (``*_fresh_g_meta_d``); with ``eval_bc_baselines``, ``baselines`` holds the BC
+        learners' scores. Every learner sees the same ``K`` demonstrations per task.
+        """
+        cfg = self.config
         demo = demos.record(
             self.distribution, tasks, cfg.num_demos, self.horizon, meta_pg.eval_seed(rng)
         )
         support = self.disc_data(demo)
         sampler = meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng))
-        current: Params = {k: v.detach() for k, v in self.params.items()}
-        shared, returns, successes = True, [], []
+        fresh_theta = self.policy.init_params(self.seed + 2)
+        fresh_phi = self.disc.init_params(self.seed + 3)
+        curves = {"": (self.params, self.disc_params)}
+        if cfg.eval_ablations:
+            curves |= {
+                "_gail_scratch": (fresh_theta, fresh_phi),
+                "_meta_g_fresh_d": (self.params, fresh_phi),
+                "_fresh_g_meta_d": (fresh_theta, self.disc_params),
+            }
+        result: dict[str, Any] = {"adaptation_steps": list(range(cfg.eval_adapt_steps + 1))}
         with sampler:
-            for step in range(cfg.eval_adapt_steps + 1):
-                params = current if shared else meta_pg.unstack(current)
-                traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
-                returns.append(traj.episode_returns().mean(1).numpy())
-                successes.append(traj.success.numpy())
-                if step < cfg.eval_adapt_steps:
-                    current, _, _ = self._adapt_once(current, shared, traj, support, baseline)
-                    shared = False
-        reported = not np.isnan(np.stack(successes)).all()
-        success = np.stack([s.mean(axis=1) for s in successes], axis=1) if reported else None
-        return {
-            "adaptation_steps": list(range(cfg.eval_adapt_steps + 1)),
-            "return": np.stack(returns, axis=1).astype(np.float64),
-            "success": success,
-            "demo_return": demo.episode_returns().mean(1).numpy().astype(np.float64),
-        }
+            for suffix, (theta, phi) in curves.items():
+                returns, success = self._curve(sampler, tasks, support, theta, phi)
+                result[f"return{suffix}"] = returns
+                result[f"success{suffix}"] = None if np.isnan(success).all() else success
+            if cfg.eval_bc_baselines:
+                result["baselines"] = self._bc_scores(sampler, tasks, demo, rng)
+        result["demo_return"] = demo.episode_returns().mean(1).numpy().astype(np.float64)
+        return result
 
     def adapt(self, task: Task, trajectories: Trajectories, params: Params | None = None) -> Params:
         """One adaptation step on one task from ``trajectories`` ``[1, E, T, ...]`` and fresh demos."""

@@ -69,7 +69,7 @@ def summarize_curves(result: dict[str, Any]) -> dict[str, Any]:
     steps = list(result["adaptation_steps"])
     out: dict[str, Any] = {"adaptation_steps": steps}
     for key, values in result.items():
-        if key == "adaptation_steps" or values is None:
+        if key == "adaptation_steps" or values is None or isinstance(values, dict):
             continue
         arr = np.asarray(values, dtype=float)
         if arr.ndim != 2 or arr.shape[1] != len(steps):
@@ -94,16 +94,23 @@ def plot_curves(
 
     paths = []
     steps = summary["adaptation_steps"]
-    for key, stats in summary.items():
-        if not isinstance(stats, dict) or "mean" not in stats:
+    curves = {k: v for k, v in summary.items() if isinstance(v, dict) and "mean" in v}
+    # ``<metric>_<variant>`` curves (ablations) are drawn in ``<metric>``'s figure.
+    variants = {k: k.split("_", 1) for k in curves if "_" in k and k.split("_", 1)[0] in curves}
+    for key, stats in curves.items():
+        if key in variants:
             continue
-        mean, ci = np.array(stats["mean"]), np.nan_to_num(np.array(stats["ci95"]))
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, label="meta-learner")
-        for i, (label, value) in enumerate((references or {}).get(key, {}).items()):
-            ax.axhline(value, color=f"C{i + 1}", linestyle="--", label=label)
-        if references and key in references:
-            ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        drawn = [("meta-learner", stats)] + [
+            (variant, curves[k]) for k, (base, variant) in variants.items() if base == key
+        ]
+        for i, (label, curve) in enumerate(drawn):
+            mean, ci = np.array(curve["mean"]), np.nan_to_num(np.array(curve["ci95"]))
+            ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, color=f"C{i}", label=label)
+        for j, (label, value) in enumerate((references or {}).get(key, {}).items()):
+            ax.axhline(value, color=f"C{len(drawn) + j}", linestyle="--", label=label)
+        if len(drawn) > 1 or (references and key in references):
+            ax.legend(fontsize=7)
         ax.set_xticks(steps)
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel(key)
@@ -162,6 +169,19 @@ def _baseline_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _agent_baseline_summary(baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{name: {metric: [N] scores}}`` -> ``{name: {metric: summary}}``, unreported metrics dropped."""
+    out: dict[str, Any] = {}
+    for name, scores in baselines.items():
+        entry = {}
+        for metric, values in scores.items():
+            arr = np.asarray(values, dtype=float)
+            if arr.ndim == 1 and not np.isnan(arr).all():
+                entry[metric] = summarize(arr)
+        out[name] = entry
+    return out
+
+
 def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluates an experiment's agent on held-out tasks; writes ``eval.json`` and PNG plots.
 
@@ -185,6 +205,11 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
     run_dir = Path(experiment.run_dir)
     title = f"{experiment.task_name}: {Path(run_dir).name}"
     references: dict[str, dict[str, float]] = {}
+    if isinstance(result.get("baselines"), dict):  # scores of baselines the agent trains itself
+        summary["agent_baselines"] = _agent_baseline_summary(result["baselines"])
+        for name, entry in summary["agent_baselines"].items():
+            for metric, stats in entry.items():
+                references.setdefault(metric, {})[name] = stats["mean"]
     baseline_result = None
     if baselines is not None:
         from metarl.sb3_baselines import run_baselines

@@ -186,3 +186,20 @@ def test_adapted_imitation_policy_ends_closer_to_the_demonstrated_goal():
         assert _final_distance(after, tasks) < 0.8 * _final_distance(before, tasks)
     finally:
         agent.close()
+
+
+def test_bc_loss_is_the_gaussian_negative_log_likelihood_by_hand():
+    from metarl.imitation_baselines import bc_loss, fit
+    from metarl.policies import GaussianMLPPolicy
+
+    policy = GaussianMLPPolicy(1, 1, hidden_sizes=())
+    params = {"out.weight": torch.tensor([[2.0]]), "out.bias": torch.tensor([0.5]),
+              "log_std": torch.tensor([math.log(0.5)])}
+    obs = torch.tensor([[[1.0], [-1.0], [3.0]]])  # [K=1, T=3, 1]
+    actions = torch.tensor([[[2.0], [-2.0], [0.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third step is padding
+    means, std = np.array([2.5, -1.5]), 0.5
+    nll = 0.5 * ((np.array([2.0, -2.0]) - means) / std) ** 2 + math.log(std) + 0.5 * math.log(2 * math.pi)
+    assert float(bc_loss(policy, params, (obs, actions, mask))) == pytest.approx(nll.mean(), rel=1e-6)
+    fitted = fit(policy, params, (obs, actions, mask), steps=100, lr=0.05)
+    assert float(bc_loss(policy, fitted, (obs, actions, mask))) < nll.mean() - 0.5
