@@ -162,6 +162,8 @@ class MAMLTRPO:
             self._advantages,
             self.device,
         )
+        # Per-task post-update returns [N], for wrappers that choose tasks (the task generator).
+        self.last_post_returns = batch.trajectories[-1].episode_returns().mean(1)
         update_start = time.perf_counter()
         metrics = {**meta_pg.trajectory_metrics(batch), **self._update(batch)}
         metrics["time/update_s"] = time.perf_counter() - update_start

@@ -130,6 +130,21 @@ class Navigation2D(TaskDistribution):
     def train_tasks(self) -> list[Task]:
         return list(self._train)
 
+    def parameter_box(self) -> dict[str, tuple[list[float], list[float]]]:
+        """The nominal box of each task field, ``{field: (low, high)}`` (for task generators)."""
+        box = {"goal": ([GOAL_LOW] * 2, [GOAL_HIGH] * 2)}
+        if self.wind_scale > 0:
+            box["wind"] = ([-self.wind_scale] * 2, [self.wind_scale] * 2)
+        return box
+
+    def make_task(self, **fields: Any) -> Task:
+        """A task of this family from field values (goals and winds anywhere, e.g. off-box)."""
+        if set(fields) != set(self.parameter_box()):
+            raise ValueError(
+                f"{self.name} tasks need fields {sorted(self.parameter_box())}, got {sorted(fields)}"
+            )
+        return Task.make(self.name, **{k: tuple(float(x) for x in v) for k, v in fields.items()})
+
     def test_tasks(self) -> list[Task]:
         return list(self._test)
 

@@ -44,7 +44,9 @@ def iqm(values: np.ndarray) -> float:
     return float((weights * x).sum() / weights.sum())
 
 
-def bootstrap_ci(values: np.ndarray, statistic=iqm, num_samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, statistic=iqm, num_samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of ``statistic`` over the scores."""
     x = np.asarray(values, dtype=float).ravel()
     x = x[np.isfinite(x)]
@@ -55,13 +57,31 @@ def bootstrap_ci(values: np.ndarray, statistic=iqm, num_samples: int = 2000, see
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def cvar(values: np.ndarray, alpha: float = 0.1) -> float:
+    """Conditional value at risk: the mean of the lowest ``ceil(alpha · n)`` finite scores."""
+    finite = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])
+    if finite.size == 0:
+        return float("nan")
+    return float(finite[: max(1, math.ceil(alpha * finite.size))].mean())
+
+
 def summarize(values: np.ndarray) -> dict[str, float]:
-    """Mean ± 95% CI and IQM with its bootstrap interval of a set of per-task scores."""
+    """Mean ± 95% CI, IQM with its bootstrap interval, and the lower tail (worst, CVaR 0.1)."""
     mean, ci = mean_ci95(values)
     lo, hi = bootstrap_ci(values)
     finite = np.isfinite(np.asarray(values, dtype=float))
-    return {"mean": mean, "ci95": ci, "iqm": iqm(np.asarray(values)[finite]), "iqm_lo": lo, "iqm_hi": hi,
-            "num": int(finite.sum()), "num_nonfinite": int((~finite).sum())}
+    worst = float(np.min(np.asarray(values, dtype=float)[finite])) if finite.any() else float("nan")
+    return {
+        "mean": mean,
+        "ci95": ci,
+        "iqm": iqm(np.asarray(values)[finite]),
+        "iqm_lo": lo,
+        "iqm_hi": hi,
+        "worst": worst,
+        "cvar10": cvar(values, 0.1),
+        "num": int(finite.sum()),
+        "num_nonfinite": int((~finite).sum()),
+    }
 
 
 def summarize_curves(result: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +101,10 @@ def summarize_curves(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_curves(
-    summary: dict[str, Any], path: Path, title: str, references: dict[str, dict[str, float]] | None = None
+    summary: dict[str, Any],
+    path: Path,
+    title: str,
+    references: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:
     """One PNG per metric: mean ± 95% CI against adaptation steps.
 
@@ -153,7 +176,10 @@ def baseline_budget(experiment: Any) -> int:
 
 
 def _baseline_summary(result: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"budget_steps": result["budget_steps"], "pretrain_steps": result["pretrain_steps"]}
+    out: dict[str, Any] = {
+        "budget_steps": result["budget_steps"],
+        "pretrain_steps": result["pretrain_steps"],
+    }
     for name in ("scratch", "multitask"):
         part = result[name]
         entry: dict[str, Any] = {"algo": part["algo"]}
@@ -195,7 +221,9 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
         The summary: ``adaptation_steps`` and, aligned with it, ``<metric>_mean`` lists, plus the
         paths of the plots (and ``baselines`` when asked for).
     """
-    budget = baseline_budget(experiment) if baselines is not None else 0  # fail before the long work
+    budget = (
+        baseline_budget(experiment) if baselines is not None else 0
+    )  # fail before the long work
     tasks = experiment.distribution.test_tasks()
     if experiment.eval_cfg.num_tasks:
         tasks = tasks[: experiment.eval_cfg.num_tasks]
@@ -215,8 +243,12 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
         from metarl.sb3_baselines import run_baselines
 
         baseline_result = run_baselines(
-            experiment.distribution, experiment.task_name, tasks, budget,
-            seed=experiment.eval_cfg.seed, **baselines,
+            experiment.distribution,
+            experiment.task_name,
+            tasks,
+            budget,
+            seed=experiment.eval_cfg.seed,
+            **baselines,
         )
         summary["baselines"] = _baseline_summary(baseline_result)
         for metric in ("return", "success"):
@@ -232,8 +264,11 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
     summary["plots"] = [str(p) for p in plots]
     summary["iteration"] = experiment.iteration
     summary["num_tasks"] = len(tasks)
-    document = {"summary": summary, "per_task": {k: v for k, v in result.items() if k != "adaptation_steps"},
-                "tasks": [t.to_dict() for t in tasks]}
+    document = {
+        "summary": summary,
+        "per_task": {k: v for k, v in result.items() if k != "adaptation_steps"},
+        "tasks": [t.to_dict() for t in tasks],
+    }
     if baseline_result is not None:
         document["baselines_per_task"] = baseline_result
     (run_dir / "eval.json").write_text(json.dumps(_jsonable(document), indent=1))

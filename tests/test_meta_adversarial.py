@@ -193,13 +193,118 @@ def test_bc_loss_is_the_gaussian_negative_log_likelihood_by_hand():
     from metarl.policies import GaussianMLPPolicy
 
     policy = GaussianMLPPolicy(1, 1, hidden_sizes=())
-    params = {"out.weight": torch.tensor([[2.0]]), "out.bias": torch.tensor([0.5]),
-              "log_std": torch.tensor([math.log(0.5)])}
+    params = {
+        "out.weight": torch.tensor([[2.0]]),
+        "out.bias": torch.tensor([0.5]),
+        "log_std": torch.tensor([math.log(0.5)]),
+    }
     obs = torch.tensor([[[1.0], [-1.0], [3.0]]])  # [K=1, T=3, 1]
     actions = torch.tensor([[[2.0], [-2.0], [0.0]]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third step is padding
     means, std = np.array([2.5, -1.5]), 0.5
-    nll = 0.5 * ((np.array([2.0, -2.0]) - means) / std) ** 2 + math.log(std) + 0.5 * math.log(2 * math.pi)
-    assert float(bc_loss(policy, params, (obs, actions, mask))) == pytest.approx(nll.mean(), rel=1e-6)
+    nll = (
+        0.5 * ((np.array([2.0, -2.0]) - means) / std) ** 2
+        + math.log(std)
+        + 0.5 * math.log(2 * math.pi)
+    )
+    assert float(bc_loss(policy, params, (obs, actions, mask))) == pytest.approx(
+        nll.mean(), rel=1e-6
+    )
     fitted = fit(policy, params, (obs, actions, mask), steps=100, lr=0.05)
     assert float(bc_loss(policy, fitted, (obs, actions, mask))) < nll.mean() - 0.5
+
+
+# ---------------------------------------------------------------- adversarial task generator
+
+TINY_META = {
+    "meta_batch_size": 8,
+    "episodes_per_task": 4,
+    "hidden_sizes": (16,),
+    "horizon": 20,
+    "eval_adapt_steps": 1,
+    "eval_episodes_per_task": 2,
+}
+
+
+def _generator(**overrides):
+    from agents.task_generator import TaskGenerator, TaskGeneratorConfig
+
+    config = TaskGeneratorConfig(meta=dict(TINY_META), **overrides)
+    return TaskGenerator(config, envs.make("navigation-2d-wind", horizon=20), seed=0)
+
+
+def test_generator_samples_stay_inside_the_declared_bounds():
+    agent = _generator(bounds_scale=1.5)
+    try:
+        with torch.no_grad():
+            agent.g_params["mean"].copy_(torch.tensor([40.0, -40.0, 0.0, 25.0]))
+            agent.g_params["log_std"].fill_(3.0)
+        c, _ = agent.sample(2000)
+        # nominal: goal U[-0.5, 0.5]^2, wind U[-0.05, 0.05]^2; G's box is 1.5 times as wide
+        high = torch.tensor([0.75, 0.75, 0.075, 0.075], dtype=torch.float64) + 1e-12
+        assert bool((c >= -high).all() and (c <= high).all())
+        assert float(c[:, 0].max()) > 0.74 and float(c[:, 1].min()) < -0.74  # pushed to the edge
+        tasks = agent.box.tasks(agent.distribution, c[:3])
+        assert [t["goal"] for t in tasks] == [tuple(row[:2]) for row in c[:3].tolist()]
+        assert [t["wind"] for t in tasks] == [tuple(row[2:]) for row in c[:3].tolist()]
+    finally:
+        agent.close()
+
+
+def test_generator_log_density_is_the_change_of_variables_by_hand():
+    agent = _generator(bounds_scale=1.0)
+    try:
+        mean, log_std = np.array([0.3, -0.2, 0.0, 1.0]), np.array([0.1, -0.5, 0.2, 0.0])
+        with torch.no_grad():
+            agent.g_params["mean"].copy_(torch.from_numpy(mean))
+            agent.g_params["log_std"].copy_(torch.from_numpy(log_std))
+        u = np.array([[0.5, 0.1, -1.0, 2.0]])
+        width = np.array([1.0, 1.0, 0.1, 0.1])
+        s = 1 / (1 + np.exp(-u))
+        std = np.exp(log_std)
+        log_normal = -0.5 * ((u - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
+        expected = (log_normal - np.log(width * s * (1 - s))).sum()
+        assert float(agent.log_density(torch.from_numpy(u))[0]) == pytest.approx(
+            expected, rel=1e-10
+        )
+    finally:
+        agent.close()
+    from agents.task_generator import TaskGeneratorConfig
+
+    with pytest.raises(ValueError, match="needs bounds_scale=1"):
+        TaskGeneratorConfig(plausibility="kl", bounds_scale=1.5)
+
+
+def test_generator_mixes_its_tasks_into_the_meta_batch():
+    agent = _generator(generated_fraction=0.25)
+    try:
+        nominal = agent.distribution.sample(8, np.random.default_rng(0))
+        seen = []
+        original = agent.meta.step
+        agent.meta.step = lambda tasks: (seen.append(list(tasks)), original(tasks))[1]
+        metrics = agent.step(nominal)
+        assert seen[0][:6] == nominal[:6] and len(seen[0]) == 8
+        assert all(t not in nominal for t in seen[0][6:])  # the last 2 are G's
+        assert "train/generated_post_return" in metrics and "train/disc_loss" in metrics
+    finally:
+        agent.close()
+
+
+def _outside_fraction(agent, n: int = 2000) -> float:
+    c, _ = agent.sample(n)
+    return float((agent.box.standardise(c).abs() > 1).any(-1).double().mean())
+
+
+@pytest.mark.slow
+def test_without_d_the_generator_drifts_further_from_the_nominal_distribution():
+    drift = {}
+    for plausibility in ("discriminator", "none"):
+        agent = _generator(plausibility=plausibility, plausibility_weight=2.0, generator_lr=0.1)
+        rng = np.random.default_rng(0)
+        try:
+            for _ in range(20):
+                agent.step(agent.distribution.sample(8, rng))
+            drift[plausibility] = _outside_fraction(agent)
+        finally:
+            agent.close()
+    assert drift["none"] > drift["discriminator"] + 0.05, drift
