@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from metarl.config import ConfigError
-from metarl.evaluation import bootstrap_ci, iqm
+from metarl.evaluation import bootstrap_ci, cvar, iqm
 
 METRICS = ("return", "success", "loss", "accuracy")
 
@@ -103,12 +103,13 @@ def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
     """Pools per-task scores over seeds: IQM and 95% bootstrap CI per metric and adaptation step."""
     steps = documents[0]["summary"]["adaptation_steps"]
     out: dict[str, Any] = {"adaptation_steps": steps, "num_seeds": len(documents)}
-    for metric in METRICS:
+    keys = [k for k in documents[0]["per_task"] if k in METRICS or k.split("_", 1)[0] in METRICS]
+    for metric in keys:
         arrays = [d["per_task"].get(metric) for d in documents]
-        if any(a is None for a in arrays):
+        if any(a is None or isinstance(a, dict) for a in arrays):
             continue
         pooled = np.concatenate([np.asarray(a, dtype=float) for a in arrays])
-        if pooled.ndim != 2 or np.isnan(pooled).all():
+        if pooled.ndim != 2 or pooled.shape[1] != len(steps) or np.isnan(pooled).all():
             continue
         cols = [pooled[:, j][np.isfinite(pooled[:, j])] for j in range(pooled.shape[1])]
         cis = [bootstrap_ci(c) for c in cols]
@@ -117,8 +118,23 @@ def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
             "lo": [lo for lo, _ in cis],
             "hi": [hi for _, hi in cis],
             "mean": [float(c.mean()) for c in cols],
+            "worst": [float(c.min()) if len(c) else float("nan") for c in cols],
+            "cvar10": [cvar(c, 0.1) for c in cols],
             "num": [len(c) for c in cols],
         }
+    agent_baselines = [d["per_task"].get("baselines") for d in documents]
+    if all(isinstance(b, dict) for b in agent_baselines):
+        out["agent_baselines"] = {}
+        for name in agent_baselines[0]:
+            for key in agent_baselines[0][name]:
+                pooled = np.concatenate([np.asarray(b[name][key], dtype=float) for b in agent_baselines])
+                pooled = pooled[np.isfinite(pooled)]
+                if len(pooled):
+                    lo, hi = bootstrap_ci(pooled)
+                    out["agent_baselines"][f"{name}/{key}"] = {
+                        "iqm": iqm(pooled), "lo": lo, "hi": hi, "mean": float(pooled.mean()),
+                        "worst": float(pooled.min()), "cvar10": cvar(pooled, 0.1), "num": len(pooled),
+                    }
     base = [d["summary"].get("baselines") for d in documents]
     if all(b is not None for b in base):
         out["baselines"] = {}

@@ -69,6 +69,25 @@ def test_aggregate_pools_tasks_over_seeds_with_the_interquartile_mean():
     assert "success" not in agg
 
 
+def test_aggregate_keeps_variant_curves_the_lower_tail_and_agent_baselines():
+    # 20 pooled tasks scoring -1..-20 on shifted tasks: the worst is -20 and CVaR 0.1 the mean of
+    # the lowest ceil(0.1 * 20) = 2, i.e. -19.5.
+    docs = []
+    for seed in range(2):
+        values = -np.arange(1.0, 11.0) - 10 * seed
+        per_task = {
+            "return": np.stack([values, values], axis=1).tolist(),
+            "return_shifted": np.stack([values, values + 1], axis=1).tolist(),
+            "baselines": {"bc_scratch": {"return": (values / 2).tolist()}},
+        }
+        docs.append({"summary": {"adaptation_steps": [0, 1]}, "per_task": per_task})
+    agg = aggregate(docs)
+    assert agg["return_shifted"]["worst"] == pytest.approx([-20.0, -19.0])
+    assert agg["return_shifted"]["cvar10"] == pytest.approx([-19.5, -18.5])
+    assert agg["agent_baselines"]["bc_scratch/return"]["mean"] == pytest.approx(-5.25)
+    assert agg["agent_baselines"]["bc_scratch/return"]["cvar10"] == pytest.approx(-9.75)
+
+
 def test_baseline_budget_is_the_meta_learners_adaptation_steps():
     # 3 inner steps, each on 20 episodes of 100 steps: 6,000 environment steps per task.
     cfg = SimpleNamespace(eval_adapt_steps=3, eval_episodes_per_task=20, horizon=0)
@@ -164,8 +183,8 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         sampling = np.mean([r["sampling_s"] for r in timed])
         optimisation = np.mean([r["optimization_s"] for r in timed])
         assert setting["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
-        # The parts are disjoint pieces of the optimisation time.
-        assert 0 < sum(setting["parts_s"].values()) <= optimisation * (1 + 1e-6)
+        # The parts are disjoint pieces of the optimisation time (each rounded to 1 ms).
+        assert 0 < sum(setting["parts_s"].values()) <= optimisation + 0.003
         assert json.loads(last)["ratios"][str(setting["hvp_subsample"])] == pytest.approx(
             setting["optimization_over_sampling"], abs=1e-4)
     assert f"**{document['settings'][0]['optimization_over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
