@@ -308,3 +308,31 @@ def test_without_d_the_generator_drifts_further_from_the_nominal_distribution():
         finally:
             agent.close()
     assert drift["none"] > drift["discriminator"] + 0.05, drift
+
+
+def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
+    import json
+
+    from metarl.adv_table import main as adv_table
+
+    curve = {"iqm": [-40.0, -30.0, -20.0], "lo": [-41.0, -31.0, -21.0], "hi": [-39.0, -29.0, -19.0],
+             "mean": [-40.0, -30.0, -20.0], "worst": [-60.0, -50.0, -45.0], "cvar10": [-58.0, -49.0, -44.0]}
+    bc = {"iqm": -35.0, "lo": -36.0, "hi": -34.0, "mean": -35.0}
+    cell = {"num_seeds": 5, "adaptation_steps": [0, 1, 5], "return": curve, "return_gail_scratch": curve,
+            "agent_baselines": {"maml_bc/return": bc}}
+    for name in ("imitation", "generator"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps(
+            {"title": name, "cells": {"base": {**cell, "return_shifted": curve}}, "commands": {"base": "cmd"},
+             "sweep_command": f"metarl sweep {name}"}))
+    adv_table(["--imitation", str(tmp_path / "imitation"), "--generator", str(tmp_path / "generator"),
+               "--out", str(tmp_path / "table")])
+    document = json.loads((tmp_path / "table.json").read_text())
+    learners = {r["learner"]: r for r in document["imitation"]}
+    assert set(learners) == {"meta-adversarial (meta G + meta D)", "GAIL from scratch (fresh G + fresh D)", "MAML-BC"}
+    assert learners["meta-adversarial (meta G + meta D)"]["values"] == [
+        "-40 [-41, -39]", "-30 [-31, -29]", "-20 [-21, -19]"]
+    (row,) = document["generator"]
+    assert row["return_shifted"]["worst"] == -45.0 and row["return"]["cvar10"] == -44.0
+    assert row["command"] == "metarl sweep generator"
+    assert "| -20 | -45 | -44 |" in (tmp_path / "table.md").read_text()
