@@ -36,6 +36,7 @@ _REGISTRY: dict[str, str] = {
     "navigation-2d-wind": "envs.navigation:navigation_2d_wind",
     "halfcheetah-vel": "envs.mujoco_tasks:halfcheetah_vel",
     "halfcheetah-dir": "envs.mujoco_tasks:halfcheetah_dir",
+    "halfcheetah-vel-mass": "envs.mujoco_tasks:halfcheetah_vel_mass",
     "ant-dir": "envs.mujoco_tasks:ant_dir",
     "ant-dir-2d": "envs.mujoco_tasks:ant_dir_2d",
     "ant-goal": "envs.mujoco_tasks:ant_goal",

@@ -42,6 +42,8 @@ class FamilySpec:
         fixed_tasks: the whole task set where it is finite (train and test are both this set).
         apply_task: rewrites model arrays for a task from the stored nominal values.
         model_fields: names of ``MjModel`` arrays whose nominal values the env stores.
+        box: the nominal box of each (scalar or vector) task field, ``{field: (low, high)}``,
+            where the family supports task generators (:meth:`MujocoFamily.parameter_box`).
     """
 
     name: str
@@ -56,6 +58,7 @@ class FamilySpec:
     fixed_tasks: tuple[dict[str, Any], ...] | None = None
     apply_task: Callable[[Any, Task, dict[str, np.ndarray]], None] | None = None
     model_fields: tuple[str, ...] = field(default_factory=tuple)
+    box: dict[str, tuple[list[float], list[float]]] | None = None
 
 
 class MujocoTaskEnv(gym.Env):
@@ -164,6 +167,23 @@ class MujocoFamily(TaskDistribution):
 
     def train_tasks(self) -> list[Task]:
         return list(self._train)
+
+    def parameter_box(self) -> dict[str, tuple[list[float], list[float]]]:
+        """The nominal box of each task field (for task generators); not every family has one."""
+        if self.spec.box is None:
+            raise ValueError(
+                f"{self.name} declares no parameter box for task generators; use halfcheetah-vel-mass "
+                "or navigation-2d-wind"
+            )
+        return dict(self.spec.box)
+
+    def make_task(self, **fields: Any) -> Task:
+        """A task from field values, anywhere (off the nominal box too); 1-element lists become floats."""
+        box = self.parameter_box()
+        if set(fields) != set(box):
+            raise ValueError(f"{self.name} tasks need fields {sorted(box)}, got {sorted(fields)}")
+        values = {k: float(v[0]) if len(box[k][0]) == 1 else tuple(map(float, v)) for k, v in fields.items()}
+        return Task.make(self.name, **values)
 
     def test_tasks(self) -> list[Task]:
         return list(self._test)

@@ -121,6 +121,20 @@ def _sample_velocity(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     return [{"velocity": v} for v in rng.uniform(0.0, 2.0, size=n)]
 
 
+def _sample_velocity_mass(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    velocity, mass = rng.uniform(0.0, 2.0, size=n), rng.uniform(0.75, 1.25, size=n)
+    return [{"velocity": v, "mass_scale": m} for v, m in zip(velocity, mass, strict=True)]
+
+
+def _apply_mass(model: Any, task: Task, nominal: dict[str, np.ndarray]) -> None:
+    """Scales every body's mass and inertia by the task's ``mass_scale`` (from nominal values)."""
+    scale = float(task["mass_scale"])
+    if not scale > 0:
+        raise ValueError(f"mass_scale must be > 0, got {scale}")
+    model.body_mass[:] = nominal["body_mass"] * scale
+    model.body_inertia[:] = nominal["body_inertia"] * scale
+
+
 def _sample_sign(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     return [{"direction": d} for d in rng.choice([-1.0, 1.0], size=n)]
 
@@ -151,6 +165,24 @@ HALFCHEETAH_VEL = FamilySpec(
     _cheetah_reward,
     _cheetah_x,
     {"velocity": "U[0, 2]", "reward": "-|v_x - velocity| - 0.05 ||a||^2"},
+)
+HALFCHEETAH_VEL_MASS = FamilySpec(
+    "halfcheetah-vel-mass",
+    _MAML + "; a body-mass shift per task",
+    _halfcheetah,
+    17,
+    6,
+    _sample_velocity_mass,
+    _cheetah_reward,
+    _cheetah_x,
+    {
+        "velocity": "U[0, 2]",
+        "mass_scale": "U[0.75, 1.25], multiplies every body's mass and inertia",
+        "reward": "-|v_x - velocity| - 0.05 ||a||^2",
+    },
+    apply_task=_apply_mass,
+    model_fields=("body_mass", "body_inertia"),
+    box={"velocity": ([0.0], [2.0]), "mass_scale": ([0.75], [1.25])},
 )
 HALFCHEETAH_DIR = FamilySpec(
     "halfcheetah-dir",
@@ -211,6 +243,13 @@ def halfcheetah_vel(
 ) -> MujocoFamily:
     """HalfCheetah target velocity; task field ``velocity`` (float)."""
     return MujocoFamily(HALFCHEETAH_VEL, horizon, num_train, num_test, split_seed)
+
+
+def halfcheetah_vel_mass(
+    horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+) -> MujocoFamily:
+    """HalfCheetah target velocity with a body-mass shift; fields ``velocity``, ``mass_scale``."""
+    return MujocoFamily(HALFCHEETAH_VEL_MASS, horizon, num_train, num_test, split_seed)
 
 
 def halfcheetah_dir(horizon: int = 200) -> MujocoFamily:
