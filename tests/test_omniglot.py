@@ -370,3 +370,25 @@ def test_scorer_random_guesses_near_chance(runs):
 def test_scorer_rejects_wrong_prediction_shape(runs):
     with pytest.raises(ValueError, match="expected"):
         score_official_runs(lambda train_x, test_x: torch.zeros(3), runs)
+
+
+def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_path):
+    import json
+
+    from metarl.fewshot.omniglot_table import cell_name, main
+
+    def cell(seed: int, iterations: int, scores: list[float]) -> dict:
+        return {"method": "maml", "ways": 5, "shots": 1, "seed": seed, "iterations": iterations,
+                "command": f"metarl run experiments/omniglot_maml.toml --set run.seed={seed}",
+                "train_s": 1.0, "machine": "m", "accuracy": {"5": {"step": 3, "per_task": scores}}}
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    # seeds 0 and 1 trained for 200 iterations, seed 2 only for 100: the row keeps the 200s.
+    for c in (cell(0, 200, [90.0, 100.0]), cell(1, 200, [80.0, 90.0]), cell(2, 100, [10.0, 10.0])):
+        (cells / cell_name(c)).write_text(json.dumps(c))
+    assert main(["--from-cells", "--cells", str(cells), "--out", str(tmp_path / "omniglot")]) == 0
+    (row,) = json.loads((tmp_path / "omniglot.json").read_text())["rows"]
+    assert row["seeds"] == [0, 1] and row["iterations"] == 200
+    assert row["accuracy"]["mean"] == pytest.approx(90.0) and row["accuracy"]["num"] == 4
+    assert "run.seed={0,1}" in (tmp_path / "omniglot.md").read_text()

@@ -98,8 +98,13 @@ def run_cell(
     iterations: int,
     root: str,
     extra: list[str],
+    cells_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Trains (or resumes) one model, then scores it on held-out episodes and the official runs."""
+    """Trains (or resumes) one model, then scores it on held-out episodes and the official runs.
+
+    The result is also written to ``cells_dir`` (committed with the table), so that a table can
+    be assembled from cells trained in several sessions or on several machines.
+    """
     import torch
 
     from metarl.experiment import Experiment
@@ -144,8 +149,39 @@ def run_cell(
     if shots == 1 and (ways == 20 or method == "protonet"):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
+    result["machine"] = _machine()
     done.write_text(json.dumps(result))
+    if cells_dir is not None:
+        Path(cells_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cells_dir) / cell_name(result)).write_text(json.dumps(result) + "\n")
     return result
+
+
+def cell_name(result: dict[str, Any]) -> str:
+    """The file name of one trained cell: method, ways, shots, seed and iterations."""
+    r = result
+    return f"{r['method']}-{r['ways']}w{r['shots']}s-s{r['seed']}-i{r['iterations']}.json"
+
+
+def load_cells(cells_dir: str | Path) -> list[dict[str, Any]]:
+    """Every committed cell result under ``cells_dir`` (none if the folder does not exist)."""
+    folder = Path(cells_dir)
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def merge_cells(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cells keyed by (method, ways, shots, seed): later groups win; per (method, ways, shots)
+    only the cells of the largest iteration count are kept, so a row never mixes budgets."""
+    keyed: dict[tuple, dict[str, Any]] = {}
+    for group in groups:
+        for r in group:
+            keyed[(r["method"], r["ways"], r["shots"], r["seed"])] = r
+    longest: dict[tuple, int] = {}
+    for (method, ways, shots, _), r in keyed.items():
+        longest[(method, ways, shots)] = max(longest.get((method, ways, shots), 0), r["iterations"])
+    return [r for (m, w, k, _), r in keyed.items() if r["iterations"] == longest[(m, w, k)]]
 
 
 def _cell(values: list[float]) -> dict[str, float]:
@@ -219,7 +255,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     document = {
         "benchmark": "Omniglot few-shot classification, minimal background sets",
         "machine": _machine(),
-        "num_seeds": args.seeds,
+        "num_seeds": max((len(r["seeds"]) for r in rows), default=0),
         "num_test_tasks": 600,
         "table_command": args.table_command,
         "rows": rows,
@@ -299,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         help="extra override of every run (e.g. tasks.channels=8 for a smoke test)",
     )
     parser.add_argument("--root", default="runs/omniglot_table")
+    parser.add_argument(
+        "--cells",
+        default="experiments/results/omniglot_cells",
+        help="folder of per-cell results, committed; the table holds these and the cells trained now",
+    )
+    parser.add_argument(
+        "--from-cells",
+        action="store_true",
+        help="train nothing: build the table from --cells alone",
+    )
     parser.add_argument("--out", default="experiments/results/omniglot")
     args = parser.parse_args(argv)
     per_method = dict(item.split("=", 1) for item in args.method_iterations)
@@ -310,13 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    committed = load_cells(args.cells)
+    if args.from_cells:
+        if not committed:
+            parser.error(f"--from-cells: no cell results in {args.cells}")
+        write_table(merge_cells(committed), args)
+        print(json.dumps({"runs": len(committed), "out": args.out}))
+        return 0
     jobs = [
-        (m, w, k, tw, s, int(per_method.get(m, args.iterations)), args.root, args.set)
+        (m, w, k, tw, s, int(per_method.get(m, args.iterations)), args.root, args.set, args.cells)
         for s in range(args.seeds)
         for m in args.methods
         for w, k, tw in _trained_runs(m)
     ]
-    results = []
+    results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         for i, future in enumerate(futures):
@@ -328,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" official error {r['official']['mean_error']:.1f}" if "official" in r else ""),
                 flush=True,
             )
-            write_table(results, args)
+            write_table(merge_cells(committed, results), args)
     print(json.dumps({"runs": len(results), "out": args.out}))
     return 0
 
