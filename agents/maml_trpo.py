@@ -257,8 +257,17 @@ class MAMLTRPO:
         )
         return {k: v[0].detach().cpu() for k, v in adapted.items()}
 
-    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
-        """Return and success per held-out task after 0..``eval_adapt_steps`` inner steps."""
+    def evaluate(
+        self,
+        tasks: list[Task],
+        rng: np.random.Generator,
+        distribution: TaskDistribution | None = None,
+    ) -> dict[str, Any]:
+        """Return and success per held-out task after 0..``eval_adapt_steps`` inner steps.
+
+        ``distribution`` replaces the training family's environments (e.g. the same family under
+        robustness wrappers, :class:`envs.wrappers.Perturbed`).
+        """
         cfg = self.config
         baseline = copy.deepcopy(self.baseline)
 
@@ -267,7 +276,8 @@ class MAMLTRPO:
                 t, baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
             )
 
-        sampler = meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng))
+        family = self.distribution if distribution is None else distribution
+        sampler = meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng))
         with sampler:
             return meta_pg.evaluate_adaptation(
                 sampler,

@@ -70,6 +70,9 @@ class TaskGeneratorConfig:
     """Nominal and generated tasks per D step."""
     shifted_scale: float = 1.5
     """Evaluation also scores tasks from the nominal box scaled by this (outside the training range)."""
+    eval_perturbations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Evaluation also scores the held-out tasks under these robustness wrappers (``*_perturbed``),
+    e.g. {observation_noise = {std = 0.05}, non_stationary = {mode = "steps", period = 50}}."""
 
     @property
     def meta_batch_size(self) -> int:
@@ -274,7 +277,8 @@ class TaskGenerator:
         return metrics
 
     def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
-        """The meta-learner's curves on ``tasks`` and on as many shifted tasks (``*_shifted``)."""
+        """The meta-learner's curves on ``tasks``, on as many shifted tasks (``*_shifted``) and, with
+        ``eval_perturbations``, on ``tasks`` under robustness wrappers (``*_perturbed``)."""
         result = dict(self.meta.evaluate(tasks, rng))
         shifted = self.box.tasks(
             self.distribution, self.box.uniform(len(tasks), rng, self.config.shifted_scale)
@@ -282,6 +286,13 @@ class TaskGenerator:
         for key, value in self.meta.evaluate(shifted, rng).items():
             if key != "adaptation_steps":
                 result[f"{key}_shifted"] = value
+        if self.config.eval_perturbations:
+            from envs.wrappers import Perturbed
+
+            perturbed = Perturbed(self.distribution, list(self.config.eval_perturbations.items()))
+            for key, value in self.meta.evaluate(tasks, rng, distribution=perturbed).items():
+                if key != "adaptation_steps":
+                    result[f"{key}_perturbed"] = value
         return result
 
     def adapt(self, task: Task, trajectories: Any, params: Any = None) -> Any:

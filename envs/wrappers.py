@@ -344,3 +344,59 @@ class DynamicsShift(gym.Wrapper):
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         return obs, reward, terminated, truncated, self._info(info)
+
+
+WRAPPERS: dict[str, type[gym.Wrapper]] = {
+    "observation_noise": ObservationNoise,
+    "action_noise": ActionNoise,
+    "external_force": ExternalForce,
+    "dynamics_shift": DynamicsShift,
+    "non_stationary": NonStationary,
+}
+
+
+class Perturbed(TaskDistribution):
+    """A family whose every environment carries robustness wrappers, applied in the given order.
+
+    Tasks, splits and spaces are the base family's; only the environments differ, so an agent
+    trained on the base family is evaluated under perturbation by building its sampler on this.
+    A ``non_stationary`` wrapper draws its new tasks from the base family.
+
+    Args:
+        base: the family.
+        wrappers: ``[(name, kwargs), ...]`` with ``name`` in :data:`WRAPPERS`, e.g.
+            ``[("observation_noise", {"std": 0.05}), ("non_stationary", {"mode": "steps", "period": 50})]``.
+    """
+
+    def __init__(self, base: TaskDistribution, wrappers: list[tuple[str, dict[str, Any]]]) -> None:
+        unknown = sorted({name for name, _ in wrappers} - set(WRAPPERS))
+        if unknown:
+            raise ValueError(f"unknown wrapper(s) {unknown}; choose from {sorted(WRAPPERS)}")
+        self.base = base
+        self.wrappers = [(name, dict(kwargs)) for name, kwargs in wrappers]
+        self.name, self.horizon = base.name, base.horizon
+        self.observation_space, self.action_space = base.observation_space, base.action_space
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return self.base.sample(n, rng)
+
+    def train_tasks(self) -> list[Task]:
+        return self.base.train_tasks()
+
+    def test_tasks(self) -> list[Task]:
+        return self.base.test_tasks()
+
+    def make_env(self, task: Task) -> gym.Env:
+        env = self.base.make_env(task)
+        for name, kwargs in self.wrappers:
+            if name == "non_stationary":
+                env = NonStationary(env, self.base, **kwargs)
+            else:
+                env = WRAPPERS[name](env, **kwargs)  # type: ignore[call-arg]
+        return env
+
+    def set_task(self, env: gym.Env, task: Task) -> None:
+        self.base.set_task(env, task)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.base.describe(), "wrappers": [f"{n}({kw})" for n, kw in self.wrappers]}

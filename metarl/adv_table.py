@@ -8,7 +8,8 @@ Imitation: held-out return (or success, where the environment reports it) after 
 last adaptation step, IQM with a 95% bootstrap interval over tasks × seeds, for the
 meta-adversarial learner, its ablations (GAIL from scratch, meta G + fresh D, fresh G + meta D)
 and the behaviour-cloning baselines, all on the same demonstrations. Generator: mean, worst case
-and CVaR 0.1 of the post-adaptation return (last step) on held-out and on shifted tasks.
+and CVaR 0.1 of the post-adaptation return (last step) on held-out tasks, on shifted tasks
+(outside the training range) and on held-out tasks under robustness wrappers.
 Every row carries the sweep command that produced it.
 """
 
@@ -28,6 +29,7 @@ VARIANTS = {
     "_meta_g_fresh_d": "meta G + fresh D",
     "_fresh_g_meta_d": "fresh G + meta D",
 }
+KINDS = ("return", "return_shifted", "return_perturbed")  # held-out, shifted, perturbed tasks
 BASELINES = {
     "bc_scratch": "BC from scratch",
     "bc_multitask": "multi-task BC fine-tuned",
@@ -103,7 +105,7 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
             "num_seeds": cell["num_seeds"],
             "command": document.get("sweep_command") or document["commands"][label],
         }
-        for key in ("return", "return_shifted"):
+        for key in KINDS:
             stats = cell.get(key)
             if stats is not None:
                 row[key] = {k: stats[k][-1] for k in ("mean", "worst", "cvar10", "iqm", "lo", "hi")}
@@ -153,7 +155,7 @@ def write(
         ]
         for r in generator:
             cells = []
-            for key in ("return", "return_shifted"):
+            for key in KINDS:
                 s = r.get(key)
                 cells += (
                     [f"{s['mean']:.3g}", f"{s['worst']:.3g}", f"{s['cvar10']:.3g}"]

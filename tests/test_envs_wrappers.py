@@ -180,3 +180,24 @@ def test_wrappers_compose():
         "wrapper/action_noise_std",
         "wrapper/obs_noise_std",
     } <= keys
+
+
+def test_perturbed_family_wraps_every_env_and_keeps_tasks_and_splits():
+    from gymnasium.utils.env_checker import check_env
+
+    from envs.wrappers import ObservationNoise, Perturbed
+
+    base = envs.make("navigation-2d", horizon=10)
+    family = Perturbed(base, [("observation_noise", {"std": 0.5})])
+    assert family.test_tasks() == base.test_tasks() and family.horizon == 10
+    task, other = base.test_tasks()[:2]
+    env, plain = family.make_env(task), base.make_env(task)
+    assert isinstance(env, ObservationNoise)
+    check_env(env, skip_render_check=True)
+    noisy, _ = env.reset(seed=0)
+    clean, _ = plain.reset(seed=0)
+    assert not np.allclose(noisy, clean)  # the origin plus noise of std 0.5
+    family.set_task(env, other)
+    assert env.unwrapped.task == other
+    with pytest.raises(ValueError, match="unknown wrapper"):
+        Perturbed(base, [("gravity", {})])
