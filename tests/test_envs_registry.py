@@ -22,6 +22,7 @@ def test_names_lists_every_family():
         "navigation-2d-wind",
         "halfcheetah-vel",
         "halfcheetah-dir",
+        "halfcheetah-vel-mass",
         "ant-dir",
         "ant-dir-2d",
         "ant-goal",

@@ -187,3 +187,19 @@ def test_tabular_mdp_task_distribution():
     assert np.mean(means) == pytest.approx(1.0, abs=0.1) and np.std(means) == pytest.approx(
         1.0, abs=0.1
     )
+
+
+def test_halfcheetah_vel_mass_scales_every_body_from_nominal_values():
+    family = envs.make("halfcheetah-vel-mass")
+    light = family.make_task(velocity=[1.0], mass_scale=[0.8])
+    heavy = family.make_task(velocity=[1.0], mass_scale=[1.2])
+    env = family.make_env(light)
+    core = env.unwrapped
+    nominal_mass = core.nominal["body_mass"].copy()
+    np.testing.assert_allclose(core.mujoco_model.body_mass, 0.8 * nominal_mass)
+    family.set_task(env, heavy)  # from nominal values again, never compounded
+    np.testing.assert_allclose(core.mujoco_model.body_mass, 1.2 * nominal_mass)
+    np.testing.assert_allclose(core.mujoco_model.body_inertia, 1.2 * core.nominal["body_inertia"])
+    assert heavy["velocity"] == 1.0 and family.parameter_box()["mass_scale"] == ([0.75], [1.25])
+    with pytest.raises(ValueError, match="declares no parameter box"):
+        envs.make("halfcheetah-vel").parameter_box()
