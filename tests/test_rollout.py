@@ -428,3 +428,13 @@ def test_ray_matches_serial_and_survives_a_killed_actor(ray_runtime):
         timer = _kill_later(victim, 0.2)
         _assert_same(sampler.sample(policy, params, tasks, 6), expected[3])
         timer.join()
+
+
+def test_worker_error_survives_pickling():
+    import pickle
+
+    from metarl.rollout.sampler import WorkerError
+
+    error = pickle.loads(pickle.dumps(WorkerError(1, [0, 2], "exit code -9")))
+    assert (error.worker, error.tasks, error.cause) == (1, [0, 2], "exit code -9")
+    assert "rollout worker 1 failed while collecting tasks [0, 2]: exit code -9" in str(error)

@@ -38,6 +38,10 @@ class WorkerError(RuntimeError):
             f"rollout worker {worker} failed while collecting tasks {self.tasks}: {cause}"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[int, list[int], str]]:
+        # Crosses process boundaries intact (a sweep's runs live in pool processes).
+        return (WorkerError, (self.worker, self.tasks, self.cause))
+
 
 class Backend(Protocol):
     """Runs episodes somewhere; returns the rows of :func:`~metarl.rollout.worker.allocate_batch`."""
