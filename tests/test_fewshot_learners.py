@@ -194,3 +194,32 @@ def test_reptile_loop_and_vmap_give_the_same_step(omniglot):
     )
     for name, value in loop.params.items():
         assert torch.allclose(value, vmapped.params[name], atol=1e-5), name
+
+
+def test_device_setting_is_checked_early():
+    with pytest.raises(ValueError, match="not a torch device"):
+        GradientLearnerConfig(device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device; use device='cpu'"):
+            MetricLearnerConfig(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_learners_on_cuda_match_the_cpu(omniglot, name):
+    """One training step and the held-out scores on CUDA equal the CPU's up to float rounding."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        if name == "protonet":
+            learner = PrototypicalNetwork(MetricLearnerConfig(device=device), omniglot, 0)
+        else:
+            config = GradientLearnerConfig(method="maml", meta_batch_size=2, num_shots=1, num_queries=1,
+                                           num_eval_queries=5, inner_lr=0.4, eval_adapt_steps=(0, 1),
+                                           device=device)
+            learner = GradientLearner(config, omniglot, 0)
+        tasks = omniglot.sample(learner.config.meta_batch_size, np.random.default_rng(3))
+        loss = learner.step(tasks)["train/query_loss"]
+        scores = learner.evaluate(omniglot.test_tasks(), np.random.default_rng(0))
+        results[device] = (loss, scores["loss"])
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-3)
+    np.testing.assert_allclose(results["cuda"][1], results["cpu"][1], rtol=1e-3, atol=1e-4)

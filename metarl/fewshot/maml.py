@@ -55,17 +55,41 @@ class GradientLearnerConfig:
     """Adam step size of the outer loop (Reptile: the interpolation rate ε)."""
     batch: Literal["auto", "vmap", "loop"] = "auto"
     """Batch tasks with vmap or a loop; auto takes the faster one measured for the model."""
+    device: str = "cpu"
+    """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         for name in ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapt_steps < 1 and self.method != "pretrained":
             raise ValueError(f"adapt_steps must be >= 1 for {self.method}, got {self.adapt_steps}")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got inner {self.inner_lr}, outer {self.outer_lr}")
+            raise ValueError(
+                f"learning rates must be > 0, got inner {self.inner_lr}, outer {self.outer_lr}"
+            )
         if not self.eval_adapt_steps or min(self.eval_adapt_steps) < 0:
-            raise ValueError(f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}")
+            raise ValueError(
+                f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
+            )
+
+
+def check_device(device: str) -> None:
+    """Raises ``ValueError`` unless ``device`` names a torch device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='cpu'")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
+
+
+def on_device(batch: Any, device: torch.device) -> Any:
+    """A NamedTuple of tensors (an episode batch) with every tensor on ``device``."""
+    return type(batch)(*(t.to(device) for t in batch))
 
 
 def _cat_points(a: Any, b: Any) -> Any:
@@ -87,10 +111,16 @@ class GradientLearner:
         self.config = config
         self.distribution = distribution
         self.model = distribution.make_model()
-        self.params: Params = {k: v.requires_grad_() for k, v in self.model.init_params(seed).items()}
+        self.device = torch.device(config.device)
+        self.params: Params = {
+            k: v.to(self.device).requires_grad_() for k, v in self.model.init_params(seed).items()
+        }
         self.lrs: Params | None = None
         if config.method == "metasgd":
-            self.lrs = {k: torch.full_like(v, config.inner_lr).requires_grad_() for k, v in self.params.items()}
+            self.lrs = {
+                k: torch.full_like(v, config.inner_lr).requires_grad_()
+                for k, v in self.params.items()
+            }
         self.names = self.model.head_names(self.params) if config.method == "anil" else None
         self.batch = distribution.batch_mode if config.batch == "auto" else config.batch
         trainable = list(self.params.values()) + list((self.lrs or {}).values())
@@ -109,6 +139,7 @@ class GradientLearner:
         """One meta-iteration on ``tasks``; returns ``train/*`` metrics."""
         cfg = self.config
         support, query = self.distribution.episodes(tasks, cfg.num_shots, cfg.num_queries, self.rng)
+        support, query = on_device(support, self.device), on_device(query, self.device)
         if cfg.method == "reptile":
             return self._reptile_step(support, query)
         if cfg.method == "pretrained":
@@ -116,18 +147,29 @@ class GradientLearner:
             losses = vmap(self.loss_fn, in_dims=(None, 0))(self.params, both)
         else:
             losses = meta_objective(
-                self.loss_fn, self.params, support, query, cfg.adapt_steps, self.inner_rate,
-                first_order=cfg.method == "fomaml", names=self.names, batch=self.batch,
+                self.loss_fn,
+                self.params,
+                support,
+                query,
+                cfg.adapt_steps,
+                self.inner_rate,
+                first_order=cfg.method == "fomaml",
+                names=self.names,
+                batch=self.batch,
             )
         loss = losses.mean()
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"meta-loss is {loss.item()} (method {cfg.method}); parameters unchanged")
+            raise NonFiniteLossError(
+                f"meta-loss is {loss.item()} (method {cfg.method}); parameters unchanged"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         metrics = {"train/query_loss": loss.item()}
         if self.lrs is not None:
-            metrics["train/mean_inner_lr"] = float(np.mean([v.mean().item() for v in self.lrs.values()]))
+            metrics["train/mean_inner_lr"] = float(
+                np.mean([v.mean().item() for v in self.lrs.values()])
+            )
         return metrics
 
     def _reptile_step(self, support: Any, query: Any) -> dict[str, float]:
@@ -135,18 +177,24 @@ class GradientLearner:
         detached = {k: v.detach() for k, v in self.params.items()}
 
         def one(data: Any) -> Params:
-            return adapt(self.loss_fn, detached, data, self.config.adapt_steps, self.config.inner_lr, True)
+            return adapt(
+                self.loss_fn, detached, data, self.config.adapt_steps, self.config.inner_lr, True
+            )
 
         if self.batch == "loop":  # conv4 on CPU: a loop beats vmap (see metarl.adaptation)
             tasks = [type(both)(*(t[i] for t in both)) for i in range(len(both[0]))]
             per_task = [one(data) for data in tasks]
             adapted = {k: torch.stack([a[k] for a in per_task]) for k in detached}
-            post = torch.stack([self.loss_fn(a, data) for a, data in zip(per_task, tasks, strict=True)]).mean()
+            post = torch.stack(
+                [self.loss_fn(a, data) for a, data in zip(per_task, tasks, strict=True)]
+            ).mean()
         else:
             adapted = vmap(one, randomness="different")(both)
             post = vmap(self.loss_fn)(adapted, both).mean()
         if not torch.isfinite(post):
-            raise NonFiniteLossError(f"Reptile post-adaptation loss is {post.item()}; parameters unchanged")
+            raise NonFiniteLossError(
+                f"Reptile post-adaptation loss is {post.item()}; parameters unchanged"
+            )
         new = reptile_update(detached, adapted, self.config.outer_lr)
         with torch.no_grad():
             for k, v in self.params.items():
@@ -156,7 +204,16 @@ class GradientLearner:
     def adapt(self, task: Task, data: Any, steps: int | None = None) -> Params:
         """Parameters adapted to one task on its support ``data`` (``x [P, ...]``, targets)."""
         steps = self.config.adapt_steps if steps is None else steps
-        return adapt(self.loss_fn, self.params, data, steps, self.inner_rate, names=self.names, first_order=True)
+        data = on_device(data, self.device)
+        return adapt(
+            self.loss_fn,
+            self.params,
+            data,
+            steps,
+            self.inner_rate,
+            names=self.names,
+            first_order=True,
+        )
 
     def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
         """Scores held-out ``tasks`` after each count in ``eval_adapt_steps`` of inner steps.
@@ -166,6 +223,7 @@ class GradientLearner:
         """
         cfg = self.config
         support, query = self.distribution.episodes(tasks, cfg.num_shots, cfg.num_eval_queries, rng)
+        support, query = on_device(support, self.device), on_device(query, self.device)
         steps = sorted(set(cfg.eval_adapt_steps))
         params = {k: v.detach() for k, v in self.params.items()}
         lr = {k: v.detach() for k, v in self.lrs.items()} if self.lrs is not None else cfg.inner_lr
@@ -178,22 +236,36 @@ class GradientLearner:
                 pred = self.model(p, q.x)
                 losses.append(self.distribution.loss(pred, q))
                 acc = self.distribution.accuracy(pred, q)
-                accs.append(acc if acc is not None else torch.tensor(float("nan")))
+                accs.append(
+                    acc if acc is not None else torch.tensor(float("nan"), device=pred.device)
+                )
             return torch.stack(losses), torch.stack(accs)
 
         if self.batch == "vmap":
             loss, acc = vmap(scores, in_dims=(None, 0, 0))(params, support, query)
         else:
-            pairs = [scores(params, type(support)(*(t[i] for t in support)), type(query)(*(t[i] for t in query)))
-                     for i in range(len(tasks))]
+            pairs = [
+                scores(
+                    params,
+                    type(support)(*(t[i] for t in support)),
+                    type(query)(*(t[i] for t in query)),
+                )
+                for i in range(len(tasks))
+            ]
             loss, acc = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        accuracy = None if torch.isnan(acc).all() else acc.detach().numpy()
-        return {"adaptation_steps": steps, "loss": loss.detach().numpy(), "accuracy": accuracy}
+        accuracy = None if torch.isnan(acc).all() else acc.detach().cpu().numpy()
+        return {
+            "adaptation_steps": steps,
+            "loss": loss.detach().cpu().numpy(),
+            "accuracy": accuracy,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
-            "lrs": None if self.lrs is None else {k: v.detach().clone() for k, v in self.lrs.items()},
+            "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+            "lrs": None
+            if self.lrs is None
+            else {k: v.detach().cpu().clone() for k, v in self.lrs.items()},
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
         }

@@ -254,7 +254,7 @@ def _gradient_classifier(learner: Any, steps: int | None, head_steps: int) -> tu
         num_steps = max(learner.config.eval_adapt_steps) if steps is None else steps
 
         def adapted(train_x: torch.Tensor, test_x: torch.Tensor) -> torch.Tensor:
-            support = ClassificationBatch(train_x, torch.arange(len(train_x)))
+            support = ClassificationBatch(train_x, torch.arange(len(train_x), device=train_x.device))
             tuned = learner.adapt(None, support, steps=num_steps)
             with torch.no_grad():
                 return learner.model(tuned, test_x).argmax(-1)
@@ -270,9 +270,9 @@ def _gradient_classifier(learner: Any, steps: int | None, head_steps: int) -> tu
                 learner.model.module.encoder, encoder, (torch.cat([train_x, test_x]),)
             )
         train_f, test_f = features[: len(train_x)], features[len(train_x) :]
-        weight = torch.zeros(len(train_x), train_f.shape[1])
-        bias = torch.zeros(len(train_x))
-        labels = torch.arange(len(train_x))
+        weight = torch.zeros(len(train_x), train_f.shape[1], device=train_f.device)
+        bias = torch.zeros(len(train_x), device=train_f.device)
+        labels = torch.arange(len(train_x), device=train_f.device)
         for _ in range(head_steps):
             g_w, g_b = torch.func.grad(
                 lambda w, b: F.cross_entropy(train_f @ w.T + b, labels), argnums=(0, 1)
@@ -314,4 +314,9 @@ def official_runs_error(
         protocol = f"{type(learner).__name__}: 1-shot support of the 20 training images"
     else:
         classify_fn, protocol = _gradient_classifier(learner, steps, head_steps)
-    return {**score_official_runs(classify_fn, runs), "protocol": protocol}
+    device = getattr(learner, "device", torch.device("cpu"))
+
+    def on_learner_device(train_x: torch.Tensor, test_x: torch.Tensor) -> torch.Tensor:
+        return classify_fn(train_x.to(device), test_x.to(device)).cpu()
+
+    return {**score_official_runs(on_learner_device, runs), "protocol": protocol}

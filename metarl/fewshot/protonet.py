@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from envs.base import Task
 from metarl.adaptation import Params
-from metarl.fewshot.maml import NonFiniteLossError
+from metarl.fewshot.maml import NonFiniteLossError, check_device, on_device
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -67,8 +67,11 @@ class MetricLearnerConfig:
     """Multiply the step size by lr_decay every this many steps (0: constant)."""
     lr_decay: float = 0.5
     """Factor of each step-size decay (ProtoNets: halved every 2,000 episodes)."""
+    device: str = "cpu"
+    """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         for name in ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -98,8 +101,9 @@ class MetricLearner:
         self.config = config
         self.distribution = distribution
         self.model = distribution.make_encoder()
+        self.device = torch.device(config.device)
         self.params: Params = {
-            k: v.requires_grad_() for k, v in self.model.init_params(seed).items()
+            k: v.to(self.device).requires_grad_() for k, v in self.model.init_params(seed).items()
         }
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.outer_lr)
         self.num_steps = 0
@@ -128,9 +132,18 @@ class MetricLearner:
         """Predicted labels ``[Q]`` of ``query_x`` given labelled ``support_x`` (classes ``0..max(y)``)."""
         with torch.no_grad():
             params = {k: v.detach() for k, v in self.params.items()}
-            return self.logits(
-                params, support_x, support_y, query_x, int(support_y.max()) + 1
-            ).argmax(-1)
+            d = self.device
+            return (
+                self.logits(
+                    params,
+                    support_x.to(d),
+                    support_y.to(d),
+                    query_x.to(d),
+                    int(support_y.max()) + 1,
+                )
+                .argmax(-1)
+                .cpu()
+            )
 
     def _episode_losses(
         self, params: Params, support: Any, query: Any
@@ -148,6 +161,7 @@ class MetricLearner:
         """One training step on the episodes ``tasks``; returns ``train/*`` metrics."""
         cfg = self.config
         support, query = self.distribution.episodes(tasks, cfg.num_shots, cfg.num_queries, self.rng)
+        support, query = on_device(support, self.device), on_device(query, self.device)
         losses, accs = self._episode_losses(self.params, support, query)
         loss = losses.mean()
         if not torch.isfinite(loss):
@@ -184,18 +198,19 @@ class MetricLearner:
                 support, query = self.distribution.episodes(
                     tasks[start : start + chunk], cfg.num_shots, cfg.num_eval_queries, rng
                 )
+                support, query = on_device(support, self.device), on_device(query, self.device)
                 loss, acc = self._episode_losses(params, support, query)
                 losses.append(loss)
                 accs.append(acc)
         return {
             "adaptation_steps": [0],
-            "loss": torch.cat(losses)[:, None].numpy(),
-            "accuracy": torch.cat(accs)[:, None].numpy(),
+            "loss": torch.cat(losses)[:, None].cpu().numpy(),
+            "accuracy": torch.cat(accs)[:, None].cpu().numpy(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "num_steps": self.num_steps,
             "rng": self.rng.bit_generator.state,
