@@ -66,7 +66,15 @@ def run_one(config: str, overrides: list[str], run_dir: str, baselines: dict[str
     return json.loads(done.read_text())
 
 
-def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[int, dict], None]) -> list[dict]:
+def _pool_map(
+    jobs: list[tuple],
+    workers: int,
+    backend: str,
+    on_done: Callable[[int, dict], None],
+    on_fail: Callable[[int, BaseException], None],
+) -> list[dict | None]:
+    """Runs every job; a failed run is reported through ``on_fail`` and leaves ``None``, so the
+    others still finish and count."""
     results: list[dict | None] = [None] * len(jobs)
     if backend == "ray":
         try:
@@ -81,9 +89,12 @@ def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             i = refs[ready[0]]
-            done = ray.get(ready[0])
-            results[i] = done
-            on_done(i, done)
+            try:
+                results[i] = ray.get(ready[0])
+            except Exception as exc:  # reported with the others at the end of the sweep
+                on_fail(i, exc)
+                continue
+            on_done(i, results[i])  # type: ignore[arg-type]
     elif backend == "process":
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -91,12 +102,15 @@ def _pool_map(jobs: list[tuple], workers: int, backend: str, on_done: Callable[[
             futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]
-                done = future.result()
-                results[i] = done
-                on_done(i, done)
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # reported with the others at the end of the sweep
+                    on_fail(i, exc)
+                    continue
+                on_done(i, results[i])  # type: ignore[arg-type]
     else:
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
-    return [r for r in results if r is not None]
+    return results
 
 
 def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,15 +264,35 @@ def sweep(
         means = {k: [round(v, 3) for v in summary[k]] for k in summary if k.endswith("_mean")}
         print(f"[{i + 1}/{len(jobs)}] {Path(jobs[i][2]).name}: {means}", flush=True)
 
-    documents = _pool_map(jobs, workers, backend, on_done)
+    failures: dict[str, str] = {}
+
+    def on_fail(i: int, exc: BaseException) -> None:
+        name = Path(jobs[i][2]).name
+        failures[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        print(f"[{i + 1}/{len(jobs)}] {name} FAILED: {failures[name]}", flush=True)
+
+    documents = _pool_map(jobs, workers, backend, on_done, on_fail)
     by_cell: dict[str, list[dict[str, Any]]] = {}
     for label, document in zip(index, documents, strict=True):
-        by_cell.setdefault(label, []).append(document)
+        if document is not None:
+            by_cell.setdefault(label, []).append(document)
     aggregated = {label: aggregate(docs) for label, docs in by_cell.items()}
     commands = {
         _label(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
                                 f"--set run.seed={{0..{seeds - 1}}}"])
         for cell in cells
     }
-    write_report(aggregated, commands, root, Path(config).stem, sweep_command)
+    if aggregated:
+        write_report(
+            aggregated, {k: v for k, v in commands.items() if k in aggregated}, root, Path(config).stem,
+            sweep_command,
+        )
+    if failures:
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+        raise ConfigError(
+            f"{len(failures)} of {len(jobs)} runs failed ({listed}). "
+            + (f"The {len(jobs) - len(failures)} finished ones are aggregated in {root}/sweep.json. " if aggregated else "")
+            + "Fix the cause and run the same command again: finished runs are reused and stopped "
+            "ones resume from their checkpoints."
+        )
     return {"out": str(root), "cells": aggregated}

@@ -219,3 +219,19 @@ def test_rl_table_keeps_earlier_rows_with_their_machine(tmp_path, monkeypatch):
                                                           ("t", "metarl run new.toml")]
     assert rows[0]["machine"] == "machine A" and rows[1]["machine"] != "machine A"
     assert "| machine A | `metarl run old.toml` |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_failed_run_does_not_lose_the_others(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["sweep", "experiments/maml_trpo_nav2d.toml", "--seeds", "1", "--workers", "2", "--out", str(tmp_path),
+            "--grid", "agent.inner_lr=0.1,-1.0"]
+    for s in TINY:
+        args += ["--set", s]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    assert code == 2
+    assert "1 of 2 runs failed (inner_lr--1.0-s0: " in err.getvalue() and "inner_lr must be > 0" in err.getvalue()
+    assert "run the same command again" in err.getvalue()
+    document = json.loads((tmp_path / "sweep.json").read_text())
+    assert list(document["cells"]) == ["inner_lr-0.1"]
