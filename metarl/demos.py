@@ -61,8 +61,8 @@ def record(
     if num_episodes < 1 or horizon < 1:
         raise ValueError(f"need num_episodes >= 1 and horizon >= 1, got {num_episodes}, {horizon}")
     env = distribution.make_env(tasks[0])
-    obs_dim = int(np.prod(env.observation_space.shape))
-    act_dim = int(np.prod(env.action_space.shape))
+    obs_dim = int(np.prod(env.observation_space.shape or ()))
+    act_dim = int(np.prod(env.action_space.shape or ()))
     shape = (len(tasks), num_episodes, horizon)
     obs = np.zeros((*shape, obs_dim), np.float32)
     next_obs = np.zeros((*shape, obs_dim), np.float32)
