@@ -50,6 +50,18 @@ def _cell(stats: dict[str, Any], j: int) -> str:
     return f"{stats['iqm'][j]:.3g} [{stats['lo'][j]:.3g}, {stats['hi'][j]:.3g}]"
 
 
+def _expert_returns(path: Path, label: str) -> Any:
+    """The demonstrations' own returns pooled over the cell's runs (``demo_return`` in eval.json)."""
+    import numpy as np
+
+    pooled = []
+    for run in sorted(path.glob(f"{label}-s*")):
+        file = run / "eval.json"
+        if file.exists():
+            pooled += json.loads(file.read_text())["per_task"].get("demo_return") or []
+    return np.asarray(pooled, dtype=float) if pooled else None
+
+
 def imitation_rows(path: Path) -> list[dict[str, Any]]:
     """One row per learner and grid cell of an imitation sweep."""
     document, rows = _sweep(path), []
@@ -71,6 +83,25 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
                     "steps": [steps[j] for j in picks],
                     "values": [_cell(stats, j) for j in picks],
                     "stats": {k: [stats[k][j] for j in picks] for k in ("iqm", "lo", "hi", "mean")},
+                    "num_seeds": cell["num_seeds"],
+                    "command": command,
+                }
+            )
+        expert = _expert_returns(path, label)
+        if expert is not None and metric == "return":
+            from metarl.evaluation import bootstrap_ci, iqm
+
+            lo, hi = bootstrap_ci(expert)
+            stats = {"iqm": iqm(expert), "lo": lo, "hi": hi, "mean": float(expert.mean())}
+            rows.append(
+                {
+                    "sweep": document["title"],
+                    "cell": label,
+                    "learner": "expert (the demonstrations)",
+                    "metric": metric,
+                    "steps": ["–"],
+                    "values": [f"{stats['iqm']:.3g} [{stats['lo']:.3g}, {stats['hi']:.3g}]"],
+                    "stats": stats,
                     "num_seeds": cell["num_seeds"],
                     "command": command,
                 }
