@@ -112,7 +112,9 @@ def write_table(
         "",
         "Held-out tasks of each family; IQM over tasks × seeds with a 95% bootstrap interval in brackets. "
         "Baselines (stable-baselines3) train on each held-out task with the environment steps the "
-        "meta-learner used there. Timing: mean seconds per training iteration over all seeds.",
+        "meta-learner used there. Timing: mean seconds per training iteration over all seeds. The "
+        "iterations column counts the meta-iterations trained; the MAML paper trains up to 500, so a row "
+        "far below that is an early point of the paper's setting, not its converged figure.",
         "",
         f"Table written by `{command}` on {document['machine']}; each row names the machine it ran on.",
         "",
