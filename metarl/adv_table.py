@@ -181,8 +181,9 @@ def write(
             "## Adversarial task generator: post-adaptation return (last step)",
             "",
             "| sweep | seeds | held-out mean | held-out worst | held-out CVaR 0.1 | shifted mean | "
-            "shifted worst | shifted CVaR 0.1 | command |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "shifted worst | shifted CVaR 0.1 | perturbed mean | perturbed worst | perturbed CVaR 0.1 | "
+            "command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in generator:
             cells = []

@@ -336,4 +336,8 @@ def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
     (row,) = document["generator"]
     assert row["return_shifted"]["worst"] == -45.0 and row["return"]["cvar10"] == -44.0
     assert row["command"] == "metarl sweep generator"
-    assert "| -20 | -45 | -44 |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| -20 | -45 | -44 |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| sweep | seeds | held-out"))
+    generator_row = next(line for line in table.splitlines() if line.startswith("| generator"))
+    assert header.count("|") == generator_row.count("|")
