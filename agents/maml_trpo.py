@@ -42,7 +42,7 @@ from metarl import meta_pg, trust_region
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
-from metarl.runtime import tune_allocator
+from metarl.runtime import check_device, tune_allocator
 from metarl.types import Trajectories
 
 
@@ -101,7 +101,7 @@ class MAMLTRPOConfig:
 
     def __post_init__(self) -> None:
         meta_pg.check_common_config(self)
-        meta_pg.check_device(self.device)
+        check_device(self.device)
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(
                 f"need max_kl > 0 and cg_damping >= 0, got {self.max_kl}, {self.cg_damping}"

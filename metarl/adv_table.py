@@ -64,63 +64,56 @@ def _expert_returns(path: Path, label: str) -> Any:
 
 def imitation_rows(path: Path) -> list[dict[str, Any]]:
     """One row per learner and grid cell of an imitation sweep."""
+    from metarl.evaluation import bootstrap_ci, iqm
+
     document, rows = _sweep(path), []
     for label, cell in document["cells"].items():
         metric = "success" if "success" in cell else "return"
-        command = document.get("sweep_command") or document["commands"][label]
+        base = {
+            "sweep": document["title"],
+            "cell": label,
+            "metric": metric,
+            "num_seeds": cell["num_seeds"],
+            "command": document.get("sweep_command") or document["commands"][label],
+        }
         steps = cell["adaptation_steps"]
         picks = sorted({0, min(1, len(steps) - 1), len(steps) - 1})
         for suffix, name in VARIANTS.items():
             stats = cell.get(metric + suffix)
-            if stats is None:
-                continue
-            rows.append(
-                {
-                    "sweep": document["title"],
-                    "cell": label,
-                    "learner": name,
-                    "metric": metric,
-                    "steps": [steps[j] for j in picks],
-                    "values": [_cell(stats, j) for j in picks],
-                    "stats": {k: [stats[k][j] for j in picks] for k in ("iqm", "lo", "hi", "mean")},
-                    "num_seeds": cell["num_seeds"],
-                    "command": command,
-                }
-            )
+            if stats is not None:
+                rows.append(
+                    {
+                        **base,
+                        "learner": name,
+                        "steps": [steps[j] for j in picks],
+                        "values": [_cell(stats, j) for j in picks],
+                        "stats": {
+                            k: [stats[k][j] for j in picks] for k in ("iqm", "lo", "hi", "mean")
+                        },
+                    }
+                )
+        single = {}  # learners scored once, not along adaptation steps
         expert = _expert_returns(path, label)
         if expert is not None and metric == "return":
-            from metarl.evaluation import bootstrap_ci, iqm
-
             lo, hi = bootstrap_ci(expert)
-            stats = {"iqm": iqm(expert), "lo": lo, "hi": hi, "mean": float(expert.mean())}
-            rows.append(
-                {
-                    "sweep": document["title"],
-                    "cell": label,
-                    "learner": "expert (the demonstrations)",
-                    "metric": metric,
-                    "steps": ["–"],
-                    "values": [f"{stats['iqm']:.3g} [{stats['lo']:.3g}, {stats['hi']:.3g}]"],
-                    "stats": stats,
-                    "num_seeds": cell["num_seeds"],
-                    "command": command,
-                }
-            )
+            single["expert (the demonstrations)"] = {
+                "iqm": iqm(expert),
+                "lo": lo,
+                "hi": hi,
+                "mean": float(expert.mean()),
+            }
         for key, name in BASELINES.items():
             stats = cell.get("agent_baselines", {}).get(f"{key}/{metric}")
-            if stats is None:
-                continue
+            if stats is not None:
+                single[name] = stats
+        for name, stats in single.items():
             rows.append(
                 {
-                    "sweep": document["title"],
-                    "cell": label,
+                    **base,
                     "learner": name,
-                    "metric": metric,
                     "steps": ["–"],
-                    "values": [f"{stats['iqm']:.3g} [{stats['lo']:.3g}, {stats['hi']:.3g}]"],
                     "stats": stats,
-                    "num_seeds": cell["num_seeds"],
-                    "command": command,
+                    "values": [f"{stats['iqm']:.3g} [{stats['lo']:.3g}, {stats['hi']:.3g}]"],
                 }
             )
     return rows

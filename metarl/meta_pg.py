@@ -156,18 +156,6 @@ def to_device(batch: PGBatch, device: torch.device | str | None) -> PGBatch:
     return batch if device is None else PGBatch(*(t.to(device) for t in batch))
 
 
-def check_device(device: str) -> None:
-    """Raises ``ValueError`` unless ``device`` names a torch device this machine has."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='cpu'")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
-
-
 class _Timed:
     """Accumulates the wall time spent in sampler calls."""
 

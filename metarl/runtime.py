@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import torch
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # The largest value glibc accepts for either threshold.
@@ -47,3 +49,15 @@ def tune_allocator() -> bool:
         mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
     )
     return _tuned
+
+
+def check_device(device: str) -> None:
+    """Raises ``ValueError`` unless ``device`` names a torch device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='cpu'")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")

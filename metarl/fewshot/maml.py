@@ -25,6 +25,7 @@ from torch.func import vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt, meta_objective, reptile_update
+from metarl.runtime import check_device
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "pretrained")
 
@@ -73,18 +74,6 @@ class GradientLearnerConfig:
             raise ValueError(
                 f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
             )
-
-
-def check_device(device: str) -> None:
-    """Raises ``ValueError`` unless ``device`` names a torch device this machine has."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='cpu'")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
 
 
 def on_device(batch: Any, device: torch.device) -> Any:
