@@ -42,7 +42,7 @@ from metarl import meta_pg, trust_region
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
-from metarl.runtime import check_device, tune_allocator
+from metarl.runtime import check_device, on_device, tune_allocator
 from metarl.types import Trajectories
 
 
@@ -251,7 +251,7 @@ class MAMLTRPO:
         """One inner step on one task's ``trajectories`` (``[1, E, T, ...]``) from ``params`` (θ by default)."""
         del task  # the data carries everything the inner step needs
         start = self.params if params is None else {k: v.to(self.device) for k, v in params.items()}
-        batch = meta_pg.to_device(self._advantages(trajectories), self.device)
+        batch = on_device(self._advantages(trajectories), self.device)
         adapted = meta_pg.inner_step(
             self.inner._replace(first_order=True), start, batch, shared=True
         )

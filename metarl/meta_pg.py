@@ -29,6 +29,7 @@ from metarl.adaptation import Params, adapt
 from metarl.baselines import Baseline
 from metarl.returns import discounted_returns, gae, normalize
 from metarl.rollout import Sampler
+from metarl.runtime import on_device
 from metarl.types import Trajectories
 
 
@@ -151,11 +152,6 @@ def _cpu(params: Params) -> Params:
     return {k: v.detach().cpu() for k, v in params.items()}
 
 
-def to_device(batch: PGBatch, device: torch.device | str | None) -> PGBatch:
-    """``batch`` with every tensor on ``device`` (unchanged when ``None``)."""
-    return batch if device is None else PGBatch(*(t.to(device) for t in batch))
-
-
 class _Timed:
     """Accumulates the wall time spent in sampler calls."""
 
@@ -205,7 +201,7 @@ def collect(
     for _ in range(adapt_steps):
         rollout_params = _cpu(current) if adapted is None else unstack(adapted)
         traj = timed.sample(inner.policy, rollout_params, tasks, episodes_per_task)
-        batch = to_device(advantages(traj), device)
+        batch = on_device(advantages(traj), device)
         start = current if adapted is None else adapted
         adapted = {
             k: v.detach() for k, v in inner_step(first_order, start, batch, adapted is None).items()
@@ -215,7 +211,7 @@ def collect(
     assert adapted is not None, "adapt_steps must be at least 1"
     post_traj = timed.sample(inner.policy, unstack(adapted), tasks, episodes_per_task)
     trajectories.append(post_traj)
-    return MetaBatch(pre, to_device(advantages(post_traj), device), trajectories, timed.seconds)
+    return MetaBatch(pre, on_device(advantages(post_traj), device), trajectories, timed.seconds)
 
 
 def post_log_probs(policy: Any, params: Params, batch: PGBatch) -> torch.Tensor:
@@ -293,7 +289,7 @@ def evaluate_adaptation(
             adapted = {
                 k: v.detach()
                 for k, v in inner_step(
-                    inner, start, to_device(advantages(traj), device), adapted is None
+                    inner, start, on_device(advantages(traj), device), adapted is None
                 ).items()
             }
     reported = [s for s in successes if s is not None]

@@ -20,12 +20,17 @@ from typing import Any
 import numpy as np
 
 from metarl.bench.adapt import machine
+from metarl.bench.meta_update import timing_table
 
 
 def _timing(run_dirs: list[Path]) -> dict[str, float]:
     sampling, optimisation, iterations = [], [], 0
     for run in run_dirs:
-        lines = (run / "timing.jsonl").read_text().splitlines() if (run / "timing.jsonl").exists() else []
+        lines = (
+            (run / "timing.jsonl").read_text().splitlines()
+            if (run / "timing.jsonl").exists()
+            else []
+        )
         rows = [json.loads(line) for line in lines]
         sampling += [r["time/sampling_s"] for r in rows if "time/sampling_s" in r]
         optimisation += [r["time/optimization_s"] for r in rows if "time/optimization_s" in r]
@@ -33,27 +38,40 @@ def _timing(run_dirs: list[Path]) -> dict[str, float]:
     if not sampling or not optimisation:
         return {}
     s, o = float(np.mean(sampling)), float(np.mean(optimisation))
-    return {"sampling_s": s, "optimization_s": o, "optimization_over_sampling": o / s, "iterations": iterations}
+    return {
+        "sampling_s": s,
+        "optimization_s": o,
+        "optimization_over_sampling": o / s,
+        "iterations": iterations,
+    }
 
 
 def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a finished sweep directory."""
     path = sweep_dir / "sweep.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first")
+        raise FileNotFoundError(
+            f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first"
+        )
     document = json.loads(path.read_text())
     rows = []
     for label, cell in document["cells"].items():
         runs = sorted(sweep_dir.glob(f"{label}-s*"))
         config = json.loads((runs[0] / "eval.json").read_text()) if runs else {}
-        rows.append({
-            "sweep": document["title"], "cell": label, "num_seeds": cell["num_seeds"],
-            "adaptation_steps": cell["adaptation_steps"],
-            "return": cell.get("return"), "success": cell.get("success"),
-            "baselines": cell.get("baselines", {}), "timing": _timing(runs),
-            "num_tasks": config.get("summary", {}).get("num_tasks"),
-            "command": document.get("sweep_command") or document["commands"][label],
-        })
+        rows.append(
+            {
+                "sweep": document["title"],
+                "cell": label,
+                "num_seeds": cell["num_seeds"],
+                "adaptation_steps": cell["adaptation_steps"],
+                "return": cell.get("return"),
+                "success": cell.get("success"),
+                "baselines": cell.get("baselines", {}),
+                "timing": _timing(runs),
+                "num_tasks": config.get("summary", {}).get("num_tasks"),
+                "command": document.get("sweep_command") or document["commands"][label],
+            }
+        )
     return rows
 
 
@@ -84,17 +102,8 @@ def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
         f"From `{source}` (written by `{timing.get('command', 'metarl bench trpo')}` on "
         f"{timing['machine']}); target: optimisation ≤ 0.10 × sampling.",
         "",
-        "| hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | CG | line search |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for s in timing["settings"]:
-        p = s["parts_s"]
-        lines.append(
-            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
-            f"{s['optimization_over_sampling']:.3f} | {p['inner']:.2f} | {p['gradient']:.2f} | "
-            f"{p['cg']:.2f} | {p['line_search']:.2f} |"
-        )
-    return lines
+    return lines + timing_table(timing["settings"])
 
 
 def write_table(
@@ -104,8 +113,13 @@ def write_table(
     trpo_timing: dict[str, Any] | None = None,
     timing_source: str = "",
 ) -> None:
-    document = {"benchmark": "MAML-RL held-out adaptation", "machine": machine(), "command": command, "rows": rows,
-                "trpo_timing": trpo_timing}
+    document = {
+        "benchmark": "MAML-RL held-out adaptation",
+        "machine": machine(),
+        "command": command,
+        "rows": rows,
+        "trpo_timing": trpo_timing,
+    }
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
         "# MAML-RL: held-out adaptation",
@@ -124,15 +138,20 @@ def write_table(
     ]
     for row in rows:
         t = row["timing"]
-        timing = (f"{t['sampling_s']:.2f} | {t['optimization_s']:.2f} ({t['optimization_over_sampling']:.2f})"
-                  if t else "– | –")
+        timing = (
+            f"{t['sampling_s']:.2f} | {t['optimization_s']:.2f} ({t['optimization_over_sampling']:.2f})"
+            if t
+            else "– | –"
+        )
         for metric in ("return", "success"):
             if row[metric] is None:
                 continue
             b = row["baselines"]
             scratch, multi = b.get(f"scratch/{metric}"), b.get(f"multitask/{metric}")
-            base = [f"{x['iqm']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}] ({x['algo']})" if x else "–"
-                    for x in (scratch, multi)]
+            base = [
+                f"{x['iqm']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}] ({x['algo']})" if x else "–"
+                for x in (scratch, multi)
+            ]
             last = len(row["adaptation_steps"]) - 1
             lines.append(
                 f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
@@ -150,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/maml_rl")
     parser.add_argument("--timing", help="a `metarl bench trpo --out X` result, X.json, to include")
-    parser.add_argument("--keep", help="an earlier table's JSON: its rows for sweeps not given here are "
-                                       "kept as they are, each with the machine it ran on")
+    parser.add_argument(
+        "--keep",
+        help="an earlier table's JSON: its rows for sweeps not given here are "
+        "kept as they are, each with the machine it ran on",
+    )
     args = parser.parse_args(argv)
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
     for row in rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
 import torch
 
@@ -49,6 +50,11 @@ def tune_allocator() -> bool:
         mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
     )
     return _tuned
+
+
+def on_device(batch: Any, device: torch.device | str | None) -> Any:
+    """A NamedTuple of tensors with every tensor on ``device`` (the same batch when ``None``)."""
+    return batch if device is None else type(batch)(*(t.to(device) for t in batch))
 
 
 def check_device(device: str) -> None:

@@ -54,6 +54,22 @@ def bench_setting(
     }
 
 
+def timing_table(settings: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of one row per ``hvp_subsample`` setting (also used by ``metarl.rl_table``)."""
+    lines = [
+        "| hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | CG | line search | env steps/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in settings:
+        p = s["parts_s"]
+        lines.append(
+            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
+            f"**{s['optimization_over_sampling']:.3f}** | {p['inner']:.2f} | {p['gradient']:.2f} | "
+            f"{p['cg']:.2f} | {p['line_search']:.2f} | {s['env_steps_per_s']:,.0f} |"
+        )
+    return lines
+
+
 def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
     """``out.json`` and ``out.md`` with the same figures."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,16 +87,8 @@ def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
         "",
         f"Machine: {results['machine']}. Command: `{command}`.",
         "",
-        "| hvp_subsample | sampling s | optimisation s | ratio | inner | gradient | CG | line search | env steps/s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in results["settings"]:
-        p = s["parts_s"]
-        lines.append(
-            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
-            f"**{s['optimization_over_sampling']:.3f}** | {p['inner']:.2f} | {p['gradient']:.2f} | "
-            f"{p['cg']:.2f} | {p['line_search']:.2f} | {s['env_steps_per_s']:,.0f} |"
-        )
+    lines += timing_table(results["settings"])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

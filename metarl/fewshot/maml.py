@@ -25,7 +25,7 @@ from torch.func import vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt, meta_objective, reptile_update
-from metarl.runtime import check_device
+from metarl.runtime import check_device, on_device
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "pretrained")
 
@@ -74,11 +74,6 @@ class GradientLearnerConfig:
             raise ValueError(
                 f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
             )
-
-
-def on_device(batch: Any, device: torch.device) -> Any:
-    """A NamedTuple of tensors (an episode batch) with every tensor on ``device``."""
-    return type(batch)(*(t.to(device) for t in batch))
 
 
 def _cat_points(a: Any, b: Any) -> Any:

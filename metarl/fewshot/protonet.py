@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from envs.base import Task
 from metarl.adaptation import Params
-from metarl.fewshot.maml import NonFiniteLossError, on_device
-from metarl.runtime import check_device
+from metarl.fewshot.maml import NonFiniteLossError
+from metarl.runtime import check_device, on_device
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
