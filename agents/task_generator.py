@@ -20,6 +20,10 @@ fresh draws of G (it needs no rollouts):
   puts mass outside the nominal box).
 * ``plausibility = "none"``: G without D (an ablation: its tasks drift off the nominal box).
 
+``proposal = "uniform"`` replaces G by a fixed uniform distribution over G's box and trains
+neither G nor D: with ``generated_fraction = 1`` and ``bounds_scale > 1`` that is wide domain
+randomisation, the non-adversarial baseline of the generator.
+
 Task vectors are standardised by the nominal box (centre 0, half-width 1) before D sees them.
 """
 
@@ -48,6 +52,9 @@ class TaskGeneratorConfig:
     """The meta-learner's own settings (its config's fields), e.g. {meta_batch_size = 20}."""
     generated_fraction: float = 0.5
     """Fraction of each meta-batch drawn from G (the rest from the nominal distribution)."""
+    proposal: Literal["generator", "uniform"] = "generator"
+    """Where the generated share comes from: the learned G, or uniform over G's box (wide domain
+    randomisation; G and D are not trained)."""
     plausibility: Literal["discriminator", "kl", "none"] = "discriminator"
     """What keeps G's tasks plausible: D's logit, the exact KL to the nominal box, or nothing."""
     plausibility_weight: float = 1.0
@@ -90,6 +97,8 @@ class TaskGeneratorConfig:
             raise ValueError(
                 f"bounds_scale and shifted_scale must be >= 1, got {self.bounds_scale}, {self.shifted_scale}"
             )
+        if self.proposal not in ("generator", "uniform"):
+            raise ValueError(f"proposal must be 'generator' or 'uniform', got {self.proposal!r}")
         if self.plausibility == "kl" and self.bounds_scale != 1.0:
             raise ValueError(
                 "plausibility='kl' needs bounds_scale=1: the KL to the nominal box is infinite once "
@@ -262,9 +271,16 @@ class TaskGenerator:
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks`` with a ``generated_fraction`` of them replaced by G's."""
         num_generated = int(round(self.config.generated_fraction * len(tasks)))
-        c, u = self.sample(num_generated)
+        if self.config.proposal == "uniform":
+            c = self.box.uniform(num_generated, self.rng, self.config.bounds_scale)
+        else:
+            c, u = self.sample(num_generated)
         batch = list(tasks[: len(tasks) - num_generated]) + self.box.tasks(self.distribution, c)
         metrics = self.meta.step(batch)
+        if num_generated and self.config.proposal == "uniform":
+            returns = self.meta.last_post_returns[-num_generated:].double()
+            metrics["train/generated_post_return"] = float(returns.mean())
+            return metrics
         if num_generated:
             returns = self.meta.last_post_returns[-num_generated:].double()
             metrics |= self._update_generator(u, returns)

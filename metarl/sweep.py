@@ -24,7 +24,7 @@ import numpy as np
 from metarl.config import ConfigError
 from metarl.evaluation import bootstrap_ci, cvar, iqm
 
-METRICS = ("return", "success", "loss", "accuracy")
+METRICS = ("return", "success", "loss", "accuracy", "coverage90", "nll")
 
 
 def grid_cells(grid: list[str]) -> list[list[str]]:

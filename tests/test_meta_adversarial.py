@@ -291,6 +291,36 @@ def test_generator_mixes_its_tasks_into_the_meta_batch():
         agent.close()
 
 
+def test_uniform_proposal_is_wide_domain_randomisation_and_trains_neither_g_nor_d():
+    agent = _generator(proposal="uniform", generated_fraction=1.0, bounds_scale=1.5)
+    try:
+        g_before = {k: v.detach().clone() for k, v in agent.g_params.items()}
+        d_before = {k: v.detach().clone() for k, v in agent.disc_params.items()}
+        seen = []
+        original = agent.meta.step
+        agent.meta.step = lambda tasks: (seen.append(list(tasks)), original(tasks))[1]
+        nominal = agent.distribution.sample(8, np.random.default_rng(0))
+        metrics = agent.step(nominal)
+        assert all(t not in nominal for t in seen[0])  # every task drawn from the wide box
+        c = torch.tensor([[*t["goal"], *t["wind"]] for t in seen[0]], dtype=torch.float64)
+        z = agent.box.standardise(c).abs()
+        assert bool((z <= 1.5 + 1e-9).all())
+        assert "train/disc_loss" not in metrics and "train/generated_post_return" in metrics
+        for k, v in agent.g_params.items():
+            assert torch.equal(v.detach(), g_before[k])
+        for k, v in agent.disc_params.items():
+            assert torch.equal(v.detach(), d_before[k])
+        # uniform over the 1.5x box: about 1 - (1/1.5)^4 = 80% of draws leave the nominal box
+        wide = agent.box.standardise(agent.box.uniform(4000, np.random.default_rng(1), 1.5))
+        assert float((wide.abs() > 1).any(-1).double().mean()) == pytest.approx(1 - 1.5**-4, abs=0.03)
+    finally:
+        agent.close()
+    from agents.task_generator import TaskGeneratorConfig
+
+    with pytest.raises(ValueError, match="proposal must be"):
+        TaskGeneratorConfig(proposal="gaussian")
+
+
 def _outside_fraction(agent, n: int = 2000) -> float:
     c, _ = agent.sample(n)
     return float((agent.box.standardise(c).abs() > 1).any(-1).double().mean())

@@ -1,0 +1,45 @@
+"""The families table reads finished sweeps and lays learners of each benchmark side by side."""
+
+from __future__ import annotations
+
+import json
+
+from metarl.families_table import main
+
+
+def _fake_sweep(root, name, agent, tasks, agent_cfg, steps, metrics):
+    sweep = root / name
+    (sweep / "base-s0").mkdir(parents=True)
+    lines = ["[run]", f'agent = "{agent}"', "num_iterations = 7", "", "[tasks]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in tasks.items()] + ["", "[agent]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in agent_cfg.items()]
+    (sweep / "base-s0" / "config.toml").write_text("\n".join(lines) + "\n")
+    cell = {"adaptation_steps": steps, "num_seeds": 3}
+    for metric, iqm in metrics.items():
+        cell[metric] = {"iqm": iqm, "lo": [v - 1 for v in iqm], "hi": [v + 1 for v in iqm],
+                        "mean": iqm}
+    (sweep / "sweep.json").write_text(json.dumps(
+        {"title": name, "cells": {"base": cell}, "sweep_command": f"metarl sweep {name}"}))
+    return sweep
+
+
+def test_rows_group_by_benchmark_with_family_experience_and_published_ml10(tmp_path):
+    a = _fake_sweep(tmp_path, "sin-maml", "metarl.fewshot.maml:GradientLearner",
+                    {"name": "sinusoid"}, {"method": "metasgd", "num_shots": 10},
+                    [0, 1, 10], {"loss": [3.0, 0.5, 0.25]})
+    b = _fake_sweep(tmp_path, "ml10-rl2", "agents.rl2:RL2", {"name": "ml10"}, {},
+                    [0, 1, 2], {"return": [1.0, 2.0, 3.0], "success": [0.1, 0.2, 0.3]})
+    c = _fake_sweep(tmp_path, "nav-trpo", "agents.maml_trpo:MAMLTRPO", {"name": "navigation-2d"},
+                    {"eval_episodes_per_task": 20}, [0, 1, 2], {"return": [-40.0, -20.0, -12.5]})
+    out = tmp_path / "families"
+    assert main([str(a), str(b), str(c), "--out", str(out)]) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["sweep"]: r for r in document["rows"]}
+    assert rows["sin-maml"]["learner"] == "Meta-SGD"
+    assert rows["sin-maml"]["benchmark"] == "sinusoid, K = 10"
+    assert rows["ml10-rl2"]["experience_last"] == "2 episode(s)"
+    assert rows["nav-trpo"]["experience_last"] == "2 step(s) × 20 episodes"
+    text = out.with_suffix(".md").read_text()
+    assert "| Meta-SGD | gradient (learned initialisation and rates) | 3 | 7 | loss | 3 [2, 4] | 0.25 [-0.75, 1.25] |" in text
+    assert "35.8% (Meta-World table 1)" in text  # RL²'s published ML10 test success
+    assert "## navigation-2d" in text and "`metarl sweep nav-trpo`" in text
