@@ -151,7 +151,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         "",
         "Held-out tasks; IQM over tasks × seeds with a 95% bootstrap interval in brackets. "
         "\"Before\" is the score with no task data; \"after\" is the score after the learner's own "
-        "adaptation, with the experience it used in the next column. Regression scores are MSE "
+        "adaptation, with the experience it used in the \"adaptation used\" column; \"after first step\" "
+        "is one inner step (one episode for RL² and PEARL). The plain mean after adaptation stands "
+        "beside the IQM: far above it, some tasks or seeds diverged. Regression scores are MSE "
         "(lower is better); classification scores accuracy; RL scores return or success. The "
         "iterations column is the meta-training length of each row: rows far below a paper's "
         "budget are early points of its setting, not converged figures.",
@@ -163,16 +165,17 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
             "",
             f"## {benchmark}",
             "",
-            "| learner | family | seeds | iterations | metric | before | after | adaptation used | "
-            "published | command |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| learner | family | seeds | iterations | metric | before | after first step | after | "
+            "mean after | adaptation used | published | command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["benchmark"] == benchmark):
             for metric, stats in r["metrics"].items():
                 last = len(r["adaptation_steps"]) - 1
                 lines.append(
                     f"| {r['learner']} | {r['family']} | {r['num_seeds']} | {r['iterations']} | "
-                    f"{metric} | {_fmt(stats, 0)} | {_fmt(stats, last)} | {r['experience_last']} | "
+                    f"{metric} | {_fmt(stats, 0)} | {_fmt(stats, min(1, last))} | {_fmt(stats, last)} | "
+                    f"{stats['mean'][last]:.3g} | {r['experience_last']} | "
                     f"{_published(r) if metric == 'success' else '–'} | `{r['command']}` |"
                 )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -40,6 +40,6 @@ def test_rows_group_by_benchmark_with_family_experience_and_published_ml10(tmp_p
     assert rows["ml10-rl2"]["experience_last"] == "2 episode(s)"
     assert rows["nav-trpo"]["experience_last"] == "2 step(s) × 20 episodes"
     text = out.with_suffix(".md").read_text()
-    assert "| Meta-SGD | gradient (learned initialisation and rates) | 3 | 7 | loss | 3 [2, 4] | 0.25 [-0.75, 1.25] |" in text
+    assert "| Meta-SGD | gradient (learned initialisation and rates) | 3 | 7 | loss | 3 [2, 4] | 0.5 [-0.5, 1.5] | 0.25 [-0.75, 1.25] | 0.25 |" in text
     assert "35.8% (Meta-World table 1)" in text  # RL²'s published ML10 test success
     assert "## navigation-2d" in text and "`metarl sweep nav-trpo`" in text

@@ -1,0 +1,491 @@
+"""Memory-augmented neural network (MANN; Santoro, Bartunov, Botvinick, Wierstra and Lillicrap
+2016, "One-shot learning with memory-augmented neural networks", arXiv 1605.06065).
+
+An LSTM controller reads an episode as a sequence and stores what it needs in an external memory
+``M [slots, width]`` with least-recently-used access (LRUA). At each time step ``t`` the controller
+emits one key ``k_t`` and one write gate ``α`` per read head, then:
+
+* write: ``w_w = σ(α) w_r_{t-1} + (1 − σ(α)) w_lu_{t-1}``, where ``w_lu`` marks the ``n`` slots of
+  least usage (``n`` = number of read heads); the single least-used slot is zeroed first, then
+  ``M_t = M_{t-1} + w_wᵀ k_t`` (:func:`lru_write`);
+* read: ``w_r_t = softmax(cos(k_t, M_t(i)))`` over the slots and ``r_t = w_r_t M_t``
+  (:func:`cosine_read`);
+* usage: ``u_t = γ u_{t-1} + w_r_t + w_w`` summed over heads (:func:`update_usage`);
+* output: class logits or a regression value from ``[h_t, r_t]``.
+
+The input at step ``t`` is the item ``x_t`` (an image embedding, or the sinusoid's ``x``)
+concatenated with the label of the previous item (one-hot for classification, the scalar target
+for regression; zero at ``t = 0``) and the previous reads. The support set, shuffled per task, is
+read first. Each query is then one further step from the state after the support, run in
+parallel over the queries, so a prediction depends on the support alone, not on the other queries,
+their order or their number (training may use fewer queries than evaluation). The input at a query
+step carries the label of the item before it, the last support item; a query's own label is never
+fed. Without that, one support label of every episode would never be seen (in 5-way 1-shot, a
+whole class).
+
+Deviations from the paper, by choice: images go through the conv4 encoder of ProtoNets and MAML by
+default (``encoder="conv4"``, trained end to end; ``"flat"`` feeds the 784 pixels as the paper
+does); the optimiser is Adam with gradient-norm clipping (the paper: RMSProp); the loss is taken at
+the query steps only (``support_loss=True`` adds, as the paper does, the support steps whose class
+was already seen, or every support step after the first for regression). Paper settings: 128 slots
+of width 40, 4 read heads, 200 LSTM units, ``γ = 0.95``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from envs.base import Task
+from metarl.fewshot.maml import NonFiniteLossError
+from metarl.runtime import check_device, on_device
+
+MAX_EVAL_BRANCHES = 4096  # query branches per evaluation chunk: bounds memory copies to ~80 MB
+
+
+def cosine_read(memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Content-based read: softmax over slots of the cosine similarity between key and row.
+
+    Args:
+        memory: ``[B, N, W]``, N slots of width W (an all-zero row has similarity 0).
+        keys: ``[B, H, W]``, one key per read head.
+
+    Returns:
+        ``(weights [B, H, N], reads [B, H, W])`` with ``reads = weights @ memory``.
+    """
+    similarity = F.normalize(keys, dim=-1, eps=1e-8) @ F.normalize(memory, dim=-1, eps=1e-8).mT
+    weights = torch.softmax(similarity, dim=-1)
+    return weights, weights @ memory
+
+
+def least_used(usage: torch.Tensor, num_reads: int) -> torch.Tensor:
+    """``w_lu``: 1 at the ``num_reads`` slots of smallest usage, 0 elsewhere.
+
+    Args:
+        usage: ``[B, N]`` usage weights.
+        num_reads: n, how many slots to mark (ties broken by ``torch.topk``).
+
+    Returns:
+        ``[B, N]`` with exactly ``num_reads`` ones per row.
+    """
+    index = torch.topk(usage, num_reads, dim=-1, largest=False).indices
+    return torch.zeros_like(usage).scatter_(-1, index, 1.0)
+
+
+def lru_write(
+    memory: torch.Tensor,
+    usage: torch.Tensor,
+    prev_read_weights: torch.Tensor,
+    keys: torch.Tensor,
+    gates: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-recently-used write: zero the least-used slot, then add each head's key.
+
+    Args:
+        memory: ``[B, N, W]``, ``M_{t-1}``.
+        usage: ``[B, N]``, ``u_{t-1}``.
+        prev_read_weights: ``[B, H, N]``, ``w_r_{t-1}``.
+        keys: ``[B, H, W]``, the vectors written (one per head).
+        gates: ``[B, H]``, the logits ``α`` interpolating last-read and least-used slots.
+
+    Returns:
+        ``(M_t [B, N, W], w_w [B, H, N])`` with ``w_w = σ(α) w_r_{t-1} + (1 − σ(α)) w_lu_{t-1}``
+        and ``M_t = M_{t-1} ⊙ (1 − e_lu) + w_wᵀ keys`` (``e_lu`` one-hot at ``argmin u_{t-1}``).
+    """
+    num_reads = keys.shape[1]
+    gate = torch.sigmoid(gates)[..., None]  # [B, H, 1]
+    write_weights = gate * prev_read_weights + (1 - gate) * least_used(usage, num_reads)[:, None]
+    keep = 1 - F.one_hot(usage.argmin(-1), usage.shape[-1]).to(memory.dtype)  # [B, N]
+    return memory * keep[..., None] + write_weights.mT @ keys, write_weights
+
+
+def update_usage(
+    usage: torch.Tensor, read_weights: torch.Tensor, write_weights: torch.Tensor, decay: float
+) -> torch.Tensor:
+    """``u_t = γ u_{t-1} + Σ_heads w_r_t + Σ_heads w_w``: ``[B, N]`` from ``[B, N]``, ``[B, H, N]`` x2."""
+    return decay * usage + read_weights.sum(1) + write_weights.sum(1)
+
+
+def offset_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels shifted by one step: row ``t`` holds the label of item ``t-1``, row 0 is zero.
+
+    Args:
+        labels: ``[B, S, D]`` labels of the support sequence (one-hot or scalar targets).
+
+    Returns:
+        ``[B, S, D]``.
+    """
+    return torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
+
+
+class MemoryState(NamedTuple):
+    """Recurrent state of a batch of episodes: ``h, c [B, C]``, ``memory [B, N, W]``, ``usage
+    [B, N]``, ``read_weights [B, H, N]``, ``reads [B, H, W]``, ``last_label [B, D]`` (the label of
+    the last item read, fed with the next item)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    memory: torch.Tensor
+    usage: torch.Tensor
+    read_weights: torch.Tensor
+    reads: torch.Tensor
+    last_label: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MANNConfig:
+    meta_batch_size: int = 16
+    """Episodes per training step (the paper: 16)."""
+    num_shots: int = 1
+    """Support examples per task (per class for classification): the K of K-shot."""
+    num_queries: int = 1
+    """Query examples per task (per class for classification) in training episodes."""
+    num_eval_queries: int = 15
+    """Query examples per held-out task (per class for classification)."""
+    memory_slots: int = 128
+    """Rows of the external memory (the paper: 128)."""
+    memory_width: int = 40
+    """Width of each memory row and key (the paper: 40)."""
+    num_reads: int = 4
+    """Read heads, each with its own key and write gate (the paper: 4)."""
+    controller_size: int = 200
+    """Units of the LSTM controller (the paper: 200)."""
+    usage_decay: float = 0.95
+    """γ, decay of the usage weights per step (the paper: 0.95)."""
+    encoder: Literal["conv4", "flat"] = "conv4"
+    """Image encoder for classification: conv4 (as ProtoNets/MAML) or the flat 784 pixels (paper)."""
+    support_loss: bool = False
+    """Also train on support steps whose class was seen before (every step after the first for
+    regression), as the paper does; False: query steps only."""
+    outer_lr: float = 0.001
+    """Adam step size."""
+    max_grad_norm: float = 10.0
+    """Clip the gradient to this global norm (0: no clipping)."""
+    device: str = "cpu"
+    """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        sizes = "meta_batch_size num_shots num_queries num_eval_queries memory_slots memory_width"
+        for name in (*sizes.split(), "num_reads", "controller_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_reads > self.memory_slots:
+            raise ValueError(
+                f"num_reads={self.num_reads} exceeds memory_slots={self.memory_slots}; the "
+                "least-used weights mark num_reads slots, so raise memory_slots or lower num_reads"
+            )
+        if not 0 <= self.usage_decay <= 1:
+            raise ValueError(f"usage_decay must be in [0, 1] (paper: 0.95), got {self.usage_decay}")
+        if self.encoder not in ("conv4", "flat"):
+            raise ValueError(f"encoder must be 'conv4' or 'flat', got {self.encoder!r}")
+        if self.outer_lr <= 0 or self.max_grad_norm < 0:
+            raise ValueError(
+                f"outer_lr must be > 0 and max_grad_norm >= 0, got {self.outer_lr}, {self.max_grad_norm}"
+            )
+
+
+class MANNNetwork(nn.Module):
+    """Encoder, LSTM controller, key/gate heads and output layer of a MANN.
+
+    Args:
+        config: sizes of memory and controller.
+        encoder: maps items ``[P, ...]`` to features ``[P, F]``.
+        feature_size: F.
+        label_size: D, the width of the label fed back (N ways, or 1 for regression).
+        output_size: N logits, or 1 regression value.
+    """
+
+    def __init__(
+        self,
+        config: MANNConfig,
+        encoder: nn.Module,
+        feature_size: int,
+        label_size: int,
+        output_size: int,
+    ):
+        super().__init__()
+        self.cfg = config
+        self.label_size = label_size
+        self.encoder = encoder
+        reads = config.num_reads * config.memory_width
+        self.controller = nn.LSTMCell(feature_size + label_size + reads, config.controller_size)
+        self.keys = nn.Linear(config.controller_size, reads)
+        self.gates = nn.Linear(config.controller_size, config.num_reads)
+        self.output = nn.Linear(config.controller_size + reads, output_size)
+
+    def initial_state(self, batch: int, device: torch.device) -> MemoryState:
+        """Empty memory, zero usage, reads and labels, for ``batch`` episodes."""
+        cfg = self.cfg
+        zeros = lambda *shape: torch.zeros(batch, *shape, device=device)  # noqa: E731
+        return MemoryState(
+            h=zeros(cfg.controller_size),
+            c=zeros(cfg.controller_size),
+            memory=zeros(cfg.memory_slots, cfg.memory_width),
+            usage=zeros(cfg.memory_slots),
+            read_weights=zeros(cfg.num_reads, cfg.memory_slots),
+            reads=zeros(cfg.num_reads, cfg.memory_width),
+            last_label=zeros(self.label_size),
+        )
+
+    def step(
+        self, state: MemoryState, features: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, MemoryState]:
+        """One time step: item ``features [B, F]`` with its own ``label [B, D]`` (zeros for a query).
+
+        The controller sees ``state.last_label``, never ``label``; ``label`` only becomes the
+        ``last_label`` of the returned state. Returns ``(output [B, O], next state)``.
+        """
+        batch = features.shape[0]
+        inputs = torch.cat([features, state.last_label, state.reads.flatten(1)], dim=-1)
+        h, c = self.controller(inputs, (state.h, state.c))
+        keys = torch.tanh(self.keys(h)).view(batch, self.cfg.num_reads, self.cfg.memory_width)
+        memory, write_weights = lru_write(
+            state.memory, state.usage, state.read_weights, keys, self.gates(h)
+        )
+        read_weights, reads = cosine_read(memory, keys)
+        usage = update_usage(state.usage, read_weights, write_weights, self.cfg.usage_decay)
+        output = self.output(torch.cat([h, reads.flatten(1)], dim=-1))
+        return output, MemoryState(h, c, memory, usage, read_weights, reads, label)
+
+    def read_support(
+        self, state: MemoryState, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, MemoryState]:
+        """Reads a sequence ``features [B, S, F]``, ``labels [B, S, D]``; outputs ``[B, S, O]``."""
+        outputs = []
+        for t in range(features.shape[1]):
+            out, state = self.step(state, features[:, t], labels[:, t])
+            outputs.append(out)
+        return torch.stack(outputs, dim=1), state
+
+    def answer(self, state: MemoryState, features: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[B, Q, O]`` for queries ``[B, Q, F]``, each one step from ``state`` alone."""
+        batch, num_queries = features.shape[:2]
+        branched = MemoryState(
+            *(t.unsqueeze(1).expand(batch, num_queries, *t.shape[1:]).flatten(0, 1) for t in state)
+        )
+        no_label = torch.zeros(batch * num_queries, self.label_size, device=features.device)
+        out, _ = self.step(branched, features.flatten(0, 1), no_label)
+        return out.view(batch, num_queries, -1)
+
+
+class MemoryAugmentedNetwork:
+    """MANN few-shot learner (module docstring) on sinusoid regression or Omniglot classification.
+
+    Args:
+        config: the learner's settings.
+        distribution: the few-shot distribution; one with ``num_ways`` (Omniglot) is classification.
+        seed: seeds the initial weights and the learner's data stream.
+    """
+
+    Config = MANNConfig
+
+    def __init__(self, config: MANNConfig, distribution: Any, seed: int):
+        self.config = config
+        self.distribution = distribution
+        self.device = torch.device(config.device)
+        self.num_ways: int | None = getattr(distribution, "num_ways", None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = self._build_network().to(self.device)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.outer_lr)
+        self.rng = np.random.default_rng([seed, 1])
+        self.model = self.predict  # (state from adapt, x) -> outputs, as the fit plots expect
+
+    def _build_network(self) -> MANNNetwork:
+        if self.num_ways is None:  # regression: the item is x itself, the label the target y
+            return MANNNetwork(self.config, nn.Identity(), 1, 1, 1)
+        if getattr(self.distribution, "train_ways", self.num_ways) != self.num_ways:
+            raise ValueError(
+                f"train_ways={self.distribution.train_ways} differs from num_ways={self.num_ways}, "
+                "but MANN's label input and output have one width; leave train_ways unset"
+            )
+        if self.config.encoder == "conv4":
+            encoder = self.distribution.make_encoder().module
+            size = int(self.distribution.channels)
+        else:
+            encoder, size = nn.Flatten(), 28 * 28
+        return MANNNetwork(self.config, encoder, size, self.num_ways, self.num_ways)
+
+    def _encode(
+        self, support_x: torch.Tensor, query_x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[B, S, F]``, ``[B, Q, F]``; conv4 embeds each episode in one pass (batch norm)."""
+        if self.num_ways is None:
+            return support_x, query_x
+        num_support = support_x.shape[1]
+        features = torch.stack(
+            [
+                self.network.encoder(torch.cat([s, q]))
+                for s, q in zip(support_x, query_x, strict=True)
+            ]
+        )
+        return features[:, :num_support], features[:, num_support:]
+
+    def _labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels as fed back: one-hot ``[B, S, N]`` or the targets ``[B, S, 1]``."""
+        return y if self.num_ways is None else F.one_hot(y, self.num_ways).to(torch.float32)
+
+    def _per_item_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy or squared error of each item, ``[B, P]``."""
+        if self.num_ways is None:
+            return (output - y).pow(2).mean(-1)
+        return F.cross_entropy(output.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+    def _seen_before(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` mask of support steps whose class appeared earlier (regression: t >= 1)."""
+        if self.num_ways is None:
+            mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+            mask[:, 0] = False
+            return mask
+        one_hot = F.one_hot(y, self.num_ways)
+        return (offset_labels(one_hot).cumsum(1) * one_hot).sum(-1) > 0
+
+    def _prepare(
+        self, support: Any, query: Any, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Support features ``[B, S, F]`` and labels ``[B, S]`` (or ``[B, S, 1]``), shuffled per task
+        with ``rng``, and query features ``[B, Q, F]``."""
+        order = torch.as_tensor(np.argsort(rng.random(support.y.shape[:2]), axis=1))
+        rows, tasks = order.to(self.device), torch.arange(len(order), device=self.device)[:, None]
+        support_y = support.y[tasks, rows]
+        support_f, query_f = self._encode(support.x[tasks, rows], query.x)
+        return support_f, support_y, query_f
+
+    def _episode(
+        self, support_f: torch.Tensor, support_y: torch.Tensor, query_f: torch.Tensor, read: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query outputs ``[B, Q, O]`` after reading the support (``read``) or from the empty
+        memory, and the support outputs ``[B, S, O]`` (None unless ``read``)."""
+        state = self.network.initial_state(len(support_f), self.device)
+        support_out = None
+        if read:
+            support_out, state = self.network.read_support(
+                state, support_f, self._labels(support_y)
+            )
+        return self.network.answer(state, query_f), support_out
+
+    def step(self, tasks: list[Task]) -> dict[str, float]:
+        """One Adam step on the episodes of ``tasks``; returns ``train/*`` metrics."""
+        cfg = self.config
+        support, query = self.distribution.episodes(tasks, cfg.num_shots, cfg.num_queries, self.rng)
+        support, query = on_device(support, self.device), on_device(query, self.device)
+        support_f, support_y, query_f = self._prepare(support, query, self.rng)
+        output, support_out = self._episode(support_f, support_y, query_f, read=True)
+        query_loss = self._per_item_loss(output, query.y)
+        loss = query_loss.mean()
+        metrics = {"train/query_loss": loss.item()}
+        if cfg.support_loss and support_out is not None:
+            seen = self._seen_before(support_y)
+            support_loss = (self._per_item_loss(support_out, support_y) * seen).sum()
+            loss = (query_loss.sum() + support_loss) / (query_loss.numel() + seen.sum())
+            metrics["train/loss"] = loss.item()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"MANN loss is {loss.item()}; parameters unchanged")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            norm = nn.utils.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+            metrics["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        if self.num_ways is not None:
+            metrics["train/query_accuracy"] = (output.argmax(-1) == query.y).float().mean().item()
+        return metrics
+
+    def _scores(self, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean query loss and accuracy (NaN for regression) of each task, ``[B]`` each."""
+        loss = self._per_item_loss(output, y).mean(1)
+        if self.num_ways is None:
+            return loss, torch.full_like(loss, float("nan"))
+        return loss, (output.argmax(-1) == y).float().mean(1)
+
+    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
+        """Scores held-out ``tasks`` from an empty memory (step 0) and after reading the support (1).
+
+        Tasks are batched in chunks (at most ``MAX_EVAL_BRANCHES`` query branches, and the
+        distribution's ``eval_chunk_size``); the support is shuffled with ``rng``. Step 0 is never
+        trained: it is a reference, about chance (1/N) for classification; for regression its MSE
+        can exceed that of predicting zero.
+
+        Returns:
+            ``{"adaptation_steps": [0, 1], "loss": [num_tasks, 2], "accuracy": same or None}``.
+        """
+        cfg = self.config
+        per_task = cfg.num_eval_queries * (self.num_ways or 1)
+        limit = int(getattr(self.distribution, "eval_chunk_size", 0) or len(tasks))
+        chunk = max(1, min(MAX_EVAL_BRANCHES // per_task, limit))
+        losses, accs = [], []
+        with torch.no_grad():
+            for start in range(0, len(tasks), chunk):
+                support, query = self.distribution.episodes(
+                    tasks[start : start + chunk], cfg.num_shots, cfg.num_eval_queries, rng
+                )
+                support, query = on_device(support, self.device), on_device(query, self.device)
+                features = self._prepare(support, query, rng)  # encoded once for both columns
+                empty, full = (
+                    self._scores(self._episode(*features, read=read)[0], query.y)
+                    for read in (False, True)
+                )
+                losses.append(torch.stack([empty[0], full[0]], dim=1))
+                accs.append(torch.stack([empty[1], full[1]], dim=1))
+        return {
+            "adaptation_steps": [0, 1],
+            "loss": torch.cat(losses).cpu().numpy(),
+            "accuracy": None if self.num_ways is None else torch.cat(accs).cpu().numpy(),
+        }
+
+    def _check_items(self, x: torch.Tensor, where: str) -> None:
+        expected = (1,) if self.num_ways is None else (1, 28, 28)
+        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{where} has shape {tuple(x.shape)}; expected [num_items, "
+                f"{', '.join(map(str, expected))}] (one task, no task axis)"
+            )
+
+    def adapt(self, task: Task | None, data: Any, steps: int = 1) -> MemoryState:
+        """State after reading one task's support ``data`` in the given order.
+
+        Args:
+            task: unused (the support defines the task); kept for the learner interface.
+            data: ``x [S, 1]`` and ``y [S, 1]`` (regression) or ``x [S, 1, 28, 28]``, ``y [S]``.
+            steps: 0 gives the empty memory; any count >= 1 reads the support once.
+        """
+        self._check_items(data.x, "support x")
+        data = on_device(data, self.device)
+        with torch.no_grad():
+            state = self.network.initial_state(1, self.device)
+            if steps == 0:
+                return state
+            features = data.x[None] if self.num_ways is None else self.network.encoder(data.x)[None]
+            return self.network.read_support(state, features, self._labels(data.y[None]))[1]
+
+    def predict(self, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[Q, O]`` for queries ``x [Q, ...]`` of the single episode in ``state``.
+
+        Each query is answered from ``state`` alone. With conv4, batch norm sees the items of each
+        call (``adapt``'s support, ``predict``'s queries), not the episode as in training.
+        """
+        self._check_items(x, "query x")
+        with torch.no_grad():
+            x = x.to(self.device)
+            features = x if self.num_ways is None else self.network.encoder(x)
+            return self.network.answer(state, features[None])[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            # a deep copy: Adam updates its moment tensors in place after this returns
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
