@@ -1,0 +1,711 @@
+"""PEARL: probabilistic embeddings for actor-critic meta-RL (Rakelly et al. 2019, arXiv 1903.08254).
+
+A context encoder maps each transition ``c_n = (s, a, r, s')`` of a task to a Gaussian factor
+``N(μ_n, σ²_n)`` over a latent ``z``; the posterior is the product of those factors with the
+unit-Gaussian prior, in closed form::
+
+    1/σ² = 1 + Σ_n 1/σ²_n,        μ = σ² Σ_n μ_n/σ²_n.
+
+SAC is conditioned on ``z``: a tanh-Gaussian policy π(a|s,z) and twin critics Q_1,2(s,a,z) with
+Polyak-averaged target critics (SAC v2; the paper's code learns a separate V and its target
+instead; the twin-target form needs one network fewer and is the common SAC form now). The
+entropy temperature α is fixed (``alpha``, 1.0 as the paper, where ``reward_scale`` sets the
+trade-off) unless ``auto_entropy`` tunes it towards the entropy −act_dim. Per gradient step, for
+each of ``meta_batch_size`` stored tasks::
+
+    z ~ q(z|c),  c: ``context_batch_size`` transitions of the task's encoder buffer
+    y = reward_scale·r + γ(1 − done)(min_i Q̄_i(s', a', z̄) − α log π(a'|s', z̄)),  a' ~ π(·|s', z̄)
+    L_Q = Σ_i mean (Q_i(s, a, z) − y)²  + kl_weight · mean_tasks KL(q(z|c) || N(0, I))
+    L_π = mean (α log π(ã|s, z̄) − min_i Q_i(s, ã, z̄)) + policy_reg · mean(μ_a² + log σ_a²)
+
+with z̄ = z detached: the critic loss trains the encoder, the policy does not. The KL is averaged
+over the meta-batch (the authors' code sums it over tasks: their weight is ``kl_weight`` times the
+meta-batch size here). All losses are taken at the same parameters, checked for NaN/Inf, then
+every optimiser steps.
+
+Data collection runs through the repository's vectorised sampler. :class:`LatentTanhPolicy` keeps
+the worker's ``act``/``sample_noise`` protocol: each task's parameter set carries its posterior
+as two entries, ``z_mean`` and ``z_std`` (prior: 0 and 1), and every episode draws its own
+``z = z_mean + z_std·ε`` from a standard-normal ε drawn once per episode from the episode's noise
+stream. So each episode samples z afresh (the paper's ``resample_z_rate = 1``), reproducibly on
+every backend. Per iteration, each of the first ``num_collect_tasks`` tasks given to :meth:`step`
+runs ``num_prior_episodes`` with z from the prior (stored in the task's replay buffer and, replacing
+its previous content, in its encoder buffer: recent data only, as the paper) and
+``num_posterior_episodes`` with z from the posterior on its encoder buffer (replay buffer only: the
+paper's ``num_extra_rl_steps_posterior``).
+
+Evaluation on a held-out task: episode 0 acts with z from the prior, episode k with z drawn from
+the posterior on all transitions of episodes 0..k−1 (the paper's online adaptation), the policy
+acting with its mean action unless ``eval_deterministic`` is off.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.base import Task, TaskDistribution
+from metarl import meta_pg
+from metarl.policies import FunctionalMLP, init_mlp
+from metarl.types import Trajectories
+
+Params = dict[str, torch.Tensor]
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_LOG_2PI = math.log(2.0 * math.pi)
+_NAN_HINT = "lower the learning rates or reward_scale, or check the environment's rewards"
+
+
+@dataclass(frozen=True)
+class PEARLConfig:
+    meta_batch_size: int = 16
+    """Tasks per gradient step; also the tasks the runner samples per iteration (Meta-World paper: 16 / 10 / 45)."""
+    num_collect_tasks: int = 5
+    """How many of the iteration's tasks collect new data (0: all); the paper's num_tasks_sample = 5."""
+    num_prior_episodes: int = 2
+    """Episodes per collecting task with z from the prior; they refill the task's encoder buffer."""
+    num_posterior_episodes: int = 3
+    """Episodes per collecting task with z from the posterior on its encoder buffer (replay buffer only)."""
+    num_train_steps: int = 2000
+    """Gradient steps per iteration (the paper: 2000 on the MuJoCo tasks)."""
+    batch_size: int = 256
+    """SAC transitions per task per gradient step."""
+    context_batch_size: int = 100
+    """Context transitions per task from which the encoder infers z during training."""
+    latent_dim: int = 5
+    """Size of z (the paper: 5; Meta-World: 7)."""
+    kl_weight: float = 0.1
+    """Weight β of KL(q(z|c) || N(0, I)), averaged over the meta-batch."""
+    hidden_sizes: tuple[int, ...] = (300, 300, 300)
+    """Hidden widths of the policy and of each critic."""
+    encoder_hidden_sizes: tuple[int, ...] = (200, 200, 200)
+    """Hidden widths of the context encoder."""
+    policy_lr: float = 3e-4
+    """Adam step size of the policy."""
+    q_lr: float = 3e-4
+    """Adam step size of the critics."""
+    encoder_lr: float = 3e-4
+    """Adam step size of the context encoder."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak rate of the target critics (updated every gradient step)."""
+    reward_scale: float = 5.0
+    """Rewards are multiplied by this in the critic target (not in the context); the paper: 5, Meta-World: 10,000."""
+    alpha: float = 1.0
+    """Entropy temperature α (fixed), or its initial value with auto_entropy."""
+    auto_entropy: bool = False
+    """Tune α by gradient towards the target entropy −act_dim (off in the paper)."""
+    policy_reg: float = 1e-3
+    """Weight of the policy's mean² and log-std² penalties (the paper's code: 1e-3)."""
+    replay_capacity: int = 1_000_000
+    """Transitions kept per task (oldest overwritten)."""
+    max_replay_tasks: int = 200
+    """Per-task buffers kept; past it the task collected least recently is dropped."""
+    backend: Literal["serial", "process", "ray"] = "serial"
+    """Rollout backend."""
+    num_workers: int = 1
+    """Rollout worker processes or actors (process and ray backends)."""
+    envs_per_worker: int = 0
+    """Environments each worker keeps; 0 keeps one per episode of its share."""
+    horizon: int = 0
+    """Steps per episode; 0 uses the task distribution's horizon."""
+    eval_adapt_steps: int = 2
+    """Posterior updates at evaluation: episodes 0..N are scored, episode k uses the context of 0..k-1."""
+    eval_episodes_per_task: int = 1
+    """Independent adaptation runs per held-out task (each its own posteriors), averaged."""
+    eval_deterministic: bool = True
+    """Act with the mean action at evaluation (z is still sampled from the posterior)."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "meta_batch_size",
+            "num_prior_episodes",
+            "num_train_steps",
+            "batch_size",
+            "context_batch_size",
+            "latent_dim",
+            "replay_capacity",
+            "max_replay_tasks",
+            "num_workers",
+            "eval_episodes_per_task",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "num_collect_tasks",
+            "num_posterior_episodes",
+            "envs_per_worker",
+            "horizon",
+            "eval_adapt_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_collect_tasks > self.meta_batch_size:
+            raise ValueError(
+                f"num_collect_tasks={self.num_collect_tasks} exceeds meta_batch_size="
+                f"{self.meta_batch_size}: tasks are collected from the iteration's meta-batch"
+            )
+        for name in ("policy_lr", "q_lr", "encoder_lr", "reward_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
+        for name in ("kl_weight", "alpha", "policy_reg"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        if self.auto_entropy and not self.alpha > 0:
+            raise ValueError("auto_entropy tunes log α, so alpha (its initial value) must be > 0")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
+            raise ValueError(
+                f"need gamma in [0, 1] and tau in (0, 1], got {self.gamma}, {self.tau}"
+            )
+        for name in ("hidden_sizes", "encoder_hidden_sizes"):
+            sizes = getattr(self, name)
+            if not sizes or min(sizes) < 1:
+                raise ValueError(
+                    f"{name} must be positive widths, e.g. [300, 300, 300], got {sizes}"
+                )
+
+
+def product_of_gaussians(
+    means: torch.Tensor, variances: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior: the product of the factors ``N(μ_n, σ²_n)`` and the prior ``N(0, I)``.
+
+    Args:
+        means: ``[..., C, L]`` per-transition means.
+        variances: ``[..., C, L]`` per-transition variances (> 0).
+        mask: ``[..., C]`` 1.0 for real transitions, 0.0 for padding (``None``: all real).
+
+    Returns:
+        ``(mean [..., L], variance [..., L])``; with no real transition, the prior.
+    """
+    precisions = 1.0 / variances
+    if mask is not None:
+        precisions = precisions * mask.unsqueeze(-1)
+    variance = 1.0 / (1.0 + precisions.sum(-2))
+    return variance * (precisions * means).sum(-2), variance
+
+
+def kl_to_standard_normal(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mean, diag variance) || N(0, I))`` summed over the last axis: ``[..., L] -> [...]``."""
+    return 0.5 * (variance + mean.pow(2) - 1.0 - variance.log()).sum(-1)
+
+
+def tanh_gaussian_log_prob(
+    pre_tanh: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
+    """``log π(tanh u)`` for ``u ~ N(mean, exp(log_std)²)``: ``[..., A] -> [...]``.
+
+    Change of variables: ``log N(u) − Σ log(1 − tanh² u)``, with
+    ``log(1 − tanh² u) = 2 (log 2 − u − softplus(−2u))`` (stable for large ``|u|``).
+    """
+    normal = -0.5 * ((pre_tanh - mean) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * _LOG_2PI
+    log_jacobian = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal - log_jacobian).sum(-1)
+
+
+def sac_q_target(
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    next_q: torch.Tensor,
+    next_log_prob: torch.Tensor,
+    gamma: float,
+    alpha: float | torch.Tensor,
+    reward_scale: float,
+) -> torch.Tensor:
+    """``reward_scale·r + γ(1 − terminated)(min_i Q̄_i(s', a') − α log π(a'|s'))``.
+
+    Args:
+        rewards, terminated, next_log_prob: ``[R]``.
+        next_q: ``[2, R]`` the target critics at ``(s', a')``.
+    """
+    soft_value = next_q.min(0).values - alpha * next_log_prob
+    return reward_scale * rewards + gamma * (1.0 - terminated) * soft_value
+
+
+class LatentTanhPolicy:
+    """Tanh-Gaussian policy π(a|s,z) run on a parameter dict, in the rollout workers' protocol.
+
+    The parameter dict holds the MLP (``fc*``, ``out``: ``[s, z] -> [mean, log_std]``) and the
+    posterior to draw z from, ``z_mean`` and ``z_std`` ``[latent_dim]``. Actions are tanh-squashed
+    to (−1, 1) and mapped affinely onto the action box.
+
+    Args:
+        obs_dim, act_dim, latent_dim: sizes.
+        hidden_sizes: hidden widths.
+        low, high: the action box bounds (finite), ``[act_dim]``.
+        deterministic: act with ``tanh(mean)`` (z is still sampled).
+    """
+
+    discrete = False
+    noise_kind = "normal"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        latent_dim: int,
+        hidden_sizes: tuple[int, ...],
+        low: np.ndarray,
+        high: np.ndarray,
+        deterministic: bool = False,
+    ) -> None:
+        self.obs_dim, self.act_dim, self.latent_dim = int(obs_dim), int(act_dim), int(latent_dim)
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.mlp = FunctionalMLP(
+            [self.obs_dim + self.latent_dim, *hidden_sizes, 2 * act_dim], "relu"
+        )
+        self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+        self.center = torch.from_numpy((self.high + self.low) / 2.0)
+        self.half = torch.from_numpy((self.high - self.low) / 2.0)
+        self.deterministic = bool(deterministic)
+        self.noise_shape: tuple[int, ...] = (self.act_dim + self.latent_dim,)
+
+    def init_params(self, seed: int) -> Params:
+        return init_mlp(self.mlp.sizes, seed, output_scale=0.01)
+
+    def distribution_params(
+        self, params: Params, obs: torch.Tensor, z: torch.Tensor, rows: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``obs [..., obs_dim]``, ``z [..., latent_dim]`` -> ``(mean, log_std)`` ``[..., act_dim]``."""
+        x = torch.cat([obs, z], -1)
+        mean, log_std = (self.mlp.rows(params, x) if rows else self.mlp(params, x)).chunk(2, -1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(
+        self,
+        params: Params,
+        obs: torch.Tensor,
+        z: torch.Tensor,
+        noise: torch.Tensor,
+        rows: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Reparameterised ``(tanh action in (−1, 1), log π, mean, log_std)``; ``noise`` ``[..., act_dim]``."""
+        mean, log_std = self.distribution_params(params, obs, z, rows)
+        pre_tanh = mean if self.deterministic else mean + log_std.exp() * noise
+        return torch.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std), mean, log_std
+
+    def act(
+        self, params: Params, obs: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``obs [B, obs_dim]``, ``noise [B, act_dim + latent_dim]`` -> ``(actions in the box [B, A], log π [B])``."""
+        z = params["z_mean"] + params["z_std"] * noise[:, self.act_dim :]
+        action, log_prob, _, _ = self.sample(params, obs, z, noise[:, : self.act_dim], rows=True)
+        return self.center + self.half * action, log_prob
+
+    def sample_noise(self, rng: np.random.Generator, num_steps: int) -> np.ndarray:
+        """``[num_steps, act_dim + latent_dim]``: fresh action noise per step, one z-noise per episode."""
+        action_noise = rng.standard_normal((num_steps, self.act_dim), dtype=np.float32)
+        z_noise = rng.standard_normal(self.latent_dim, dtype=np.float32)
+        return np.concatenate(
+            [action_noise, np.broadcast_to(z_noise, (num_steps, self.latent_dim))], 1
+        )
+
+    def normalize(self, actions: torch.Tensor) -> torch.Tensor:
+        """Box actions -> (−1, 1), the critics' and the context's action scale."""
+        return (actions - self.center) / self.half
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentTanhPolicy(obs_dim={self.obs_dim}, act_dim={self.act_dim}, "
+            f"latent_dim={self.latent_dim}, hidden_sizes={self.hidden_sizes})"
+        )
+
+
+class TaskReplay:
+    """One task's transitions as rows ``[s, a, r, s', terminated]`` in a ring buffer that grows on demand."""
+
+    def __init__(self, width: int, capacity: int) -> None:
+        self.data = np.zeros((0, width), np.float32)
+        self.capacity, self.size, self.pos = capacity, 0, 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = rows[-self.capacity :]
+        if self.size + len(rows) > len(self.data) and len(self.data) < self.capacity:
+            grown = min(self.capacity, max(2 * len(self.data), self.size + len(rows), 1024))
+            self.data = np.concatenate(
+                [self.data, np.zeros((grown - len(self.data), rows.shape[1]), np.float32)]
+            )
+        index = (self.pos + np.arange(len(rows))) % self.capacity
+        self.data[index] = rows
+        self.pos = int((self.pos + len(rows)) % self.capacity)
+        self.size = min(self.capacity, self.size + len(rows))
+
+    def sample(self, rng: np.random.Generator, num: int) -> np.ndarray:
+        return self.data[rng.integers(0, self.size, num)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.data[: self.size].copy(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data, self.pos = state["data"].copy(), int(state["pos"])
+        self.size = len(self.data)
+
+
+def transitions(policy: LatentTanhPolicy, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[s, a, r, s', terminated]`` ``[N, E·T, W]`` (actions in (−1, 1)) and their mask ``[N, E·T]``."""
+    rows = torch.cat(
+        [
+            traj.obs,
+            policy.normalize(traj.actions),
+            traj.rewards.unsqueeze(-1),
+            traj.next_obs,
+            traj.terminated.unsqueeze(-1),
+        ],
+        -1,
+    )
+    return rows.flatten(1, 2), traj.mask.flatten(1)
+
+
+class PEARL:
+    """PEARL on a task distribution with a ``Box`` action space; see the module docstring.
+
+    Args:
+        config: the agent's settings.
+        distribution: the task family; the networks and sampler are built for its spaces.
+        seed: seeds the initial parameters, the replay sampling and every rollout.
+    """
+
+    Config = PEARLConfig
+
+    def __init__(self, config: PEARLConfig, distribution: TaskDistribution, seed: int) -> None:
+        space = distribution.action_space
+        if not isinstance(space, gym.spaces.Box) or not np.all(
+            np.isfinite([space.low, space.high])
+        ):
+            raise TypeError(
+                f"PEARL needs a bounded Box action space (the tanh policy maps onto it), got {space}"
+            )
+        cfg = self.config = config
+        self.distribution = distribution
+        obs_dim, act_dim, latent = (
+            int(np.prod(distribution.observation_space.shape)),
+            int(np.prod(space.shape)),
+            cfg.latent_dim,
+        )
+        self.policy = LatentTanhPolicy(
+            obs_dim, act_dim, latent, cfg.hidden_sizes, space.low, space.high
+        )
+        self.encoder = FunctionalMLP(
+            [2 * obs_dim + act_dim + 1, *cfg.encoder_hidden_sizes, 2 * latent], "relu"
+        )
+        self.critic = FunctionalMLP([obs_dim + act_dim + latent, *cfg.hidden_sizes, 1], "relu")
+        self.nets: dict[str, Params] = {
+            "policy": self.policy.init_params(seed),
+            "q": {
+                k: torch.stack([init_mlp(self.critic.sizes, seed + i, 1.0)[k] for i in (1, 2)])
+                for k in init_mlp(self.critic.sizes, 0, 1.0)
+            },
+            "encoder": init_mlp(self.encoder.sizes, seed + 3, 0.1),
+            "alpha": {"log_alpha": torch.tensor(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0)},
+        }
+        for params in self.nets.values():
+            for v in params.values():
+                v.requires_grad_()
+        self.q_target = {k: v.detach().clone() for k, v in self.nets["q"].items()}
+        lrs = {
+            "policy": cfg.policy_lr,
+            "q": cfg.q_lr,
+            "encoder": cfg.encoder_lr,
+            "alpha": cfg.policy_lr,
+        }
+        self.optimizers = {
+            name: torch.optim.Adam(list(self.nets[name].values()), lr=lrs[name])
+            for name in self.nets
+        }
+        self.replay: OrderedDict[Task, TaskReplay] = OrderedDict()
+        self.context: dict[Task, np.ndarray] = {}
+        self.rng = np.random.default_rng([seed, 11])
+        self.generator = torch.Generator().manual_seed(seed + 12)
+        self.sampler = meta_pg.make_agent_sampler(cfg, distribution, seed)
+
+    # ------------------------------------------------------------------ inference
+
+    def posterior(
+        self, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context [..., C, 2·obs + act + 1]`` rows ``(s, a, r, s')`` -> posterior ``(mean, variance)`` ``[..., L]``."""
+        means, raw = self.encoder(self.nets["encoder"], context).chunk(2, -1)
+        return product_of_gaussians(means, F.softplus(raw).clamp(min=1e-7), mask)
+
+    def _actor_params(self, mean: torch.Tensor, variance: torch.Tensor) -> Params:
+        policy = {k: v.detach() for k, v in self.nets["policy"].items()}
+        return {**policy, "z_mean": mean.detach(), "z_std": variance.detach().sqrt()}
+
+    def _prior(self) -> Params:
+        return self._actor_params(
+            torch.zeros(self.config.latent_dim), torch.ones(self.config.latent_dim)
+        )
+
+    def adapt(self, task: Task, trajectories: Trajectories) -> Params:
+        """The actor's parameters with z's posterior on all transitions of ``trajectories`` ``[1, E, T, ...]``."""
+        del task  # the context carries everything
+        rows, mask = transitions(self.policy, trajectories)
+        with torch.no_grad():
+            mean, variance = self.posterior(rows[0, :, :-1], mask[0])
+        return self._actor_params(mean, variance)
+
+    # ------------------------------------------------------------------ data
+
+    def _store(self, task: Task, rows: torch.Tensor, encoder: bool) -> None:
+        array = rows.numpy()
+        if task not in self.replay:
+            self.replay[task] = TaskReplay(array.shape[1], self.config.replay_capacity)
+        self.replay.move_to_end(task)
+        self.replay[task].add(array)
+        if encoder:
+            self.context[task] = array
+        while len(self.replay) > self.config.max_replay_tasks:
+            dropped, _ = self.replay.popitem(last=False)
+            self.context.pop(dropped, None)
+
+    def _collect(self, tasks: list[Task]) -> dict[str, float]:
+        cfg, metrics = self.config, {}
+        runs = [("prior", cfg.num_prior_episodes), ("posterior", cfg.num_posterior_episodes)]
+        env_steps = 0.0
+        for name, episodes in runs:
+            if episodes == 0:
+                continue
+            if name == "prior":
+                params: Params | list[Params] = self._prior()
+            else:
+                context = torch.from_numpy(
+                    np.stack([self._context_batch(t)[:, :-1] for t in tasks])
+                )
+                with torch.no_grad():
+                    mean, variance = self.posterior(context)
+                params = [self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)]
+            traj = self.sampler.sample(self.policy, params, tasks, episodes)
+            rows, mask = transitions(self.policy, traj)
+            for i, task in enumerate(tasks):
+                self._store(task, rows[i][mask[i] > 0], encoder=name == "prior")
+            metrics[f"train/{name}_return"] = float(traj.episode_returns().mean())
+            if not torch.isnan(traj.success).all():
+                metrics[f"train/{name}_success"] = float(np.nanmean(traj.success.numpy()))
+            env_steps += float(traj.mask.sum())
+        metrics["train/env_steps"] = env_steps
+        return metrics
+
+    def _context_batch(self, task: Task) -> np.ndarray:
+        rows = self.context[task]
+        return rows[self.rng.integers(0, len(rows), self.config.context_batch_size)]
+
+    def _sample_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context [B, C, W − 1]`` and SAC rows ``[B, M, W]`` of ``meta_batch_size`` stored tasks."""
+        tasks = list(self.replay)
+        chosen = [tasks[i] for i in self.rng.integers(0, len(tasks), self.config.meta_batch_size)]
+        context = np.stack([self._context_batch(t)[:, :-1] for t in chosen])
+        rows = np.stack([self.replay[t].sample(self.rng, self.config.batch_size) for t in chosen])
+        return torch.from_numpy(context), torch.from_numpy(rows)
+
+    # ------------------------------------------------------------------ learning
+
+    def q_values(
+        self, params: Params, obs: torch.Tensor, actions: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
+        """Both critics: ``[R, ·]`` inputs -> ``[2, R]``."""
+        x = torch.cat([obs, actions, z], -1)
+        # A loop over the two critics measured faster on CPU than vmap or batched matmuls.
+        critics = [self.critic({k: v[i] for k, v in params.items()}, x) for i in range(2)]
+        return torch.stack(critics).squeeze(-1)
+
+    def losses(self, context: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Critic (+ KL), policy and temperature losses on one batch; see the module docstring.
+
+        Args:
+            context: ``[B, C, W − 1]`` transitions ``(s, a, r, s')`` per task.
+            rows: ``[B, M, W]`` SAC transitions ``(s, a, r, s', terminated)`` per task.
+        """
+        cfg, obs_dim, act_dim = self.config, self.policy.obs_dim, self.policy.act_dim
+        num_tasks, num_rows = rows.shape[:2]
+        flat = rows.reshape(num_tasks * num_rows, -1)
+        obs, actions = flat[:, :obs_dim], flat[:, obs_dim : obs_dim + act_dim]
+        rewards, next_obs, terminated = (
+            flat[:, obs_dim + act_dim],
+            flat[:, obs_dim + act_dim + 1 : -1],
+            flat[:, -1],
+        )
+        mean, variance = self.posterior(context)
+        z_task = mean + variance.sqrt() * torch.randn(mean.shape, generator=self.generator)
+        z = z_task.repeat_interleave(num_rows, 0)
+        z_bar = z.detach()
+        log_alpha = self.nets["alpha"]["log_alpha"]
+        alpha = log_alpha.exp().detach() if cfg.auto_entropy else cfg.alpha
+        noise = torch.randn((2, len(flat), act_dim), generator=self.generator)
+        with torch.no_grad():
+            next_actions, next_log_prob, _, _ = self.policy.sample(
+                self.nets["policy"], next_obs, z_bar, noise[0]
+            )
+            next_q = self.q_values(self.q_target, next_obs, next_actions, z_bar)
+            target = sac_q_target(
+                rewards, terminated, next_q, next_log_prob, cfg.gamma, alpha, cfg.reward_scale
+            )
+        q = self.q_values(self.nets["q"], obs, actions, z)
+        kl = kl_to_standard_normal(mean, variance).mean()
+        new_actions, log_prob, action_mean, log_std = self.policy.sample(
+            self.nets["policy"], obs, z_bar, noise[1]
+        )
+        q_new = self.q_values(self.nets["q"], obs, new_actions, z_bar).min(0).values
+        regulariser = cfg.policy_reg * (action_mean.pow(2).mean() + log_std.pow(2).mean())
+        return {
+            "q": (q - target).pow(2).mean(1).sum(),
+            "kl": kl,
+            "policy": (alpha * log_prob - q_new).mean() + regulariser,
+            "alpha": -(log_alpha * (log_prob.detach() - act_dim).mean()),
+            "q_mean": q.detach().mean(),
+            "z_std": variance.detach().sqrt().mean(),
+            "entropy": -log_prob.detach().mean(),
+        }
+
+    def _gradient_step(self) -> dict[str, torch.Tensor]:
+        """One step of every optimiser; raises before any parameter changes if a loss or gradient is not finite."""
+        cfg = self.config
+        losses = self.losses(*self._sample_batch())
+        objectives = {
+            ("q", "encoder"): losses["q"] + cfg.kl_weight * losses["kl"],
+            ("policy",): losses["policy"],
+        }
+        if cfg.auto_entropy:
+            objectives[("alpha",)] = losses["alpha"]
+        grads: dict[str, list[torch.Tensor]] = {}
+        for names, objective in objectives.items():
+            meta_pg.check_finite(f"PEARL {'+'.join(names)} loss", objective.detach(), _NAN_HINT)
+            params = [v for n in names for v in self.nets[n].values()]
+            flat = torch.autograd.grad(objective, params, allow_unused=True)
+            flat = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, flat, strict=True)
+            ]
+            for n in names:
+                grads[n], flat = flat[: len(self.nets[n])], flat[len(self.nets[n]) :]
+        norms = torch.stack([g.abs().max() for gs in grads.values() for g in gs])
+        meta_pg.check_finite("PEARL gradient", norms.max().unsqueeze(0), _NAN_HINT)
+        for name, gs in grads.items():
+            for p, g in zip(self.nets[name].values(), gs, strict=True):
+                p.grad = g
+            self.optimizers[name].step()
+        with torch.no_grad():
+            for k, target in self.q_target.items():
+                target.lerp_(self.nets["q"][k], cfg.tau)
+        return losses
+
+    def step(self, tasks: list[Task]) -> dict[str, float]:
+        """Collects on the first ``num_collect_tasks`` of ``tasks``, then ``num_train_steps`` gradient steps."""
+        cfg = self.config
+        start = time.perf_counter()
+        collect = list(tasks)[: cfg.num_collect_tasks or len(tasks)]
+        if not collect:
+            raise ValueError("step needs at least one task to collect data on")
+        metrics = self._collect(collect)
+        sampling_s = time.perf_counter() - start
+        totals: dict[str, float] = {}
+        for _ in range(cfg.num_train_steps):
+            for k, v in self._gradient_step().items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        names = {"q": "q_loss", "policy": "policy_loss", "alpha": "alpha_loss"}
+        for k, v in totals.items():
+            metrics[f"train/{names.get(k, k)}"] = v / cfg.num_train_steps
+        metrics["train/alpha"] = (
+            float(self.nets["alpha"]["log_alpha"].exp()) if cfg.auto_entropy else cfg.alpha
+        )
+        metrics["train/replay_tasks"] = float(len(self.replay))
+        optimization_s = time.perf_counter() - start - sampling_s
+        metrics["time/sampling_s"] = sampling_s
+        metrics["time/optimization_s"] = optimization_s
+        metrics["time/env_steps_per_s"] = metrics["train/env_steps"] / max(sampling_s, 1e-9)
+        metrics["time/grad_steps_per_s"] = cfg.num_train_steps / max(optimization_s, 1e-9)
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation and state
+
+    def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
+        """Return and success per held-out task of episodes 0..``eval_adapt_steps``.
+
+        Episode 0 acts with z from the prior, episode k with z from the posterior on episodes
+        0..k−1 of its own run; each task runs ``eval_episodes_per_task`` independent runs.
+
+        Returns:
+            ``{"adaptation_steps": [0..N], "return": [num_tasks, N + 1], "success": same or None}``.
+        """
+        cfg, tasks = self.config, list(tasks)
+        repeats = cfg.eval_episodes_per_task
+        runs = [t for t in tasks for _ in range(repeats)]
+        actor = copy.copy(self.policy)
+        actor.deterministic = cfg.eval_deterministic
+        context: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        returns, successes = [], []
+        with (
+            meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng)) as sampler,
+            torch.no_grad(),
+        ):
+            for _ in range(cfg.eval_adapt_steps + 1):
+                if context:
+                    mean, variance = self.posterior(
+                        torch.cat(context, 1)[..., :-1], torch.cat(masks, 1)
+                    )
+                    params: Params | list[Params] = [
+                        self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)
+                    ]
+                else:
+                    params = self._prior()
+                traj = sampler.sample(actor, params, runs, 1)
+                rows, mask = transitions(self.policy, traj)
+                context.append(rows)
+                masks.append(mask)
+                returns.append(
+                    traj.episode_returns()[:, 0].reshape(len(tasks), repeats).mean(1).numpy()
+                )
+                successes.append(traj.success[:, 0].reshape(len(tasks), repeats).numpy())
+        success = np.stack(successes, 2).astype(np.float64)  # [num_tasks, repeats, N + 1]
+        return {
+            "adaptation_steps": list(range(cfg.eval_adapt_steps + 1)),
+            "return": np.stack(returns, 1).astype(np.float64),
+            "success": None if np.isnan(success).all() else np.nanmean(success, 1),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nets": {
+                n: {k: v.detach().clone() for k, v in p.items()} for n, p in self.nets.items()
+            },
+            "q_target": {k: v.clone() for k, v in self.q_target.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "replay": [(t, b.state_dict()) for t, b in self.replay.items()],
+            "context": {t: c.copy() for t, c in self.context.items()},
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "generator": self.generator.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, params in self.nets.items():
+                for k, v in params.items():
+                    v.copy_(state["nets"][name][k])
+            for k, v in self.q_target.items():
+                v.copy_(state["q_target"][k])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.replay = OrderedDict()
+        for task, buffer_state in state["replay"]:
+            self.replay[task] = TaskReplay(
+                buffer_state["data"].shape[1], self.config.replay_capacity
+            )
+            self.replay[task].load_state_dict(buffer_state)
+        self.context = {t: c.copy() for t, c in state["context"].items()}
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        """Stops the rollout workers."""
+        self.sampler.close()

@@ -1,0 +1,355 @@
+"""PEARL: the posterior and KL against hand arithmetic and closed forms, the tanh-Gaussian density
+against a change of variables, the SAC target by hand, replay determinism, resume, evaluation
+against a reference loop, and the encoder's posteriors on 2D navigation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
+
+import envs
+from agents.pearl import (
+    PEARL,
+    PEARLConfig,
+    TaskReplay,
+    kl_to_standard_normal,
+    product_of_gaussians,
+    sac_q_target,
+    tanh_gaussian_log_prob,
+    transitions,
+)
+from metarl import meta_pg
+from metarl.cli import main
+from metarl.config import ConfigError, build
+from metarl.fewshot.maml import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(
+    meta_batch_size=4,
+    num_collect_tasks=2,
+    num_prior_episodes=1,
+    num_posterior_episodes=1,
+    num_train_steps=3,
+    batch_size=16,
+    context_batch_size=8,
+    hidden_sizes=(16, 16),
+    encoder_hidden_sizes=(16,),
+    eval_adapt_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def nav() -> envs.TaskDistribution:
+    return envs.make("navigation-2d", horizon=20, num_test=4)
+
+
+def tiny_agent(nav, seed: int = 0, **overrides) -> PEARL:
+    torch.set_num_threads(1)
+    return PEARL(PEARLConfig(**{**TINY, **overrides}), nav, seed)
+
+
+# ---------------------------------------------------------------- posterior, KL, densities
+
+
+def test_product_of_gaussians_matches_hand_arithmetic():
+    # 1-D factors N(1, 1) and N(3, 0.5) with the prior N(0, 1): precision 1 + 1 + 2 = 4,
+    # variance 1/4, mean (0·1 + 1·1 + 3·2)/4 = 7/4.
+    mean, var = product_of_gaussians(torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [0.5]]))
+    torch.testing.assert_close(mean, torch.tensor([1.75]))
+    torch.testing.assert_close(var, torch.tensor([0.25]))
+    # Three 2-D factors; dim 0: means 2, -1, 4 with variances 2, 0.25, 1 -> precision
+    # 1 + 0.5 + 4 + 1 = 6.5, mean (1 - 4 + 4)/6.5; dim 1: means 0, 1, 1, variances 1, 1, 0.5
+    # -> precision 1 + 1 + 1 + 2 = 5, mean (0 + 1 + 2)/5.
+    means = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [4.0, 1.0]])
+    variances = torch.tensor([[2.0, 1.0], [0.25, 1.0], [1.0, 0.5]])
+    mean, var = product_of_gaussians(means, variances)
+    torch.testing.assert_close(mean, torch.tensor([1.0 / 6.5, 3.0 / 5.0]))
+    torch.testing.assert_close(var, torch.tensor([1.0 / 6.5, 1.0 / 5.0]))
+    # A masked factor counts for nothing; an empty context gives the prior.
+    masked, masked_var = product_of_gaussians(means, variances, torch.tensor([1.0, 1.0, 0.0]))
+    first_two, first_two_var = product_of_gaussians(means[:2], variances[:2])
+    torch.testing.assert_close(masked, first_two)
+    torch.testing.assert_close(masked_var, first_two_var)
+    prior, prior_var = product_of_gaussians(means, variances, torch.zeros(3))
+    torch.testing.assert_close(prior, torch.zeros(2))
+    torch.testing.assert_close(prior_var, torch.ones(2))
+
+
+def test_kl_to_the_unit_gaussian_matches_the_closed_form():
+    # By hand: KL(N(1, 1) || N(0, 1)) = 1/2; KL(N(0, 4) || N(0, 1)) = (4 - 1 - log 4)/2.
+    kl = kl_to_standard_normal(torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [4.0]]))
+    torch.testing.assert_close(kl, torch.tensor([0.5, (3.0 - math.log(4.0)) / 2.0]))
+    gen = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(6, 5, generator=gen), torch.rand(6, 5, generator=gen) + 0.05
+    reference = kl_divergence(Normal(mean, var.sqrt()), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(kl_to_standard_normal(mean, var), reference)
+
+
+def test_tanh_gaussian_log_prob_matches_change_of_variables():
+    gen = torch.Generator().manual_seed(1)
+    mean, log_std = torch.randn(50, 3, generator=gen), torch.randn(50, 3, generator=gen) * 0.5
+    pre_tanh = mean + log_std.exp() * torch.randn(50, 3, generator=gen) * 2.0
+    ours = tanh_gaussian_log_prob(pre_tanh, mean, log_std)
+    ours64 = tanh_gaussian_log_prob(pre_tanh.double(), mean.double(), log_std.double())
+    # Reference 1: p_A(tanh u) = p_U(u) / |d tanh/du|, with d tanh/du = 1/cosh²u in float64,
+    # and the same Jacobian by central differences where tanh is far from saturation.
+    u = pre_tanh.double()
+    normal = Normal(mean.double(), log_std.double().exp()).log_prob(u)
+    torch.testing.assert_close(ours64, (normal + 2.0 * torch.cosh(u).log()).sum(-1))
+    h, moderate = 1e-5, u.abs().max(-1).values < 3.0
+    finite_diff = (torch.tanh(u + h) - torch.tanh(u - h)) / (2 * h)
+    reference = (normal - finite_diff.log()).sum(-1)
+    torch.testing.assert_close(ours64[moderate], reference[moderate], rtol=1e-7, atol=1e-7)
+    # Reference 2: torch.distributions' tanh transform, away from saturation.
+    inside = pre_tanh.abs().max(-1).values < 3.0
+    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()])
+    reference = dist.log_prob(torch.tanh(pre_tanh)).sum(-1)
+    torch.testing.assert_close(ours[inside], reference[inside], rtol=1e-4, atol=1e-4)
+    # Saturated actions keep a finite log-probability.
+    assert torch.isfinite(
+        tanh_gaussian_log_prob(torch.full((1, 2), 30.0), torch.zeros(1, 2), torch.zeros(1, 2))
+    ).all()
+
+
+# ---------------------------------------------------------------- SAC target
+
+
+def test_sac_target_on_a_hand_made_batch():
+    rewards, terminated = torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0])
+    next_q = torch.tensor([[3.0, 4.0], [5.0, 1.0]])  # [critic, row]: minima 3 and 1
+    next_log_prob = torch.tensor([-0.5, 0.2])
+    target = sac_q_target(rewards, terminated, next_q, next_log_prob, 0.9, 0.1, 2.0)
+    # 2·1 + 0.9·(3 − 0.1·(−0.5)) = 4.745; the terminated row keeps only 2·(−2).
+    torch.testing.assert_close(target, torch.tensor([4.745, -4.0]))
+
+
+def test_agent_critic_loss_uses_the_min_of_the_target_critics(nav):
+    agent = tiny_agent(nav, alpha=0.0, reward_scale=3.0, gamma=0.5)
+    with torch.no_grad():  # target critic i outputs the constant c_i whatever its input
+        for v in agent.q_target.values():
+            v.zero_()
+        agent.q_target["out.bias"].copy_(torch.tensor([[2.0], [-1.0]]))
+    obs_dim, act_dim = 2, 2
+    rows = torch.zeros(1, 3, 2 * obs_dim + act_dim + 2)
+    rows[0, :, obs_dim + act_dim] = torch.tensor([1.0, 0.5, -1.0])  # rewards
+    rows[0, :, -1] = torch.tensor([0.0, 1.0, 0.0])  # terminated
+    context = torch.randn(1, 4, 2 * obs_dim + act_dim + 1)
+    agent.generator.manual_seed(12)
+    losses = agent.losses(context, rows)
+    # y = 3r + 0.5(1 − d)·min(2, −1) = [3 − 0.5, 1.5, −3 − 0.5]
+    target = torch.tensor([2.5, 1.5, -3.5])
+    agent.generator.manual_seed(12)  # the same z draw, for the online critics' values
+    with torch.no_grad():
+        mean, var = agent.posterior(context)
+        z = mean + var.sqrt() * torch.randn(mean.shape, generator=agent.generator)
+        q = agent.q_values(agent.nets["q"], rows[0, :, :2], rows[0, :, 2:4], z.expand(3, -1))
+    torch.testing.assert_close(losses["q"].detach(), (q - target).pow(2).mean(1).sum())
+
+
+# ---------------------------------------------------------------- replay, sampler protocol
+
+
+def test_replay_ring_buffer_keeps_the_latest_rows_and_samples_deterministically():
+    buffer, reference = TaskReplay(width=2, capacity=5), []
+    for start in (0, 3, 4, 11):
+        rows = np.arange(start, start + 3, dtype=np.float32)[:, None].repeat(2, 1)
+        buffer.add(rows)
+        reference = (reference + rows[:, 0].tolist())[-5:]
+    assert sorted(buffer.data[: buffer.size, 0].tolist()) == sorted(reference)
+    draws = [buffer.sample(np.random.default_rng(3), 7) for _ in range(2)]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    copy = TaskReplay(width=2, capacity=5)
+    copy.load_state_dict(buffer.state_dict())
+    buffer.add(np.full((2, 2), 99.0, np.float32))
+    copy.add(np.full((2, 2), 99.0, np.float32))
+    np.testing.assert_array_equal(copy.data[: copy.size], buffer.data[: buffer.size])
+
+
+def test_z_is_drawn_once_per_episode_and_actions_stay_in_the_box(nav):
+    agent = tiny_agent(nav)
+    noise = agent.policy.sample_noise(np.random.default_rng(0), 20)
+    assert noise.shape == (20, 2 + agent.config.latent_dim)
+    assert (noise[:, 2:] == noise[0, 2:]).all() and len(np.unique(noise[:, 0])) == 20
+    traj = agent.sampler.sample(
+        agent.policy, agent._prior(), nav.sample(3, np.random.default_rng(0)), 2
+    )
+    assert traj.actions.abs().max() <= 0.1 + 1e-6
+    # Identical parameters, different z per episode: the first actions of a task's episodes differ.
+    assert not torch.allclose(traj.actions[0, 0, 0], traj.actions[0, 1, 0])
+
+
+# ---------------------------------------------------------------- training, failure, resume
+
+
+def test_step_metrics_and_nan_loss_raises_before_parameters_change(nav):
+    agent = tiny_agent(nav)
+    metrics = agent.step(nav.sample(4, np.random.default_rng(0)))
+    for key in ("train/q_loss", "train/kl", "train/policy_loss", "train/prior_return",
+                "train/posterior_return", "time/env_steps_per_s"):  # fmt: skip
+        assert math.isfinite(metrics[key]), key
+    assert metrics["train/env_steps"] == 2 * 2 * 20 and metrics["train/replay_tasks"] == 2
+    before = agent.state_dict()
+    task = next(iter(agent.replay))
+    agent.replay[task].data[:, 4] = np.nan  # rewards
+    for t in agent.replay:
+        agent.replay[t] = agent.replay[task]
+    with pytest.raises(NonFiniteLossError, match="not finite.*parameters unchanged"):
+        agent._gradient_step()
+    for name, params in agent.nets.items():
+        for k, v in params.items():
+            torch.testing.assert_close(v.detach(), before["nets"][name][k], rtol=0, atol=0)
+    assert str(agent.optimizers["q"].state_dict()) == str(before["optimizers"]["q"])
+
+
+def test_resume_from_a_checkpoint_gives_identical_metrics(nav):
+    tasks = [nav.sample(4, np.random.default_rng(i)) for i in range(3)]
+
+    def seeded(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+    full = tiny_agent(nav, seed=5)
+    expected = [seeded(full.step(t)) for t in tasks]
+    first = tiny_agent(nav, seed=5)
+    first.step(tasks[0])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    first.step(tasks[1])  # moves on; the checkpoint must not share its tensors
+    resumed = tiny_agent(nav, seed=5)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert [seeded(resumed.step(t)) for t in tasks[1:]] == expected[1:]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluate_matches_a_reference_posterior_loop(nav):
+    agent = tiny_agent(nav, eval_episodes_per_task=1, eval_deterministic=False)
+    agent.step(nav.sample(4, np.random.default_rng(0)))
+    tasks = nav.test_tasks()
+    result = agent.evaluate(tasks, np.random.default_rng(7))
+    assert result["adaptation_steps"] == [0, 1, 2] and result["success"] is None
+    assert result["return"].shape == (4, 3)
+    # Reference: one sampler call per episode; episode k's z from agent.adapt on episodes 0..k-1.
+    seed = meta_pg.eval_seed(np.random.default_rng(7))
+    with meta_pg.make_agent_sampler(agent.config, nav, seed) as sampler:
+        episodes, returns = [[] for _ in tasks], []
+        for k in range(3):
+            params = [
+                agent._prior() if k == 0 else agent.adapt(t, _concat(e))
+                for t, e in zip(tasks, episodes, strict=True)
+            ]
+            traj = sampler.sample(agent.policy, params, tasks, 1)
+            for i, e in enumerate(episodes):
+                e.append(traj.task_slice(i))
+            returns.append(traj.episode_returns()[:, 0].double().numpy())
+    np.testing.assert_allclose(result["return"], np.stack(returns, 1), rtol=1e-6)
+
+
+def _episodes(traj, task: int, start: int, stop: int):
+    """Episodes ``start:stop`` of task ``task`` as trajectories ``[1, stop - start, T, ...]``."""
+    one = traj.task_slice(task)
+    return one._replace(**{f: getattr(one, f)[:, start:stop] for f in one._fields if f != "task"})
+
+
+def _concat(parts):
+    return type(parts[0])(*(torch.cat(fields, 1) for fields in zip(*parts, strict=True)))
+
+
+def test_posterior_narrows_as_context_grows(nav):
+    agent = tiny_agent(nav)
+    traj = agent.sampler.sample(
+        agent.policy, agent._prior(), nav.sample(1, np.random.default_rng(0)), 1
+    )
+    rows, mask = transitions(agent.policy, traj)
+    assert mask[0, :20].sum() == 20
+    with torch.no_grad():
+        variances = [agent.posterior(rows[0, :n, :-1])[1] for n in (1, 5, 20)]
+    assert (variances[0] < 1.0).all()
+    assert (variances[1] < variances[0]).all() and (variances[2] < variances[1]).all()
+
+
+@pytest.mark.slow
+def test_trained_encoder_tells_goals_apart():
+    """After 25 short iterations (~30 s on a quiet core), posteriors on two-episode contexts of
+    two goals lie further apart than posteriors of one goal (ratio 1.75 measured; above 1 from
+    iteration 15 on, with 1-, 2- and 3-episode contexts)."""
+    torch.set_num_threads(1)
+    dist = envs.make("navigation-2d", horizon=50)
+    config = PEARLConfig(
+        meta_batch_size=16,
+        num_collect_tasks=4,
+        num_prior_episodes=2,
+        num_posterior_episodes=1,
+        num_train_steps=60,
+        batch_size=64,
+        context_batch_size=50,
+        hidden_sizes=(64, 64),
+        encoder_hidden_sizes=(64, 64),
+    )
+    agent = PEARL(config, dist, 0)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        agent.step(dist.sample(16, rng))
+    goals = [dist.make_task(goal=(0.4, 0.4)), dist.make_task(goal=(-0.4, -0.4))]
+    traj = agent.sampler.sample(agent.policy, agent._prior(), goals, 12)
+    means = torch.stack(
+        [
+            agent.adapt(goal, _episodes(traj, i, 2 * k, 2 * k + 2))["z_mean"]
+            for i, goal in enumerate(goals)
+            for k in range(4)
+        ]
+    ).reshape(2, 4, -1)
+    within = (torch.cdist(means[0], means[0]).sum() + torch.cdist(means[1], means[1]).sum()) / 24
+    between = torch.cdist(means[0], means[1]).mean()
+    assert between > within, (between, within)
+
+
+# ---------------------------------------------------------------- config, runner
+
+
+def test_bad_settings_fail_early_with_the_value(nav):
+    for bad, match in [
+        (dict(latent_dim=0), "latent_dim must be >= 1, got 0"),
+        (dict(num_collect_tasks=5, meta_batch_size=4), "num_collect_tasks=5 exceeds"),
+        (dict(kl_weight=-1.0), "kl_weight must be finite and >= 0"),
+        (dict(reward_scale=0.0), "reward_scale must be finite and > 0"),
+        (dict(tau=0.0), "tau in \\(0, 1\\]"),
+        (dict(hidden_sizes=()), "hidden_sizes must be positive widths"),
+        (dict(auto_entropy=True, alpha=0.0), "alpha .* must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PEARLConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown key.*latent_size"):
+        build(PEARLConfig, {"latent_size": 3}, "agent")
+    with pytest.raises(TypeError, match="bounded Box action space"):
+        PEARL(PEARLConfig(**TINY), envs.make("bandit"), 0)
+
+
+def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "r"
+    settings = [
+        f"agent.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()
+    ]
+    settings += ["run.num_iterations=2", "run.eval_at_end=false", "tasks.horizon=20", "tasks.num_test=3",
+                 "agent.backend='serial'", "agent.num_workers=1"]  # fmt: skip
+    args = ["run", "experiments/pearl_nav2d.toml", "--out", str(run), "--no-progress"]
+    for s in settings:
+        args += ["--set", s]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(args) == 0, err.getvalue()
+        assert main(["eval", str(run)]) == 0, err.getvalue()
+    document = json.loads((run / "eval.json").read_text())
+    assert document["summary"]["adaptation_steps"] == [0, 1, 2]
+    assert np.array(document["per_task"]["return"]).shape == (3, 3)
