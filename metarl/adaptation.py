@@ -15,6 +15,9 @@ Modes, all through :func:`adapt`:
   parameter element), meta-trained with the initial parameters.
 * ANIL: ``names`` lists the head parameters; the rest are not adapted.
 * Reptile: plain first-order adaptation, then :func:`reptile_update`.
+* Learned optimizer: ``update`` is an :class:`UpdateRule` that replaces the SGD step, e.g. the
+  coordinate-wise LSTM of :mod:`metarl.fewshot.learned_opt`; the result is differentiable with
+  respect to the rule's own meta-parameters too.
 
 Batching over tasks. :func:`meta_objective` runs adaptation plus the query
 loss for every task of a meta-batch either with ``vmap`` or with a Python loop.
@@ -27,14 +30,28 @@ to slower batched kernels. Learners pick the faster one per model by default.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, Any], torch.Tensor]
 LearningRate = float | Mapping[str, torch.Tensor]
+
+
+class UpdateRule(Protocol):
+    """An inner update that replaces SGD in :func:`adapt`; a pure function of its inputs.
+
+    Called once per inner step with the parameters being adapted, their gradients, the inner loss
+    (a scalar tensor), the step index (0, 1, ...) and the rule's state from the previous step
+    (``None`` at step 0). Returns the new parameters (same keys and shapes) and the new state, any
+    pytree of tensors. Under ``vmap`` every tensor it sees belongs to one task.
+    """
+
+    def __call__(
+        self, params: Params, grads: Params, loss: torch.Tensor, step: int, state: Any
+    ) -> tuple[Params, Any]: ...
 
 
 def _rate(lr: LearningRate, name: str) -> float | torch.Tensor:
@@ -65,6 +82,7 @@ def adapt(
     lr: LearningRate = 0.01,
     first_order: bool = False,
     names: Iterable[str] | None = None,
+    update: UpdateRule | None = None,
 ) -> Params:
     """Takes ``steps`` gradient steps on ``loss_fn(params, data)`` and returns the adapted params.
 
@@ -77,26 +95,55 @@ def adapt(
             broadcastable to its parameter.
         first_order: treat inner gradients as constants (FOMAML, Reptile).
         names: the parameters to adapt (ANIL adapts only the head); all when ``None``.
+        update: a learned rule replacing the step ``θ ← θ − lr · g`` (``lr`` is then unused); its
+            state is carried across the ``steps`` and dropped at the end. ``first_order`` detaches
+            the gradients and the loss it is given.
 
     Returns:
         A new dict with every key of ``params``; adapted entries differentiable with respect to
-        ``params`` and ``lr`` (through the inner gradients too, unless ``first_order``).
+        ``params`` and ``lr`` or the rule's meta-parameters (through the inner gradients too,
+        unless ``first_order``).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     keys = _check_names(params, names)
     adapted = dict(params)
-    for _ in range(steps):
+    state = None
+    for step in range(steps):
         frozen = {k: v for k, v in adapted.items() if k not in keys}
 
         def inner_loss(sub: Params, frozen: Params = frozen) -> torch.Tensor:
             return loss_fn({**frozen, **sub}, data)
 
-        grads = grad(inner_loss)({k: adapted[k] for k in keys})
-        for k in keys:
-            g = grads[k].detach() if first_order else grads[k]
-            adapted[k] = adapted[k] - _rate(lr, k) * g
+        if update is None:
+            grads = grad(inner_loss)({k: adapted[k] for k in keys})
+            for k in keys:
+                g = grads[k].detach() if first_order else grads[k]
+                adapted[k] = adapted[k] - _rate(lr, k) * g
+        else:
+            adapted, state = _rule_step(update, inner_loss, adapted, keys, step, state, first_order)
     return adapted
+
+
+def _rule_step(
+    update: UpdateRule,
+    inner_loss: Callable[[Params], torch.Tensor],
+    adapted: Params,
+    keys: list[str],
+    step: int,
+    state: Any,
+    first_order: bool,
+) -> tuple[Params, Any]:
+    grads, loss = grad_and_value(inner_loss)({k: adapted[k] for k in keys})
+    if first_order:
+        grads, loss = {k: g.detach() for k, g in grads.items()}, loss.detach()
+    new, state = update({k: adapted[k] for k in keys}, grads, loss, step, state)
+    missing = [k for k in keys if k not in new]
+    if missing:
+        raise KeyError(
+            f"the update rule returned no new value for {missing}; return every key it is given"
+        )
+    return {**adapted, **{k: new[k] for k in keys}}, state
 
 
 def _stack_index(batch: Any, i: int) -> Any:
@@ -114,6 +161,7 @@ def meta_objective(
     names: Iterable[str] | None = None,
     batch: Literal["vmap", "loop"] = "vmap",
     query_loss_fn: LossFn | None = None,
+    update: UpdateRule | None = None,
 ) -> torch.Tensor:
     """Per-task query losses after adaptation on each task's support data.
 
@@ -122,7 +170,7 @@ def meta_objective(
         params: shared initial parameters.
         support: pytree of tensors with a leading task axis ``[B, ...]``.
         query: pytree of tensors with a leading task axis ``[B, ...]``.
-        steps, lr, first_order, names: as in :func:`adapt`.
+        steps, lr, first_order, names, update: as in :func:`adapt`.
         batch: ``"vmap"`` to vectorise over tasks, ``"loop"`` for a per-task Python loop.
             Both give the same values (tested); pick the faster one for the model.
         query_loss_fn: outer loss on the query data; ``loss_fn`` when ``None``.
@@ -133,7 +181,7 @@ def meta_objective(
     outer = query_loss_fn or loss_fn
 
     def one_task(p: Params, s: Any, q: Any) -> torch.Tensor:
-        return outer(adapt(loss_fn, p, s, steps, lr, first_order, names), q)
+        return outer(adapt(loss_fn, p, s, steps, lr, first_order, names, update), q)
 
     if batch == "vmap":
         return vmap(one_task, in_dims=(None, 0, 0), randomness="different")(params, support, query)
