@@ -43,6 +43,7 @@ from envs.base import Task, TaskDistribution
 from metarl import demos, discriminator, meta_pg
 from metarl.adaptation import Params, adapt
 from metarl.baselines import make_baseline
+from metarl.config import require_at_least
 from metarl.discriminator import DiscData, Discriminator
 from metarl.meta_pg import InnerLoop, PGBatch
 from metarl.runtime import tune_allocator
@@ -128,18 +129,19 @@ class MetaImitationConfig:
 
     def __post_init__(self) -> None:
         meta_pg.check_common_config(self)
-        for name in (
-            "num_demos",
-            "num_query_demos",
-            "disc_adapt_steps",
-            "num_epochs",
-            "bc_steps",
-            "bc_pretrain_steps",
-            "maml_bc_meta_steps",
-            "num_pretrain_tasks",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(
+            self,
+            (
+                "num_demos",
+                "num_query_demos",
+                "disc_adapt_steps",
+                "num_epochs",
+                "bc_steps",
+                "bc_pretrain_steps",
+                "maml_bc_meta_steps",
+                "num_pretrain_tasks",
+            ),
+        )
         for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr", "bc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

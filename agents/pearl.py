@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from envs.base import Task, TaskDistribution
 from metarl import meta_pg
+from metarl.config import require_at_least
 from metarl.policies import FunctionalMLP, init_mlp
 from metarl.types import Trajectories
 
@@ -138,9 +139,7 @@ class PEARLConfig:
             "num_workers",
             "eval_episodes_per_task",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, positive)
         for name in (
             "num_collect_tasks",
             "num_posterior_episodes",

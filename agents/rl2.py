@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from envs.base import Task, TaskDistribution
+from metarl.config import require_at_least
 from metarl.meta_pg import check_finite, eval_seed
 from metarl.recurrent import RecurrentPolicy, TrialRunner, Trials, pack
 from metarl.rollout.worker import flat_dim
@@ -80,9 +81,7 @@ class RL2Config:
     """Where the PPO update runs ('cpu' or 'cuda'); trials always run on the CPU."""
 
     def __post_init__(self) -> None:
-        for name in ("meta_batch_size", "episodes_per_trial", "hidden_size", "num_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("meta_batch_size", "episodes_per_trial", "hidden_size", "num_epochs"))
         if not 1 <= self.num_minibatches <= self.meta_batch_size:
             raise ValueError(
                 f"num_minibatches must lie in [1, meta_batch_size={self.meta_batch_size}] (each "

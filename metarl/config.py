@@ -156,3 +156,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def require_at_least(config: Any, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Raises ``ValueError`` naming the first of ``config``'s fields ``names`` below ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")

@@ -24,15 +24,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from envs.base import Task
 from metarl.adaptation import Params, UpdateRule, adapt, meta_objective
-from metarl.fewshot.maml import NonFiniteLossError
-from metarl.runtime import check_device, on_device
+from metarl.config import require_at_least
+from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError
+from metarl.runtime import on_device
 
 LSTMState = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 DEFAULT_EVAL_CHUNK = 100
@@ -145,15 +146,7 @@ class CoordinateLSTM:
 
 
 @dataclass(frozen=True)
-class LearnedOptimizerConfig:
-    meta_batch_size: int = 25
-    """Tasks per meta-iteration."""
-    num_shots: int = 10
-    """Support examples per task (per class for classification): the K of K-shot."""
-    num_queries: int = 10
-    """Query examples per task (per class for classification) for the outer loss."""
-    num_eval_queries: int = 100
-    """Query examples per held-out task at evaluation."""
+class LearnedOptimizerConfig(EpisodicConfig):
     inner_lr: float = 0.01
     """The SGD rate the rule starts from, and the fixed scale α of its output."""
     adapt_steps: int = 5
@@ -174,39 +167,15 @@ class LearnedOptimizerConfig:
     """LSTM weights start uniform in ±init_range."""
     first_order: bool = False
     """Treat inner gradients (and losses) as constants in the meta-gradient."""
-    batch: Literal["auto", "vmap", "loop"] = "auto"
-    """Batch tasks with vmap or a loop; auto takes the faster one measured for the model."""
-    device: str = "cpu"
-    """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
     def __post_init__(self) -> None:
-        check_device(self.device)
-        for name in (
-            "meta_batch_size",
-            "num_shots",
-            "num_queries",
-            "num_eval_queries",
-            "adapt_steps",
-            "hidden_size",
-            "num_layers",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.inner_lr <= 0 or self.outer_lr <= 0:
-            raise ValueError(
-                f"learning rates must be > 0, got inner {self.inner_lr}, outer {self.outer_lr}"
-            )
+        super().__post_init__()
+        require_at_least(self, ("hidden_size", "num_layers"))
         if self.preprocess_p <= 0 or self.init_range < 0:
             raise ValueError(
                 f"need preprocess_p > 0 (10 in the paper) and init_range >= 0, got "
                 f"{self.preprocess_p} and {self.init_range}"
             )
-        if not self.eval_adapt_steps or min(self.eval_adapt_steps) < 0:
-            raise ValueError(
-                f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
-            )
-        if self.batch not in ("auto", "vmap", "loop"):
-            raise ValueError(f"batch must be 'auto', 'vmap' or 'loop', got {self.batch!r}")
 
 
 class LearnedOptimizerLearner:

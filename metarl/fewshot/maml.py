@@ -25,6 +25,7 @@ from torch.func import vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt, meta_objective, reptile_update
+from metarl.config import require_at_least
 from metarl.runtime import check_device, on_device
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "pretrained")
@@ -35,9 +36,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass(frozen=True)
-class GradientLearnerConfig:
-    method: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "pretrained"] = "maml"
-    """Which learner: maml, fomaml, metasgd, anil, reptile or pretrained."""
+class EpisodicConfig:
+    """Settings every gradient-based few-shot learner shares: episodes, inner loop, outer loop."""
+
     meta_batch_size: int = 25
     """Tasks per meta-iteration."""
     num_shots: int = 10
@@ -59,13 +60,16 @@ class GradientLearnerConfig:
     device: str = "cpu"
     """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
+    def _min_adapt_steps(self) -> int:
+        return 1
+
     def __post_init__(self) -> None:
         check_device(self.device)
-        for name in ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.adapt_steps < 1 and self.method != "pretrained":
-            raise ValueError(f"adapt_steps must be >= 1 for {self.method}, got {self.adapt_steps}")
+        require_at_least(self, ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"))
+        if self.adapt_steps < self._min_adapt_steps():
+            raise ValueError(
+                f"adapt_steps must be >= {self._min_adapt_steps()}, got {self.adapt_steps}"
+            )
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise ValueError(
                 f"learning rates must be > 0, got inner {self.inner_lr}, outer {self.outer_lr}"
@@ -74,6 +78,17 @@ class GradientLearnerConfig:
             raise ValueError(
                 f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
             )
+        if self.batch not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batch must be 'auto', 'vmap' or 'loop', got {self.batch!r}")
+
+
+@dataclass(frozen=True)
+class GradientLearnerConfig(EpisodicConfig):
+    method: Literal["maml", "fomaml", "metasgd", "anil", "reptile", "pretrained"] = "maml"
+    """Which learner: maml, fomaml, metasgd, anil, reptile or pretrained."""
+
+    def _min_adapt_steps(self) -> int:
+        return 0 if self.method == "pretrained" else 1
 
 
 def _cat_points(a: Any, b: Any) -> Any:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.base import Task
+from metarl.config import require_at_least
 from metarl.fewshot.maml import NonFiniteLossError
 from metarl.runtime import check_device, on_device
 
@@ -173,9 +174,7 @@ class MANNConfig:
     def __post_init__(self) -> None:
         check_device(self.device)
         sizes = "meta_batch_size num_shots num_queries num_eval_queries memory_slots memory_width"
-        for name in (*sizes.split(), "num_reads", "controller_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, (*sizes.split(), "num_reads", "controller_size"))
         if self.num_reads > self.memory_slots:
             raise ValueError(
                 f"num_reads={self.num_reads} exceeds memory_slots={self.memory_slots}; the "

@@ -70,29 +70,18 @@ from torch.func import grad, vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt
-from metarl.fewshot.maml import NonFiniteLossError
-from metarl.runtime import check_device, on_device
+from metarl.config import require_at_least
+from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError
+from metarl.runtime import on_device
 
 UNCERTAINTIES = ("laplace", "prior")
 LEVEL = 0.9
 
 
 @dataclass(frozen=True)
-class ProbabilisticMAMLConfig:
-    meta_batch_size: int = 25
-    """Tasks per meta-iteration."""
-    num_shots: int = 10
-    """Support examples per task (per class for classification): the K of K-shot."""
-    num_queries: int = 10
-    """Query examples per task (per class for classification) for the outer loss."""
-    num_eval_queries: int = 100
-    """Query examples per held-out task at evaluation."""
+class ProbabilisticMAMLConfig(EpisodicConfig):
     inner_lr: float = 0.01
     """Inner SGD step size of the MAP search."""
-    adapt_steps: int = 1
-    """Inner steps during meta-training."""
-    eval_adapt_steps: tuple[int, ...] = (0, 1, 10)
-    """Adaptation steps after which held-out tasks are scored."""
     outer_lr: float = 0.001
     """Adam step size for μ, log σ and the observation noise."""
     first_order: bool = False
@@ -115,28 +104,15 @@ class ProbabilisticMAMLConfig:
     """Regression only: initial observation noise σ_y."""
     learn_noise: bool = True
     """Regression only: meta-learn σ_y (otherwise it stays at init_noise_std)."""
-    batch: Literal["auto", "vmap", "loop"] = "auto"
-    """Batch tasks with vmap or a loop; auto takes the faster one measured for the model."""
-    device: str = "cpu"
-    """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
     def __post_init__(self) -> None:
-        check_device(self.device)
-        for name in (
-            "meta_batch_size",
-            "num_shots",
-            "num_queries",
-            "num_eval_queries",
-            "adapt_steps",
-            "num_fisher_samples",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        require_at_least(self, ("num_fisher_samples",))
         if self.num_samples < 2:
             raise ValueError(
                 f"num_samples must be >= 2 to form a predictive, got {self.num_samples}"
             )
-        for name in ("inner_lr", "outer_lr", "init_prior_std", "init_noise_std"):
+        for name in ("init_prior_std", "init_noise_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.prior_weight >= 0 or not self.kl_weight >= 0:
@@ -159,12 +135,6 @@ class ProbabilisticMAMLConfig:
             raise ValueError(
                 "uncertainty='laplace' needs prior_weight > 0 (the prior bounds the posterior "
                 "precision from below); raise prior_weight or use uncertainty='prior'"
-            )
-        if self.batch not in ("auto", "vmap", "loop"):
-            raise ValueError(f"batch must be 'auto', 'vmap' or 'loop', got {self.batch!r}")
-        if not self.eval_adapt_steps or min(self.eval_adapt_steps) < 0:
-            raise ValueError(
-                f"eval_adapt_steps must be non-negative step counts, got {self.eval_adapt_steps}"
             )
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from envs.base import Task
 from metarl.adaptation import Params
+from metarl.config import require_at_least
 from metarl.fewshot.maml import NonFiniteLossError
 from metarl.runtime import check_device, on_device
 
@@ -73,9 +74,7 @@ class MetricLearnerConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        for name in ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"))
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if self.lr_decay_every < 0 or not 0 < self.lr_decay <= 1:
