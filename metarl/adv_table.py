@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metarl.bench.adapt import machine
+from metarl.sweep import fmt_iqm, load_sweep
 
 VARIANTS = {
     "": "meta-adversarial (meta G + meta D)",
@@ -35,19 +36,6 @@ BASELINES = {
     "bc_multitask": "multi-task BC fine-tuned",
     "maml_bc": "MAML-BC",
 }
-
-
-def _sweep(path: Path) -> dict[str, Any]:
-    file = path / "sweep.json"
-    if not file.exists():
-        raise FileNotFoundError(
-            f"{file} not found: run the `metarl sweep ... --out {path}` to the end first"
-        )
-    return json.loads(file.read_text())
-
-
-def _cell(stats: dict[str, Any], j: int) -> str:
-    return f"{stats['iqm'][j]:.3g} [{stats['lo'][j]:.3g}, {stats['hi'][j]:.3g}]"
 
 
 def _expert_returns(path: Path, label: str) -> Any:
@@ -66,7 +54,7 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
     """One row per learner and grid cell of an imitation sweep."""
     from metarl.evaluation import bootstrap_ci, iqm
 
-    document, rows = _sweep(path), []
+    document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
         metric = "success" if "success" in cell else "return"
         base = {
@@ -86,7 +74,7 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
                         **base,
                         "learner": name,
                         "steps": [steps[j] for j in picks],
-                        "values": [_cell(stats, j) for j in picks],
+                        "values": [fmt_iqm(stats, j) for j in picks],
                         "stats": {
                             k: [stats[k][j] for j in picks] for k in ("iqm", "lo", "hi", "mean")
                         },
@@ -121,7 +109,7 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
 
 def generator_rows(path: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a generator sweep: tail statistics on held-out and shifted tasks."""
-    document, rows = _sweep(path), []
+    document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
         row = {
             "sweep": document["title"],

@@ -28,6 +28,7 @@ from typing import Any
 
 from metarl.bench.adapt import machine
 from metarl.config import load_toml
+from metarl.sweep import fmt_iqm, load_sweep
 
 # agent import path (and few-shot method) -> (learner, family)
 LEARNERS: dict[str, tuple[str, str]] = {
@@ -89,12 +90,7 @@ def _experience(config: dict[str, Any], learner: str, step: int) -> str:
 
 def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a finished sweep directory."""
-    path = sweep_dir / "sweep.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first"
-        )
-    document = json.loads(path.read_text())
+    document = load_sweep(sweep_dir)
     rows = []
     for label, cell in document["cells"].items():
         runs = sorted(sweep_dir.glob(f"{label}-s*"))
@@ -124,10 +120,6 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _fmt(stats: dict[str, list[float]], j: int) -> str:
-    return f"{stats['iqm'][j]:.3g} [{stats['lo'][j]:.3g}, {stats['hi'][j]:.3g}]"
 
 
 def _published(row: dict[str, Any]) -> str:
@@ -174,7 +166,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
                 last = len(r["adaptation_steps"]) - 1
                 lines.append(
                     f"| {r['learner']} | {r['family']} | {r['num_seeds']} | {r['iterations']} | "
-                    f"{metric} | {_fmt(stats, 0)} | {_fmt(stats, min(1, last))} | {_fmt(stats, last)} | "
+                    f"{metric} | {fmt_iqm(stats, 0)} | {fmt_iqm(stats, min(1, last))} | {fmt_iqm(stats, last)} | "
                     f"{stats['mean'][last]:.3g} | {r['experience_last']} | "
                     f"{_published(r) if metric == 'success' else '–'} | `{r['command']}` |"
                 )

@@ -21,6 +21,7 @@ import numpy as np
 
 from metarl.bench.adapt import machine
 from metarl.bench.meta_update import timing_table
+from metarl.sweep import fmt_iqm, load_sweep
 
 
 def _timing(run_dirs: list[Path]) -> dict[str, float]:
@@ -48,12 +49,7 @@ def _timing(run_dirs: list[Path]) -> dict[str, float]:
 
 def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a finished sweep directory."""
-    path = sweep_dir / "sweep.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first"
-        )
-    document = json.loads(path.read_text())
+    document = load_sweep(sweep_dir)
     rows = []
     for label, cell in document["cells"].items():
         runs = sorted(sweep_dir.glob(f"{label}-s*"))
@@ -84,12 +80,6 @@ def kept_rows(path: Path, new_rows: list[dict[str, Any]]) -> list[dict[str, Any]
         for row in document["rows"]
         if (row["sweep"], row["cell"]) not in fresh
     ]
-
-
-def _fmt(metric: dict[str, Any] | None, j: int) -> str:
-    if metric is None:
-        return "–"
-    return f"{metric['iqm'][j]:.3g} [{metric['lo'][j]:.3g}, {metric['hi'][j]:.3g}]"
 
 
 def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
@@ -155,8 +145,8 @@ def write_table(
             last = len(row["adaptation_steps"]) - 1
             lines.append(
                 f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
-                f"{t.get('iterations', '–')} | {metric} | {_fmt(row[metric], 0)} | {_fmt(row[metric], 1)} | "
-                f"{_fmt(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
+                f"{t.get('iterations', '–')} | {metric} | {fmt_iqm(row[metric], 0)} | {fmt_iqm(row[metric], 1)} | "
+                f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
                 f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
     if trpo_timing:

@@ -27,6 +27,23 @@ from metarl.evaluation import bootstrap_ci, cvar, iqm
 METRICS = ("return", "success", "loss", "accuracy", "coverage90", "nll")
 
 
+def load_sweep(sweep_dir: Path) -> dict[str, Any]:
+    """The ``sweep.json`` of a finished sweep directory; a clear error when the sweep has not ended."""
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first"
+        )
+    return json.loads(path.read_text())
+
+
+def fmt_iqm(stats: dict[str, Any] | None, j: int) -> str:
+    """``IQM [lo, hi]`` of adaptation step ``j`` of a pooled metric (``–`` when absent)."""
+    if stats is None:
+        return "–"
+    return f"{stats['iqm'][j]:.3g} [{stats['lo'][j]:.3g}, {stats['hi'][j]:.3g}]"
+
+
 def grid_cells(grid: list[str]) -> list[list[str]]:
     """``["agent.inner_lr=0.05,0.1", "agent.adapt_steps=1,2"]`` -> every combination as overrides."""
     axes = []
