@@ -74,6 +74,16 @@ def _benchmark(config: dict[str, Any]) -> str:
     return name
 
 
+def _episodes_per_step(config: dict[str, Any], learner: str) -> int | None:
+    """Episodes of task experience one adaptation step stands for (RL only; None otherwise)."""
+    if learner in ("RL²", "PEARL"):
+        return 1
+    if learner in ("MAML-TRPO", "MAML-PPO"):
+        agent = config.get("agent", {})
+        return int(agent.get("eval_episodes_per_task", agent.get("episodes_per_task", 1)))
+    return None
+
+
 def _experience(config: dict[str, Any], learner: str, step: int) -> str:
     agent = config.get("agent", {})
     if learner in ("RL²", "PEARL"):
@@ -115,6 +125,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "iterations": config["run"]["num_iterations"],
                 "adaptation_steps": steps,
                 "experience_last": _experience(config, learner, steps[-1]),
+                "episodes_per_step": _episodes_per_step(config, learner),
                 "metrics": metrics,
                 "command": document.get("sweep_command") or document["commands"][label],
             }
@@ -128,15 +139,56 @@ def _published(row: dict[str, Any]) -> str:
     return "–"
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_").replace("__", "_")
+
+
+def plot_benchmarks(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per benchmark and metric: each learner's IQM (95% band) against its adaptation.
+
+    RL curves are drawn against episodes of the held-out task's experience (a MAML step counts
+    its episodes), so meta-RL families with different adaptation mechanisms share one axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
+        group = [r for r in rows if r["benchmark"] == benchmark]
+        for metric in dict.fromkeys(m for r in group for m in r["metrics"]):
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            episodes = all(r["episodes_per_step"] for r in group if metric in r["metrics"])
+            for i, r in enumerate(r for r in group if metric in r["metrics"]):
+                stats = r["metrics"][metric]
+                x = [s * (r["episodes_per_step"] or 1) for s in r["adaptation_steps"]]
+                ax.plot(x, stats["iqm"], marker="o", color=f"C{i}", label=r["learner"])
+                ax.fill_between(x, stats["lo"], stats["hi"], color=f"C{i}", alpha=0.2)
+            ax.set_xlabel("episodes of task experience" if episodes else "adaptation steps")
+            ax.set_ylabel(f"{metric} (IQM)")
+            ax.set_title(benchmark)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out.parent / f"{out.stem}_{_slug(benchmark)}_{metric}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
 def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots = plot_benchmarks(rows, out)
     document = {
         "benchmark": "meta-learning families",
         "machine": machine(),
         "command": command,
         "ml10_published_test_success": ML10_PUBLISHED,
         "rows": rows,
+        "plots": [p.name for p in plots],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     lines = [
         "# Meta-learning families on one platform",
@@ -151,6 +203,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         "budget are early points of its setting, not converged figures.",
         "",
         f"Table written by `{command}` on {document['machine']}.",
+        "",
+        "Curves: " + ", ".join(f"[{p.name}]({p.name})" for p in plots),
     ]
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
         lines += [

@@ -43,3 +43,6 @@ def test_rows_group_by_benchmark_with_family_experience_and_published_ml10(tmp_p
     assert "| Meta-SGD | gradient (learned initialisation and rates) | 3 | 7 | loss | 3 [2, 4] | 0.5 [-0.5, 1.5] | 0.25 [-0.75, 1.25] | 0.25 |" in text
     assert "35.8% (Meta-World table 1)" in text  # RL²'s published ML10 test success
     assert "## navigation-2d" in text and "`metarl sweep nav-trpo`" in text
+    assert rows["nav-trpo"]["episodes_per_step"] == 20 and rows["ml10-rl2"]["episodes_per_step"] == 1
+    for name in document["plots"]:
+        assert (tmp_path / name).stat().st_size > 0 and name in text
