@@ -2,7 +2,7 @@
 
     metarl sweep experiments/sinusoid_probmaml.toml --seeds 3 --out runs/families/sinusoid-probmaml
     metarl sweep experiments/rl2_nav2d.toml --seeds 3 --out runs/families/nav2d-rl2
-    python -m metarl.families_table runs/families/* --out experiments/results/families
+    python -m metarl.families_table runs/families/*/ --out experiments/results/families
 
 One row per sweep (grid cell), grouped by benchmark (the task distribution and its shots/ways).
 Each row gives the learner, its family, the score before adaptation and after the last adaptation
