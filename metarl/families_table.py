@@ -140,7 +140,7 @@ def _published(row: dict[str, Any]) -> str:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_").replace("__", "_")
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 def plot_benchmarks(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -178,13 +178,14 @@ def plot_benchmarks(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = plot_benchmarks(rows, out)
     document = {
         "benchmark": "meta-learning families",
         "machine": machine(),
         "command": command,
+        "note": note,
         "ml10_published_test_success": ML10_PUBLISHED,
         "rows": rows,
         "plots": [p.name for p in plots],
@@ -206,6 +207,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         "",
         "Curves: " + ", ".join(f"[{p.name}]({p.name})" for p in plots),
     ]
+    if note:
+        lines += ["", note]
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
         lines += [
             "",
@@ -231,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/families")
+    parser.add_argument("--note", default="", help="a paragraph printed under the header")
     args = parser.parse_args(argv)
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
-    command = "python -m metarl.families_table " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table(rows, Path(args.out), command)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m metarl.families_table " + " ".join(
+        f"'{a}'" if " " in a else a for a in given
+    )
+    write_table(rows, Path(args.out), command, args.note)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0
 
