@@ -112,7 +112,7 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
     document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
         row = {
-            "sweep": document["title"],
+            "sweep": path.name,
             "cell": label,
             "num_seeds": cell["num_seeds"],
             "command": document.get("sweep_command") or document["commands"][label],
@@ -160,6 +160,11 @@ def write(
     if generator:
         lines += [
             "## Adversarial task generator: post-adaptation return (last step)",
+            "",
+            "Rows are named by their sweep directory; the command says what each ran: "
+            "`agent.generated_fraction=0.0` is plain MAML-TRPO, `agent.proposal=uniform` with "
+            "`generated_fraction=1.0` is wide domain randomisation over G's box (1.5× the nominal "
+            "box), `plausibility-none` is G without D.",
             "",
             "| sweep | seeds | held-out mean | held-out worst | held-out CVaR 0.1 | shifted mean | "
             "shifted worst | shifted CVaR 0.1 | perturbed mean | perturbed worst | perturbed CVaR 0.1 | "
