@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 from pathlib import Path
 
@@ -30,3 +32,18 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data directory not found at {SHARED_DATA}; CI places ../shared beside the clone")
     return SHARED_DATA
+
+
+@pytest.fixture
+def cli():
+    """Runs ``metarl ARGS...`` in-process; returns its stdout and fails the test on a non-zero exit."""
+    from metarl.cli import main
+
+    def run(*args: str) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+        assert code == 0, err.getvalue()
+        return out.getvalue()
+
+    return run

@@ -3,8 +3,6 @@ arithmetic, learning on a tiny fixed episode stream, the official-run scorer pat
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.cli import main
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
 from metarl.fewshot.matchingnet import MatchingNetwork, cosine_attention, matching_logits
 from metarl.fewshot.omniglot import OfficialRun, load_official_runs
@@ -148,16 +145,8 @@ def test_gradient_learner_official_runs_use_a_20_way_head(shared_data_dir, num_w
     assert ("zero-initialised 20-way head" in result["protocol"]) == (num_ways != 20)
 
 
-def _cli(*args: str) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert code == 0, err.getvalue()
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("config", ["omniglot_protonet", "omniglot_maml"])
-def test_runner_trains_and_evaluates_omniglot(tmp_path, monkeypatch, config):
+def test_runner_trains_and_evaluates_omniglot(tmp_path, monkeypatch, config, cli):
     monkeypatch.chdir(ROOT)
     tiny = [
         "run.num_iterations=3",
@@ -171,9 +160,9 @@ def test_runner_trains_and_evaluates_omniglot(tmp_path, monkeypatch, config):
         ["tasks.train_ways=10"] if config == "omniglot_protonet" else ["agent.meta_batch_size=2"]
     )
     args = ["run", f"experiments/{config}.toml", "--out", str(tmp_path / "r"), "--no-progress"]
-    _cli(*args, *(item for s in tiny for item in ("--set", s)))
+    cli(*args, *(item for s in tiny for item in ("--set", s)))
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
-    summary = json.loads(_cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
+    summary = json.loads(cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
     steps = summary["adaptation_steps"]
     assert steps == ([0] if config == "omniglot_protonet" else [0, 1, 3, 5, 10])
     assert len(summary["accuracy_mean"]) == len(steps) and all(

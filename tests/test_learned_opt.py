@@ -4,9 +4,7 @@ on sinusoid and on a tiny Omniglot stream, checkpoints, config checks and the ru
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -16,7 +14,6 @@ import pytest
 import torch
 
 from metarl.adaptation import adapt, meta_objective
-from metarl.cli import main
 from metarl.fewshot.learned_opt import (
     CoordinateLSTM,
     LearnedOptimizerConfig,
@@ -305,16 +302,8 @@ def test_update_rule_missing_a_key_is_reported():
         adapt(mse(model), params, (xs[0], ys[0]), 1, update=drops_bias)
 
 
-def _cli(*args: str) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert code == 0, err.getvalue()
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("config", ["sinusoid_learnedopt", "omniglot_learnedopt"])
-def test_runner_trains_and_evaluates(tmp_path, monkeypatch, request, config):
+def test_runner_trains_and_evaluates(tmp_path, monkeypatch, request, config, cli):
     if config.startswith("omniglot"):
         request.getfixturevalue("shared_data_dir")  # fails clearly when the data is missing
     monkeypatch.chdir(ROOT)
@@ -331,9 +320,9 @@ def test_runner_trains_and_evaluates(tmp_path, monkeypatch, request, config):
     if config.startswith("omniglot"):
         tiny += ["tasks.channels=8"]
     args = ["run", f"experiments/{config}.toml", "--out", str(tmp_path / "r"), "--no-progress"]
-    _cli(*args, *(item for s in tiny for item in ("--set", s)))
+    cli(*args, *(item for s in tiny for item in ("--set", s)))
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
-    summary = json.loads(_cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
+    summary = json.loads(cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
     expected = [0, 1, 2, 3, 5, 10] if config.startswith("sinusoid") else [0, 1, 3, 5, 10]
     assert summary["adaptation_steps"] == expected and summary["num_tasks"] == 3
 

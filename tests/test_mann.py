@@ -3,9 +3,7 @@ offset of the episode sequence, learning on sinusoid and tiny Omniglot, resume a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.cli import main
 from metarl.fewshot.maml import NonFiniteLossError
 from metarl.fewshot.mann import (
     MANNConfig,
@@ -248,16 +245,8 @@ def test_wider_training_episodes_are_refused(shared_data_dir):
         MemoryAugmentedNetwork(MANNConfig(**SMALL), distribution, 0)
 
 
-def _cli(*args: str) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert code == 0, err.getvalue()
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("config", ["sinusoid_mann", "omniglot_mann"])
-def test_runner_trains_and_evaluates(tmp_path, monkeypatch, config):
+def test_runner_trains_and_evaluates(tmp_path, monkeypatch, config, cli):
     monkeypatch.chdir(ROOT)
     tiny = [
         "run.num_iterations=2",
@@ -268,9 +257,9 @@ def test_runner_trains_and_evaluates(tmp_path, monkeypatch, config):
     tiny += ["tasks.num_test_tasks=4", "agent.meta_batch_size=2", "agent.controller_size=16"]
     tiny += ["tasks.channels=8"] if config == "omniglot_mann" else []
     args = ["run", f"experiments/{config}.toml", "--out", str(tmp_path / "r"), "--no-progress"]
-    _cli(*args, *(item for s in tiny for item in ("--set", s)))
+    cli(*args, *(item for s in tiny for item in ("--set", s)))
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
-    summary = json.loads(_cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
+    summary = json.loads(cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
     assert summary["adaptation_steps"] == [0, 1] and summary["num_tasks"] == 4
     assert len(summary["loss_mean"]) == 2
 

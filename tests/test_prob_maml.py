@@ -4,9 +4,7 @@ learning on sinusoid and Omniglot, checkpoints, bad settings and the runner."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import math
 from pathlib import Path
@@ -15,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.cli import main
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig, NonFiniteLossError
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
 from metarl.fewshot.prob_maml import (
@@ -317,15 +314,7 @@ def test_bad_settings_are_refused_with_the_remedy(overrides, match):
         ProbabilisticMAMLConfig(**overrides)
 
 
-def _cli(*args: str) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    assert code == 0, err.getvalue()
-    return out.getvalue()
-
-
-def test_runner_trains_and_evaluates_the_sinusoid_config(tmp_path, monkeypatch):
+def test_runner_trains_and_evaluates_the_sinusoid_config(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(ROOT)
     sets = [
         "run.num_iterations=2",
@@ -341,8 +330,8 @@ def test_runner_trains_and_evaluates_the_sinusoid_config(tmp_path, monkeypatch):
         str(tmp_path / "r"),
         "--no-progress",
     ]
-    _cli(*args, *(item for s in sets for item in ("--set", s)))
-    summary = json.loads(_cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
+    cli(*args, *(item for s in sets for item in ("--set", s)))
+    summary = json.loads(cli("eval", str(tmp_path / "r")).strip().splitlines()[-1])
     assert summary["adaptation_steps"] == [0, 1, 2, 3, 5, 10]
     for key in ("loss_mean", "coverage90_mean", "interval_width90_mean", "nll_mean"):
         assert len(summary[key]) == 6, key
