@@ -32,7 +32,7 @@ import torch
 from envs.base import Task
 from metarl.adaptation import Params, UpdateRule, adapt, meta_objective
 from metarl.config import require_at_least
-from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError
+from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device
 
 LSTMState = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -194,9 +194,7 @@ class LearnedOptimizerLearner:
         self.distribution = distribution
         self.model = distribution.make_model()
         self.device = torch.device(config.device)
-        self.params: Params = {
-            k: v.to(self.device).requires_grad_() for k, v in self.model.init_params(seed).items()
-        }
+        self.params = trainable_params(self.model, seed, self.device)
         num_inputs = 4 if config.loss_input else 2
         self.rule_params: Params = {
             k: v.to(self.device).requires_grad_()

@@ -91,6 +91,11 @@ class GradientLearnerConfig(EpisodicConfig):
         return 0 if self.method == "pretrained" else 1
 
 
+def trainable_params(model: Any, seed: int, device: torch.device) -> Params:
+    """The model's seeded initial parameters on ``device``, as leaves that require gradients."""
+    return {k: v.to(device).requires_grad_() for k, v in model.init_params(seed).items()}
+
+
 def _cat_points(a: Any, b: Any) -> Any:
     return type(a)(*(torch.cat([x, y], dim=1) for x, y in zip(a, b, strict=True)))
 
@@ -111,9 +116,7 @@ class GradientLearner:
         self.distribution = distribution
         self.model = distribution.make_model()
         self.device = torch.device(config.device)
-        self.params: Params = {
-            k: v.to(self.device).requires_grad_() for k, v in self.model.init_params(seed).items()
-        }
+        self.params = trainable_params(self.model, seed, self.device)
         self.lrs: Params | None = None
         if config.method == "metasgd":
             self.lrs = {

@@ -71,7 +71,7 @@ from torch.func import grad, vmap
 from envs.base import Task
 from metarl.adaptation import Params, adapt
 from metarl.config import require_at_least
-from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError
+from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device
 
 UNCERTAINTIES = ("laplace", "prior")
@@ -241,9 +241,7 @@ class ProbabilisticMAML:
         self.distribution = distribution
         self.model = distribution.make_model()
         self.device = torch.device(config.device)
-        self.params: Params = {
-            k: v.to(self.device).requires_grad_() for k, v in self.model.init_params(seed).items()
-        }
+        self.params = trainable_params(self.model, seed, self.device)
         self.log_std: Params = {
             k: torch.full_like(v, math.log(config.init_prior_std)).requires_grad_()
             for k, v in self.params.items()
