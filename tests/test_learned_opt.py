@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import mse, task_data, tiny_mlp
 
 from metarl.adaptation import adapt, meta_objective
 from metarl.fewshot.learned_opt import (
@@ -24,30 +25,8 @@ from metarl.fewshot.learned_opt import (
 from metarl.fewshot.maml import NonFiniteLossError
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
 from metarl.fewshot.sinusoid import SinusoidDistribution
-from metarl.nn import MLP, FunctionalModel
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_mlp():
-    model = FunctionalModel(MLP((1, 3, 1), activation="tanh"))
-    params = {k: v.double() for k, v in model.init_params(seed=3).items()}
-    return model, params
-
-
-def mse(model):
-    def loss(params, data):
-        x, y = data
-        return ((model(params, x) - y) ** 2).mean()
-
-    return loss
-
-
-def task_data(seed, num_tasks=3, num_points=5):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(num_tasks, num_points, 1, generator=g, dtype=torch.float64) * 4 - 2
-    y = torch.sin(2 * x + torch.rand(num_tasks, 1, 1, generator=g, dtype=torch.float64))
-    return x, y
 
 
 def rule_params(hidden_size=4, num_layers=2, lstm_output=0.0, seed=0):
@@ -128,7 +107,7 @@ def test_rule_state_is_carried_across_steps():
 
 def test_rule_under_vmap_equals_a_loop_in_value_and_meta_gradient():
     model, params = tiny_mlp()
-    support, query = task_data(0), task_data(1)
+    support, query = task_data(0, 3), task_data(1, 3)
     results = []
     for batch in ("vmap", "loop"):
         leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
@@ -152,7 +131,7 @@ def test_rule_under_vmap_equals_a_loop_in_value_and_meta_gradient():
 @pytest.mark.parametrize("name", ["lstm.0.weight_ih", "lstm.1.weight_hh", "out.grad_weight"])
 def test_meta_gradient_wrt_rule_weights_matches_finite_differences(name):
     model, params = tiny_mlp()
-    support, query = task_data(0), task_data(1)
+    support, query = task_data(0, 3), task_data(1, 3)
     base = rule_params(hidden_size=3, lstm_output=1.0)
 
     def meta_loss(rules):
