@@ -146,8 +146,29 @@ def _rule_step(
     return {**adapted, **{k: new[k] for k in keys}}, state
 
 
-def _stack_index(batch: Any, i: int) -> Any:
+def task_index(batch: Any, i: int | slice) -> Any:
+    """Task ``i`` (or a slice of tasks) of a pytree of tensors with a leading task axis."""
     return torch.utils._pytree.tree_map(lambda t: t[i], batch)
+
+
+def map_tasks(
+    fn: Callable[..., Any], shared: tuple, batched: tuple, batch: Literal["vmap", "loop"]
+) -> Any:
+    """``fn(*shared, *task_i)`` for every task of ``batched``, outputs stacked on a task axis.
+
+    ``batch = "vmap"`` vectorises over the leading task axis of every ``batched`` pytree, ``"loop"``
+    calls ``fn`` once per task; both give the same values (see the module docstring for which is
+    faster). ``fn`` may return a tensor or any pytree of tensors.
+    """
+    if batch == "vmap":
+        in_dims = (None,) * len(shared) + (0,) * len(batched)
+        return vmap(fn, in_dims=in_dims, randomness="different")(*shared, *batched)
+    if batch == "loop":
+        outputs = [
+            fn(*shared, *(task_index(b, i) for b in batched)) for i in range(_num_tasks(batched))
+        ]
+        return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outputs)
+    raise ValueError(f"batch must be 'vmap' or 'loop', got {batch!r}")
 
 
 def meta_objective(
@@ -183,14 +204,7 @@ def meta_objective(
     def one_task(p: Params, s: Any, q: Any) -> torch.Tensor:
         return outer(adapt(loss_fn, p, s, steps, lr, first_order, names, update), q)
 
-    if batch == "vmap":
-        return vmap(one_task, in_dims=(None, 0, 0), randomness="different")(params, support, query)
-    if batch == "loop":
-        num_tasks = _num_tasks(support)
-        return torch.stack(
-            [one_task(params, _stack_index(support, i), _stack_index(query, i)) for i in range(num_tasks)]
-        )
-    raise ValueError(f"batch must be 'vmap' or 'loop', got {batch!r}")
+    return map_tasks(one_task, (params,), (support, query), batch)
 
 
 def _num_tasks(batch: Any) -> int:

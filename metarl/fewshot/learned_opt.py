@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from envs.base import Task
-from metarl.adaptation import Params, UpdateRule, adapt, meta_objective
+from metarl.adaptation import Params, UpdateRule, adapt, map_tasks, meta_objective, task_index
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device
@@ -303,21 +303,12 @@ class LearnedOptimizerLearner:
         losses, accs = [], []
         for start in range(0, len(tasks), chunk):
             s, q = (
-                type(b)(*(t[start : start + chunk].to(self.device) for t in b))
+                on_device(task_index(b, slice(start, start + chunk)), self.device)
                 for b in (support, query)
             )
-            if self.batch == "vmap":
-                loss, acc = torch.func.vmap(lambda s1, q1: self._scores(params, s1, q1, steps))(
-                    s, q
-                )
-            else:
-                pairs = [
-                    self._scores(
-                        params, type(s)(*(t[i] for t in s)), type(q)(*(t[i] for t in q)), steps
-                    )
-                    for i in range(len(s[0]))
-                ]
-                loss, acc = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            loss, acc = map_tasks(
+                lambda s1, q1: self._scores(params, s1, q1, steps), (), (s, q), self.batch
+            )
             losses.append(loss.detach().cpu())
             accs.append(acc.detach().cpu())
         acc = torch.cat(accs)

@@ -24,7 +24,7 @@ import torch
 from torch.func import vmap
 
 from envs.base import Task
-from metarl.adaptation import Params, adapt, meta_objective, reptile_update
+from metarl.adaptation import Params, adapt, map_tasks, meta_objective, reptile_update
 from metarl.config import require_at_least
 from metarl.runtime import check_device, on_device
 
@@ -243,18 +243,7 @@ class GradientLearner:
                 )
             return torch.stack(losses), torch.stack(accs)
 
-        if self.batch == "vmap":
-            loss, acc = vmap(scores, in_dims=(None, 0, 0))(params, support, query)
-        else:
-            pairs = [
-                scores(
-                    params,
-                    type(support)(*(t[i] for t in support)),
-                    type(query)(*(t[i] for t in query)),
-                )
-                for i in range(len(tasks))
-            ]
-            loss, acc = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        loss, acc = map_tasks(scores, (params,), (support, query), self.batch)
         accuracy = None if torch.isnan(acc).all() else acc.detach().cpu().numpy()
         return {
             "adaptation_steps": steps,

@@ -69,7 +69,7 @@ import torch
 from torch.func import grad, vmap
 
 from envs.base import Task
-from metarl.adaptation import Params, adapt
+from metarl.adaptation import Params, adapt, map_tasks, task_index
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device
@@ -220,10 +220,6 @@ def _expand(batch: Any, num: int) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.expand(num, *t.shape), batch)
 
 
-def _index(batch: Any, i: int) -> Any:
-    return torch.utils._pytree.tree_map(lambda t: t[i], batch)
-
-
 class ProbabilisticMAML:
     """MAML with a meta-learned Gaussian prior, MAP adaptation and predictive uncertainty.
 
@@ -291,14 +287,6 @@ class ProbabilisticMAML:
             self._inner_loss(mean, log_std), mean, data, steps, self.config.inner_lr, first_order
         )
 
-    def _per_task(self, fn: Any, shared: tuple, batched: tuple) -> torch.Tensor:
-        """``fn(*shared, *task_i)`` stacked over the task axis of ``batched``, by vmap or a loop."""
-        if self.batch == "vmap":
-            in_dims = (None,) * len(shared) + (0,) * len(batched)
-            return vmap(fn, in_dims=in_dims)(*shared, *batched)
-        num_tasks = torch.utils._pytree.tree_leaves(batched)[0].shape[0]
-        return torch.stack([fn(*shared, *_index(batched, i)) for i in range(num_tasks)])
-
     def _task_terms(
         self,
         mean: Params,
@@ -359,8 +347,9 @@ class ProbabilisticMAML:
             or at the MAP, plus the KL term), the query loss at the MAP, the KL (Mahalanobis)
             term and the observation-noise NLL.
         """
-        terms = self._per_task(
-            self._task_terms, (self.params, self.log_std, self.log_noise), (support, query, eps)
+        terms = map_tasks(
+            self._task_terms, (self.params, self.log_std, self.log_noise), (support, query, eps),
+            self.batch,
         )
         return (terms[:, 0] + terms[:, 3]).mean(), terms
 
@@ -512,11 +501,11 @@ class ProbabilisticMAML:
         chunk = 1 if self.batch == "loop" else getattr(self.distribution, "eval_chunk_size", 50)
         parts = []
         for start in range(0, len(tasks), chunk):
-            s = on_device(_index(support, slice(start, start + chunk)), self.device)  # type: ignore[arg-type]
-            q = on_device(_index(query, slice(start, start + chunk)), self.device)  # type: ignore[arg-type]
+            s = on_device(task_index(support, slice(start, start + chunk)), self.device)
+            q = on_device(task_index(query, slice(start, start + chunk)), self.device)
             eps, fisher_eps = self._eval_noise(s, generator)
-            scores = self._per_task(
-                self._task_scores, (mean, log_std, noise_std), (s, q, eps, fisher_eps)
+            scores = map_tasks(
+                self._task_scores, (mean, log_std, noise_std), (s, q, eps, fisher_eps), self.batch
             )
             parts.append(scores.detach().cpu().numpy())
         scores = np.concatenate(parts)
