@@ -185,6 +185,28 @@ def test_reptile_loop_and_vmap_give_the_same_step(omniglot):
         assert torch.allclose(value, vmapped.params[name], atol=1e-5), name
 
 
+def test_maml_evaluation_in_vmap_chunks_equals_the_loop(omniglot):
+    """Held-out scores of 11 tasks in vmap chunks of 8 (a chunk of 3 at the end) equal the loop's."""
+    import dataclasses
+
+    loop = _learner("maml", omniglot)
+    vmapped = GradientLearner(dataclasses.replace(loop.config, batch="vmap"), omniglot, 0)
+    assert loop.batch == "loop" and vmapped.batch == "vmap"
+    tasks = omniglot.sample(11, np.random.default_rng(4))
+    a = loop.evaluate(tasks, np.random.default_rng(0))
+    b = vmapped.evaluate(tasks, np.random.default_rng(0))
+    assert a["loss"].shape == b["loss"].shape == (11, len(a["adaptation_steps"]))
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(b["accuracy"], a["accuracy"])
+
+
+def test_auto_batching_takes_vmap_on_cuda_and_the_distributions_choice_on_cpu(omniglot):
+    from metarl.runtime import task_batching
+
+    assert task_batching(omniglot, "cpu") == omniglot.batch_mode == "loop"
+    assert task_batching(omniglot, "cuda") == "vmap"
+
+
 def test_device_setting_is_checked_early():
     with pytest.raises(ValueError, match="not a torch device"):
         GradientLearnerConfig(device="tpu0")

@@ -33,7 +33,7 @@ from envs.base import Task
 from metarl.adaptation import Params, UpdateRule, adapt, map_tasks, meta_objective, task_index
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
-from metarl.runtime import on_device
+from metarl.runtime import on_device, task_batching
 
 LSTMState = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 DEFAULT_EVAL_CHUNK = 100
@@ -202,7 +202,9 @@ class LearnedOptimizerLearner:
                 config.hidden_size, config.num_layers, num_inputs, config.init_range, seed
             ).items()
         }
-        self.batch = distribution.batch_mode if config.batch == "auto" else config.batch
+        self.batch = (
+            task_batching(distribution, config.device) if config.batch == "auto" else config.batch
+        )
         trainable = list(self.params.values()) + list(self.rule_params.values())
         self.optimizer = torch.optim.Adam(trainable, lr=config.outer_lr)
         self.rng = np.random.default_rng([seed, 1])

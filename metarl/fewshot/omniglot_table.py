@@ -7,7 +7,8 @@ Each cell is one ``metarl run experiments/omniglot_METHOD.toml --set ...`` follo
 evaluation (600 fixed test episodes) and, for the 20-way 1-shot model (ProtoNets: the 1-shot model),
 the error on the 20 official one-shot runs of the Omniglot challenge. ProtoNets trains one 60-way
 model per K and tests it at 5 and 20 ways; the others train one model per (N, K), as in their papers.
-Finished runs are reused, so a killed sweep picks up where it stopped.
+Finished runs are reused, so a killed sweep picks up where it stopped; so are the committed cells
+of ``--cells`` whose command is the one a job would run.
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def run_cell(
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
     run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
     done = run_dir / "table.json"
+    if cells_dir is not None:  # trained in an earlier session or on another machine
+        name = cell_name(
+            {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
+        )
+        saved = Path(cells_dir) / name
+        if saved.exists():
+            cell: dict[str, Any] = json.loads(saved.read_text())
+            if cell["command"] == _command(method, overrides):
+                return cell
     if done.exists():
         previous: dict[str, Any] = json.loads(done.read_text())
         if previous["iterations"] == iterations:

@@ -72,7 +72,7 @@ from envs.base import Task
 from metarl.adaptation import Params, adapt, map_tasks, task_index
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
-from metarl.runtime import on_device
+from metarl.runtime import on_device, task_batching
 
 UNCERTAINTIES = ("laplace", "prior")
 LEVEL = 0.9
@@ -255,7 +255,9 @@ class ProbabilisticMAML:
             device=self.device,
             requires_grad=self.regression and config.learn_noise,
         )
-        self.batch = distribution.batch_mode if config.batch == "auto" else config.batch
+        self.batch = (
+            task_batching(distribution, config.device) if config.batch == "auto" else config.batch
+        )
         trainable = [*self.params.values(), *self.log_std.values()]
         if self.log_noise.requires_grad:
             trainable.append(self.log_noise)
