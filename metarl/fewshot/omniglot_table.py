@@ -382,8 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
-        for i, future in enumerate(futures):
-            r = future.result()
+        failures: list[str] = []
+        for i, (job, future) in enumerate(zip(jobs, futures, strict=True)):
+            try:
+                r = future.result()
+            except Exception as exc:  # one failed cell (e.g. out of GPU memory) spares the rest
+                failures.append(
+                    f"{job[0]} {job[1]}w{job[2]}s seed={job[4]}: {type(exc).__name__}: {exc}"
+                )
+                print(f"[{i + 1}/{len(jobs)}] FAILED {failures[-1][:300]}", flush=True)
+                continue
             results.append(r)
             accs = {n: round(float(np.mean(a["per_task"])), 2) for n, a in r["accuracy"].items()}
             print(
@@ -392,7 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             write_table(merge_cells(committed, results), args)
-    print(json.dumps({"runs": len(results), "out": args.out}))
+    print(json.dumps({"runs": len(results), "failed": len(failures), "out": args.out}))
+    if failures:
+        print(
+            f"{len(failures)} cells failed; the table holds the others. Run the same command again "
+            f"to retrain only the missing cells (finished runs under {args.root} are reused).",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
