@@ -31,8 +31,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +119,21 @@ class MAMLTRPOConfig:
             raise ValueError(f"hvp_subsample must lie in (0, 1], got {self.hvp_subsample}")
 
 
+class TrustRegionTerms(NamedTuple):
+    """What one TRPO meta-update is computed from (see :meth:`MAMLTRPO.trust_region_terms`)."""
+
+    adapted: Params
+    """Post-update parameters per task, ``[N, *P]``."""
+    old_log_probs: torch.Tensor
+    """Log-probabilities of the post-update actions under ``adapted``, detached, ``[N, E, T]``."""
+    surrogate: torch.Tensor
+    """The surrogate objective at the current parameters (a scalar)."""
+    grad: torch.Tensor
+    """Its gradient through the inner step, flat ``[D]``."""
+    hvp: Callable[[torch.Tensor], torch.Tensor]
+    """``v [D] -> (H + damping I) v`` with ``H`` the mean KL's Hessian through the inner step."""
+
+
 class MAMLTRPO:
     """MAML with a TRPO meta-update; see the module docstring.
 
@@ -174,11 +190,13 @@ class MAMLTRPO:
         metrics["time/env_steps_per_s"] = metrics["train/env_steps"] / max(batch.sampling_s, 1e-9)
         return metrics
 
-    def _update(self, batch: MetaBatch) -> dict[str, float]:
-        """The TRPO meta-update; parameters change only if the line search accepts a step."""
+    def trust_region_terms(self, batch: MetaBatch) -> TrustRegionTerms:
+        """The surrogate, its meta-gradient and the KL Hessian-vector product at the parameters.
+
+        Everything the TRPO step is made of, through the inner step; ``grad`` is flat ``[D]``
+        and ``hvp(v)`` maps a flat ``[D]`` vector to ``[D]`` (damping included).
+        """
         cfg, policy, post = self.config, self.policy, batch.post
-        hint = "lower inner_lr or max_kl, or check the rewards for NaN"
-        clock = time.perf_counter()
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
         adapted, grad_vjps, curvature_vjps = trust_region.linearize(
             self.inner, self.params, batch.pre, num_curvature
@@ -187,11 +205,21 @@ class MAMLTRPO:
         old_surrogate, grad = trust_region.surrogate_gradient(
             policy, adapted, old_log_probs, post, grad_vjps
         )
-        meta_pg.check_finite("surrogate", old_surrogate, hint)
-        meta_pg.check_finite("meta-gradient", grad, hint)
-        gradient_s, clock = time.perf_counter() - clock, time.perf_counter()
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
         hvp = trust_region.kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
+        return TrustRegionTerms(adapted, old_log_probs, old_surrogate, grad, hvp)
+
+    def _update(self, batch: MetaBatch) -> dict[str, float]:
+        """The TRPO meta-update; parameters change only if the line search accepts a step."""
+        cfg = self.config
+        hint = "lower inner_lr or max_kl, or check the rewards for NaN"
+        clock = time.perf_counter()
+        adapted, old_log_probs, old_surrogate, grad, hvp = self.trust_region_terms(batch)
+        meta_pg.check_finite("surrogate", old_surrogate, hint)
+        meta_pg.check_finite("meta-gradient", grad, hint)
+        # gradient_s holds the meta-gradient and the KL gradient graph; the Hessian-vector
+        # products themselves run inside conjugate gradient and count as cg_s.
+        gradient_s, clock = time.perf_counter() - clock, time.perf_counter()
         direction = trust_region.conjugate_gradient(hvp, grad, cfg.cg_iters)
         curvature = direction.dot(hvp(direction))
         meta_pg.check_finite("step curvature", curvature, hint)
