@@ -392,3 +392,31 @@ def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_p
     assert row["seeds"] == [0, 1] and row["iterations"] == 200
     assert row["accuracy"]["mean"] == pytest.approx(90.0) and row["accuracy"]["num"] == 4
     assert "run.seed={0,1}" in (tmp_path / "omniglot.md").read_text()
+
+
+def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_path, monkeypatch):
+    import json
+
+    from metarl.fewshot import omniglot_table as table
+
+    overrides = table.cell_overrides("protonet", 5, 1, 0, 7) + ["agent.device=cuda"]
+    saved = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 7,
+             "command": table._command("protonet", overrides), "accuracy": {}, "train_s": 1.0}
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    (cells / table.cell_name(saved)).write_text(json.dumps(saved))
+    trained = []
+
+    class NoTraining:  # stands in for the runner: records any attempt to train
+        @staticmethod
+        def create(*args, **kwargs):
+            trained.append(args)
+            raise RuntimeError("would train")
+
+    monkeypatch.setattr("metarl.experiment.Experiment", NoTraining)
+    same = table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
+                          ["agent.device=cuda"], str(cells))
+    assert same == saved and not trained
+    with pytest.raises(RuntimeError, match="would train"):  # another command: not reused
+        table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"), [], str(cells))
+    assert len(trained) == 1
