@@ -100,15 +100,15 @@ def write_table(
     rows: list[dict[str, Any]],
     out: Path,
     command: str,
-    trpo_timing: dict[str, Any] | None = None,
-    timing_source: str = "",
+    trpo_timing: list[tuple[dict[str, Any], str]] | None = None,
 ) -> None:
+    """``out.json`` and ``out.md``; ``trpo_timing`` holds (``metarl bench trpo`` result, its file)."""
     document = {
         "benchmark": "MAML-RL held-out adaptation",
         "machine": machine(),
         "command": command,
         "rows": rows,
-        "trpo_timing": trpo_timing,
+        "trpo_timing": [t for t, _ in trpo_timing or []],
     }
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
@@ -149,8 +149,8 @@ def write_table(
                 f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
                 f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
-    if trpo_timing:
-        lines += _timing_section(trpo_timing, timing_source)
+    for timing_result, source in trpo_timing or []:
+        lines += _timing_section(timing_result, source)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -158,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/maml_rl")
-    parser.add_argument("--timing", help="a `metarl bench trpo --out X` result, X.json, to include")
+    parser.add_argument(
+        "--timing",
+        nargs="*",
+        default=[],
+        help="`metarl bench trpo --out X` results (X.json) to include, e.g. a CPU and a GPU one",
+    )
     parser.add_argument(
         "--keep",
         help="an earlier table's JSON: its rows for sweeps not given here are "
@@ -170,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         row["machine"] = machine()
     if args.keep:
         rows = kept_rows(Path(args.keep), rows) + rows
-    timing = json.loads(Path(args.timing).read_text()) if args.timing else None
+    timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]
     command = "python -m metarl.rl_table " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table(rows, Path(args.out), command, timing, args.timing or "")
+    write_table(rows, Path(args.out), command, timing)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0
 

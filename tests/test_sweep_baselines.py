@@ -194,7 +194,7 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
     with contextlib.redirect_stdout(io.StringIO()):
         assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"), "--timing",
                          str(out.with_suffix(".json"))]) == 0
-    assert json.loads((tmp_path / "table.json").read_text())["trpo_timing"]["settings"] == document["settings"]
+    assert json.loads((tmp_path / "table.json").read_text())["trpo_timing"][0]["settings"] == document["settings"]
     assert f"{document['settings'][1]['optimization_over_sampling']:.3f}" in (tmp_path / "table.md").read_text()
 
 
