@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -69,7 +69,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
 
 
-def task_batching(distribution: Any, device: torch.device | str) -> str:
+def task_batching(distribution: Any, device: torch.device | str) -> Literal["vmap", "loop"]:
     """How ``batch="auto"`` maps a learner over tasks: ``"vmap"`` or ``"loop"``.
 
     On CUDA, vmap turns a meta-batch into one launch per operation instead of one per task, which
@@ -78,4 +78,4 @@ def task_batching(distribution: Any, device: torch.device | str) -> str:
     """
     if torch.device(device).type == "cuda":
         return "vmap"
-    return str(getattr(distribution, "batch_mode", "vmap"))
+    return "loop" if getattr(distribution, "batch_mode", "vmap") == "loop" else "vmap"
