@@ -137,7 +137,9 @@ def write_table(
         "Baselines (stable-baselines3) train on each held-out task with the environment steps the "
         "meta-learner used there. Timing: mean seconds per training iteration over all seeds. The "
         "iterations column counts the meta-iterations trained; the MAML paper trains up to 500, so a row "
-        "far below that is an early point of the paper's setting, not its converged figure.",
+        "far below that is an early point of the paper's setting, not its converged figure. A "
+        "MAML-PPO row without baselines shares its held-out tasks, evaluation settings and step "
+        "budget with the MAML-TRPO row of the same family, whose baseline columns hold for both.",
         "",
         f"Table written by `{command}` on {document['machine']}; each row names the machine it ran on.",
         "",
