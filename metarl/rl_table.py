@@ -106,7 +106,8 @@ def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
     lines = [
         "",
         f"## Optimisation against sampling time, {timing['task']} "
-        f"({timing['meta_batch_size']} tasks × {timing['episodes_per_task']} episodes)",
+        f"({timing['meta_batch_size']} tasks × {timing['episodes_per_task']} episodes), "
+        f"meta-update on {timing.get('device', 'cpu')}",
         "",
         f"From `{source}` (written by `{timing.get('command', 'metarl bench trpo')}` on "
         f"{timing['machine']}); target: optimisation ≤ 0.10 × sampling.",
