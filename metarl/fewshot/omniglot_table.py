@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.note_file and not Path(args.note_file).is_file():
         parser.error(f"--note-file {args.note_file}: no such file")
     committed = load_cells(args.cells)
-    cuda = any(item.replace(" ", "") == "agent.device=cuda" for item in args.set)
+    cuda = any(
+        item.replace(" ", "").replace("'", "").replace('"', "").startswith("agent.device=cuda")
+        for item in args.set
+    )
     share = args.gpu_share if args.gpu_share is not None else (0.9 / args.workers if cuda else None)
     if args.from_cells:
         if not committed:
