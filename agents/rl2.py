@@ -81,9 +81,7 @@ class RL2Config:
     """Where the PPO update runs ('cpu' or 'cuda'); trials always run on the CPU."""
 
     def __post_init__(self) -> None:
-        require_at_least(
-            self, ("meta_batch_size", "episodes_per_trial", "hidden_size", "num_epochs")
-        )
+        require_at_least(self, ("meta_batch_size", "episodes_per_trial", "hidden_size", "num_epochs"))
         if not 1 <= self.num_minibatches <= self.meta_batch_size:
             raise ValueError(
                 f"num_minibatches must lie in [1, meta_batch_size={self.meta_batch_size}] (each "

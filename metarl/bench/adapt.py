@@ -79,40 +79,22 @@ def _problem(name: str) -> dict[str, Any]:
         xq = torch.rand(tasks, ways * queries, 1, 28, 28, generator=g)
         ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
         yq = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-        return {
-            "module": module,
-            "support": (xs, ys),
-            "query": (xq, yq),
-            "lr": 0.4,
-            "loss": F.cross_entropy,
-        }
+        return {"module": module, "support": (xs, ys), "query": (xq, yq), "lr": 0.4, "loss": F.cross_entropy}
     module = MLP((1, 40, 40, 1))
-    xs, xq = (
-        torch.rand(25, 10, 1, generator=g) * 10 - 5,
-        torch.rand(25, 10, 1, generator=g) * 10 - 5,
-    )
-    return {
-        "module": module,
-        "support": (xs, torch.sin(xs)),
-        "query": (xq, torch.sin(xq)),
-        "lr": 0.01,
-        "loss": F.mse_loss,
-    }
+    xs, xq = torch.rand(25, 10, 1, generator=g) * 10 - 5, torch.rand(25, 10, 1, generator=g) * 10 - 5
+    return {"module": module, "support": (xs, torch.sin(xs)), "query": (xq, torch.sin(xq)), "lr": 0.01,
+            "loss": F.mse_loss}
 
 
 def metarl_step(p: dict[str, Any], batch: str) -> Callable[[], None]:
     module, loss = p["module"], p["loss"]
     params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
 
-    def loss_fn(
-        prm: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
+    def loss_fn(prm: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return loss(functional_call(module, prm, (data[0],)), data[1])
 
     def step() -> None:
-        meta_objective(
-            loss_fn, params, p["support"], p["query"], 1, p["lr"], batch=batch
-        ).mean().backward()
+        meta_objective(loss_fn, params, p["support"], p["query"], 1, p["lr"], batch=batch).mean().backward()
 
     return step
 
@@ -147,10 +129,7 @@ def higher_step(p: dict[str, Any]) -> Callable[[], None] | None:
     def step() -> None:
         module.zero_grad()
         for i in range(xs.shape[0]):
-            with higher.innerloop_ctx(module, inner_opt, copy_initial_weights=False) as (
-                fmodel,
-                diffopt,
-            ):
+            with higher.innerloop_ctx(module, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                 diffopt.step(loss(fmodel(xs[i]), ys[i]))
                 (loss(fmodel(xq[i]), yq[i]) / xs.shape[0]).backward()
 
@@ -187,10 +166,8 @@ def bench_model(name: str, repeats: int, warmup: int) -> dict[str, Any]:
     ceiling_flops = count_flops(ceiling_step(p))
     ceiling_ms = time_ms(ceiling_step(p), repeats, warmup)
     impls: dict[str, Callable[[], None] | None] = {
-        "metarl_vmap": metarl_step(p, "vmap"),
-        "metarl_loop": metarl_step(p, "loop"),
-        "higher": higher_step(p),
-        "autograd_loop": loop_step(p),
+        "metarl_vmap": metarl_step(p, "vmap"), "metarl_loop": metarl_step(p, "loop"),
+        "higher": higher_step(p), "autograd_loop": loop_step(p),
     }
     out: dict[str, Any] = {}
     for impl, fn in impls.items():
@@ -200,18 +177,11 @@ def bench_model(name: str, repeats: int, warmup: int) -> dict[str, Any]:
         ms = time_ms(fn, repeats, warmup)
         out[impl] = {"ms": ms, "peak_bytes": peak_memory(fn), "gflop_per_s": flops / ms / 1e6}
     best = min(("metarl_vmap", "metarl_loop"), key=lambda k: out[k]["ms"])
-    result = {
-        "metarl_ms": out[best]["ms"],
-        "metarl_batch": best.split("_")[1],
-        "metarl_peak_bytes": out[best]["peak_bytes"],
-        "implementations": out,
-        "gflop_per_step": flops / 1e9,
-        "ceiling": {
-            "gflop": ceiling_flops / 1e9,
-            "ms": ceiling_ms,
-            "gflop_per_s": ceiling_flops / ceiling_ms / 1e6,
-        },
-    }
+    result = {"metarl_ms": out[best]["ms"], "metarl_batch": best.split("_")[1],
+              "metarl_peak_bytes": out[best]["peak_bytes"], "implementations": out,
+              "gflop_per_step": flops / 1e9,
+              "ceiling": {"gflop": ceiling_flops / 1e9, "ms": ceiling_ms,
+                          "gflop_per_s": ceiling_flops / ceiling_ms / 1e6}}
     for ref, key in (("higher", "speedup_vs_higher"), ("autograd_loop", "speedup_vs_loop")):
         result[key] = out[ref]["ms"] / out[best]["ms"] if out[ref] else None
     return result
@@ -220,47 +190,29 @@ def bench_model(name: str, repeats: int, warmup: int) -> dict[str, Any]:
 def machine() -> str:
     model = platform.machine()
     try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpus = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else []
-    )
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads" + "".join(f", GPU {name}" for name in gpus)
-    )
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            + "".join(f", GPU {name}" for name in gpus))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="metarl bench adapt", description="MAML meta-step: metarl vs higher vs loop"
-    )
-    parser.add_argument(
-        "--models", nargs="*", default=["conv4", "sinusoid_mlp"], choices=["conv4", "sinusoid_mlp"]
-    )
+    parser = argparse.ArgumentParser(prog="metarl bench adapt", description="MAML meta-step: metarl vs higher vs loop")
+    parser.add_argument("--models", nargs="*", default=["conv4", "sinusoid_mlp"], choices=["conv4", "sinusoid_mlp"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument(
-        "--out", help="also write OUT.json and OUT.md (e.g. experiments/results/bench_adapt)"
-    )
+    parser.add_argument("--out", help="also write OUT.json and OUT.md (e.g. experiments/results/bench_adapt)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results: dict[str, Any] = {}
     for name in args.models:
         results[name] = bench_model(name, args.repeats, args.warmup)
         r = results[name]
-        print(
-            f"{name}: metarl ({r['metarl_batch']}) {r['metarl_ms']:.1f} ms, "
-            f"vs higher x{r['speedup_vs_higher'] or float('nan'):.2f}, vs loop x{r['speedup_vs_loop']:.2f}",
-            flush=True,
-        )
+        print(f"{name}: metarl ({r['metarl_batch']}) {r['metarl_ms']:.1f} ms, "
+              f"vs higher x{r['speedup_vs_higher'] or float('nan'):.2f}, vs loop x{r['speedup_vs_loop']:.2f}", flush=True)
     results["machine"] = machine()
     if args.out:
         write_report(results, Path(args.out), " ".join(["metarl bench adapt", *(argv or [])]))
@@ -271,17 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(results: dict[str, Any], out: Path, command: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, **results}, indent=1))
-    lines = [
-        "# Adaptation core speed: one second-order MAML meta-step",
-        "",
-        f"Command: `{command}`. Machine: {results['machine']}.",
-        "",
-        "Median ms per meta-step (meta-loss and backward to the initial parameters) and the peak "
-        "resident-memory increase during one step, all measured in one process run.",
-        "",
-        "| model | implementation | ms / meta-step | GFLOP/s | peak memory (MiB) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = ["# Adaptation core speed: one second-order MAML meta-step", "",
+             f"Command: `{command}`. Machine: {results['machine']}.", "",
+             "Median ms per meta-step (meta-loss and backward to the initial parameters) and the peak "
+             "resident-memory increase during one step, all measured in one process run.", "",
+             "| model | implementation | ms / meta-step | GFLOP/s | peak memory (MiB) |", "|---|---|---|---|---|"]
     for name, r in results.items():
         if name == "machine":
             continue
@@ -291,25 +237,17 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
                 continue
             mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.1f}"
             lines.append(f"| {name} | {impl} | {v['ms']:.2f} | {v['gflop_per_s']:.1f} | {mem} |")
-    lines += [
-        "",
-        "| model | metarl batching | speedup vs higher | speedup vs autograd loop |",
-        "|---|---|---|---|",
-    ]
+    lines += ["", "| model | metarl batching | speedup vs higher | speedup vs autograd loop |", "|---|---|---|---|"]
     for name, r in results.items():
         if name != "machine":
             vh = "n/a" if r["speedup_vs_higher"] is None else f"{r['speedup_vs_higher']:.2f}×"
             lines.append(f"| {name} | {r['metarl_batch']} | {vh} | {r['speedup_vs_loop']:.2f}× |")
-    lines += [
-        "",
-        "What limits it. FLOPs per meta-step are counted with `torch.utils.flop_counter` (the same "
-        "arithmetic for every implementation), so GFLOP/s compares how fast each one runs it. The "
-        "reference is a plain first-order step on all tasks' images as one batch, timed in the same "
-        "run.",
-        "",
-        "| model | GFLOP / meta-step | metarl GFLOP/s | best peer GFLOP/s | one-batch reference GFLOP/s |",
-        "|---|---|---|---|---|",
-    ]
+    lines += ["", "What limits it. FLOPs per meta-step are counted with `torch.utils.flop_counter` (the same "
+              "arithmetic for every implementation), so GFLOP/s compares how fast each one runs it. The "
+              "reference is a plain first-order step on all tasks' images as one batch, timed in the same "
+              "run.", "",
+              "| model | GFLOP / meta-step | metarl GFLOP/s | best peer GFLOP/s | one-batch reference GFLOP/s |",
+              "|---|---|---|---|---|"]
     notes = []
     for name, r in results.items():
         if name == "machine":
@@ -317,20 +255,15 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
         impls = r["implementations"]
         rate = impls[f"metarl_{r['metarl_batch']}"]["gflop_per_s"]
         peer = max(v["gflop_per_s"] for k, v in impls.items() if v and not k.startswith("metarl"))
-        lines.append(
-            f"| {name} | {r['gflop_per_step']:.2f} | {rate:.1f} | {peer:.1f} | "
-            f"{r['ceiling']['gflop_per_s']:.1f} |"
-        )
+        lines.append(f"| {name} | {r['gflop_per_step']:.2f} | {rate:.1f} | {peer:.1f} | "
+                     f"{r['ceiling']['gflop_per_s']:.1f} |")
         if rate < 2 * peer:
-            notes += [
-                "",
-                f"{name}: metarl runs at {rate / peer:.2f}× the best peer's FLOP rate. Where the "
-                "rates are close, the step is bound by the model's kernels (convolutions, batch norm), "
-                "which are the same for every implementation; what metarl removes (per-task Python "
-                "and autograd bookkeeping) is a small share of the time, and batching tasks with vmap "
-                "turns the convolutions into slower grouped kernels on this CPU. A 2× gain here needs "
-                "faster kernels, not a different meta-learning loop.",
-            ]
+            notes += ["", f"{name}: metarl runs at {rate / peer:.2f}× the best peer's FLOP rate. Where the "
+                      "rates are close, the step is bound by the model's kernels (convolutions, batch norm), "
+                      "which are the same for every implementation; what metarl removes (per-task Python "
+                      "and autograd bookkeeping) is a small share of the time, and batching tasks with vmap "
+                      "turns the convolutions into slower grouped kernels on this CPU. A 2× gain here needs "
+                      "faster kernels, not a different meta-learning loop."]
     lines += notes
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

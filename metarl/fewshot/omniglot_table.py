@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.fewshot.sinusoid_table import _machine
+from metarl.bench.adapt import machine
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matchingnet")
 GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile")
@@ -190,7 +190,7 @@ def run_cell(
     if shots == 1 and (ways == 20 or method == "protonet"):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
-    result["machine"] = _machine()
+    result["machine"] = machine()
     done.write_text(json.dumps(result))
     if cells_dir is not None:
         Path(cells_dir).mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     rows, official = _rows(results)
     document = {
         "benchmark": "Omniglot few-shot classification, minimal background sets",
-        "machine": _machine(),
+        "machine": machine(),
         "num_seeds": max((len(r["seeds"]) for r in rows), default=0),
         "num_test_tasks": 600,
         "table_command": args.table_command,

@@ -18,16 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from metarl.bench.adapt import machine
 from metarl.fewshot.maml import METHODS
 
 STEPS = (0, 1, 10)
 
 
 def _command(method: str, shots: int, seed: int, iterations: int) -> str:
-    return (
-        f"metarl run experiments/sinusoid_{method}.toml --set agent.num_shots={shots} "
-        f"--set run.seed={seed} --set run.num_iterations={iterations}"
-    )
+    return (f"metarl run experiments/sinusoid_{method}.toml --set agent.num_shots={shots} "
+            f"--set run.seed={seed} --set run.num_iterations={iterations}")
 
 
 def run_cell(method: str, shots: int, seed: int, iterations: int, root: str) -> dict[str, Any]:
@@ -42,13 +41,7 @@ def run_cell(method: str, shots: int, seed: int, iterations: int, root: str) -> 
     if eval_path.exists():
         done = json.loads(eval_path.read_text())
         if done["summary"]["iteration"] == iterations:
-            return {
-                "method": method,
-                "shots": shots,
-                "seed": seed,
-                **_losses(done),
-                "train_s": None,
-            }
+            return {"method": method, "shots": shots, "seed": seed, **_losses(done), "train_s": None}
     overrides = [f"agent.num_shots={shots}", f"run.seed={seed}", f"run.num_iterations={iterations}"]
     if (run_dir / "config.toml").exists():
         experiment = Experiment.resume(run_dir)
@@ -58,13 +51,8 @@ def run_cell(method: str, shots: int, seed: int, iterations: int, root: str) -> 
     experiment.run(progress=False)
     train_s = time.perf_counter() - start
     experiment.evaluate()
-    return {
-        "method": method,
-        "shots": shots,
-        "seed": seed,
-        **_losses(json.loads(eval_path.read_text())),
-        "train_s": train_s,
-    }
+    return {"method": method, "shots": shots, "seed": seed, **_losses(json.loads(eval_path.read_text())),
+            "train_s": train_s}
 
 
 def _losses(document: dict[str, Any]) -> dict[str, Any]:
@@ -81,12 +69,6 @@ def _cell(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "ci95": ci, "num_nonfinite": int((~np.isfinite(arr)).sum())}
 
 
-def _machine() -> str:
-    from metarl.bench.adapt import machine
-
-    return machine()
-
-
 def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out: Path) -> None:
     rows = []
     for shots in (5, 10):
@@ -94,29 +76,16 @@ def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out:
             cells = [r for r in results if r["method"] == method and r["shots"] == shots]
             if not cells:
                 continue
-            row = {
-                "method": method,
-                "shots": shots,
-                "seeds": sorted(r["seed"] for r in cells),
-                "command": _command(method, shots, 0, iterations).replace(
-                    "run.seed=0",
-                    "run.seed={"
-                    + ",".join(str(r["seed"]) for r in sorted(cells, key=lambda r: r["seed"]))
-                    + "}",
-                ),
-            }
+            row = {"method": method, "shots": shots, "seeds": sorted(r["seed"] for r in cells),
+                   "command": _command(method, shots, 0, iterations).replace("run.seed=0", "run.seed={" + ",".join(
+                       str(r["seed"]) for r in sorted(cells, key=lambda r: r["seed"])) + "}")}
             for s in STEPS:
                 row[f"mse_{s}"] = _cell(sum((r[f"loss_{s}"] for r in cells), []))
             rows.append(row)
-    document = {
-        "benchmark": "sinusoid regression (MAML paper 5.1)",
-        "machine": _machine(),
-        "iterations": iterations,
-        "num_seeds": seeds,
-        "num_test_tasks": 600,
-        "table_command": f"python -m metarl.fewshot.sinusoid_table --iterations {iterations} --seeds {seeds}",
-        "rows": rows,
-    }
+    document = {"benchmark": "sinusoid regression (MAML paper 5.1)", "machine": machine(),
+                "iterations": iterations, "num_seeds": seeds, "num_test_tasks": 600,
+                "table_command": f"python -m metarl.fewshot.sinusoid_table --iterations {iterations} --seeds {seeds}",
+                "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
         "# Sinusoid regression: MSE on 600 held-out tasks",
@@ -140,11 +109,8 @@ def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out:
                 cells.append(f"diverged (mean {c['mean']:.1e}, {c['num_nonfinite']} non-finite)")
             else:
                 cells.append(f"{c['mean']:.3f} ± {c['ci95']:.3f}")
-        lines.append(
-            f"| {row['method']} | {row['shots']} | {len(row['seeds'])} | "
-            + " | ".join(cells)
-            + f" | `{row['command']}` |"
-        )
+        lines.append(f"| {row['method']} | {row['shots']} | {len(row['seeds'])} | " + " | ".join(cells)
+                     + f" | `{row['command']}` |")
     lines += [
         "",
         "Published for comparison: the MAML paper (figure 2) shows MAML after one step far below the "
@@ -166,23 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/sinusoid_table")
     parser.add_argument("--out", default="experiments/results/sinusoid")
     args = parser.parse_args(argv)
-    jobs = [
-        (m, k, s, args.iterations, args.root)
-        for k in (5, 10)
-        for s in range(args.seeds)
-        for m in args.methods
-    ]
+    jobs = [(m, k, s, args.iterations, args.root) for k in (5, 10) for s in range(args.seeds) for m in args.methods]
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         for i, future in enumerate(futures):
             results.append(future.result())
             r = results[-1]
-            print(
-                f"[{i + 1}/{len(jobs)}] {r['method']} K={r['shots']} seed={r['seed']} "
-                f"mse0/1/10 = {[round(float(np.nanmean(r[f'loss_{s}'])), 3) for s in STEPS]}",
-                flush=True,
-            )
+            print(f"[{i + 1}/{len(jobs)}] {r['method']} K={r['shots']} seed={r['seed']} "
+                  f"mse0/1/10 = {[round(float(np.nanmean(r[f'loss_{s}'])), 3) for s in STEPS]}", flush=True)
             write_table(results, args.iterations, args.seeds, Path(args.out))
     print(json.dumps({"rows": len(results), "out": args.out}))
     return 0
