@@ -57,7 +57,9 @@ class UpdateRule(Protocol):
 def _rate(lr: LearningRate, name: str) -> float | torch.Tensor:
     if isinstance(lr, Mapping):
         if name not in lr:
-            raise KeyError(f"per-parameter learning rates have no entry for {name!r}; have {sorted(lr)}")
+            raise KeyError(
+                f"per-parameter learning rates have no entry for {name!r}; have {sorted(lr)}"
+            )
         return lr[name]
     return lr
 
@@ -169,6 +171,34 @@ def map_tasks(
         ]
         return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outputs)
     raise ValueError(f"batch must be 'vmap' or 'loop', got {batch!r}")
+
+
+def map_task_chunks(
+    fn: Callable[..., Any],
+    shared: tuple,
+    batched: tuple,
+    batch: Literal["vmap", "loop"],
+    chunk: int,
+    device: torch.device | None = None,
+) -> Any:
+    """:func:`map_tasks` over ``chunk`` tasks at a time, each chunk moved to ``device``.
+
+    Bounds the memory of a held-out evaluation over many tasks; outputs are detached and
+    concatenated on the CPU along the task axis.
+    """
+    parts = []
+    for start in range(0, _num_tasks(batched), chunk):
+        part = tuple(
+            torch.utils._pytree.tree_map(
+                lambda t: t.to(device) if device is not None else t,
+                task_index(b, slice(start, start + chunk)),
+            )
+            for b in batched
+        )
+        parts.append(map_tasks(fn, shared, part, batch))
+    return torch.utils._pytree.tree_map(
+        lambda *ts: torch.cat([t.detach().cpu() for t in ts]), *parts
+    )
 
 
 def meta_objective(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from envs.base import Task
-from metarl.adaptation import Params, UpdateRule, adapt, map_tasks, meta_objective, task_index
+from metarl.adaptation import Params, UpdateRule, adapt, map_task_chunks, meta_objective
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device, task_batching
@@ -302,21 +302,17 @@ class LearnedOptimizerLearner:
         steps = sorted(set(cfg.eval_adapt_steps))
         params = {k: v.detach() for k, v in self.params.items()}
         chunk = int(getattr(self.distribution, "eval_chunk_size", DEFAULT_EVAL_CHUNK))
-        losses, accs = [], []
-        for start in range(0, len(tasks), chunk):
-            s, q = (
-                on_device(task_index(b, slice(start, start + chunk)), self.device)
-                for b in (support, query)
-            )
-            loss, acc = map_tasks(
-                lambda s1, q1: self._scores(params, s1, q1, steps), (), (s, q), self.batch
-            )
-            losses.append(loss.detach().cpu())
-            accs.append(acc.detach().cpu())
-        acc = torch.cat(accs)
+        loss, acc = map_task_chunks(
+            lambda s1, q1: self._scores(params, s1, q1, steps),
+            (),
+            (support, query),
+            self.batch,
+            chunk,
+            self.device,
+        )
         return {
             "adaptation_steps": steps,
-            "loss": torch.cat(losses).numpy(),
+            "loss": loss.numpy(),
             "accuracy": None if torch.isnan(acc).all() else acc.numpy(),
         }
 

@@ -27,10 +27,9 @@ from envs.base import Task
 from metarl.adaptation import (
     Params,
     adapt,
-    map_tasks,
+    map_task_chunks,
     meta_objective,
     reptile_update,
-    task_index,
 )
 from metarl.config import require_at_least
 from metarl.runtime import check_device, on_device, task_batching
@@ -256,20 +255,13 @@ class GradientLearner:
 
         # vmap holds every task of a chunk in memory at once; the loop holds one task anyway.
         chunk = len(tasks) if self.batch == "loop" else VMAP_EVAL_CHUNK
-        losses, accs = [], []
-        for start in range(0, len(tasks), chunk):
-            s, q = (
-                on_device(task_index(b, slice(start, start + chunk)), self.device)
-                for b in (support, query)
-            )
-            loss, acc = map_tasks(scores, (params,), (s, q), self.batch)
-            losses.append(loss.detach().cpu())
-            accs.append(acc.detach().cpu())
-        acc = torch.cat(accs)
+        loss, acc = map_task_chunks(
+            scores, (params,), (support, query), self.batch, chunk, self.device
+        )
         accuracy = None if torch.isnan(acc).all() else acc.numpy()
         return {
             "adaptation_steps": steps,
-            "loss": torch.cat(losses).numpy(),
+            "loss": loss.numpy(),
             "accuracy": accuracy,
         }
 
