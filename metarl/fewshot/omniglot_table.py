@@ -139,10 +139,6 @@ def run_cell(
     from metarl.fewshot.omniglot_tasks import official_runs_error
 
     torch.set_num_threads(1)
-    if gpu_share is not None and torch.cuda.is_available():
-        # Each worker's caching allocator keeps its peak; without a cap, one worker's held-out
-        # evaluation can take the memory the others then fail to get (seen with 16 workers).
-        torch.cuda.set_per_process_memory_fraction(gpu_share)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
     run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
     done = run_dir / "table.json"
@@ -168,6 +164,11 @@ def run_cell(
             )
     else:
         experiment = Experiment.create(f"experiments/omniglot_{method}.toml", overrides, run_dir)
+    device = getattr(experiment.agent, "device", None)
+    if gpu_share is not None and device is not None and device.type == "cuda":
+        # Each worker's caching allocator keeps its peak; without a cap, one worker's held-out
+        # evaluation can take the memory the others then fail to get (seen with 16 workers).
+        torch.cuda.set_per_process_memory_fraction(gpu_share)
     start = time.perf_counter()
     experiment.run(progress=False)
     train_s = time.perf_counter() - start
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpu-share",
         type=float,
-        help="fraction of the GPU's memory each worker may hold (default 0.9 / workers on CUDA)",
+        help="fraction of the GPU's memory each CUDA worker may hold (default 0.9 / workers)",
     )
     parser.add_argument(
         "--note-file",
@@ -418,11 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.note_file and not Path(args.note_file).is_file():
         parser.error(f"--note-file {args.note_file}: no such file")
     committed = load_cells(args.cells)
-    cuda = any(
-        item.replace(" ", "").replace("'", "").replace('"', "").startswith("agent.device=cuda")
-        for item in args.set
-    )
-    share = args.gpu_share if args.gpu_share is not None else (0.9 / args.workers if cuda else None)
+    share = args.gpu_share if args.gpu_share is not None else 0.9 / args.workers
     if args.from_cells:
         if not committed:
             parser.error(f"--from-cells: no cell results in {args.cells}")
