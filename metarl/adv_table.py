@@ -3,13 +3,16 @@
     python -m metarl.adv_table --imitation runs/adv/imitation-nav2d \\
         --generator runs/adv/generator-nav2d runs/adv/generator-nav2d-plain \\
         --out experiments/results/meta_adversarial
+    python -m metarl.adv_table --generator runs/adv/generator-cheetah \\
+        --keep experiments/results/meta_adversarial.json
 
 Imitation: held-out return (or success, where the environment reports it) after 0, 1 and the
 last adaptation step, IQM with a 95% bootstrap interval over tasks × seeds, for the
 meta-adversarial learner, its ablations (GAIL from scratch, meta G + fresh D, fresh G + meta D)
 and the behaviour-cloning baselines, all on the same demonstrations. Generator: mean, worst case
 and CVaR 0.1 of the post-adaptation return (last step) on held-out tasks, on shifted tasks
-(outside the training range) and on held-out tasks under robustness wrappers.
+(outside the training range) and on held-out tasks under robustness wrappers, and a goal check
+per benchmark: G + D against plain MAML (CVaR 0.1 above it, mean at most 5% below it).
 Every row carries the sweep command that produced it.
 """
 
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from metarl.bench.adapt import machine
-from metarl.sweep import fmt_iqm, load_sweep
+from metarl.config import apply_overrides, load_toml
+from metarl.sweep import fmt_iqm, grid_cells, kept_rows, label_of, load_sweep
 
 VARIANTS = {
     "": "meta-adversarial (meta G + meta D)",
@@ -31,6 +36,9 @@ VARIANTS = {
     "_fresh_g_meta_d": "fresh G + meta D",
 }
 KINDS = ("return", "return_shifted", "return_perturbed")  # held-out, shifted, perturbed tasks
+PLAIN = "plain MAML (no generated tasks)"
+GENERATOR = "G + D (meta-adversarial)"
+MEAN_TOLERANCE = 0.05  # the goal: mean return at most 5% below plain MAML's
 BASELINES = {
     "bc_scratch": "BC from scratch",
     "bc_multitask": "multi-task BC fine-tuned",
@@ -107,13 +115,44 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def command_config(command: str, cell: str) -> dict[str, Any]:
+    """The run config that a ``metarl sweep CONFIG --set ... --grid ...`` command gave grid cell
+    ``cell``: how rows kept from an earlier table (whose run directories are gone) recover it."""
+    tokens = shlex.split(command)
+    sets = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--set"]
+    grids = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--grid"]
+    cells = {label_of(c): c for c in grid_cells(grids)}
+    if cell not in cells:
+        raise ValueError(f"cell {cell!r} is not one of the grid cells of {command!r}: {sorted(cells)}")
+    return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
+
+
+def generator_role(agent: dict[str, Any]) -> str:
+    """What a task-generator run stands for in the comparison, from its ``[agent]`` table."""
+    if float(agent.get("generated_fraction", 0.5)) == 0.0:
+        return PLAIN
+    if agent.get("proposal", "generator") == "uniform":
+        return "wide domain randomisation (uniform over G's box)"
+    return {
+        "none": "G without D",
+        "kl": "G + exact KL to the nominal box",
+    }.get(agent.get("plausibility", "discriminator"), GENERATOR)
+
+
 def generator_rows(path: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a generator sweep: tail statistics on held-out and shifted tasks."""
     document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
+        runs = sorted(path.glob(f"{label}-s*"))
+        if not runs:
+            raise FileNotFoundError(f"{path} has no run directories {label}-s*")
+        config = load_toml(runs[0] / "config.toml")
         row = {
             "sweep": path.name,
             "cell": label,
+            "benchmark": config["tasks"]["name"],
+            "role": generator_role(config.get("agent", {})),
+            "iterations": config["run"]["num_iterations"],
             "num_seeds": cell["num_seeds"],
             "command": document.get("sweep_command") or document["commands"][label],
         }
@@ -125,6 +164,41 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def goal_checks(generator: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per benchmark and task set: G + D's mean and CVaR 0.1 against plain MAML's (the issue's goal)."""
+    checks = []
+    for benchmark in dict.fromkeys(r.get("benchmark") for r in generator):
+        group = [r for r in generator if r.get("benchmark") == benchmark]
+        plain = next((r for r in group if r.get("role") == PLAIN), None)
+        ours = [r for r in group if r.get("role") == GENERATOR]
+        if plain is None or not ours:
+            continue
+        for r in ours:
+            for key, tasks in zip(KINDS, ("held-out", "shifted", "perturbed")):
+                if key not in r or key not in plain:
+                    continue
+                mine, base = r[key], plain[key]
+                delta = mine["mean"] - base["mean"]
+                within = delta >= -MEAN_TOLERANCE * abs(base["mean"])
+                above = mine["cvar10"] > base["cvar10"]
+                checks.append(
+                    {
+                        "benchmark": benchmark,
+                        "sweep": r["sweep"],
+                        "tasks": tasks,
+                        "mean": mine["mean"],
+                        "mean_delta": delta,
+                        "mean_delta_pct": 100 * delta / abs(base["mean"]) if base["mean"] else 0.0,
+                        "cvar10": mine["cvar10"],
+                        "cvar10_delta": mine["cvar10"] - base["cvar10"],
+                        "cvar_above": above,
+                        "mean_within": within,
+                        "met": above and within,
+                    }
+                )
+    return checks
+
+
 def write(
     imitation: list[dict[str, Any]], generator: list[dict[str, Any]], out: Path, command: str
 ) -> None:
@@ -134,6 +208,7 @@ def write(
         "command": command,
         "imitation": imitation,
         "generator": generator,
+        "generator_goal": goal_checks(generator),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
@@ -145,34 +220,45 @@ def write(
         "",
     ]
     if imitation:
+        per_row_machine = len(dict.fromkeys(r.get("machine", document["machine"]) for r in imitation)) > 1
         lines += [
             "## Few-shot imitation (no environment reward during adaptation)",
             "",
-            "| sweep | learner | seeds | metric | adaptation steps | values | command |",
-            "|---|---|---|---|---|---|---|",
+            "| sweep | learner | seeds | metric | adaptation steps | values | "
+            + ("machine | " if per_row_machine else "")
+            + "command |",
+            "|---|---|---|---|---|---|" + ("---|" if per_row_machine else "") + "---|",
         ]
         for r in imitation:
+            where = f"{r.get('machine', document['machine'])} | " if per_row_machine else ""
             lines.append(
                 f"| {r['sweep']} ({r['cell']}) | {r['learner']} | {r['num_seeds']} | {r['metric']} | "
-                f"{', '.join(map(str, r['steps']))} | {' → '.join(r['values'])} | `{r['command']}` |"
+                f"{', '.join(map(str, r['steps']))} | {' → '.join(r['values'])} | {where}`{r['command']}` |"
             )
         lines.append("")
     if generator:
+        per_row_machine = len(dict.fromkeys(r.get("machine", document["machine"]) for r in generator)) > 1
         lines += [
             "## Adversarial task generator: post-adaptation return (last step)",
             "",
-            "Rows are named by their sweep directory; the command says what each ran: "
-            "`agent.generated_fraction=0.0` is plain MAML-TRPO, `agent.proposal=uniform` with "
-            "`generated_fraction=1.0` is wide domain randomisation over G's box (1.5× the nominal "
-            "box), `plausibility-none` is G without D.",
+            "Each row's role follows from its command: `agent.generated_fraction=0.0` is plain "
+            "MAML-TRPO, `agent.proposal=uniform` with `generated_fraction=1.0` is wide domain "
+            "randomisation over G's box (1.5× the nominal box), `plausibility-none` is G without D. "
+            "Mean, worst and CVaR 0.1 are over held-out tasks × seeds; the IQM has its 95% "
+            "bootstrap interval.",
             "",
-            "| sweep | seeds | held-out mean | held-out worst | held-out CVaR 0.1 | shifted mean | "
-            "shifted worst | shifted CVaR 0.1 | perturbed mean | perturbed worst | perturbed CVaR 0.1 | "
-            "command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| benchmark | sweep | role | seeds | iterations | held-out IQM [95% CI] | held-out mean | "
+            "held-out worst | held-out CVaR 0.1 | shifted mean | shifted worst | shifted CVaR 0.1 | "
+            "perturbed mean | perturbed worst | perturbed CVaR 0.1 | "
+            + ("machine | " if per_row_machine else "")
+            + "command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            + ("---|" if per_row_machine else "")
+            + "---|",
         ]
         for r in generator:
-            cells = []
+            held = r.get("return")
+            cells = [f"{held['iqm']:.3g} [{held['lo']:.3g}, {held['hi']:.3g}]" if held else "–"]
             for key in KINDS:
                 s = r.get(key)
                 cells += (
@@ -180,9 +266,33 @@ def write(
                     if s
                     else ["–"] * 3
                 )
+            if per_row_machine:
+                cells.append(r.get("machine", document["machine"]))
             lines.append(
-                f"| {r['sweep']} ({r['cell']}) | {r['num_seeds']} | {' | '.join(cells)} | `{r['command']}` |"
+                f"| {r.get('benchmark', '–')} | {r['sweep']} ({r['cell']}) | {r.get('role', '–')} | "
+                f"{r['num_seeds']} | {r.get('iterations', '–')} | {' | '.join(cells)} | `{r['command']}` |"
             )
+        checks = document["generator_goal"]
+        if checks:
+            lines += [
+                "",
+                "### Goal check: G + D against plain MAML",
+                "",
+                f"Goal: CVaR 0.1 of the post-adaptation return above plain MAML's, with a mean "
+                f"return at most {MEAN_TOLERANCE:.0%} below it. Δ is G + D minus plain MAML "
+                "(positive is better).",
+                "",
+                "| benchmark | tasks | mean (Δ, % of plain's magnitude) | CVaR 0.1 (Δ) | CVaR above plain | "
+                f"mean within {MEAN_TOLERANCE:.0%} | goal met |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for c in checks:
+                lines.append(
+                    f"| {c['benchmark']} | {c['tasks']} | {c['mean']:.3g} ({c['mean_delta']:+.3g}, "
+                    f"{c['mean_delta_pct']:+.1f}%) | {c['cvar10']:.3g} ({c['cvar10_delta']:+.3g}) | "
+                    f"{'yes' if c['cvar_above'] else 'no'} | {'yes' if c['mean_within'] else 'no'} | "
+                    f"**{'yes' if c['met'] else 'no'}** |"
+                )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -195,9 +305,28 @@ def main(argv: list[str] | None = None) -> int:
         "--generator", nargs="*", default=[], help="finished generator sweep directories"
     )
     parser.add_argument("--out", default="experiments/results/meta_adversarial")
+    parser.add_argument(
+        "--keep",
+        help="an earlier table's JSON: its rows for sweeps not given here are kept as they are, "
+        "each with the machine it ran on",
+    )
     args = parser.parse_args(argv)
+    if not (args.imitation or args.generator or args.keep):
+        parser.error("give --imitation / --generator sweep directories, --keep an earlier table's JSON, or both")
     imitation = [r for p in args.imitation for r in imitation_rows(Path(p))]
     generator = [r for p in args.generator for r in generator_rows(Path(p))]
+    for row in imitation + generator:
+        row["machine"] = machine()
+    if args.keep:
+        imitation = kept_rows(Path(args.keep), imitation, "imitation") + imitation
+        kept = kept_rows(Path(args.keep), generator, "generator")
+        for row in kept:  # rows from before the table recorded their benchmark and role
+            if "role" not in row:
+                config = command_config(row["command"], row["cell"])
+                row["benchmark"] = config["tasks"]["name"]
+                row["role"] = generator_role(config.get("agent", {}))
+                row["iterations"] = config["run"]["num_iterations"]
+        generator = kept + generator
     command = "python -m metarl.adv_table " + " ".join(sys.argv[1:] if argv is None else argv)
     write(imitation, generator, Path(args.out), command)
     print(

@@ -3,6 +3,7 @@
     metarl sweep experiments/sinusoid_probmaml.toml --seeds 3 --out runs/families/sinusoid-probmaml
     metarl sweep experiments/rl2_nav2d.toml --seeds 3 --out runs/families/nav2d-rl2
     python -m metarl.families_table runs/families/*/ --out experiments/results/families
+    python -m metarl.families_table runs/families/cheetah-vel-rl2 --keep experiments/results/families.json
 
 One row per sweep (grid cell), grouped by benchmark (the task distribution and its shots/ways).
 Each row gives the learner, its family, the score before adaptation and after the last adaptation
@@ -28,7 +29,7 @@ from typing import Any
 
 from metarl.bench.adapt import machine
 from metarl.config import load_toml
-from metarl.sweep import fmt_iqm, load_sweep
+from metarl.sweep import fmt_iqm, kept_rows, load_sweep
 
 # agent import path (and few-shot method) -> (learner, family)
 LEARNERS: dict[str, tuple[str, str]] = {
@@ -209,14 +210,20 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
     ]
     if note:
         lines += ["", note]
+    machines = dict.fromkeys(r.get("machine", document["machine"]) for r in rows)
+    per_row_machine = len(machines) > 1
+    if per_row_machine:
+        lines += ["", "Rows ran on more than one machine; the machine column names each row's."]
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
         lines += [
             "",
             f"## {benchmark}",
             "",
             "| learner | family | seeds | iterations | metric | before | after first step | after | "
-            "mean after | adaptation used | published | command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "mean after | adaptation used | published | "
+            + ("machine | " if per_row_machine else "")
+            + "command |",
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if per_row_machine else "") + "---|",
         ]
         for r in (r for r in rows if r["benchmark"] == benchmark):
             for metric, stats in r["metrics"].items():
@@ -225,18 +232,31 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
                     f"| {r['learner']} | {r['family']} | {r['num_seeds']} | {r['iterations']} | "
                     f"{metric} | {fmt_iqm(stats, 0)} | {fmt_iqm(stats, min(1, last))} | {fmt_iqm(stats, last)} | "
                     f"{stats['mean'][last]:.3g} | {r['experience_last']} | "
-                    f"{_published(r) if metric == 'success' else '–'} | `{r['command']}` |"
+                    f"{_published(r) if metric == 'success' else '–'} | "
+                    + (f"{r.get('machine', document['machine'])} | " if per_row_machine else "")
+                    + f"`{r['command']}` |"
                 )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
+    parser.add_argument("sweeps", nargs="*", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/families")
     parser.add_argument("--note", default="", help="a paragraph printed under the header")
+    parser.add_argument(
+        "--keep",
+        help="an earlier table's JSON: its rows for sweeps not given here are kept as they are, "
+        "each with the machine it ran on",
+    )
     args = parser.parse_args(argv)
+    if not args.sweeps and not args.keep:
+        parser.error("give finished sweep directories, --keep an earlier table's JSON, or both")
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
+    for row in rows:
+        row["machine"] = machine()
+    if args.keep:
+        rows = kept_rows(Path(args.keep), rows) + rows
     given = sys.argv[1:] if argv is None else argv
     command = "python -m metarl.families_table " + " ".join(
         f"'{a}'" if " " in a else a for a in given

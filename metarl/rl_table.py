@@ -21,7 +21,7 @@ import numpy as np
 
 from metarl.bench.adapt import machine
 from metarl.bench.meta_update import timing_table
-from metarl.sweep import fmt_iqm, load_sweep
+from metarl.sweep import fmt_iqm, kept_rows, load_sweep
 
 
 def _timing(run_dirs: list[Path]) -> dict[str, float]:
@@ -69,17 +69,6 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def kept_rows(path: Path, new_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of an earlier table whose sweep is not among ``new_rows``, tagged with their machine."""
-    document = json.loads(path.read_text())
-    fresh = {(r["sweep"], r["cell"]) for r in new_rows}
-    return [
-        {**row, "machine": row.get("machine", document["machine"])}
-        for row in document["rows"]
-        if (row["sweep"], row["cell"]) not in fresh
-    ]
 
 
 # What the papers report for the rows of this table. The MAML paper (Finn et al. 2017) and the

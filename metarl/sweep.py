@@ -37,6 +37,26 @@ def load_sweep(sweep_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def kept_rows(
+    path: Path, new_rows: list[dict[str, Any]], key: str = "rows"
+) -> list[dict[str, Any]]:
+    """Rows (under ``key``) of an earlier table's JSON whose sweep cell is not among ``new_rows``.
+
+    A table rebuilt from a few fresh sweeps keeps the rows it already had for sweeps whose run
+    directories are not given again; each kept row carries the machine it ran on.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--keep {path}: no such table JSON (drop --keep to start a new table)")
+    document = json.loads(path.read_text())
+    fresh = {(r["sweep"], r["cell"]) for r in new_rows}
+    return [
+        {**row, "machine": row.get("machine", document["machine"])}
+        for row in document.get(key, [])
+        if (row["sweep"], row["cell"]) not in fresh
+    ]
+
+
 def fmt_iqm(stats: dict[str, Any] | None, j: int) -> str:
     """``IQM [lo, hi]`` of adaptation step ``j`` of a pooled metric (``–`` when absent)."""
     if stats is None:
@@ -55,7 +75,8 @@ def grid_cells(grid: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
-def _label(cell: list[str]) -> str:
+def label_of(cell: list[str]) -> str:
+    """A grid cell's directory label: ``["agent.plausibility=none"]`` -> ``plausibility-none``."""
     if not cell:
         return "base"
     return "_".join(o.split(".", 1)[-1].replace("=", "-") for o in cell)
@@ -272,8 +293,8 @@ def sweep(
     for cell in cells:
         for seed in range(seeds):
             run_overrides = [*overrides, *cell, f"run.seed={seed}"]
-            jobs.append((config, run_overrides, str(root / f"{_label(cell)}-s{seed}"), baselines))
-            index.append(_label(cell))
+            jobs.append((config, run_overrides, str(root / f"{label_of(cell)}-s{seed}"), baselines))
+            index.append(label_of(cell))
     workers = workers or min(len(jobs), os.cpu_count() or 1)
 
     def on_done(i: int, document: dict[str, Any]) -> None:
@@ -295,7 +316,7 @@ def sweep(
             by_cell.setdefault(label, []).append(document)
     aggregated = {label: aggregate(docs) for label, docs in by_cell.items()}
     commands = {
-        _label(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
+        label_of(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
                                 f"--set run.seed={{0..{seeds - 1}}}"])
         for cell in cells
     }

@@ -46,3 +46,27 @@ def test_rows_group_by_benchmark_with_family_experience_and_published_ml10(tmp_p
     assert rows["nav-trpo"]["episodes_per_step"] == 20 and rows["ml10-rl2"]["episodes_per_step"] == 1
     for name in document["plots"]:
         assert (tmp_path / name).stat().st_size > 0 and name in text
+
+
+def test_keep_refreshes_given_sweeps_and_keeps_the_rest_with_their_machine(tmp_path):
+    a = _fake_sweep(tmp_path, "nav-rl2", "agents.rl2:RL2", {"name": "navigation-2d"}, {},
+                    [0, 1], {"return": [-12.0, -8.0]})
+    b = _fake_sweep(tmp_path / "v1", "vel-rl2", "agents.rl2:RL2", {"name": "halfcheetah-vel"}, {},
+                    [0, 1], {"return": [-250.0, -240.0]})
+    old = tmp_path / "old"
+    assert main([str(a), str(b), "--out", str(old)]) == 0
+    document = json.loads(old.with_suffix(".json").read_text())
+    for row in document["rows"]:
+        row.pop("machine")
+    document["machine"] = "old box"
+    old.with_suffix(".json").write_text(json.dumps(document))
+    b2 = _fake_sweep(tmp_path / "v2", "vel-rl2", "agents.rl2:RL2", {"name": "halfcheetah-vel"}, {},
+                     [0, 1], {"return": [-250.0, -200.0]})
+    new = tmp_path / "new"
+    assert main([str(b2), "--keep", str(old.with_suffix(".json")), "--out", str(new)]) == 0
+    rows = json.loads(new.with_suffix(".json").read_text())["rows"]
+    assert [(r["sweep"], r["metrics"]["return"]["iqm"][-1]) for r in rows] == [
+        ("nav-rl2", -8.0), ("vel-rl2", -200.0)]  # the refreshed sweep replaces its old row
+    assert rows[0]["machine"] == "old box" and rows[1]["machine"] != "old box"
+    text = new.with_suffix(".md").read_text()
+    assert "| machine | command |" in text and "| old box | `metarl sweep nav-rl2` |" in text

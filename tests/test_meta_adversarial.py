@@ -3,6 +3,7 @@ first-order outer update of D by hand, demonstrations from the analytic expert, 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -342,8 +343,6 @@ def test_without_d_the_generator_drifts_further_from_the_nominal_distribution():
 
 
 def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
-    import json
-
     from metarl.adv_table import main as adv_table
 
     curve = {"iqm": [-40.0, -30.0, -20.0], "lo": [-41.0, -31.0, -21.0], "hi": [-39.0, -29.0, -19.0],
@@ -352,7 +351,10 @@ def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
     cell = {"num_seeds": 5, "adaptation_steps": [0, 1, 5], "return": curve, "return_gail_scratch": curve,
             "agent_baselines": {"maml_bc/return": bc}}
     for name in ("imitation", "generator"):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "base-s0").mkdir(parents=True)
+        (tmp_path / name / "base-s0" / "config.toml").write_text(
+            '[run]\nagent = "agents.task_generator:TaskGenerator"\nnum_iterations = 3\n'
+            '[tasks]\nname = "navigation-2d-wind"\n[agent]\nplausibility = "none"\n')
         (tmp_path / name / "sweep.json").write_text(json.dumps(
             {"title": name, "cells": {"base": {**cell, "return_shifted": curve}}, "commands": {"base": "cmd"},
              "sweep_command": f"metarl sweep {name}"}))
@@ -368,6 +370,72 @@ def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
     assert row["command"] == "metarl sweep generator"
     table = (tmp_path / "table.md").read_text()
     assert "| -20 | -45 | -44 |" in table
-    header = next(line for line in table.splitlines() if line.startswith("| sweep | seeds | held-out"))
-    generator_row = next(line for line in table.splitlines() if line.startswith("| generator"))
+    header = next(line for line in table.splitlines() if line.startswith("| benchmark | sweep | role"))
+    generator_row = next(line for line in table.splitlines() if line.startswith("| navigation-2d-wind | generator"))
+    assert "| G without D | 5 | 3 | -20 [-21, -19] |" in generator_row
     assert header.count("|") == generator_row.count("|")
+
+
+def _generator_sweep(root, name, role_toml, held, shifted):
+    run = root / name / "base-s0"
+    run.mkdir(parents=True)
+    run.joinpath("config.toml").write_text(
+        '[run]\nagent = "agents.task_generator:TaskGenerator"\nnum_iterations = 4\n'
+        f'[tasks]\nname = "halfcheetah-vel-mass"\n[agent]\n{role_toml}\n')
+
+    def curve(mean, cvar):
+        return {"iqm": [0.0, mean], "lo": [0.0, mean - 1], "hi": [0.0, mean + 1], "mean": [0.0, mean],
+                "worst": [0.0, cvar - 10], "cvar10": [0.0, cvar]}
+
+    cell = {"num_seeds": 5, "adaptation_steps": [0, 3], "return": curve(*held),
+            "return_shifted": curve(*shifted)}
+    (root / name / "sweep.json").write_text(json.dumps(
+        {"title": name, "cells": {"base": cell}, "sweep_command": f"metarl sweep {name}"}))
+    return root / name
+
+
+def test_generator_goal_check_against_plain_maml_by_hand(tmp_path):
+    from metarl.adv_table import main as adv_table
+
+    plain = _generator_sweep(tmp_path, "plain", "generated_fraction = 0.0", (-100.0, -200.0), (-150.0, -300.0))
+    ours = _generator_sweep(tmp_path, "ours", 'plausibility = "discriminator"', (-104.0, -190.0), (-160.0, -280.0))
+    dr = _generator_sweep(tmp_path, "dr", 'proposal = "uniform"\ngenerated_fraction = 1.0', (-90.0, -150.0), (-1.0, -2.0))
+    adv_table(["--generator", str(plain), str(ours), str(dr), "--out", str(tmp_path / "t")])
+    document = json.loads((tmp_path / "t.json").read_text())
+    roles = {r["sweep"]: r["role"] for r in document["generator"]}
+    assert roles == {"plain": "plain MAML (no generated tasks)", "ours": "G + D (meta-adversarial)",
+                     "dr": "wide domain randomisation (uniform over G's box)"}
+    checks = {c["tasks"]: c for c in document["generator_goal"]}
+    # held-out: mean -104 vs -100 is 4% below (within 5%), CVaR -190 > -200: met
+    held = checks["held-out"]
+    assert held["mean_delta"] == -4.0 and held["mean_delta_pct"] == -4.0 and held["cvar10_delta"] == 10.0
+    assert held["cvar_above"] and held["mean_within"] and held["met"]
+    # shifted: mean -160 vs -150 is 6.7% below: CVaR above but the goal is missed
+    shifted = checks["shifted"]
+    assert shifted["cvar_above"] and not shifted["mean_within"] and not shifted["met"]
+    assert "| halfcheetah-vel-mass | held-out | -104 (-4, -4.0%) | -190 (+10) | yes | yes | **yes** |" in (
+        tmp_path / "t.md").read_text()
+
+
+def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
+    from metarl.adv_table import command_config, generator_role, main as adv_table
+
+    command = ("metarl sweep experiments/task_generator_nav2d.toml --seeds 5 --workers 1 "
+               "--set run.num_iterations=40 --grid agent.plausibility=discriminator,none --out runs/x")
+    config = command_config(command, "plausibility-none")
+    assert config["run"]["num_iterations"] == 40 and config["tasks"]["name"] == "navigation-2d-wind"
+    assert generator_role(config["agent"]) == "G without D"
+    assert generator_role(command_config(command, "plausibility-discriminator")["agent"]) == "G + D (meta-adversarial)"
+    with pytest.raises(ValueError, match="not one of the grid cells"):
+        command_config(command, "base")
+    old = {"machine": "old box", "imitation": [], "generator": [
+        {"sweep": "generator-nav2d", "cell": "plausibility-none", "num_seeds": 5, "command": command,
+         "return": {"mean": -1.0, "worst": -2.0, "cvar10": -2.0, "iqm": -1.0, "lo": -1.5, "hi": -0.5}}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    fresh = _generator_sweep(tmp_path, "plain", "generated_fraction = 0.0", (-3.0, -4.0), (-5.0, -6.0))
+    adv_table(["--generator", str(fresh), "--keep", str(tmp_path / "old.json"), "--out", str(tmp_path / "t")])
+    rows = json.loads((tmp_path / "t.json").read_text())["generator"]
+    assert [(r["sweep"], r["role"], r["machine"] == "old box") for r in rows] == [
+        ("generator-nav2d", "G without D", True), ("plain", "plain MAML (no generated tasks)", False)]
+    text = (tmp_path / "t.md").read_text()
+    assert "| old box | `metarl sweep experiments" in text  # rows from two machines name theirs
