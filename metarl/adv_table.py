@@ -174,7 +174,7 @@ def goal_checks(generator: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if plain is None or not ours:
             continue
         for r in ours:
-            for key, tasks in zip(KINDS, ("held-out", "shifted", "perturbed")):
+            for key, tasks in zip(KINDS, ("held-out", "shifted", "perturbed"), strict=True):
                 if key not in r or key not in plain:
                     continue
                 mine, base = r[key], plain[key]

@@ -418,7 +418,8 @@ def test_generator_goal_check_against_plain_maml_by_hand(tmp_path):
 
 
 def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
-    from metarl.adv_table import command_config, generator_role, main as adv_table
+    from metarl.adv_table import command_config, generator_role
+    from metarl.adv_table import main as adv_table
 
     command = ("metarl sweep experiments/task_generator_nav2d.toml --seeds 5 --workers 1 "
                "--set run.num_iterations=40 --grid agent.plausibility=discriminator,none --out runs/x")
