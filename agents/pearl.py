@@ -57,6 +57,7 @@ from envs.base import Task, TaskDistribution
 from metarl import meta_pg
 from metarl.config import require_at_least
 from metarl.policies import FunctionalMLP, init_mlp
+from metarl.runtime import check_device
 from metarl.types import Trajectories
 
 Params = dict[str, torch.Tensor]
@@ -125,6 +126,8 @@ class PEARLConfig:
     """Independent adaptation runs per held-out task (each its own posteriors), averaged."""
     eval_deterministic: bool = True
     """Act with the mean action at evaluation (z is still sampled from the posterior)."""
+    device: str = "cpu"
+    """Where the encoder, critics and policy train ('cpu' or 'cuda'); rollouts always run on the CPU."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -140,6 +143,7 @@ class PEARLConfig:
             "eval_episodes_per_task",
         )
         require_at_least(self, positive)
+        check_device(self.device)
         for name in (
             "num_collect_tasks",
             "num_posterior_episodes",
@@ -386,6 +390,7 @@ class PEARL:
             )
         cfg = self.config = config
         self.distribution = distribution
+        self.device = torch.device(cfg.device)
         obs_dim, act_dim, latent = (
             int(np.prod(distribution.observation_space.shape)),
             int(np.prod(space.shape)),
@@ -407,9 +412,11 @@ class PEARL:
             "encoder": init_mlp(self.encoder.sizes, seed + 3, 0.1),
             "alpha": {"log_alpha": torch.tensor(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0)},
         }
-        for params in self.nets.values():
-            for v in params.values():
-                v.requires_grad_()
+        # Initialised on the CPU (the same draws on every device), then moved.
+        self.nets = {
+            name: {k: v.to(self.device).requires_grad_() for k, v in params.items()}
+            for name, params in self.nets.items()
+        }
         self.q_target = {k: v.detach().clone() for k, v in self.nets["q"].items()}
         lrs = {
             "policy": cfg.policy_lr,
@@ -432,13 +439,19 @@ class PEARL:
     def posterior(
         self, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``context [..., C, 2·obs + act + 1]`` rows ``(s, a, r, s')`` -> posterior ``(mean, variance)`` ``[..., L]``."""
+        """``context [..., C, 2·obs + act + 1]`` rows ``(s, a, r, s')`` -> posterior ``(mean, variance)`` ``[..., L]``.
+
+        Inputs on any device; the posterior is on the agent's device.
+        """
+        context = context.to(self.device)
+        mask = None if mask is None else mask.to(self.device)
         means, raw = self.encoder(self.nets["encoder"], context).chunk(2, -1)
         return product_of_gaussians(means, F.softplus(raw).clamp(min=1e-7), mask)
 
     def _actor_params(self, mean: torch.Tensor, variance: torch.Tensor) -> Params:
-        policy = {k: v.detach() for k, v in self.nets["policy"].items()}
-        return {**policy, "z_mean": mean.detach(), "z_std": variance.detach().sqrt()}
+        """The rollout workers' parameters (on the CPU): the policy and z's posterior."""
+        policy = {k: v.detach().cpu() for k, v in self.nets["policy"].items()}
+        return {**policy, "z_mean": mean.detach().cpu(), "z_std": variance.detach().sqrt().cpu()}
 
     def _prior(self) -> Params:
         return self._actor_params(
@@ -504,7 +517,11 @@ class PEARL:
         chosen = [tasks[i] for i in self.rng.integers(0, len(tasks), self.config.meta_batch_size)]
         context = np.stack([self._context_batch(t)[:, :-1] for t in chosen])
         rows = np.stack([self.replay[t].sample(self.rng, self.config.batch_size) for t in chosen])
-        return torch.from_numpy(context), torch.from_numpy(rows)
+        return torch.from_numpy(context).to(self.device), torch.from_numpy(rows).to(self.device)
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal draws from the agent's CPU generator, on its device (the same on any device)."""
+        return torch.randn(shape, generator=self.generator).to(self.device)
 
     # ------------------------------------------------------------------ learning
 
@@ -534,12 +551,12 @@ class PEARL:
             flat[:, -1],
         )
         mean, variance = self.posterior(context)
-        z_task = mean + variance.sqrt() * torch.randn(mean.shape, generator=self.generator)
+        z_task = mean + variance.sqrt() * self._randn(*mean.shape)
         z = z_task.repeat_interleave(num_rows, 0)
         z_bar = z.detach()
         log_alpha = self.nets["alpha"]["log_alpha"]
         alpha = log_alpha.exp().detach() if cfg.auto_entropy else cfg.alpha
-        noise = torch.randn((2, len(flat), act_dim), generator=self.generator)
+        noise = self._randn(2, len(flat), act_dim)
         with torch.no_grad():
             next_actions, next_log_prob, _, _ = self.policy.sample(
                 self.nets["policy"], next_obs, z_bar, noise[0]
@@ -605,13 +622,13 @@ class PEARL:
             raise ValueError("step needs at least one task to collect data on")
         metrics = self._collect(collect)
         sampling_s = time.perf_counter() - start
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_train_steps):
-            for k, v in self._gradient_step().items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            for k, v in self._gradient_step().items():  # summed on the device: no sync per step
+                totals[k] = totals[k] + v.detach() if k in totals else v.detach()
         names = {"q": "q_loss", "policy": "policy_loss", "alpha": "alpha_loss"}
         for k, v in totals.items():
-            metrics[f"train/{names.get(k, k)}"] = v / cfg.num_train_steps
+            metrics[f"train/{names.get(k, k)}"] = float(v) / cfg.num_train_steps
         metrics["train/alpha"] = (
             float(self.nets["alpha"]["log_alpha"].exp()) if cfg.auto_entropy else cfg.alpha
         )
@@ -674,9 +691,9 @@ class PEARL:
     def state_dict(self) -> dict[str, Any]:
         return {
             "nets": {
-                n: {k: v.detach().clone() for k, v in p.items()} for n, p in self.nets.items()
+                n: {k: v.detach().cpu().clone() for k, v in p.items()} for n, p in self.nets.items()
             },
-            "q_target": {k: v.clone() for k, v in self.q_target.items()},
+            "q_target": {k: v.cpu().clone() for k, v in self.q_target.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "replay": [(t, b.state_dict()) for t, b in self.replay.items()],
             "context": {t: c.copy() for t, c in self.context.items()},

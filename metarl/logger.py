@@ -40,7 +40,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; a run directory holds checkpoint.pt once it has saved one")
-    return torch.load(path, weights_only=False)
+    # Onto the CPU: a run trained on a GPU resumes or evaluates anywhere (agents move state to their device).
+    return torch.load(path, weights_only=False, map_location="cpu")
 
 
 def _clean(value: Any) -> Any:

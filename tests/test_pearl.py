@@ -229,6 +229,32 @@ def test_resume_from_a_checkpoint_gives_identical_metrics(nav):
     assert [seeded(resumed.step(t)) for t in tasks[1:]] == expected[1:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_one_says_to_use_the_cpu():
+    with pytest.raises(ValueError, match="no CUDA device; use device='cpu'"):
+        PEARLConfig(**{**TINY, "device": "cuda"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gradient_steps_on_cuda_match_the_cpu_ones(nav):
+    """Same data and random draws (from the CPU generator) on either device: same parameters up
+    to float rounding after collection and a few gradient steps, and CPU actor parameters."""
+    tasks = nav.sample(4, np.random.default_rng(0))
+    states, metrics = {}, {}
+    for device in ("cpu", "cuda"):
+        agent = tiny_agent(nav, seed=3, device=device)
+        try:
+            metrics[device] = agent.step(tasks)
+            states[device] = agent.state_dict()["nets"]
+            assert all(v.device.type == "cpu" for v in agent._prior().values())
+        finally:
+            agent.close()
+    for name, params in states["cpu"].items():
+        for k, v in params.items():
+            torch.testing.assert_close(states["cuda"][name][k], v, rtol=1e-4, atol=1e-5)
+    assert metrics["cuda"]["train/q_loss"] == pytest.approx(metrics["cpu"]["train/q_loss"], rel=1e-4)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -326,6 +352,7 @@ def test_bad_settings_fail_early_with_the_value(nav):
         (dict(tau=0.0), "tau in \\(0, 1\\]"),
         (dict(hidden_sizes=()), "hidden_sizes must be positive widths"),
         (dict(auto_entropy=True, alpha=0.0), "alpha .* must be > 0"),
+        (dict(device="tpu"), "device='tpu' is not"),
     ]:
         with pytest.raises(ValueError, match=match):
             PEARLConfig(**bad)
