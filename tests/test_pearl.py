@@ -16,9 +16,7 @@ import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
 
 import envs
-from agents.pearl import (
-    PEARL,
-    PEARLConfig,
+from agents.latent_sac import (
     TaskReplay,
     kl_to_standard_normal,
     product_of_gaussians,
@@ -26,6 +24,7 @@ from agents.pearl import (
     tanh_gaussian_log_prob,
     transitions,
 )
+from agents.pearl import PEARL, PEARLConfig
 from metarl import meta_pg
 from metarl.cli import main
 from metarl.config import ConfigError, build
