@@ -4,6 +4,11 @@
     metarl sweep experiments/rl2_nav2d.toml --seeds 3 --out runs/families/nav2d-rl2
     python -m metarl.families_table runs/families/*/ --out experiments/results/families
     python -m metarl.families_table runs/families/cheetah-vel-rl2 --keep experiments/results/families.json
+    python -m metarl.families_table --omniglot-cells experiments/results/omniglot_cells --keep ...
+
+Omniglot rows come from the trained cells of ``metarl.fewshot.omniglot_table`` (5-way 1-shot):
+``--methods probmaml mann learnedopt`` trains the families' cells beside MAML's, Meta-SGD's and
+ProtoNets' (which omniglot.md shares).
 
 One row per sweep (grid cell), grouped by benchmark (the task distribution and its shots/ways).
 Each row gives the learner, its family, the score before adaptation and after the last adaptation
@@ -26,6 +31,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from metarl.bench.adapt import machine
 from metarl.config import load_toml
@@ -134,6 +141,71 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# omniglot_table method -> its config, for the families' Omniglot rows
+OMNIGLOT_LEARNERS = ("maml", "metasgd", "probmaml", "mann", "learnedopt", "protonet")
+
+
+def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[str, Any]]:
+    """Rows of the families' learners from trained Omniglot cells (``omniglot_table``), pooled
+    over held-out episodes × seeds. Cells that kept only their reported step give "after" alone."""
+    from metarl.evaluation import bootstrap_ci, iqm
+    from metarl.fewshot.omniglot_table import cell_machines, load_cells, merge_cells, seed_command
+
+    cells = merge_cells(load_cells(cells_dir))
+    rows = []
+    for method in OMNIGLOT_LEARNERS:
+        group = sorted(
+            (
+                c
+                for c in cells
+                if c["method"] == method and c["ways"] == ways and c["shots"] == shots
+                and str(ways) in c["accuracy"]
+            ),
+            key=lambda c: c["seed"],
+        )
+        if not group:
+            continue
+        config = load_toml(Path("experiments") / f"omniglot_{method}.toml")
+        learner, family = _learner(config)
+        scores = [c["accuracy"][str(ways)] for c in group]
+        step = scores[0]["step"]
+        curves = [a.get("curve") for a in scores]
+        if all(curves) and len({tuple(c["steps"]) for c in curves}) == 1:
+            steps = list(curves[0]["steps"])
+            per_step = [sum((c["per_task"][j] for c in curves), []) for j in range(len(steps))]
+        else:  # cells that kept only the reported step
+            steps, per_step = [step], [sum((a["per_task"] for a in scores), [])]
+        stats: dict[str, list[float]] = {"iqm": [], "lo": [], "hi": [], "mean": []}
+        for values in per_step:
+            x = np.asarray(values, dtype=float) / 100.0
+            lo, hi = bootstrap_ci(x)
+            for key, value in zip(("iqm", "lo", "hi", "mean"), (iqm(x), lo, hi, float(x.mean())), strict=True):
+                stats[key].append(float(value))
+        if step in steps:  # "after" is the step the Omniglot table reports
+            last = steps.index(step) + 1
+            steps, stats = steps[:last], {k: v[:last] for k, v in stats.items()}
+        seeds = [c["seed"] for c in group]
+        rows.append(
+            {
+                "benchmark": f"Omniglot {ways}-way {shots}-shot (minimal background)",
+                "learner": learner,
+                "family": family,
+                "sweep": f"omniglot-cells/{method}-{ways}w{shots}s",
+                "cell": f"i{group[0]['iterations']}",
+                "num_seeds": len(group),
+                "iterations": group[0]["iterations"],
+                "adaptation_steps": steps,
+                "after_only": len(steps) == 1,
+                "experience_last": _experience(config, learner, steps[-1]),
+                "episodes_per_step": None,
+                "metrics": {"accuracy": stats},
+                "command": seed_command([c["command"] for c in group], seeds),
+                "machine": "; ".join(cell_machines(group)),
+            }
+        )
+    return rows
+
+
 def _published(row: dict[str, Any]) -> str:
     if row["benchmark"] == "ml10" and row["learner"] in ML10_PUBLISHED:
         return f"{ML10_PUBLISHED[row['learner']]}% (Meta-World table 1)"
@@ -228,9 +300,12 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
         for r in (r for r in rows if r["benchmark"] == benchmark):
             for metric, stats in r["metrics"].items():
                 last = len(r["adaptation_steps"]) - 1
+                before, first = (
+                    ("–", "–") if r.get("after_only") else (fmt_iqm(stats, 0), fmt_iqm(stats, min(1, last)))
+                )
                 lines.append(
                     f"| {r['learner']} | {r['family']} | {r['num_seeds']} | {r['iterations']} | "
-                    f"{metric} | {fmt_iqm(stats, 0)} | {fmt_iqm(stats, min(1, last))} | {fmt_iqm(stats, last)} | "
+                    f"{metric} | {before} | {first} | {fmt_iqm(stats, last)} | "
                     f"{stats['mean'][last]:.3g} | {r['experience_last']} | "
                     f"{_published(r) if metric == 'success' else '–'} | "
                     + (f"{r.get('machine', document['machine'])} | " if per_row_machine else "")
@@ -249,12 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier table's JSON: its rows for sweeps not given here are kept as they are, "
         "each with the machine it ran on",
     )
+    parser.add_argument(
+        "--omniglot-cells",
+        help="folder of omniglot_table cells (e.g. experiments/results/omniglot_cells): adds the "
+        "Omniglot 5-way 1-shot rows of the learners trained there",
+    )
     args = parser.parse_args(argv)
-    if not args.sweeps and not args.keep:
-        parser.error("give finished sweep directories, --keep an earlier table's JSON, or both")
+    if not (args.sweeps or args.keep or args.omniglot_cells):
+        parser.error("give finished sweep directories, --omniglot-cells, --keep an earlier table's JSON, or several")
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
     for row in rows:
         row["machine"] = machine()
+    if args.omniglot_cells:
+        if not Path(args.omniglot_cells).is_dir():
+            parser.error(f"--omniglot-cells {args.omniglot_cells}: no such folder")
+        rows += omniglot_rows(Path(args.omniglot_cells))
     if args.keep:
         rows = kept_rows(Path(args.keep), rows) + rows
     given = sys.argv[1:] if argv is None else argv

@@ -70,3 +70,41 @@ def test_keep_refreshes_given_sweeps_and_keeps_the_rest_with_their_machine(tmp_p
     assert rows[0]["machine"] == "old box" and rows[1]["machine"] != "old box"
     text = new.with_suffix(".md").read_text()
     assert "| machine | command |" in text and "| old box | `metarl sweep nav-rl2` |" in text
+
+
+def _cell(folder, method, seed, per_task, curve=None, iterations=600):
+    accuracy = {"step": 3 if method != "protonet" else 0, "per_task": per_task}
+    if curve is not None:
+        accuracy["curve"] = curve
+    cell = {"method": method, "ways": 5, "shots": 1, "seed": seed, "iterations": iterations,
+            "command": f"metarl run experiments/omniglot_{method}.toml --set run.seed={seed}",
+            "accuracy": {"5": accuracy}, "machine": "gpu box"}
+    (folder / f"{method}-5w1s-s{seed}-i{iterations}.json").write_text(json.dumps(cell))
+
+
+def test_omniglot_rows_pool_cells_over_episodes_and_seeds(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    # pooled: 60 70 75 80 85 90 95 100 -> IQM = mean(75, 80, 85, 90) = 82.5 %, mean 81.875 %
+    _cell(cells, "maml", 0, [100.0, 80.0, 90.0, 70.0])
+    _cell(cells, "maml", 1, [60.0, 95.0, 85.0, 75.0])
+    _cell(cells, "maml", 2, [0.0, 0.0, 0.0, 0.0], iterations=300)  # shorter budget: not mixed in
+    curve = {"steps": [0, 1, 3, 5], "per_task": [[20.0] * 4, [50.0] * 4, [80.0] * 4, [90.0] * 4]}
+    _cell(cells, "probmaml", 0, [80.0] * 4, curve)
+    _cell(cells, "protonet", 0, [96.0] * 4)
+    out = tmp_path / "fam"
+    assert main(["--omniglot-cells", str(cells), "--out", str(out)]) == 0
+    rows = {r["learner"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    maml = rows["MAML"]
+    assert maml["num_seeds"] == 2 and maml["after_only"] and maml["adaptation_steps"] == [3]
+    assert abs(maml["metrics"]["accuracy"]["iqm"][0] - 0.825) < 1e-12
+    assert abs(maml["metrics"]["accuracy"]["mean"][0] - 0.81875) < 1e-12
+    assert maml["command"].endswith("--set run.seed={0,1}")
+    prob = rows["probabilistic MAML"]  # the curve, up to the reported step
+    assert prob["adaptation_steps"] == [0, 1, 3] and not prob["after_only"]
+    assert prob["metrics"]["accuracy"]["iqm"] == [0.2, 0.5, 0.8]
+    text = out.with_suffix(".md").read_text()
+    assert "## Omniglot 5-way 1-shot (minimal background)" in text
+    assert "| MAML | gradient (learned initialisation) | 2 | 600 | accuracy | – | – | 0.825 [" in text
+    assert "| probabilistic MAML | Bayesian (learned prior) | 1 | 600 | accuracy | 0.2 [0.2, 0.2] | 0.5 [0.5, 0.5] | 0.8 [0.8, 0.8] |" in text
+    assert "| ProtoNets | metric | 1 | 600 | accuracy | – | – | 0.96 [0.96, 0.96] |" in text

@@ -234,3 +234,24 @@ def test_learners_on_cuda_match_the_cpu(omniglot, name):
         results[device] = (loss, scores["loss"])
     assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-3)
     np.testing.assert_allclose(results["cuda"][1], results["cpu"][1], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, step", [("mann", 1), ("probmaml", 3), ("learnedopt", 3)])
+def test_omniglot_table_trains_the_other_families_cells(tmp_path, monkeypatch, method, step):
+    """probabilistic MAML, MANN and the learned optimizer train 5-way 1-shot cells through the
+    Omniglot table (for families.md): scored at their own step, with the whole curve kept."""
+    from metarl.fewshot import omniglot_table as table
+
+    monkeypatch.chdir(ROOT)
+    assert table._trained_runs(method) == [(5, 1, (5,))]
+    tiny = ["tasks.channels=8", "tasks.num_test_tasks=4", "agent.meta_batch_size=2",
+            "run.checkpoint_every=2", "run.eval_at_end=false"]
+    cell = table.run_cell(method, 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny, str(tmp_path / "cells"))
+    scores = cell["accuracy"]["5"]
+    assert scores["step"] == step and len(scores["per_task"]) == 4
+    curve = scores["curve"]
+    assert curve["steps"] == ([0, 1] if method == "mann" else [0, 1, 3, 5, 10])
+    assert curve["per_task"][curve["steps"].index(step)] == pytest.approx(scores["per_task"], abs=1e-3)
+    assert "official" not in cell and (tmp_path / "cells" / table.cell_name(cell)).exists()
+    if method != "mann":
+        assert "agent.num_queries=1" in cell["command"]

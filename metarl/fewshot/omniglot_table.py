@@ -26,13 +26,18 @@ import numpy as np
 from metarl.bench.adapt import machine
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matchingnet")
-GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile")
+# The other meta-learning families (probabilistic MAML, MANN, learned optimizer): trained here
+# with --methods, 5-way 1-shot only, for experiments/results/families.md; not rows of omniglot.md.
+FAMILY_METHODS = ("probmaml", "mann", "learnedopt")
+ALL_METHODS = METHODS + FAMILY_METHODS
+GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile", "probmaml", "learnedopt")
 CELLS = ((5, 1), (5, 5), (20, 1), (20, 5))
 # MAML's 20-way settings (Finn et al. 2017, appendix A.1), shared by the methods that reuse them.
 MAML_20WAY = ("agent.inner_lr=0.1", "agent.adapt_steps=5", "agent.meta_batch_size=16")
 # Inner steps after which held-out accuracy is reported: MAML evaluates 5-way models after 3 steps
 # and 20-way models after 5 (appendix A.1, as recalled); Reptile after 50 (Nichol et al. 2018).
-REPORT_STEP = {"reptile": {5: 50, 20: 50}, "default": {5: 3, 20: 5}}
+# MANN is scored after reading the support set (its step 1); metric learners at their only step, 0.
+REPORT_STEP = {"reptile": {5: 50, 20: 50}, "mann": {5: 1, 20: 1}, "default": {5: 3, 20: 5}}
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
     "maml": (98.7, 99.9, 95.8, 98.9),
     "fomaml": (98.3, 99.2, 89.4, 97.9),
@@ -69,7 +74,7 @@ OFFICIAL_REFERENCE = (
 )
 
 
-def _cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
+def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
     """Each machine the cells were trained on (with the device they used), and how many."""
     out: dict[str, int] = {}
     for r in results:
@@ -82,7 +87,7 @@ def _cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
 def cell_overrides(method: str, ways: int, shots: int, seed: int, iterations: int) -> list[str]:
     """``--set`` overrides of one training run (ProtoNets: ``ways`` is only the 5-way test)."""
     out = [f"run.seed={seed}", f"run.num_iterations={iterations}", f"agent.num_shots={shots}"]
-    if method in ("maml", "fomaml", "metasgd", "anil"):
+    if method in ("maml", "fomaml", "metasgd", "anil", "probmaml", "learnedopt"):
         out.append(f"agent.num_queries={shots}")
     if method == "reptile":
         out.append(f"agent.num_queries={10 - shots}")
@@ -103,7 +108,16 @@ def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
     """(training ways, shots, test ways) of each model a method trains."""
     if method == "protonet":
         return [(5, 1, (5, 20)), (5, 5, (5, 20))]
+    if method in FAMILY_METHODS:
+        return [(5, 1, (5,))]
     return [(w, k, (w,)) for w, k in CELLS]
+
+
+def report_step(method: str, ways: int) -> int:
+    """The adaptation step whose held-out accuracy a cell reports."""
+    if method in GRADIENT or method in REPORT_STEP:
+        return REPORT_STEP.get(method, REPORT_STEP["default"])[ways]
+    return 0
 
 
 def _accuracy(document: dict[str, Any], step: int) -> list[float]:
@@ -186,8 +200,19 @@ def run_cell(
         rng = np.random.default_rng(experiment.eval_cfg.seed)
         torch.manual_seed(experiment.eval_cfg.seed)
         evaluation = experiment.agent.evaluate(experiment.distribution.test_tasks(num_ways=n), rng)
-        step = REPORT_STEP.get(method, REPORT_STEP["default"])[n] if method in GRADIENT else 0
-        result["accuracy"][str(n)] = {"step": step, "per_task": _accuracy(evaluation, step)}
+        step = report_step(method, n)
+        result["accuracy"][str(n)] = {
+            "step": step,
+            "per_task": _accuracy(evaluation, step),
+            # every evaluated step, [step][task] (%), for curves such as families.md's
+            "curve": {
+                "steps": list(evaluation["adaptation_steps"]),
+                "per_task": [
+                    [round(a, 4) for a in _accuracy(evaluation, k)]
+                    for k in evaluation["adaptation_steps"]
+                ],
+            },
+        }
     if shots == 1 and (ways == 20 or method == "protonet"):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
@@ -286,13 +311,14 @@ def _fmt(cell: dict[str, float]) -> str:
     )
 
 
-def _seed_command(commands: list[str], seeds: list[int]) -> str:
+def seed_command(commands: list[str], seeds: list[int]) -> str:
     return commands[0].replace(
         f"run.seed={seeds[0]}", "run.seed={" + ",".join(map(str, seeds)) + "}"
     )
 
 
 def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    results = [r for r in results if r["method"] in METHODS]  # the families' cells: families.md
     rows, official = _rows(results)
     document = {
         "benchmark": "Omniglot few-shot classification, minimal background sets",
@@ -303,7 +329,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "rows": rows,
         "official_runs": official,
         "official_runs_reference": OFFICIAL_REFERENCE,
-        "cell_machines": _cell_machines(results),
+        "cell_machines": cell_machines(results),
     }
     Path(args.out).with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
@@ -329,7 +355,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         lines.append(
             f"| {row['method']} | {row['ways']}-way {row['shots']}-shot | {len(row['seeds'])} | "
             f"{row['iterations']} | {row['step']} | {_fmt(row['accuracy'])} | {pub} | "
-            f"`{_seed_command(row['commands'], row['seeds'])}` |"
+            f"`{seed_command(row['commands'], row['seeds'])}` |"
         )
     lines += [
         "",
@@ -341,7 +367,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     for row in official:
         lines.append(
             f"| {row['method']} | {row['model']} | {_fmt(row['error'])} | {row['protocol']} | "
-            f"`{_seed_command(row['commands'], row['seeds'])}` |"
+            f"`{seed_command(row['commands'], row['seeds'])}` |"
         )
     lines += [
         "",
@@ -377,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=ALL_METHODS,
+        help=f"learners to train (default: the table's); {', '.join(FAMILY_METHODS)} train "
+        "5-way 1-shot cells for families.md",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -408,10 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     per_method = dict(item.split("=", 1) for item in args.method_iterations)
-    unknown = sorted(set(per_method) - set(METHODS))
+    unknown = sorted(set(per_method) - set(ALL_METHODS))
     if unknown:
         parser.error(
-            f"--method-iterations names unknown methods {unknown}; choose from {list(METHODS)}"
+            f"--method-iterations names unknown methods {unknown}; choose from {list(ALL_METHODS)}"
         )
     args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
         sys.argv[1:] if argv is None else argv
