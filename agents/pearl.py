@@ -207,7 +207,7 @@ class PEARL:
         self.distribution = distribution
         self.device = torch.device(cfg.device)
         obs_dim, act_dim, latent = (
-            int(np.prod(distribution.observation_space.shape)),
+            int(np.prod(distribution.observation_space.shape or ())),
             int(np.prod(space.shape)),
             cfg.latent_dim,
         )
@@ -411,9 +411,9 @@ class PEARL:
         for names, objective in objectives.items():
             meta_pg.check_finite(f"PEARL {'+'.join(names)} loss", objective.detach(), _NAN_HINT)
             params = [v for n in names for v in self.nets[n].values()]
-            flat = torch.autograd.grad(objective, params, allow_unused=True)
+            raw = torch.autograd.grad(objective, params, allow_unused=True)
             flat = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, flat, strict=True)
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)
             ]
             for n in names:
                 grads[n], flat = flat[: len(self.nets[n])], flat[len(self.nets[n]) :]

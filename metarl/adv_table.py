@@ -50,7 +50,7 @@ def _expert_returns(path: Path, label: str) -> Any:
     """The demonstrations' own returns pooled over the cell's runs (``demo_return`` in eval.json)."""
     import numpy as np
 
-    pooled = []
+    pooled: list[float] = []
     for run in sorted(path.glob(f"{label}-s*")):
         file = run / "eval.json"
         if file.exists():
@@ -208,8 +208,8 @@ def write(
         "command": command,
         "imitation": imitation,
         "generator": generator,
-        "generator_goal": goal_checks(generator),
     }
+    document["generator_goal"] = goal_checks(generator)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     lines = [
@@ -272,7 +272,7 @@ def write(
                 f"| {r.get('benchmark', '–')} | {r['sweep']} ({r['cell']}) | {r.get('role', '–')} | "
                 f"{r['num_seeds']} | {r.get('iterations', '–')} | {' | '.join(cells)} | `{r['command']}` |"
             )
-        checks = document["generator_goal"]
+        checks = goal_checks(generator)
         if checks:
             lines += [
                 "",

@@ -170,6 +170,7 @@ def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[s
         scores = [c["accuracy"][str(ways)] for c in group]
         step = scores[0]["step"]
         curves = [a.get("curve") for a in scores]
+        per_step: list[list[float]]
         if all(curves) and len({tuple(c["steps"]) for c in curves}) == 1:
             steps = list(curves[0]["steps"])
             per_step = [sum((c["per_task"][j] for c in curves), []) for j in range(len(steps))]
