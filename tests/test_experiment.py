@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
+from resume_helpers import kill_after_checkpoint
 
 from metarl.cli import main
 from metarl.evaluation import iqm, mean_ci95
@@ -70,12 +68,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "metarl.cli", *small_run(killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.3)  # let it run past the checkpoint, so the resume has lines to drop
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, killed)
     logged = (killed / "metrics.jsonl").read_text().splitlines()
     assert 0 < len(logged) < 60, "the run must be killed midway for this test to mean anything"
     metarl("run", "--resume", str(killed), "--no-progress")

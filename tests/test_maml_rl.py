@@ -7,16 +7,14 @@ import contextlib
 import io
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from resume_helpers import kill_after_checkpoint
 
 import envs
 from agents.maml_ppo import MAMLPPO, MAMLPPOConfig
@@ -349,12 +347,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, config):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.2)  # run past the checkpoint, so the resume has lines to drop
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, killed)
     logged = (killed / "metrics.jsonl").read_text().splitlines()
     assert 0 < len(logged) < 40, "the run must be killed midway for this test to mean anything"
     metarl("run", "--resume", str(killed), "--no-progress")
