@@ -440,3 +440,24 @@ def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
         ("generator-nav2d", "G without D", True), ("plain", "plain MAML (no generated tasks)", False)]
     text = (tmp_path / "t.md").read_text()
     assert "| old box | `metarl sweep experiments" in text  # rows from two machines name theirs
+
+
+def test_imitation_goal_check_against_the_best_bc_baseline_by_hand():
+    from metarl.adv_table import imitation_checks
+
+    def row(learner, iqm):
+        return {"sweep": "push", "cell": "base", "metric": "success", "learner": learner,
+                "steps": [0, 1, 5] if isinstance(iqm, list) else ["–"], "stats": {"iqm": iqm}}
+
+    rows = [row("meta-adversarial (meta G + meta D)", [0.1, 0.3, 0.45]),
+            row("GAIL from scratch (fresh G + fresh D)", [0.0, 0.0, 0.9]),  # adversarial: not a baseline
+            row("BC from scratch", 0.2), row("multi-task BC fine-tuned", 0.36), row("MAML-BC", 0.3)]
+    (check,) = imitation_checks(rows)
+    # best non-adversarial baseline: multi-task BC at 0.36; 0.45 - 0.36 = 0.09 < 0.10: not met
+    assert check["best_baseline"] == "multi-task BC fine-tuned" and check["steps"] == 5
+    assert check["delta"] == pytest.approx(0.09) and check["met"] is False
+    rows[0]["stats"]["iqm"][-1] = 0.47
+    assert imitation_checks(rows)[0]["met"] is True
+    for r in rows:
+        r["metric"] = "return"
+    assert imitation_checks(rows)[0]["met"] is None  # the goal is defined on success only
