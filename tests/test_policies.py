@@ -30,7 +30,7 @@ def _perturbed(params, seed, scale=0.3):
 def gaussian():
     policy = GaussianMLPPolicy(5, 3, hidden_sizes=(16, 8), activation="tanh", init_log_std=-0.5)
     params = _perturbed(policy.init_params(0), seed=1)
-    obs = torch.randn(7, 4, 5)
+    obs = torch.randn(7, 4, 5, generator=torch.Generator().manual_seed(11))
     return policy, params, obs
 
 
@@ -38,7 +38,7 @@ def gaussian():
 def categorical():
     policy = CategoricalMLPPolicy(5, 4, hidden_sizes=(16, 8), activation="relu")
     params = _perturbed(policy.init_params(0), seed=1, scale=1.0)
-    obs = torch.randn(7, 4, 5)
+    obs = torch.randn(7, 4, 5, generator=torch.Generator().manual_seed(12))
     return policy, params, obs
 
 
@@ -88,8 +88,19 @@ def test_categorical_matches_torch_categorical(categorical):
     torch.testing.assert_close(policy.log_prob(params, obs, actions), dist.log_prob(actions))
     torch.testing.assert_close(policy.entropy(params, obs), dist.entropy())
     params_q = _perturbed(params, seed=3, scale=0.3)
-    q = Categorical(logits=_forward_by_hand(params_q, obs, "relu"))
-    torch.testing.assert_close(policy.kl(params, params_q, obs), kl_divergence(dist, q))
+    logits_q = _forward_by_hand(params_q, obs, "relu")
+    # KL by its definition, Σ p (log p − log q), in log space: torch's kl_divergence returns inf
+    # where q's probability underflows to 0 in float32 although the KL is finite.
+    log_p, log_q = dist.logits.log_softmax(-1), logits_q.log_softmax(-1)
+    by_hand = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(policy.kl(params, params_q, obs), by_hand)
+    q = Categorical(logits=logits_q)
+    finite = kl_divergence(dist, q).isfinite()
+    torch.testing.assert_close(policy.kl(params, params_q, obs)[finite], kl_divergence(dist, q)[finite])
+    far = 30 * obs  # logit gaps past float32's range: torch says inf, the KL stays finite
+    assert not kl_divergence(Categorical(logits=_forward_by_hand(params, far, "relu")),
+                             Categorical(logits=_forward_by_hand(params_q, far, "relu"))).isfinite().all()
+    assert policy.kl(params, params_q, far).isfinite().all()
 
 
 def test_categorical_act_constant_noise_is_mode_and_gumbel_frequencies(categorical):
