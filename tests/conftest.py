@@ -16,10 +16,15 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _restore_rng_state():
-    """Tests may seed freely; the global RNGs are put back as they were afterwards."""
+    """Every test starts from the same seeded global RNGs, whatever ran before it (imports and
+    module fixtures draw too, so an unseeded draw would change with the selection of tests);
+    tests may seed freely, and the global RNGs are put back as they were afterwards."""
     py_state = random.getstate()
     np_state = np.random.get_state()
     torch_state = torch.get_rng_state()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     yield
     random.setstate(py_state)
     np.random.set_state(np_state)

@@ -23,6 +23,9 @@ from metarl.rollout.worker import Batch, EpisodeSpec, RolloutWorker
 logger = logging.getLogger(__name__)
 
 
+STARTUP_TIMEOUT_S = 300.0  # the longest the actors may take to start (before any timeout_s)
+
+
 @ray.remote(num_cpus=1, max_restarts=0)
 class RolloutActor:
     """A :class:`RolloutWorker` living in a Ray worker process."""
@@ -82,8 +85,27 @@ class RayBackend:
         self.on_failure = on_failure
         self.max_restarts = max_restarts
         self._policies: list[Any] = [None] * num_workers
-        self._actors: list[Any] = [self._spawn() for _ in range(num_workers)]
+        self._actors: list[Any] = [None] * num_workers
         self._closed = False
+        self._start_missing()
+
+    def _start_missing(self) -> None:
+        """Starts the actors that are not running (all at once) and blocks until they answer, so
+        that ``timeout_s`` measures sampling alone: an actor's start (a Python process importing
+        torch and the environments) can take tens of seconds on a loaded machine."""
+        new = [w for w, a in enumerate(self._actors) if a is None]
+        for w in new:
+            self._actors[w] = self._spawn()
+            self._policies[w] = None
+        startup_s = max(STARTUP_TIMEOUT_S, self.timeout_s)
+        try:
+            ray.get([self._actors[w].pid.remote() for w in new], timeout=startup_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            self.close()
+            raise RuntimeError(
+                f"Ray rollout actors {new} did not start within {startup_s:g} s; "
+                "check `ray status` for free CPUs, or use backend='process'"
+            ) from exc
 
     def _spawn(self) -> Any:
         return RolloutActor.remote(self.distribution, self.envs_per_worker)  # type: ignore[attr-defined]
@@ -102,8 +124,7 @@ class RayBackend:
         horizon: int,
     ) -> Any:
         if self._actors[w] is None:
-            self._actors[w] = self._spawn()
-            self._policies[w] = None
+            self._start_missing()
         if self._policies[w] is not policy:
             self._actors[w].set_policy.remote(policy)
             self._policies[w] = policy
@@ -148,6 +169,7 @@ class RayBackend:
         deadlines: dict[int, float] = {}
         results: dict[int, Batch] = {}
         try:
+            self._start_missing()  # actors killed by a failed call start again here
             for w, share in enumerate(shares):
                 refs[w] = self._submit(w, policy, param_sets, share, horizon)
                 deadlines[w] = time.monotonic() + self.timeout_s
