@@ -25,8 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from metarl.bench.adapt import machine
 from metarl.config import apply_overrides, load_toml
+from metarl.evaluation import bootstrap_difference_ci, cvar
 from metarl.sweep import fmt_iqm, grid_cells, kept_rows, label_of, load_sweep
 
 VARIANTS = {
@@ -49,8 +52,6 @@ BASELINES = {
 
 def _expert_returns(path: Path, label: str) -> Any:
     """The demonstrations' own returns pooled over the cell's runs (``demo_return`` in eval.json)."""
-    import numpy as np
-
     pooled: list[float] = []
     for run in sorted(path.glob(f"{label}-s*")):
         file = run / "eval.json"
@@ -161,6 +162,14 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
             stats = cell.get(key)
             if stats is not None:
                 row[key] = {k: stats[k][-1] for k in ("mean", "worst", "cvar10", "iqm", "lo", "hi")}
+                # last-step score of every held-out task × seed, for the goal check's intervals
+                files = [run / "eval.json" for run in runs]
+                if all(f.exists() for f in files):
+                    row[key]["values"] = [
+                        float(v)
+                        for f in files
+                        for v in np.asarray(json.loads(f.read_text())["per_task"][key])[:, -1]
+                    ]
         rows.append(row)
     return rows
 
@@ -210,6 +219,11 @@ def goal_checks(generator: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     continue
                 mine, base = r[key], plain[key]
                 delta = mine["mean"] - base["mean"]
+                both = "values" in mine and "values" in base
+                cvar_ci = (
+                    bootstrap_difference_ci(mine["values"], base["values"], cvar) if both else None
+                )
+                mean_ci = bootstrap_difference_ci(mine["values"], base["values"]) if both else None
                 within = delta >= -MEAN_TOLERANCE * abs(base["mean"])
                 above = mine["cvar10"] > base["cvar10"]
                 checks.append(
@@ -222,9 +236,13 @@ def goal_checks(generator: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "mean_delta_pct": 100 * delta / abs(base["mean"]) if base["mean"] else 0.0,
                         "cvar10": mine["cvar10"],
                         "cvar10_delta": mine["cvar10"] - base["cvar10"],
+                        "cvar10_delta_ci": cvar_ci,
+                        "mean_delta_ci": mean_ci,
                         "cvar_above": above,
                         "mean_within": within,
                         "met": above and within,
+                        # the CVaR gain's paired-bootstrap interval lies above 0
+                        "cvar_above_clearly": None if cvar_ci is None else cvar_ci[0] > 0,
                     }
                 )
     return checks
@@ -332,17 +350,30 @@ def write(
                 f"return at most {MEAN_TOLERANCE:.0%} below it. Δ is G + D minus plain MAML "
                 "(positive is better).",
                 "",
-                "| benchmark | tasks | mean (Δ, % of plain's magnitude) | CVaR 0.1 (Δ) | CVaR above plain | "
-                f"mean within {MEAN_TOLERANCE:.0%} | goal met |",
-                "|---|---|---|---|---|---|---|",
+                "| benchmark | tasks | mean (Δ, % of plain's magnitude) | mean Δ 95% CI | CVaR 0.1 (Δ) | "
+                f"CVaR Δ 95% CI | CVaR above plain | mean within {MEAN_TOLERANCE:.0%} | goal met | "
+                "CVaR gain clear of noise |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
+
+            def interval(ci: Any) -> str:
+                return "–" if ci is None else f"[{ci[0]:+.3g}, {ci[1]:+.3g}]"
+
             for c in checks:
+                clear = c.get("cvar_above_clearly")
                 lines.append(
                     f"| {c['benchmark']} | {c['tasks']} | {c['mean']:.3g} ({c['mean_delta']:+.3g}, "
-                    f"{c['mean_delta_pct']:+.1f}%) | {c['cvar10']:.3g} ({c['cvar10_delta']:+.3g}) | "
+                    f"{c['mean_delta_pct']:+.1f}%) | {interval(c.get('mean_delta_ci'))} | "
+                    f"{c['cvar10']:.3g} ({c['cvar10_delta']:+.3g}) | {interval(c.get('cvar10_delta_ci'))} | "
                     f"{'yes' if c['cvar_above'] else 'no'} | {'yes' if c['mean_within'] else 'no'} | "
-                    f"**{'yes' if c['met'] else 'no'}** |"
+                    f"**{'yes' if c['met'] else 'no'}** | {'–' if clear is None else ('yes' if clear else 'no')} |"
                 )
+            lines += [
+                "",
+                "The intervals are paired bootstraps over held-out tasks × seeds (the same tasks for "
+                "every row of a benchmark); \"clear of noise\" means the CVaR gain's interval lies "
+                "above 0. Rows kept from before the table stored per-task scores have no interval.",
+            ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -57,6 +57,26 @@ def bootstrap_ci(
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def bootstrap_difference_ci(
+    a: np.ndarray, b: np.ndarray, statistic=np.mean, num_samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of ``statistic(a) − statistic(b)``.
+
+    Paired (one index drawn for both) when ``a`` and ``b`` have the same length, as scores of two
+    learners on the same held-out tasks × seeds do; otherwise each is resampled on its own.
+    """
+    x, y = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if x.size < 2 or y.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(num_samples)
+    for i in range(num_samples):
+        ix = rng.integers(0, x.size, x.size)
+        iy = ix if x.size == y.size else rng.integers(0, y.size, y.size)
+        diffs[i] = statistic(x[ix]) - statistic(y[iy])
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
 def cvar(values: np.ndarray, alpha: float = 0.1) -> float:
     """Conditional value at risk: the mean of the lowest ``ceil(alpha · n)`` finite scores."""
     finite = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])

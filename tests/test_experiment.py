@@ -144,3 +144,16 @@ def test_mean_ci95_and_iqm_by_hand():
     assert iqm(np.array([100.0, 1, 2, 3, 4, 5, 6, -100])) == pytest.approx(3.5)
     # 6 scores: ranks 1.5..4.5 -> half of the 2nd, 3rd, 4th, half of the 5th (sorted 1..6).
     assert iqm(np.arange(1.0, 7.0)) == pytest.approx((0.5 * 2 + 3 + 4 + 0.5 * 5) / 3)
+
+
+def test_bootstrap_difference_interval_paired_and_unpaired():
+    from metarl.evaluation import bootstrap_difference_ci, cvar
+
+    a = np.arange(20.0)
+    # paired, b = a - 5 on every task: every resample differs by exactly 5
+    assert bootstrap_difference_ci(a, a - 5.0) == pytest.approx((5.0, 5.0))
+    assert bootstrap_difference_ci(a, a - 5.0, cvar) == pytest.approx((5.0, 5.0))
+    # unpaired (other lengths): the interval has width and covers the true difference of means
+    lo, hi = bootstrap_difference_ci(a, np.arange(10.0))
+    assert lo < 19 / 2 - 9 / 2 < hi and hi - lo > 1.0
+    assert all(np.isnan(bootstrap_difference_ci(a[:1], a)))

@@ -376,7 +376,7 @@ def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
     assert header.count("|") == generator_row.count("|")
 
 
-def _generator_sweep(root, name, role_toml, held, shifted):
+def _generator_sweep(root, name, role_toml, held, shifted, per_task=None):
     run = root / name / "base-s0"
     run.mkdir(parents=True)
     run.joinpath("config.toml").write_text(
@@ -389,6 +389,9 @@ def _generator_sweep(root, name, role_toml, held, shifted):
 
     cell = {"num_seeds": 5, "adaptation_steps": [0, 3], "return": curve(*held),
             "return_shifted": curve(*shifted)}
+    if per_task is not None:  # [task] last-step returns; step 0 is ignored by the goal check
+        run.joinpath("eval.json").write_text(json.dumps({"per_task": {
+            k: [[0.0, v] for v in per_task] for k in ("return", "return_shifted")}}))
     (root / name / "sweep.json").write_text(json.dumps(
         {"title": name, "cells": {"base": cell}, "sweep_command": f"metarl sweep {name}"}))
     return root / name
@@ -413,8 +416,18 @@ def test_generator_goal_check_against_plain_maml_by_hand(tmp_path):
     # shifted: mean -160 vs -150 is 6.7% below: CVaR above but the goal is missed
     shifted = checks["shifted"]
     assert shifted["cvar_above"] and not shifted["mean_within"] and not shifted["met"]
-    assert "| halfcheetah-vel-mass | held-out | -104 (-4, -4.0%) | -190 (+10) | yes | yes | **yes** |" in (
+    assert "| halfcheetah-vel-mass | held-out | -104 (-4, -4.0%) | – | -190 (+10) | – | yes | yes | **yes** | – |" in (
         tmp_path / "t.md").read_text()
+    # with per-task scores, paired intervals: G + D = plain + 3 on every task -> both intervals [3, 3]
+    scores = [-300.0, -120.0, -80.0, -60.0, -40.0, -20.0, -10.0, -5.0, -2.0, -1.0]
+    plain = _generator_sweep(tmp_path / "b", "plain", "generated_fraction = 0.0", (-100.0, -200.0),
+                             (-150.0, -300.0), per_task=scores)
+    ours = _generator_sweep(tmp_path / "b", "ours", 'plausibility = "discriminator"', (-104.0, -190.0),
+                            (-160.0, -280.0), per_task=[v + 3.0 for v in scores])
+    adv_table(["--generator", str(plain), str(ours), "--out", str(tmp_path / "u")])
+    held = next(c for c in json.loads((tmp_path / "u.json").read_text())["generator_goal"] if c["tasks"] == "held-out")
+    assert held["cvar10_delta_ci"] == pytest.approx([3.0, 3.0]) and held["mean_delta_ci"] == pytest.approx([3.0, 3.0])
+    assert held["cvar_above_clearly"] is True
 
 
 def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
