@@ -191,8 +191,9 @@ def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[s
                 "benchmark": f"Omniglot {ways}-way {shots}-shot (minimal background)",
                 "learner": learner,
                 "family": family,
-                "sweep": f"omniglot-cells/{method}-{ways}w{shots}s",
-                "cell": f"i{group[0]['iterations']}",
+                # keyed without the budget, so a table rebuilt with --keep replaces the row
+                "sweep": f"omniglot-cells/{method}",
+                "cell": f"{ways}w{shots}s",
                 "num_seeds": len(group),
                 "iterations": group[0]["iterations"],
                 "adaptation_steps": steps,
