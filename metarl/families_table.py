@@ -238,6 +238,11 @@ def plot_benchmarks(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             for i, r in enumerate(r for r in group if metric in r["metrics"]):
                 stats = r["metrics"][metric]
                 x = [s * (r["episodes_per_step"] or 1) for s in r["adaptation_steps"]]
+                if len(x) == 1:  # one score (a metric learner, or a cell with its reported step only)
+                    low, high = stats["iqm"][0] - stats["lo"][0], stats["hi"][0] - stats["iqm"][0]
+                    ax.errorbar(x, stats["iqm"], yerr=[[low], [high]], fmt="o", capsize=4,
+                                color=f"C{i}", label=r["learner"])
+                    continue
                 ax.plot(x, stats["iqm"], marker="o", color=f"C{i}", label=r["learner"])
                 ax.fill_between(x, stats["lo"], stats["hi"], color=f"C{i}", alpha=0.2)
             ax.set_xlabel("episodes of task experience" if episodes else "adaptation steps")
