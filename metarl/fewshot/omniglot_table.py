@@ -145,7 +145,7 @@ def run_cell(
     """Trains (or resumes) one model, then scores it on held-out episodes and the official runs.
 
     The result is also written to ``cells_dir`` (committed with the table), so that a table can
-    be assembled from cells trained in several sessions or on several machines.
+    be assembled from cells trained at different times or on several machines.
     """
     import torch
 
@@ -156,7 +156,7 @@ def run_cell(
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
     run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
     done = run_dir / "table.json"
-    if cells_dir is not None:  # trained in an earlier session or on another machine
+    if cells_dir is not None:  # trained earlier or on another machine
         name = cell_name(
             {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
         )
