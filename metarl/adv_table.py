@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from metarl.bench.adapt import machine
-from metarl.config import apply_overrides, load_toml
+from metarl.config import load_toml
 from metarl.evaluation import bootstrap_difference_ci, cvar
-from metarl.sweep import fmt_iqm, grid_cells, kept_rows, label_of, load_sweep
+from metarl.sweep import command_config, fmt_iqm, kept_rows, load_sweep, several_machines
 
 VARIANTS = {
     "": "meta-adversarial (meta G + meta D)",
@@ -117,18 +116,6 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def command_config(command: str, cell: str) -> dict[str, Any]:
-    """The run config that a ``metarl sweep CONFIG --set ... --grid ...`` command gave grid cell
-    ``cell``: how rows kept from an earlier table (whose run directories are gone) recover it."""
-    tokens = shlex.split(command)
-    sets = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--set"]
-    grids = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--grid"]
-    cells = {label_of(c): c for c in grid_cells(grids)}
-    if cell not in cells:
-        raise ValueError(f"cell {cell!r} is not one of the grid cells of {command!r}: {sorted(cells)}")
-    return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
-
-
 def generator_role(agent: dict[str, Any]) -> str:
     """What a task-generator run stands for in the comparison, from its ``[agent]`` table."""
     if float(agent.get("generated_fraction", 0.5)) == 0.0:
@@ -149,6 +136,12 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
         if not runs:
             raise FileNotFoundError(f"{path} has no run directories {label}-s*")
         config = load_toml(runs[0] / "config.toml")
+        files = [run / "eval.json" for run in runs]
+        per_task = (
+            [json.loads(f.read_text())["per_task"] for f in files]
+            if all(f.exists() for f in files)
+            else None
+        )
         row = {
             "sweep": path.name,
             "cell": label,
@@ -162,13 +155,9 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
             stats = cell.get(key)
             if stats is not None:
                 row[key] = {k: stats[k][-1] for k in ("mean", "worst", "cvar10", "iqm", "lo", "hi")}
-                # last-step score of every held-out task × seed, for the goal check's intervals
-                files = [run / "eval.json" for run in runs]
-                if all(f.exists() for f in files):
+                if per_task is not None:  # last-step score of every task × seed, for the intervals
                     row[key]["values"] = [
-                        float(v)
-                        for f in files
-                        for v in np.asarray(json.loads(f.read_text())["per_task"][key])[:, -1]
+                        float(v) for run in per_task for v in np.asarray(run[key])[:, -1]
                     ]
         rows.append(row)
     return rows
@@ -253,13 +242,13 @@ def write(
 ) -> None:
     document = {
         "benchmark": "meta-adversarial agents",
-        "machine": machine(),
+        "machine": (here := machine()),
         "command": command,
         "imitation": imitation,
         "generator": generator,
     }
-    document["generator_goal"] = goal_checks(generator)
-    document["imitation_goal"] = imitation_checks(imitation)
+    generator_goal, imitation_goal = goal_checks(generator), imitation_checks(imitation)
+    document["generator_goal"], document["imitation_goal"] = generator_goal, imitation_goal
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     lines = [
@@ -270,7 +259,7 @@ def write(
         "",
     ]
     if imitation:
-        per_row_machine = len(dict.fromkeys(r.get("machine", document["machine"]) for r in imitation)) > 1
+        per_row_machine = several_machines(imitation, here)
         lines += [
             "## Few-shot imitation (no environment reward during adaptation)",
             "",
@@ -285,7 +274,7 @@ def write(
                 f"| {r['sweep']} ({r['cell']}) | {r['learner']} | {r['num_seeds']} | {r['metric']} | "
                 f"{', '.join(map(str, r['steps']))} | {' → '.join(r['values'])} | {where}`{r['command']}` |"
             )
-        if document["imitation_goal"]:
+        if imitation_goal:
             lines += [
                 "",
                 "### Goal check: meta-adversarial imitation against the best non-adversarial baseline",
@@ -297,7 +286,7 @@ def write(
                 "| sweep | metric | meta-adversarial (step) | best baseline | Δ | goal met |",
                 "|---|---|---|---|---|---|",
             ]
-            for c in document["imitation_goal"]:
+            for c in imitation_goal:
                 met = "–" if c["met"] is None else f"**{'yes' if c['met'] else 'no'}**"
                 lines.append(
                     f"| {c['sweep']} ({c['cell']}) | {c['metric']} | {c['value']:.3g} ({c['steps']}) | "
@@ -305,7 +294,7 @@ def write(
                 )
         lines.append("")
     if generator:
-        per_row_machine = len(dict.fromkeys(r.get("machine", document["machine"]) for r in generator)) > 1
+        per_row_machine = several_machines(generator, here)
         lines += [
             "## Adversarial task generator: post-adaptation return (last step)",
             "",
@@ -340,7 +329,7 @@ def write(
                 f"| {r.get('benchmark', '–')} | {r['sweep']} ({r['cell']}) | {r.get('role', '–')} | "
                 f"{r['num_seeds']} | {r.get('iterations', '–')} | {' | '.join(cells)} | `{r['command']}` |"
             )
-        checks = goal_checks(generator)
+        checks = generator_goal
         if checks:
             lines += [
                 "",

@@ -36,7 +36,7 @@ import numpy as np
 
 from metarl.bench.adapt import machine
 from metarl.config import load_toml
-from metarl.sweep import fmt_iqm, kept_rows, load_sweep
+from metarl.sweep import aggregate, fmt_iqm, kept_rows, load_sweep, several_machines
 
 # agent import path (and few-shot method) -> (learner, family)
 LEARNERS: dict[str, tuple[str, str]] = {
@@ -148,7 +148,6 @@ OMNIGLOT_LEARNERS = ("maml", "metasgd", "probmaml", "mann", "learnedopt", "proto
 def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[str, Any]]:
     """Rows of the families' learners from trained Omniglot cells (``omniglot_table``), pooled
     over held-out episodes × seeds. Cells that kept only their reported step give "after" alone."""
-    from metarl.evaluation import bootstrap_ci, iqm
     from metarl.fewshot.omniglot_table import cell_machines, load_cells, merge_cells, seed_command
 
     cells = merge_cells(load_cells(cells_dir))
@@ -170,18 +169,16 @@ def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[s
         scores = [c["accuracy"][str(ways)] for c in group]
         step = scores[0]["step"]
         curves = [a.get("curve") for a in scores]
-        per_step: list[list[float]]
         if all(curves) and len({tuple(c["steps"]) for c in curves}) == 1:
             steps = list(curves[0]["steps"])
-            per_step = [sum((c["per_task"][j] for c in curves), []) for j in range(len(steps))]
+            matrices = [np.asarray(c["per_task"], dtype=float).T for c in curves]  # [task, step]
         else:  # cells that kept only the reported step
-            steps, per_step = [step], [sum((a["per_task"] for a in scores), [])]
-        stats: dict[str, list[float]] = {"iqm": [], "lo": [], "hi": [], "mean": []}
-        for values in per_step:
-            x = np.asarray(values, dtype=float) / 100.0
-            lo, hi = bootstrap_ci(x)
-            for key, value in zip(("iqm", "lo", "hi", "mean"), (iqm(x), lo, hi, float(x.mean())), strict=True):
-                stats[key].append(float(value))
+            steps, matrices = [step], [np.asarray(a["per_task"], dtype=float)[:, None] for a in scores]
+        # pooled over tasks × seeds as a sweep pools its runs (accuracy as a fraction)
+        pooled = aggregate(
+            [{"summary": {"adaptation_steps": steps}, "per_task": {"accuracy": m / 100.0}} for m in matrices]
+        )["accuracy"]
+        stats = {k: pooled[k] for k in ("iqm", "lo", "hi", "mean")}
         if step in steps:  # "after" is the step the Omniglot table reports
             last = steps.index(step) + 1
             steps, stats = steps[:last], {k: v[:last] for k, v in stats.items()}
@@ -263,7 +260,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
     plots = plot_benchmarks(rows, out)
     document = {
         "benchmark": "meta-learning families",
-        "machine": machine(),
+        "machine": (here := machine()),
         "command": command,
         "note": note,
         "ml10_published_test_success": ML10_PUBLISHED,
@@ -289,8 +286,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
     ]
     if note:
         lines += ["", note]
-    machines = dict.fromkeys(r.get("machine", document["machine"]) for r in rows)
-    per_row_machine = len(machines) > 1
+    per_row_machine = several_machines(rows, here)
     if per_row_machine:
         lines += ["", "Rows ran on more than one machine; the machine column names each row's."]
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ def kept_rows(
     ]
 
 
+def several_machines(rows: list[dict[str, Any]], default: str) -> bool:
+    """Whether a table's rows ran on more than one machine (then each row names its own)."""
+    return len({r.get("machine", default) for r in rows}) > 1
+
+
 def fmt_iqm(stats: dict[str, Any] | None, j: int) -> str:
     """``IQM [lo, hi]`` of adaptation step ``j`` of a pooled metric (``–`` when absent)."""
     if stats is None:
@@ -80,6 +86,20 @@ def label_of(cell: list[str]) -> str:
     if not cell:
         return "base"
     return "_".join(o.split(".", 1)[-1].replace("=", "-") for o in cell)
+
+
+def command_config(command: str, cell: str) -> dict[str, Any]:
+    """The run config that a ``metarl sweep CONFIG --set ... --grid ...`` command gave grid cell
+    ``cell``: how rows kept from an earlier table (whose run directories are gone) recover it."""
+    from metarl.config import apply_overrides, load_toml
+
+    tokens = shlex.split(command)
+    sets = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--set"]
+    grids = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--grid"]
+    cells = {label_of(c): c for c in grid_cells(grids)}
+    if cell not in cells:
+        raise ValueError(f"cell {cell!r} is not one of the grid cells of {command!r}: {sorted(cells)}")
+    return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
 
 
 def run_one(config: str, overrides: list[str], run_dir: str, baselines: dict[str, Any] | None) -> dict[str, Any]:
