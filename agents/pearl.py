@@ -218,7 +218,7 @@ class PEARL:
             [2 * obs_dim + act_dim + 1, *cfg.encoder_hidden_sizes, 2 * latent], "relu"
         )
         self.critic = FunctionalMLP([obs_dim + act_dim + latent, *cfg.hidden_sizes, 1], "relu")
-        self.nets: dict[str, Params] = {
+        initial: dict[str, Params] = {
             "policy": self.policy.init_params(seed),
             "q": {
                 k: torch.stack([init_mlp(self.critic.sizes, seed + i, 1.0)[k] for i in (1, 2)])
@@ -228,9 +228,9 @@ class PEARL:
             "alpha": {"log_alpha": torch.tensor(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0)},
         }
         # Initialised on the CPU (the same draws on every device), then moved.
-        self.nets = {
+        self.nets: dict[str, Params] = {
             name: {k: v.to(self.device).requires_grad_() for k, v in params.items()}
-            for name, params in self.nets.items()
+            for name, params in initial.items()
         }
         self.q_target = {k: v.detach().clone() for k, v in self.nets["q"].items()}
         lrs = {

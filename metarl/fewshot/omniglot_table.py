@@ -115,9 +115,9 @@ def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
 
 def report_step(method: str, ways: int) -> int:
     """The adaptation step whose held-out accuracy a cell reports."""
-    if method in GRADIENT or method in REPORT_STEP:
-        return REPORT_STEP.get(method, REPORT_STEP["default"])[ways]
-    return 0
+    if method in REPORT_STEP:
+        return REPORT_STEP[method][ways]
+    return REPORT_STEP["default"][ways] if method in GRADIENT else 0
 
 
 def _accuracy(document: dict[str, Any], step: int) -> list[float]:

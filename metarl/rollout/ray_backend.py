@@ -94,6 +94,8 @@ class RayBackend:
         that ``timeout_s`` measures sampling alone: an actor's start (a Python process importing
         torch and the environments) can take tens of seconds on a loaded machine."""
         new = [w for w, a in enumerate(self._actors) if a is None]
+        if not new:
+            return
         for w in new:
             self._actors[w] = self._spawn()
             self._policies[w] = None
