@@ -215,10 +215,12 @@ class MetaWorld(TaskDistribution):
             _TASK_DATA.setdefault((self.name, self.env_name, self.seed), self._data)
 
     def _tasks(self, split: str, env_names: list[str]) -> list[Task]:
+        # Goal-major order, round robin over task types: any prefix (``eval.num_tasks``) covers
+        # the types evenly instead of holding the goals of the first type alone.
         return [
             Task.make(self.name, env_name=n, goal_index=i, split=split, seed=self.seed)
-            for n in env_names
             for i in range(NUM_GOALS)
+            for n in env_names
         ]
 
     def train_tasks(self) -> list[Task]:

@@ -72,7 +72,9 @@ def test_task_json_round_trip(name):
 
 def test_metaworld_task_json_round_trip_without_building():
     dist = envs.make("ml10")
-    task = dist.test_tasks()[7]
+    (task,) = [
+        t for t in dist.test_tasks() if t["env_name"] == "drawer-open-v3" and t["goal_index"] == 7
+    ]
     assert Task.from_json(task.to_json()) == task
     assert task.to_dict()["params"] == {
         "env_name": "drawer-open-v3",
@@ -80,6 +82,19 @@ def test_metaworld_task_json_round_trip_without_building():
         "seed": 0,
         "split": "test",
     }
+
+
+@pytest.mark.parametrize("name", ["ml10", "ml45"])
+def test_metaworld_task_prefixes_cover_every_type(name):
+    # eval.num_tasks keeps a prefix of test_tasks(): a prefix as long as the type list must hold
+    # every type once, and the whole list every (type, goal) pair once.
+    dist = envs.make(name)
+    for tasks, names in ((dist.test_tasks(), dist.test_names), (dist.train_tasks(), dist.train_names)):
+        k = len(names)
+        assert sorted(t["env_name"] for t in tasks[:k]) == sorted(names)
+        assert sorted(t["env_name"] for t in tasks[k : 2 * k]) == sorted(names)
+        pairs = {(t["env_name"], t["goal_index"]) for t in tasks}
+        assert len(pairs) == len(tasks) == 50 * k
 
 
 @pytest.mark.parametrize("name", envs.names())
