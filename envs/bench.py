@@ -58,8 +58,8 @@ def _measure_one(name: str, seconds: float, seed: int) -> dict[str, Any]:
     return {
         "name": name,
         "steps_per_s": round(num_steps / stepping, 1),
-        "obs_dim": int(np.prod(env.observation_space.shape)),
-        "act_dim": int(getattr(env.action_space, "n", 0) or np.prod(env.action_space.shape)),
+        "obs_dim": int(np.prod(env.observation_space.shape or ())),
+        "act_dim": int(getattr(env.action_space, "n", 0) or np.prod(env.action_space.shape or ())),
         "horizon": dist.horizon,
         "num_steps": num_steps,
         "build_s": round(build_s, 2),

@@ -70,6 +70,7 @@ def _build_task_data(
     if key not in _TASK_DATA:
         import metaworld
 
+        bench: Any
         if benchmark == "ml1":
             bench = metaworld.ML1(env_name, seed=seed)
         else:
@@ -148,8 +149,9 @@ class MetaWorldEnv(gym.Env):
     def _learner_obs(self, obs: np.ndarray) -> np.ndarray:
         obs = np.array(obs, dtype=np.float64)
         obs[-3:] = 0.0
+        space: Any = self.observation_space
         return np.clip(
-            obs.astype(np.float32), self.observation_space.low, self.observation_space.high
+            obs.astype(np.float32), space.low, space.high
         )
 
     def reset(
@@ -319,7 +321,8 @@ def expert_policy(task: Task) -> Callable[[np.ndarray], np.ndarray]:
     from metaworld.policies import ENV_POLICY_MAP
 
     goal = _true_goal(task)
-    policy = ENV_POLICY_MAP[task["env_name"]]()
+    policy_cls: Any = ENV_POLICY_MAP[task["env_name"]]
+    policy = policy_cls()
 
     def act(obs: np.ndarray) -> np.ndarray:
         batch = np.array(obs, dtype=np.float64, ndmin=2)

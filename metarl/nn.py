@@ -85,8 +85,9 @@ class FunctionalModel:
         torch.manual_seed(seed)
         try:
             for m in self.module.modules():
-                if hasattr(m, "reset_parameters") and m is not self.module:
-                    m.reset_parameters()
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset) and m is not self.module:
+                    reset()
         finally:
             torch.random.set_rng_state(gen_state)
         return {k: v.detach().clone() for k, v in self.module.named_parameters()}

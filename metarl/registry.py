@@ -53,7 +53,7 @@ def make_distribution(name: str, **params: Any) -> Any:
         raise ConfigError(f"[tasks] bad parameter for {name!r}: {e}") from None
 
 
-def resolve_agent(path: str) -> type:
+def resolve_agent(path: str) -> type[Any]:
     """Imports ``"module:Class"``; the class must carry a ``Config`` dataclass."""
     if ":" not in path:
         raise ConfigError(f"agent must be an import path 'module:Class' (see `metarl list`), got {path!r}")
@@ -68,9 +68,9 @@ def resolve_agent(path: str) -> type:
     return cls
 
 
-def discover_agents() -> dict[str, type]:
+def discover_agents() -> dict[str, type[Any]]:
     """Every class with a ``Config`` in the ``agents`` package and in :mod:`metarl.fewshot`."""
-    found: dict[str, type] = {}
+    found: dict[str, type[Any]] = {}
     for package_name in ("metarl.fewshot", "agents"):
         try:
             package = importlib.import_module(package_name)

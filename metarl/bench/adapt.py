@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def _problem(name: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     if name == "conv4":
         tasks, ways, shots, queries = 32, 5, 1, 15
-        module = Conv4(num_classes=ways)
+        module: torch.nn.Module = Conv4(num_classes=ways)
         xs = torch.rand(tasks, ways * shots, 1, 28, 28, generator=g)
         xq = torch.rand(tasks, ways * queries, 1, 28, 28, generator=g)
         ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
@@ -86,7 +86,7 @@ def _problem(name: str) -> dict[str, Any]:
             "loss": F.mse_loss}
 
 
-def metarl_step(p: dict[str, Any], batch: str) -> Callable[[], None]:
+def metarl_step(p: dict[str, Any], batch: Literal["vmap", "loop"]) -> Callable[[], None]:
     module, loss = p["module"], p["loss"]
     params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
 

@@ -76,7 +76,7 @@ def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out:
             cells = [r for r in results if r["method"] == method and r["shots"] == shots]
             if not cells:
                 continue
-            row = {"method": method, "shots": shots, "seeds": sorted(r["seed"] for r in cells),
+            row: dict[str, Any] = {"method": method, "shots": shots, "seeds": sorted(r["seed"] for r in cells),
                    "command": _command(method, shots, 0, iterations).replace("run.seed=0", "run.seed={" + ",".join(
                        str(r["seed"]) for r in sorted(cells, key=lambda r: r["seed"])) + "}")}
             for s in STEPS:
@@ -102,14 +102,14 @@ def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = []
+        texts = []
         for s in STEPS:
             c = row[f"mse_{s}"]
             if c["num_nonfinite"] or not c["mean"] < 1e3:
-                cells.append(f"diverged (mean {c['mean']:.1e}, {c['num_nonfinite']} non-finite)")
+                texts.append(f"diverged (mean {c['mean']:.1e}, {c['num_nonfinite']} non-finite)")
             else:
-                cells.append(f"{c['mean']:.3f} ± {c['ci95']:.3f}")
-        lines.append(f"| {row['method']} | {row['shots']} | {len(row['seeds'])} | " + " | ".join(cells)
+                texts.append(f"{c['mean']:.3f} ± {c['ci95']:.3f}")
+        lines.append(f"| {row['method']} | {row['shots']} | {len(row['seeds'])} | " + " | ".join(texts)
                      + f" | `{row['command']}` |")
     lines += [
         "",

@@ -193,7 +193,7 @@ def bench_sampler(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="halfcheetah-vel")
     parser.add_argument("--backend", default="process", choices=["serial", "process", "ray"])
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         with_baseline=not args.no_baseline,
     )
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
