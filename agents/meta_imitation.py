@@ -23,6 +23,12 @@ Evaluation on a held-out task with ``K`` demonstrations repeats steps 1–3 ``ev
 times, reporting the environment's return and success after each; the environment's reward
 is read for scoring only.
 
+A GAIL + BC hybrid (both off by default): ``bc_init_steps`` starts G from multi-task behaviour
+cloning on training-task demonstrations (the ``bc_multitask`` baseline's pretraining), and
+``adapt_bc_steps`` begins every adaptation with a behaviour-cloning fit to the task's ``K``
+demonstrations, so the adversarial steps refine that fit. A BC-fitted policy has a narrow
+action distribution, so its policy-gradient steps want a much smaller ``inner_lr``.
+
 Demonstrations: the analytic expert of ``navigation-2d`` and Meta-World's scripted experts
 (:mod:`metarl.demos`).
 """
@@ -40,7 +46,7 @@ from torch.func import vmap
 
 from agents.maml_ppo import clipped_objective
 from envs.base import Task, TaskDistribution
-from metarl import demos, discriminator, meta_pg
+from metarl import demos, discriminator, imitation_baselines, meta_pg
 from metarl.adaptation import Params, adapt
 from metarl.baselines import make_baseline
 from metarl.config import require_at_least
@@ -126,6 +132,14 @@ class MetaImitationConfig:
     """MAML-BC meta-iterations on the training tasks' demonstrations."""
     num_pretrain_tasks: int = 50
     """Training tasks whose demonstrations train the multi-task BC and MAML-BC baselines."""
+    bc_init_steps: int = 0
+    """Adam steps (at ``bc_lr``) of multi-task behaviour cloning on the demonstrations of
+    ``num_pretrain_tasks`` training tasks that initialise G before meta-training (the pretraining
+    of the ``bc_multitask`` baseline); 0 keeps PyTorch's initialisation."""
+    adapt_bc_steps: int = 0
+    """Adam steps (at ``bc_lr``) of behaviour cloning on the task's ``K`` demonstrations that begin
+    every adaptation, before the first adversarial step (a GAIL + BC hybrid); 0: adversarial steps
+    only. Needs ``first_order``."""
 
     def __post_init__(self) -> None:
         meta_pg.check_common_config(self)
@@ -145,6 +159,14 @@ class MetaImitationConfig:
         for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr", "bc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("bc_init_steps", "adapt_bc_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.adapt_bc_steps and not self.first_order:
+            raise ValueError(
+                "adapt_bc_steps > 0 needs first_order = true: the second-order outer update "
+                "differentiates through the policy-gradient steps alone"
+            )
         if self.gradient_penalty < 0:
             raise ValueError(f"gradient_penalty must be >= 0, got {self.gradient_penalty}")
         if not 0.0 < self.clip_range < 1.0:
@@ -192,6 +214,7 @@ class MetaImitation:
         self.sampler = meta_pg.make_agent_sampler(config, distribution, seed)
         self.horizon = self.sampler.horizon
         self.num_demo_calls = 0
+        self.bc_initialised = False
 
     # ------------------------------------------------------------------ data
 
@@ -269,17 +292,62 @@ class MetaImitation:
         adapted = meta_pg.inner_step(self.inner, detached, batch, shared)
         return {k: v.detach() for k, v in adapted.items()}, disc_i, batch
 
+    def bc_start(self, theta: Params, demo: Trajectories) -> tuple[Params, bool]:
+        """Where adaptation starts: per-task ``[N, *P]`` fits of ``theta`` to each task's demos
+        ``[N, K, ...]`` (``adapt_bc_steps`` Adam steps), or ``theta`` itself shared (with none)."""
+        cfg = self.config
+        theta = {k: v.detach() for k, v in theta.items()}
+        if not cfg.adapt_bc_steps:
+            return theta, True
+        data = imitation_baselines.demo_data(demo)
+        fits = [
+            imitation_baselines.fit(
+                self.policy, theta, tuple(x[i] for x in data), cfg.adapt_bc_steps, cfg.bc_lr  # type: ignore[arg-type]
+            )
+            for i in range(demo.obs.shape[0])
+        ]
+        return {k: torch.stack([f[k] for f in fits]) for k in theta}, False
+
+    def _bc_initialise(self) -> None:
+        """θ <- multi-task behaviour cloning on the training tasks' demonstrations (once)."""
+        cfg = self.config
+        train = list(self.distribution.train_tasks())[: cfg.num_pretrain_tasks]
+        if not train:
+            train = self.distribution.sample(cfg.num_pretrain_tasks, np.random.default_rng(self.seed))
+        both = imitation_baselines.demo_data(
+            demos.record(
+                self.distribution,
+                train,
+                cfg.num_demos + cfg.num_query_demos,
+                self.horizon,
+                self.seed * 1_000_003 + 7,
+            )
+        )
+        fitted = imitation_baselines.fit(
+            self.policy,
+            self.params,
+            imitation_baselines.pooled(both),
+            cfg.bc_init_steps,
+            cfg.bc_lr,
+        )
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(fitted[k])
+        self.bc_initialised = True
+
     # ------------------------------------------------------------------ training
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration; returns ``train/*`` and ``time/*`` metrics."""
         cfg, start = self.config, time.perf_counter()
+        if cfg.bc_init_steps and not self.bc_initialised:
+            self._bc_initialise()
         sampling = 0.0
         demo = self.demonstrations(tasks, cfg.num_demos + cfg.num_query_demos)
         support = self.disc_data(_episodes(demo, 0, cfg.num_demos))
         query = self.disc_data(_episodes(demo, cfg.num_demos, None))
-        current: Params = {k: v.detach() for k, v in self.params.items()}
-        shared, pre_batches, sampled = True, [], []
+        current, shared = self.bc_start(self.params, _episodes(demo, 0, cfg.num_demos))
+        pre_batches, sampled = [], []
         for _ in range(cfg.adapt_steps):
             clock = time.perf_counter()
             traj = self.sampler.sample(
@@ -380,20 +448,36 @@ class MetaImitation:
     # ------------------------------------------------------------------ evaluation
 
     def _curve(
-        self, sampler: Any, tasks: list[Task], support: DiscData, theta: Params, phi: Params
+        self,
+        sampler: Any,
+        tasks: list[Task],
+        demo: Trajectories,
+        theta: Params,
+        phi: Params,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Environment return and success ``[N, S + 1]`` along ``eval_adapt_steps`` adaptation steps."""
+        """Environment return and success ``[N, S + 1]`` along ``eval_adapt_steps`` adaptation
+        steps (with ``adapt_bc_steps``, step 1 is the BC fit to ``demo`` and one adversarial step)."""
         cfg, baseline = self.config, copy.deepcopy(self.baseline)
+        support = self.disc_data(demo)
         current: Params = {k: v.detach() for k, v in theta.items()}
         shared, returns, successes = True, [], []
-        for step in range(cfg.eval_adapt_steps + 1):
+
+        def sample() -> Trajectories:
             params = current if shared else meta_pg.unstack(current)
-            traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+            return sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+
+        traj = sample()
+        returns.append(traj.episode_returns().mean(1).numpy())
+        successes.append(traj.success.mean(1).numpy())
+        if cfg.adapt_bc_steps and cfg.eval_adapt_steps:
+            current, shared = self.bc_start(theta, demo)
+            traj = sample()
+        for _ in range(cfg.eval_adapt_steps):
+            current, _, _ = self._adapt_once(current, shared, traj, support, baseline, phi)
+            shared = False
+            traj = sample()
             returns.append(traj.episode_returns().mean(1).numpy())
             successes.append(traj.success.mean(1).numpy())
-            if step < cfg.eval_adapt_steps:
-                current, _, _ = self._adapt_once(current, shared, traj, support, baseline, phi)
-                shared = False
         return np.stack(returns, axis=1).astype(np.float64), np.stack(successes, axis=1)
 
     def _bc_scores(
@@ -452,7 +536,6 @@ class MetaImitation:
         demo = demos.record(
             self.distribution, tasks, cfg.num_demos, self.horizon, meta_pg.eval_seed(rng)
         )
-        support = self.disc_data(demo)
         sampler = meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng))
         fresh_theta = self.policy.init_params(self.seed + 2)
         fresh_phi = self.disc.init_params(self.seed + 3)
@@ -466,7 +549,7 @@ class MetaImitation:
         result: dict[str, Any] = {"adaptation_steps": list(range(cfg.eval_adapt_steps + 1))}
         with sampler:
             for suffix, (theta, phi) in curves.items():
-                returns, success = self._curve(sampler, tasks, support, theta, phi)
+                returns, success = self._curve(sampler, tasks, demo, theta, phi)
                 result[f"return{suffix}"] = returns
                 result[f"success{suffix}"] = None if np.isnan(success).all() else success
             if cfg.eval_bc_baselines:
@@ -492,6 +575,7 @@ class MetaImitation:
             "sampler": self.sampler.state_dict(),
             "baseline": self.baseline.state_dict(),
             "num_demo_calls": self.num_demo_calls,
+            "bc_initialised": self.bc_initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -505,6 +589,7 @@ class MetaImitation:
         self.sampler.load_state_dict(state["sampler"])
         self.baseline.load_state_dict(state["baseline"])
         self.num_demo_calls = int(state["num_demo_calls"])
+        self.bc_initialised = bool(state.get("bc_initialised", False))
 
     def close(self) -> None:
         """Stops the rollout workers."""

@@ -59,6 +59,17 @@ def _expert_returns(path: Path, label: str) -> Any:
     return np.asarray(pooled, dtype=float) if pooled else None
 
 
+def bc_hybrid(agent: dict[str, Any]) -> str:
+    """How an imitation run's ``[agent]`` table adds behaviour cloning to the adversarial learner
+    (empty for the pure meta-adversarial one)."""
+    parts = []
+    if int(agent.get("bc_init_steps", 0)):
+        parts.append(f"G initialised by multi-task BC ({agent['bc_init_steps']} steps)")
+    if int(agent.get("adapt_bc_steps", 0)):
+        parts.append(f"BC fit to the demos ({agent['adapt_bc_steps']} steps) before the adversarial steps")
+    return "; ".join(parts)
+
+
 def imitation_rows(path: Path) -> list[dict[str, Any]]:
     """One row per learner and grid cell of an imitation sweep."""
     from metarl.evaluation import bootstrap_ci, iqm
@@ -66,12 +77,15 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
     document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
         metric = "success" if "success" in cell else "return"
+        command = document.get("sweep_command") or document["commands"][label]
+        runs = sorted(path.glob(f"{label}-s*/config.toml"))
+        hybrid = bc_hybrid(load_toml(runs[0]).get("agent", {}) if runs else {})
         base = {
-            "sweep": document["title"],
+            "sweep": path.name,
             "cell": label,
             "metric": metric,
             "num_seeds": cell["num_seeds"],
-            "command": document.get("sweep_command") or document["commands"][label],
+            "command": command,
         }
         steps = cell["adaptation_steps"]
         picks = sorted({0, min(1, len(steps) - 1), len(steps) - 1})
@@ -81,7 +95,8 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         **base,
-                        "learner": name,
+                        "learner": f"{name} + BC: {hybrid}" if hybrid else name,
+                        "ours": suffix == "",
                         "steps": [steps[j] for j in picks],
                         "values": [fmt_iqm(stats, j) for j in picks],
                         "stats": {
@@ -170,7 +185,9 @@ def imitation_checks(imitation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for key in dict.fromkeys((r["sweep"], r["cell"]) for r in imitation):
         group = [r for r in imitation if (r["sweep"], r["cell"]) == key]
-        ours = next((r for r in group if r["learner"] == VARIANTS[""]), None)
+        ours = next(
+            (r for r in group if r.get("ours", r["learner"] == VARIANTS[""])), None
+        )
         baselines = [r for r in group if r["learner"] in BASELINES.values()]
         if ours is None or not baselines:
             continue
