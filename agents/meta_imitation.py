@@ -308,20 +308,25 @@ class MetaImitation:
         ]
         return {k: torch.stack([f[k] for f in fits]) for k in theta}, False
 
+    def training_demos(self, rng: np.random.Generator, seed: int | None = None) -> Trajectories:
+        """``K + K_query`` expert episodes of each of ``num_pretrain_tasks`` training tasks (the
+        split's own, else drawn with ``rng``), reset from ``seed`` (else one drawn from ``rng``
+        after the tasks): what the BC baselines and ``bc_init_steps`` fit."""
+        cfg = self.config
+        train = self.distribution.train_tasks() or self.distribution.sample(
+            cfg.num_pretrain_tasks, rng
+        )
+        train = list(train)[: cfg.num_pretrain_tasks]
+        seed = meta_pg.eval_seed(rng) if seed is None else seed
+        return demos.record(
+            self.distribution, train, cfg.num_demos + cfg.num_query_demos, self.horizon, seed
+        )
+
     def _bc_initialise(self) -> None:
         """θ <- multi-task behaviour cloning on the training tasks' demonstrations (once)."""
         cfg = self.config
-        train = list(self.distribution.train_tasks())[: cfg.num_pretrain_tasks]
-        if not train:
-            train = self.distribution.sample(cfg.num_pretrain_tasks, np.random.default_rng(self.seed))
         both = imitation_baselines.demo_data(
-            demos.record(
-                self.distribution,
-                train,
-                cfg.num_demos + cfg.num_query_demos,
-                self.horizon,
-                self.seed * 1_000_003 + 7,
-            )
+            self.training_demos(np.random.default_rng(self.seed), self.seed * 1_000_003 + 7)
         )
         fitted = imitation_baselines.fit(
             self.policy,
@@ -484,20 +489,8 @@ class MetaImitation:
         self, sampler: Any, tasks: list[Task], demo: Trajectories, rng: np.random.Generator
     ) -> dict[str, dict[str, np.ndarray]]:
         """Return and success ``[N]`` of the behaviour-cloning baselines on the same demos."""
-        from metarl import imitation_baselines
-
         cfg = self.config
-        train = self.distribution.train_tasks() or self.distribution.sample(
-            cfg.num_pretrain_tasks, rng
-        )
-        train = list(train)[: cfg.num_pretrain_tasks]
-        train_demos = demos.record(
-            self.distribution,
-            train,
-            cfg.num_demos + cfg.num_query_demos,
-            self.horizon,
-            meta_pg.eval_seed(rng),
-        )
+        train_demos = self.training_demos(rng)
         settings = {
             "bc_steps": cfg.bc_steps,
             "bc_lr": cfg.bc_lr,
