@@ -467,22 +467,22 @@ class MetaImitation:
         current: Params = {k: v.detach() for k, v in theta.items()}
         shared, returns, successes = True, [], []
 
-        def sample() -> Trajectories:
+        def sample(scored: bool = True) -> Trajectories:
             params = current if shared else meta_pg.unstack(current)
-            return sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+            traj = sampler.sample(self.policy, params, tasks, cfg.eval_episodes_per_task)
+            if scored:
+                returns.append(traj.episode_returns().mean(1).numpy())
+                successes.append(traj.success.mean(1).numpy())
+            return traj
 
         traj = sample()
-        returns.append(traj.episode_returns().mean(1).numpy())
-        successes.append(traj.success.mean(1).numpy())
         if cfg.adapt_bc_steps and cfg.eval_adapt_steps:
             current, shared = self.bc_start(theta, demo)
-            traj = sample()
+            traj = sample(scored=False)  # the adversarial step's on-policy data; not a curve point
         for _ in range(cfg.eval_adapt_steps):
             current, _, _ = self._adapt_once(current, shared, traj, support, baseline, phi)
             shared = False
             traj = sample()
-            returns.append(traj.episode_returns().mean(1).numpy())
-            successes.append(traj.success.mean(1).numpy())
         return np.stack(returns, axis=1).astype(np.float64), np.stack(successes, axis=1)
 
     def _bc_scores(

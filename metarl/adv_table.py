@@ -59,6 +59,12 @@ def _expert_returns(path: Path, label: str) -> Any:
     return np.asarray(pooled, dtype=float) if pooled else None
 
 
+def _run_config(path: Path, label: str) -> dict[str, Any] | None:
+    """The resolved ``config.toml`` of the cell's first run, or None without run directories."""
+    runs = sorted(path.glob(f"{label}-s*/config.toml"))
+    return load_toml(runs[0]) if runs else None
+
+
 def bc_hybrid(agent: dict[str, Any]) -> str:
     """How an imitation run's ``[agent]`` table adds behaviour cloning to the adversarial learner
     (empty for the pure meta-adversarial one)."""
@@ -78,8 +84,7 @@ def imitation_rows(path: Path) -> list[dict[str, Any]]:
     for label, cell in document["cells"].items():
         metric = "success" if "success" in cell else "return"
         command = document.get("sweep_command") or document["commands"][label]
-        runs = sorted(path.glob(f"{label}-s*/config.toml"))
-        hybrid = bc_hybrid(load_toml(runs[0]).get("agent", {}) if runs else {})
+        hybrid = bc_hybrid((_run_config(path, label) or {}).get("agent", {}))
         base = {
             "sweep": path.name,
             "cell": label,
@@ -147,11 +152,10 @@ def generator_rows(path: Path) -> list[dict[str, Any]]:
     """One row per grid cell of a generator sweep: tail statistics on held-out and shifted tasks."""
     document, rows = load_sweep(path), []
     for label, cell in document["cells"].items():
-        runs = sorted(path.glob(f"{label}-s*"))
-        if not runs:
+        config = _run_config(path, label)
+        if config is None:
             raise FileNotFoundError(f"{path} has no run directories {label}-s*")
-        config = load_toml(runs[0] / "config.toml")
-        files = [run / "eval.json" for run in runs]
+        files = [run / "eval.json" for run in sorted(path.glob(f"{label}-s*"))]
         per_task = (
             [json.loads(f.read_text())["per_task"] for f in files]
             if all(f.exists() for f in files)
