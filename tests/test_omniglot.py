@@ -417,6 +417,57 @@ def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_pa
     same = table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
                           ["agent.device=cuda"], str(cells))
     assert same == saved and not trained
+    # the same experiment on another device is the same cell: a GPU seed counts for a CPU sweep
+    on_cpu = table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"), [], str(cells))
+    assert on_cpu == saved and not trained
     with pytest.raises(RuntimeError, match="would train"):  # another command: not reused
-        table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"), [], str(cells))
+        table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
+                       ["agent.outer_lr=0.01"], str(cells))
     assert len(trained) == 1
+
+
+def test_seed_command_names_the_device_of_each_seed():
+    from metarl.fewshot.omniglot_table import seed_command
+
+    base = "metarl run experiments/omniglot_maml.toml --set run.seed={}"
+    gpu = base + " --set agent.device=cuda --set run.checkpoint_every=100"
+    cpu = base + " --set run.checkpoint_every=100"
+    same = seed_command([gpu.format(0), gpu.format(1)], [0, 1])
+    assert same == gpu.replace("{}", "{0,1}")
+    mixed = seed_command([gpu.format(0), cpu.format(1), cpu.format(2)], [0, 1, 2])
+    assert mixed == (cpu.replace("{}", "{0,1,2}")
+                     + "  # seed 0 with --set agent.device=cuda; seeds 1,2 with no agent.device (CPU)")
+
+
+def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch):
+    from metarl.fewshot import omniglot_table as table
+
+    submitted = []
+
+    class Pool:  # records the jobs instead of training them
+        def __init__(self, workers):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *job):
+            submitted.append(job[:5])
+            return Untrained()
+
+    class Untrained:
+        @staticmethod
+        def result():
+            raise RuntimeError("not trained")
+
+    monkeypatch.setattr(table, "ProcessPoolExecutor", Pool)
+    code = table.main(["--methods", "protonet", "maml", "--settings", "5w1s", "--seeds", "2",
+                       "--cells", str(tmp_path / "none"), "--out", str(tmp_path / "t")])
+    assert code == 2  # every cell "failed": nothing was trained
+    assert submitted == [("protonet", 5, 1, (5, 20), 0), ("maml", 5, 1, (5,), 0),
+                         ("protonet", 5, 1, (5, 20), 1), ("maml", 5, 1, (5,), 1)]
+    with pytest.raises(SystemExit, match="2"):  # argparse error
+        table.main(["--settings", "five-way", "--out", str(tmp_path / "t")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -104,6 +105,13 @@ def _command(method: str, overrides: list[str]) -> str:
     )
 
 
+def device_free(command: str) -> str:
+    """A cell's command without its ``agent.device`` override: the device changes where a run
+    computes, not what it computes, so a cell trained on a GPU and one trained on CPUs are seeds of
+    one experiment."""
+    return re.sub(r" --set agent\.device=\S+", "", command)
+
+
 def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
     """(training ways, shots, test ways) of each model a method trains."""
     if method == "protonet":
@@ -163,7 +171,7 @@ def run_cell(
         saved = Path(cells_dir) / name
         if saved.exists():
             cell: dict[str, Any] = json.loads(saved.read_text())
-            if cell["command"] == _command(method, overrides):
+            if device_free(cell["command"]) == device_free(_command(method, overrides)):
                 return cell
     if done.exists():
         previous: dict[str, Any] = json.loads(done.read_text())
@@ -312,9 +320,21 @@ def _fmt(cell: dict[str, float]) -> str:
 
 
 def seed_command(commands: list[str], seeds: list[int]) -> str:
-    return commands[0].replace(
-        f"run.seed={seeds[0]}", "run.seed={" + ",".join(map(str, seeds)) + "}"
+    """One command for a row's seeds (in braces). Where the seeds ran on different devices, the
+    command is given without the device and a trailing shell comment names the seeds run on each."""
+    braces = "run.seed={" + ",".join(map(str, seeds)) + "}"
+    devices = [re.findall(r"agent\.device=(\S+)", c) for c in commands]
+    if all(d == devices[0] for d in devices):
+        return commands[0].replace(f"run.seed={seeds[0]}", braces)
+    on: dict[str, list[int]] = {}
+    for seed, found in zip(seeds, devices, strict=True):
+        on.setdefault(found[0] if found else "cpu", []).append(seed)
+    where = "; ".join(
+        f"seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))} with "
+        + ("no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}")
+        for d, s in on.items()
     )
+    return device_free(commands[0]).replace(f"run.seed={seeds[0]}", braces) + f"  # {where}"
 
 
 def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -412,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         "5-way 1-shot cells for families.md",
     )
     parser.add_argument(
+        "--settings",
+        nargs="*",
+        metavar="NwKs",
+        help="train only these models, e.g. 5w1s (ProtoNets: the model trained with K shots); "
+        "default: all of a method's",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -449,6 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    settings = None
+    if args.settings:
+        parsed = [re.fullmatch(r"(\d+)w(\d+)s", x) for x in args.settings]
+        bad = [x for x, m in zip(args.settings, parsed, strict=True) if m is None]
+        if bad:
+            parser.error(f"--settings {bad}: write each as NwKs, e.g. 5w1s or 20w5s")
+        settings = {(int(m.group(1)), int(m.group(2))) for m in parsed if m is not None}
     if args.note_file and not Path(args.note_file).is_file():
         parser.error(f"--note-file {args.note_file}: no such file")
     committed = load_cells(args.cells)
@@ -475,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.seeds)
         for m in args.methods
         for w, k, tw in _trained_runs(m)
+        if settings is None or (w, k) in settings
     ]
+    if not jobs:
+        parser.error("no cell to train: --settings matches none of the chosen methods' models")
     results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
