@@ -79,8 +79,10 @@ def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
     """Each machine the cells were trained on (with the device they used), and how many."""
     out: dict[str, int] = {}
     for r in results:
-        device = "agent.device=cuda" if "agent.device=cuda" in r["command"] else "cpu"
-        key = f"{r.get('machine', 'unknown machine')}, {device}"
+        device = device_of(r["command"])
+        key = f"{r.get('machine', 'unknown machine')}, " + (
+            "cpu" if device == "cpu" else f"agent.device={device}"
+        )
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -105,11 +107,20 @@ def _command(method: str, overrides: list[str]) -> str:
     )
 
 
+_DEVICE = re.compile(r" --set agent\.device=(\S+)")
+
+
+def device_of(command: str) -> str:
+    """The ``agent.device`` a cell's command sets (``cpu`` when it sets none)."""
+    found = _DEVICE.search(command)
+    return found.group(1) if found else "cpu"
+
+
 def device_free(command: str) -> str:
     """A cell's command without its ``agent.device`` override: the device changes where a run
     computes, not what it computes, so a cell trained on a GPU and one trained on CPUs are seeds of
     one experiment."""
-    return re.sub(r" --set agent\.device=\S+", "", command)
+    return _DEVICE.sub("", command)
 
 
 def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -323,12 +334,12 @@ def seed_command(commands: list[str], seeds: list[int]) -> str:
     """One command for a row's seeds (in braces). Where the seeds ran on different devices, the
     command is given without the device and a trailing shell comment names the seeds run on each."""
     braces = "run.seed={" + ",".join(map(str, seeds)) + "}"
-    devices = [re.findall(r"agent\.device=(\S+)", c) for c in commands]
-    if all(d == devices[0] for d in devices):
+    devices = [device_of(c) for c in commands]
+    if len(set(devices)) == 1:
         return commands[0].replace(f"run.seed={seeds[0]}", braces)
     on: dict[str, list[int]] = {}
-    for seed, found in zip(seeds, devices, strict=True):
-        on.setdefault(found[0] if found else "cpu", []).append(seed)
+    for seed, device in zip(seeds, devices, strict=True):
+        on.setdefault(device, []).append(seed)
     where = "; ".join(
         f"seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))} with "
         + ("no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}")
