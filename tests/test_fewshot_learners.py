@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from metarl.fewshot.episodes import shift_images
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
 from metarl.fewshot.matchingnet import MatchingNetwork, cosine_attention, matching_logits
 from metarl.fewshot.omniglot import OfficialRun, load_official_runs
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution, official_runs_error
-from metarl.fewshot.protonet import MetricLearnerConfig, PrototypicalNetwork, prototype_logits
+from metarl.fewshot.protonet import (
+    MetricLearnerConfig,
+    PrototypicalNetwork,
+    prototype_logits,
+    shifted,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = 8  # conv4 filters in the learning tests
@@ -55,6 +61,30 @@ def test_matching_attention_is_softmax_of_cosine_similarities():
     )
 
 
+def test_matching_scale_multiplies_the_cosines_before_the_softmax():
+    support = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+    query = torch.tensor([[3.0, 0.0]])  # cosines 1 and 0
+    normaliser = math.log(math.exp(4.0) + 1.0)
+    logits = matching_logits(support, torch.tensor([0, 1]), query, 2, scale=4.0)
+    assert logits[0].tolist() == pytest.approx([4.0 - normaliser, -normaliser], abs=1e-6)
+
+
+def test_matching_network_learns_its_scale_and_keeps_it_in_checkpoints(omniglot):
+    config = MatchingNetwork.Config(num_queries=3, cosine_scale=10.0, learn_scale=True)
+    learner = MatchingNetwork(config, omniglot, 0)
+    assert learner.scale == pytest.approx(10.0)
+    metrics = learner.step(omniglot.sample(1, np.random.default_rng(0)))
+    assert metrics["train/cosine_scale"] != pytest.approx(10.0, abs=1e-7)
+    copy = MatchingNetwork(config, omniglot, 1)
+    copy.load_state_dict(learner.state_dict())
+    assert copy.scale == pytest.approx(learner.scale, abs=1e-9)
+    fixed = MatchingNetwork(MatchingNetwork.Config(num_queries=3, cosine_scale=2.0), omniglot, 0)
+    fixed.step(omniglot.sample(1, np.random.default_rng(0)))
+    assert fixed.scale == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="cosine_scale"):
+        MatchingNetwork.Config(cosine_scale=0.0)
+
+
 def test_tasks_fix_their_episodes_and_the_held_out_set(omniglot):
     tasks = omniglot.sample(3, np.random.default_rng(0))
     assert tasks == omniglot.sample(3, np.random.default_rng(0))
@@ -82,7 +112,7 @@ def test_gradient_learners_refuse_a_wider_training_episode(shared_data_dir):
 def _learner(name: str, distribution: OmniglotDistribution):
     if name in ("protonet", "matchingnet"):
         cls = PrototypicalNetwork if name == "protonet" else MatchingNetwork
-        return cls(MetricLearnerConfig(num_shots=1, num_queries=3, outer_lr=0.01), distribution, 0)
+        return cls(cls.Config(num_shots=1, num_queries=3, outer_lr=0.01), distribution, 0)
     reptile = name == "reptile"
     config = GradientLearnerConfig(
         method=name,
@@ -132,6 +162,48 @@ def test_protonet_nearest_prototype_is_exact_on_copied_training_images(shared_da
     ]
     result = official_runs_error(learner, runs)
     assert result["error_per_run"] == [0.0, 0.0, 0.0] and result["mean_error"] == 0.0
+
+
+@pytest.mark.parametrize("dy,dx", [(0, 0), (2, -1), (-3, 3)])
+def test_shifted_images_match_the_sampler_augmentation(dy, dx):
+    images = torch.rand(4, 1, 9, 7)
+    reference = shift_images(images[:, 0].numpy(), np.array([[dy, dx]] * 4))
+    assert torch.equal(shifted(images, dy, dx)[:, 0], torch.from_numpy(reference))
+
+
+def test_classify_with_shifts_averages_the_embeddings_of_every_shifted_view(shared_data_dir):
+    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
+    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
+    support, query = distribution.episodes(distribution.test_tasks()[:1], 1, 2)
+    images = torch.cat([support.x[0], query.x[0]])
+    params = {k: v.detach() for k, v in learner.params.items()}
+    with torch.no_grad():
+        views = [
+            learner.model(params, torch.from_numpy(
+                shift_images(images[:, 0].numpy(), np.array([[dy, dx]] * len(images)))
+            )[:, None])
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        ]
+    mean = torch.stack(views).mean(0)
+    by_hand = prototype_logits(mean[:5], support.y[0], mean[5:], 5).argmax(-1)
+    assert torch.equal(learner.classify(support.x[0], support.y[0], query.x[0], shift=1), by_hand)
+    plain = prototype_logits(views[4][:5], support.y[0], views[4][5:], 5).argmax(-1)
+    assert torch.equal(learner.classify(support.x[0], support.y[0], query.x[0]), plain)
+
+
+def test_official_runs_with_shifted_views_name_them_and_stay_exact_on_copies(shared_data_dir):
+    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
+    learner = PrototypicalNetwork(MetricLearnerConfig(official_run_shift=1), distribution, 0)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(1))
+    runs = [
+        OfficialRun(r.name, r.train_x, r.train_x[perm], perm)
+        for r in load_official_runs(shared_data_dir)[:2]
+    ]
+    result = official_runs_error(learner, runs)
+    assert result["mean_error"] == 0.0 and "9 shifts" in result["protocol"]
+    with pytest.raises(ValueError, match="official_run_shift"):
+        MetricLearnerConfig(official_run_shift=-1)
 
 
 @pytest.mark.parametrize("num_ways", [5, 20])

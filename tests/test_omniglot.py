@@ -471,3 +471,17 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
                          ("protonet", 5, 1, (5, 20), 1), ("maml", 5, 1, (5,), 1)]
     with pytest.raises(SystemExit, match="2"):  # argparse error
         table.main(["--settings", "five-way", "--out", str(tmp_path / "t")])
+
+
+def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets():
+    from metarl.config import load_toml
+    from metarl.fewshot import omniglot_table as table
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    assert table._trained_runs("protonet_aug") == [(5, 1, (5, 20))]
+    overrides = table.cell_overrides("protonet_aug", 20, 1, 2, 2000)
+    assert overrides == ["run.seed=2", "run.num_iterations=2000", "agent.num_shots=1"]
+    config = load_toml(experiments / "omniglot_protonet_aug.toml")
+    assert config["tasks"]["max_shift"] > 0 and config["agent"]["official_run_shift"] > 0
+    plain = load_toml(experiments / "omniglot_protonet.toml")
+    assert {k: v for k, v in config["tasks"].items() if k != "max_shift"} == plain["tasks"]

@@ -26,7 +26,11 @@ import numpy as np
 
 from metarl.bench.adapt import machine
 
-METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "matchingnet")
+METHODS = (
+    "maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "protonet_aug", "matchingnet"
+)
+# Metric learners that train wider than they test (60-way) and are tested at 5 and 20 ways.
+WIDE_METRIC = ("protonet", "protonet_aug")
 # The other meta-learning families (probabilistic MAML, MANN, learned optimizer): trained here
 # with --methods, 5-way 1-shot only, for experiments/results/families.md; not rows of omniglot.md.
 FAMILY_METHODS = ("probmaml", "mann", "learnedopt")
@@ -46,6 +50,7 @@ PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources 
     "anil": (None, None, 96.2, 98.0),
     "reptile": (95.39, 98.90, 88.14, 96.65),
     "protonet": (98.8, 99.7, 96.0, 98.9),
+    "protonet_aug": (98.8, 99.7, 96.0, 98.9),
     "matchingnet": (98.1, 98.9, 93.8, 98.5),
 }
 SOURCES = {
@@ -55,6 +60,7 @@ SOURCES = {
     "anil": "Raghu et al. 2020",
     "reptile": "Nichol et al. 2018",
     "protonet": "Snell et al. 2017, table 1",
+    "protonet_aug": "ProtoNets, Snell et al. 2017, table 1",
     "matchingnet": "Vinyals et al. 2016",
 }
 
@@ -94,7 +100,7 @@ def cell_overrides(method: str, ways: int, shots: int, seed: int, iterations: in
         out.append(f"agent.num_queries={shots}")
     if method == "reptile":
         out.append(f"agent.num_queries={10 - shots}")
-    if ways == 20 and method != "protonet":
+    if ways == 20 and method not in WIDE_METRIC:
         out.append("tasks.num_ways=20")
         if method in ("maml", "fomaml", "metasgd", "anil"):
             out.extend(MAML_20WAY)
@@ -127,6 +133,8 @@ def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
     """(training ways, shots, test ways) of each model a method trains."""
     if method == "protonet":
         return [(5, 1, (5, 20)), (5, 5, (5, 20))]
+    if method == "protonet_aug":  # the official runs' model: one shot
+        return [(5, 1, (5, 20))]
     if method in FAMILY_METHODS:
         return [(5, 1, (5,))]
     return [(w, k, (w,)) for w, k in CELLS]
@@ -232,7 +240,7 @@ def run_cell(
                 ],
             },
         }
-    if shots == 1 and (ways == 20 or method == "protonet"):
+    if shots == 1 and (ways == 20 or method in WIDE_METRIC):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
     result["machine"] = machine()

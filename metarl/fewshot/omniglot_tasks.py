@@ -296,7 +296,8 @@ def official_runs_error(
     """Error (%) of a trained learner on the 20 official 20-way one-shot runs (Lake et al. 2015).
 
     Metric learners (with ``classify``) use their own rule with the 20 training images as a 1-shot
-    support set (ProtoNets: nearest prototype). Gradient learners: a 20-way learner adapts on the
+    support set (ProtoNets: nearest prototype), averaging each image's embedding over shifted copies
+    where the learner's ``official_run_shift`` is > 0. Gradient learners: a 20-way learner adapts on the
     20 training images with its inner rule (``steps``, default its largest ``eval_adapt_steps``); a
     learner of another width keeps its encoder and fits a zero-initialised 20-way head alone for
     ``head_steps`` steps of size ``inner_lr``. Train and test images are embedded together, so
@@ -307,11 +308,17 @@ def official_runs_error(
     """
     runs = load_official_runs(data_dir) if runs is None else runs
     if hasattr(learner, "classify"):
+        shift = int(getattr(learner.config, "official_run_shift", 0))
 
         def classify_fn(train_x: torch.Tensor, test_x: torch.Tensor) -> torch.Tensor:
-            return learner.classify(train_x, torch.arange(len(train_x)), test_x)
+            return learner.classify(train_x, torch.arange(len(train_x)), test_x, shift=shift)
 
         protocol = f"{type(learner).__name__}: 1-shot support of the 20 training images"
+        if shift:
+            protocol += (
+                f", embeddings averaged over {(2 * shift + 1) ** 2} shifts of each image "
+                f"(up to {shift} px)"
+            )
     else:
         classify_fn, protocol = _gradient_classifier(learner, steps, head_steps)
     device = getattr(learner, "device", torch.device("cpu"))

@@ -69,18 +69,35 @@ class MetricLearnerConfig:
     """Multiply the step size by lr_decay every this many steps (0: constant)."""
     lr_decay: float = 0.5
     """Factor of each step-size decay (ProtoNets: halved every 2,000 episodes)."""
+    official_run_shift: int = 0
+    """Official one-shot runs only: a test-time average of each image's embedding over its copies
+    shifted by every offset in {-s..s}² pixels ((2s+1)² views; 0: the image alone)."""
     device: str = "cpu"
     """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
 
     def __post_init__(self) -> None:
         check_device(self.device)
         require_at_least(self, ("meta_batch_size", "num_shots", "num_queries", "num_eval_queries"))
+        if not 0 <= self.official_run_shift <= 4:
+            raise ValueError(
+                f"official_run_shift must be in 0..4 pixels (of 28), got {self.official_run_shift}"
+            )
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if self.lr_decay_every < 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(
                 f"lr_decay_every must be >= 0 and lr_decay in (0, 1], got {self.lr_decay_every}, {self.lr_decay}"
             )
+
+
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``images [B, C, H, W]`` moved ``dy`` rows down and ``dx`` columns right, zero-filled."""
+    height, width = images.shape[-2:]
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return images
+    padded = F.pad(images, (pad, pad, pad, pad))
+    return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
 class MetricLearner:
@@ -122,23 +139,40 @@ class MetricLearner:
         Support and query are embedded in one pass, so batch norm sees the whole episode.
         """
         embeddings = self.model(params, torch.cat([support_x, query_x]))
-        return type(self).score_fn(
+        return self.scores(
             embeddings[: len(support_x)], support_y, embeddings[len(support_x) :], num_ways
         )
 
-    def classify(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    def scores(
+        self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, num_ways: int
     ) -> torch.Tensor:
-        """Predicted labels ``[Q]`` of ``query_x`` given labelled ``support_x`` (classes ``0..max(y)``)."""
+        """Class logits ``[Q, N]`` from support embeddings ``[S, D]`` and query embeddings ``[Q, D]``."""
+        return type(self).score_fn(support, support_y, query, num_ways)
+
+    def classify(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        shift: int = 0,
+    ) -> torch.Tensor:
+        """Predicted labels ``[Q]`` of ``query_x`` given labelled ``support_x`` (classes ``0..max(y)``).
+
+        With ``shift`` > 0 each image's embedding is the mean over its copies shifted by every
+        offset in ``{-shift..shift}²``; each view of the episode is embedded in one pass.
+        """
         with torch.no_grad():
             params = {k: v.detach() for k, v in self.params.items()}
-            d = self.device
+            images = torch.cat([support_x, query_x]).to(self.device)
+            offsets = range(-shift, shift + 1)
+            embeddings = torch.stack(
+                [self.model(params, shifted(images, dy, dx)) for dy in offsets for dx in offsets]
+            ).mean(0)
             return (
-                self.logits(
-                    params,
-                    support_x.to(d),
-                    support_y.to(d),
-                    query_x.to(d),
+                self.scores(
+                    embeddings[: len(support_x)],
+                    support_y.to(self.device),
+                    embeddings[len(support_x) :],
                     int(support_y.max()) + 1,
                 )
                 .argmax(-1)
