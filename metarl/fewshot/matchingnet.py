@@ -93,7 +93,6 @@ class MatchingNetwork(MetricLearner):
     """Matching Networks without full-context embeddings: cosine attention over the support set."""
 
     Config = MatchingNetworkConfig
-    score_fn = staticmethod(matching_logits)
 
     def __init__(self, config: MatchingNetworkConfig, distribution: Any, seed: int):
         super().__init__(config, distribution, seed)

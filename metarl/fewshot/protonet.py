@@ -104,7 +104,8 @@ class MetricLearner:
     """Episodic training and evaluation of an encoder with a fixed scoring rule ``score_fn``.
 
     Subclasses set ``score_fn(support [S, D], support_y [S], query [Q, D], num_ways) -> [Q, N]``
-    class log-scores (logits). The distribution provides ``episodes`` and ``make_encoder``.
+    class log-scores (logits), or override :meth:`scores` (Matching Nets: a learned scale). The
+    distribution provides ``episodes`` and ``make_encoder``.
 
     Args:
         config: the learner's settings.
