@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from metarl.fewshot import omniglot
-from metarl.fewshot.episodes import EpisodeSampler, shift_images
+from metarl.fewshot.episodes import EpisodeSampler, affine_images, shift_images
 from metarl.fewshot.omniglot import (
     OmniglotDataError,
     OmniglotDataset,
@@ -304,6 +304,54 @@ def test_shift_moves_pixels_and_fills_background():
     assert shifted[1, 1, 3] == 1.0 and shifted[1].sum() == 1.0  # the corner pixel left the image
 
 
+def test_affine_turns_and_scales_about_the_centre_by_hand_arithmetic():
+    images = np.zeros((1, 5, 5), np.float32)
+    images[0, 2, 4] = 1.0  # two pixels right of the centre (2, 2)
+    one = np.ones(1)
+    assert np.array_equal(affine_images(images, np.zeros(1), one), images)
+    for k in (1, 2, 3):  # counter-clockwise as displayed, like np.rot90
+        turned = affine_images(images, np.array([90.0 * k]), one)
+        np.testing.assert_allclose(turned, np.rot90(images, k=k, axes=(1, 2)), atol=1e-6)
+    # 45 degrees: the dot moves to (-sqrt 2, +sqrt 2) from the centre; output pixel (-1, +1) reads
+    # the input at (0, sqrt 2), between columns 1 (ink 0) and 2 (ink 1): sqrt(2) - 1.
+    turned = affine_images(images, np.array([45.0]), one)
+    assert turned[0, 1, 3] == pytest.approx(np.sqrt(2) - 1, abs=1e-6)
+    assert turned[0, 2, 4] == 0.0
+    # Scaling by 2 about the centre: output (r, c) reads input (2 + (r-2)/2, 2 + (c-2)/2), so the
+    # dot at (2, 3) lands on (2, 4) with weight 1, and half-way reads give it 0.5 per axis.
+    images[0, 2, 3] = 1.0
+    images[0, 2, 4] = 0.0
+    grown = affine_images(images, np.zeros(1), np.array([2.0]))
+    expected = np.zeros((5, 5))
+    expected[1:4, 3:5] = np.outer([0.5, 1.0, 0.5], [0.5, 1.0])
+    np.testing.assert_allclose(grown[0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="scales"):
+        affine_images(images, np.zeros(1), np.zeros(1))
+
+
+def test_affine_augmentation_distorts_training_images_only(dataset, shared_data_dir):
+    from metarl.fewshot.omniglot_tasks import OmniglotDistribution
+
+    def sampler(**augment):
+        return omniglot_sampler(dataset, num_ways=5, num_queries=2, rotations=True, seed=4, **augment)
+
+    plain, affine = sampler(), sampler(max_rotation=10.0, max_scale=0.2)
+    a, b = plain.episode(3), affine.episode(3)
+    assert torch.equal(a.support_y, b.support_y) and not torch.equal(a.support_x, b.support_x)
+    # a small distortion of the same drawings: most pixels barely move
+    assert (a.support_x - b.support_x).abs().mean() < 0.2
+    assert torch.equal(affine.episode(3).query_x, b.query_x)  # a pure function of (seed, index)
+    with pytest.raises(ValueError, match="max_rotation"):
+        sampler(max_scale=1.5)
+    tasks = OmniglotDistribution(
+        data_dir=shared_data_dir, subset="minimal", max_shift=2, max_rotation=10.0, max_scale=0.2
+    )
+    train = tasks._sampler("train", 5, 1, 1)
+    assert (train.max_rotation, train.max_scale, train.max_shift) == (10.0, 0.2, 2)
+    test = tasks._sampler("test", 5, 1, 1)
+    assert (test.max_rotation, test.max_scale, test.max_shift) == (0.0, 0.0, 0)
+
+
 def test_sampler_rejects_impossible_settings(dataset):
     with pytest.raises(ValueError, match="num_ways=30"):
         omniglot_sampler(dataset, "val", num_ways=30)
@@ -485,3 +533,11 @@ def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets(
     assert config["tasks"]["max_shift"] > 0 and config["agent"]["official_run_shift"] > 0
     plain = load_toml(experiments / "omniglot_protonet.toml")
     assert {k: v for k, v in config["tasks"].items() if k != "max_shift"} == plain["tasks"]
+    # protonet_affine: protonet_aug plus random turns and scalings, the same single model
+    assert table._trained_runs("protonet_affine") == [(5, 1, (5, 20))]
+    affine = load_toml(experiments / "omniglot_protonet_affine.toml")
+    assert affine["tasks"]["max_rotation"] > 0 and affine["tasks"]["max_scale"] > 0
+    assert {k: v for k, v in affine["tasks"].items() if k not in ("max_rotation", "max_scale")} == (
+        config["tasks"]
+    )
+    assert affine["agent"] == config["agent"] and affine["run"] == config["run"]

@@ -82,6 +82,43 @@ def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return padded[index, rows[:, :, None], cols[:, None, :]]
 
 
+def affine_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Rotate and scale each image about its centre, bilinear, filling the outside with 0.
+
+    Output pixel ``p`` (centred coordinates) takes the input's value at ``R(-angle) p / scale``, so
+    content turns counter-clockwise as displayed by ``angles`` degrees (90 gives ``np.rot90``)
+    and grows by ``scales`` (2 doubles its size).
+
+    Args:
+        images: ``[M, H, W]``.
+        angles: ``[M]`` degrees, counter-clockwise.
+        scales: ``[M]`` positive factors.
+
+    Returns:
+        ``[M, H, W]`` float32 images.
+    """
+    num_images, height, width = images.shape
+    if np.any(np.asarray(scales) <= 0):
+        raise ValueError(f"scales must be > 0, got min {np.min(scales)}")
+    theta = np.deg2rad(np.asarray(angles, dtype=np.float64))[:, None, None]
+    scale = np.asarray(scales, dtype=np.float64)[:, None, None]
+    r = np.arange(height, dtype=np.float64)[None, :, None] - (height - 1) / 2
+    c = np.arange(width, dtype=np.float64)[None, None, :] - (width - 1) / 2
+    cos, sin = np.cos(theta), np.sin(theta)
+    src_r = (r * cos + c * sin) / scale + (height - 1) / 2
+    src_c = (c * cos - r * sin) / scale + (width - 1) / 2
+    r0, c0 = np.floor(src_r).astype(np.int64), np.floor(src_c).astype(np.int64)
+    dr, dc = src_r - r0, src_c - c0
+    index = np.arange(num_images)[:, None, None]
+    out = np.zeros((num_images, height, width), dtype=np.float64)
+    for ir, wr in ((r0, 1 - dr), (r0 + 1, dr)):
+        for ic, wc in ((c0, 1 - dc), (c0 + 1, dc)):
+            inside = (ir >= 0) & (ir < height) & (ic >= 0) & (ic < width)
+            value = images[index, np.clip(ir, 0, height - 1), np.clip(ic, 0, width - 1)]
+            out += np.where(inside, value * wr * wc, 0.0)
+    return out.astype(np.float32)
+
+
 class EpisodeSampler:
     """Draws N-way K-shot episodes from one split's characters.
 
@@ -98,6 +135,10 @@ class EpisodeSampler:
         rotations: whether each rotation of a character is its own class.
         max_shift: augmentation: each image is shifted by up to this many pixels
             along each axis (uniform integers); 0 turns it off.
+        max_rotation: augmentation: each image is turned by a uniform angle in
+            ``[-max_rotation, max_rotation]`` degrees (before the shift); 0 turns it off.
+        max_scale: augmentation: each image is scaled by a uniform factor in
+            ``[1 - max_scale, 1 + max_scale]`` (with the rotation); 0 turns it off.
         seed: episode ``i`` depends only on ``(seed, i)``.
     """
 
@@ -111,6 +152,8 @@ class EpisodeSampler:
         rotations: bool = False,
         max_shift: int = 0,
         seed: int = 0,
+        max_rotation: float = 0.0,
+        max_scale: float = 0.0,
     ) -> None:
         if images.ndim != 4:
             raise ValueError(
@@ -120,6 +163,7 @@ class EpisodeSampler:
         self.characters = np.asarray(characters, dtype=np.int64)
         self.num_ways, self.num_shots, self.num_queries = num_ways, num_shots, num_queries
         self.rotations, self.max_shift, self.seed = rotations, max_shift, seed
+        self.max_rotation, self.max_scale = float(max_rotation), float(max_scale)
         self.num_episodes_drawn = 0
         self._check_settings()
 
@@ -135,6 +179,11 @@ class EpisodeSampler:
                 f"num_ways={self.num_ways}, num_shots={self.num_shots}, num_queries={self.num_queries}, "
                 f"max_shift={self.max_shift}; expected num_ways >= 1, num_shots >= 1, "
                 "num_queries >= 0, max_shift >= 0."
+            )
+        if not (0 <= self.max_rotation <= 180 and 0 <= self.max_scale < 1):
+            raise ValueError(
+                f"max_rotation={self.max_rotation}, max_scale={self.max_scale}; expected "
+                "0 <= max_rotation <= 180 (degrees) and 0 <= max_scale < 1 (a fraction)."
             )
         bad = self.characters[(self.characters < 0) | (self.characters >= num_characters)]
         if bad.size:
@@ -176,10 +225,8 @@ class EpisodeSampler:
         x = self.images[characters[:, None], drawings]  # [N, K+Q, H, W]
         for k in range(1, NUM_ROTATIONS):
             x[turns == k] = np.rot90(x[turns == k], k=k, axes=(-2, -1))
-        if self.max_shift > 0:
-            flat = x.reshape(-1, *x.shape[2:])
-            shifts = rng.integers(-self.max_shift, self.max_shift + 1, size=(flat.shape[0], 2))
-            x = shift_images(flat, shifts).reshape(x.shape)
+        if self.max_shift > 0 or self.max_rotation > 0 or self.max_scale > 0:
+            x = self._augment(x.reshape(-1, *x.shape[2:]), rng).reshape(x.shape)
         batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(2)
         labels = torch.arange(self.num_ways)
         return Episode(
@@ -188,6 +235,17 @@ class EpisodeSampler:
             query_x=batch[:, self.num_shots :].reshape(-1, *batch.shape[2:]),
             query_y=labels.repeat_interleave(self.num_queries),
         )
+
+    def _augment(self, flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Random turn and scale (where set), then random whole-pixel shift, of ``[M, H, W]`` images."""
+        shifts = None
+        if self.max_shift > 0:  # drawn first: shift-only episodes are those of older versions
+            shifts = rng.integers(-self.max_shift, self.max_shift + 1, size=(flat.shape[0], 2))
+        if self.max_rotation > 0 or self.max_scale > 0:
+            angles = rng.uniform(-self.max_rotation, self.max_rotation, size=flat.shape[0])
+            scales = rng.uniform(1 - self.max_scale, 1 + self.max_scale, size=flat.shape[0])
+            flat = affine_images(flat, np.asarray(angles), np.asarray(scales))
+        return flat if shifts is None else shift_images(flat, shifts)
 
     def sample(self) -> Episode:
         """The next episode of this seed's sequence."""

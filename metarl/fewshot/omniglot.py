@@ -342,6 +342,8 @@ def omniglot_sampler(
     rotations: bool = False,
     max_shift: int = 0,
     seed: int = 0,
+    max_rotation: float = 0.0,
+    max_scale: float = 0.0,
 ) -> EpisodeSampler:
     """An :class:`EpisodeSampler` over one split of ``dataset`` (see :func:`split_characters`).
 
@@ -359,6 +361,8 @@ def omniglot_sampler(
         rotations=rotations,
         max_shift=max_shift,
         seed=seed,
+        max_rotation=max_rotation,
+        max_scale=max_scale,
     )
 
 

@@ -27,10 +27,13 @@ import numpy as np
 from metarl.bench.adapt import machine
 
 METHODS = (
-    "maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "protonet_aug", "matchingnet"
+    "maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "protonet_aug", "protonet_affine",
+    "matchingnet",
 )
+# ProtoNets trained with augmented images, for the official runs: one 1-shot model each.
+AUGMENTED_PROTONET = ("protonet_aug", "protonet_affine")
 # Metric learners that train wider than they test (60-way) and are tested at 5 and 20 ways.
-WIDE_METRIC = ("protonet", "protonet_aug")
+WIDE_METRIC = ("protonet",) + AUGMENTED_PROTONET
 # The other meta-learning families (probabilistic MAML, MANN, learned optimizer): trained here
 # with --methods, 5-way 1-shot only, for experiments/results/families.md; not rows of omniglot.md.
 FAMILY_METHODS = ("probmaml", "mann", "learnedopt")
@@ -52,7 +55,8 @@ PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources 
     "protonet": (98.8, 99.7, 96.0, 98.9),
     "matchingnet": (98.1, 98.9, 93.8, 98.5),
 }
-PUBLISHED["protonet_aug"] = PUBLISHED["protonet"]  # the same learner, without shifts
+for _method in AUGMENTED_PROTONET:  # the same learner, without augmentation
+    PUBLISHED[_method] = PUBLISHED["protonet"]
 SOURCES = {
     "maml": "Finn et al. 2017, table 1",
     "fomaml": "Finn et al. 2017 / Nichol et al. 2018",
@@ -61,6 +65,7 @@ SOURCES = {
     "reptile": "Nichol et al. 2018",
     "protonet": "Snell et al. 2017, table 1",
     "protonet_aug": "ProtoNets, Snell et al. 2017, table 1",
+    "protonet_affine": "ProtoNets, Snell et al. 2017, table 1",
     "matchingnet": "Vinyals et al. 2016",
 }
 
@@ -133,7 +138,7 @@ def _trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
     """(training ways, shots, test ways) of each model a method trains."""
     if method == "protonet":
         return [(5, 1, (5, 20)), (5, 5, (5, 20))]
-    if method == "protonet_aug":  # the official runs' model: one shot
+    if method in AUGMENTED_PROTONET:  # the official runs' model: one shot
         return [(5, 1, (5, 20))]
     if method in FAMILY_METHODS:
         return [(5, 1, (5,))]

@@ -66,6 +66,9 @@ class OmniglotDistribution:
         split_seed: seed of the character split.
         rotations: whether each rotation by 90 degrees of a character is its own class.
         max_shift: training augmentation, random shifts of up to this many pixels (test: none).
+        max_rotation: training augmentation, random turns of up to this many degrees (test: none).
+        max_scale: training augmentation, random scaling by a factor in ``1 ± max_scale``
+            (test: none).
         num_test_tasks: number of held-out episodes (600 in the benchmark).
         test_split: split of the held-out episodes: ``"test"`` or ``"val"``.
         train_split: split of the training episodes: ``"train"`` or ``"trainval"``.
@@ -100,6 +103,8 @@ class OmniglotDistribution:
         channels: int = 64,
         episode_seed: int = 0,
         cache_dir: str | None = None,
+        max_rotation: float = 0.0,
+        max_scale: float = 0.0,
     ):
         for name, value in (("num_ways", num_ways), ("num_test_tasks", num_test_tasks)):
             if value < 1:
@@ -118,6 +123,7 @@ class OmniglotDistribution:
         self.num_ways = num_ways
         self.train_ways = num_ways if train_ways is None else train_ways
         self.rotations, self.max_shift = rotations, max_shift
+        self.max_rotation, self.max_scale = max_rotation, max_scale
         self.num_test_tasks = num_test_tasks
         self.test_split, self.train_split = test_split, train_split
         self.channels, self.split_seed, self.episode_seed = channels, split_seed, episode_seed
@@ -149,6 +155,8 @@ class OmniglotDistribution:
                 rotations=self.rotations,
                 max_shift=self.max_shift if split == self.train_split else 0,
                 seed=self.episode_seed,
+                max_rotation=self.max_rotation if split == self.train_split else 0.0,
+                max_scale=self.max_scale if split == self.train_split else 0.0,
             )
         return self._samplers[key]
 
