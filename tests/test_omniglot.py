@@ -420,6 +420,59 @@ def test_scorer_rejects_wrong_prediction_shape(runs):
         score_official_runs(lambda train_x, test_x: torch.zeros(3), runs)
 
 
+def test_within_alphabet_runs_pair_two_drawings_of_characters_of_one_alphabet(dataset):
+    from metarl.fewshot.omniglot import within_alphabet_runs
+
+    val = split_characters(dataset, 0)["val"]
+    runs = within_alphabet_runs(dataset, val, num_runs=5, seed=3)
+    assert len(runs) == 5 and runs[0].train_x.shape == (20, 1, 28, 28)
+    flat = dataset.images.reshape(dataset.num_characters * dataset.num_drawings, -1)
+
+    def whereabouts(image: torch.Tensor) -> tuple[int, int]:  # (character, drawing) of an image
+        hits = np.flatnonzero((flat == image.reshape(1, -1).numpy()).all(1))
+        assert len(hits) >= 1
+        return divmod(int(hits[0]), dataset.num_drawings)
+
+    for run in runs:
+        train = [whereabouts(x) for x in run.train_x]
+        test = [whereabouts(x) for x in run.test_x]
+        assert len({c for c, _ in train}) == 20 and {c for c, _ in train} <= set(val.tolist())
+        assert len({int(dataset.alphabet_index[c]) for c, _ in train}) == 1
+        assert sorted(run.test_targets.tolist()) == list(range(20))
+        for (c, d), target in zip(test, run.test_targets.tolist(), strict=True):
+            assert c == train[target][0] and d != train[target][1]
+    again = within_alphabet_runs(dataset, val, num_runs=5, seed=3)
+    assert all(torch.equal(a.test_x, b.test_x) for a, b in zip(runs, again, strict=True))
+    with pytest.raises(ValueError, match="20 characters"):
+        within_alphabet_runs(dataset, val[:10])
+
+
+def test_runs_error_of_an_ensemble_averages_log_probabilities(runs):
+    from metarl.fewshot.omniglot_eval import runs_error
+
+    class Fixed:  # the same class logits for every run
+        def __init__(self, logits):
+            self.logits = torch.tensor(logits)
+
+        def class_scores(self, train_x, train_y, test_x, shift=0):
+            return self.logits.expand(len(test_x), -1)
+
+    # logits over 20 classes; member a: class 0 by a margin of log 3, b: class 1 by log 9.
+    a = [np.log(3.0)] + [0.0] * 19
+    b = [0.0, np.log(9.0)] + [0.0] * 18
+    # mean log-probabilities differ only in log p0 + log p0' vs log p1 + log p1':
+    # (log 3 - log 22 + 0 - log 28) vs (0 - log 22 + log 9 - log 28): class 1 wins.
+    two = runs[:2]
+    result = runs_error([Fixed(a), Fixed(b)], two, shift=0)
+    targets = torch.cat([r.test_targets for r in two])
+    assert result["mean_error"] == pytest.approx(100 * float((targets != 1).double().mean()))
+    alone = runs_error([Fixed(a)], two, shift=0)
+    assert alone["mean_error"] == pytest.approx(100 * float((targets != 0).double().mean()))
+    assert alone["views"] == 1 and np.isfinite(alone["ci95"])
+    with pytest.raises(ValueError, match="class_scores"):
+        runs_error([object()], two, shift=0)
+
+
 def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_path):
     import json
 

@@ -434,6 +434,54 @@ def load_official_runs(
     return loaded
 
 
+def within_alphabet_runs(
+    dataset: OmniglotDataset,
+    characters: Sequence[int] | np.ndarray,
+    num_runs: int = 100,
+    num_ways: int = 20,
+    seed: int = 0,
+) -> list[OfficialRun]:
+    """Runs built like the official ones from a split's characters: each run takes ``num_ways``
+    characters of one alphabet (an alphabet drawn at random among those with enough characters),
+    one drawing of each as its training image and another as its test image, test images in a
+    random order; no rotations. Scored by :func:`score_official_runs`, they estimate the official
+    error on alphabets the model may be chosen on (the validation split) or with more runs than the
+    20 official ones (the test split). Run ``i`` depends only on ``(seed, i)``.
+    """
+    characters = np.asarray(characters, dtype=np.int64)
+    by_alphabet = {
+        a: characters[dataset.alphabet_index[characters] == a]
+        for a in np.unique(dataset.alphabet_index[characters])
+    }
+    usable = sorted(a for a, chars in by_alphabet.items() if len(chars) >= num_ways)
+    if not usable:
+        sizes = {dataset.alphabets[a]: len(c) for a, c in by_alphabet.items()}
+        raise ValueError(
+            f"no alphabet of these characters has {num_ways} characters (sizes {sizes}); "
+            "lower num_ways or pass another split."
+        )
+    if dataset.num_drawings < 2:
+        raise ValueError("within-alphabet runs need at least 2 drawings per character.")
+    runs = []
+    for i in range(num_runs):
+        rng = np.random.default_rng([seed, i])
+        alphabet = usable[int(rng.integers(len(usable)))]
+        chosen = rng.choice(by_alphabet[alphabet], size=num_ways, replace=False)
+        drawings = np.stack([rng.choice(dataset.num_drawings, 2, replace=False) for _ in chosen])
+        order = rng.permutation(num_ways)
+        train = dataset.images[chosen, drawings[:, 0]]
+        test = dataset.images[chosen[order], drawings[order, 1]]
+        runs.append(
+            OfficialRun(
+                name=f"{dataset.alphabets[alphabet]}-{i:03d}",
+                train_x=torch.from_numpy(np.ascontiguousarray(train, np.float32)).unsqueeze(1),
+                test_x=torch.from_numpy(np.ascontiguousarray(test, np.float32)).unsqueeze(1),
+                test_targets=torch.from_numpy(order.astype(np.int64)),
+            )
+        )
+    return runs
+
+
 def score_official_runs(
     classify_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | np.ndarray | Sequence[int]],
     runs: Sequence[OfficialRun],

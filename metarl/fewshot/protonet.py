@@ -150,14 +150,15 @@ class MetricLearner:
         """Class logits ``[Q, N]`` from support embeddings ``[S, D]`` and query embeddings ``[Q, D]``."""
         return type(self).score_fn(support, support_y, query, num_ways)
 
-    def classify(
+    def class_scores(
         self,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         shift: int = 0,
     ) -> torch.Tensor:
-        """Predicted labels ``[Q]`` of ``query_x`` given labelled ``support_x`` (classes ``0..max(y)``).
+        """Class logits ``[Q, N]`` (on the CPU, no gradient) of ``query_x`` given labelled
+        ``support_x`` (classes ``0..max(y)``).
 
         With ``shift`` > 0 each image's embedding is the mean over its copies shifted by every
         offset in ``{-shift..shift}²``; each view of the episode is embedded in one pass.
@@ -169,16 +170,22 @@ class MetricLearner:
             embeddings = torch.stack(
                 [self.model(params, shifted(images, dy, dx)) for dy in offsets for dx in offsets]
             ).mean(0)
-            return (
-                self.scores(
-                    embeddings[: len(support_x)],
-                    support_y.to(self.device),
-                    embeddings[len(support_x) :],
-                    int(support_y.max()) + 1,
-                )
-                .argmax(-1)
-                .cpu()
-            )
+            return self.scores(
+                embeddings[: len(support_x)],
+                support_y.to(self.device),
+                embeddings[len(support_x) :],
+                int(support_y.max()) + 1,
+            ).cpu()
+
+    def classify(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        shift: int = 0,
+    ) -> torch.Tensor:
+        """Predicted labels ``[Q]``: the arg-max of :meth:`class_scores`."""
+        return self.class_scores(support_x, support_y, query_x, shift).argmax(-1)
 
     def _episode_losses(
         self, params: Params, support: Any, query: Any
