@@ -473,6 +473,42 @@ def test_runs_error_of_an_ensemble_averages_log_probabilities(runs):
         runs_error([object()], two, shift=0)
 
 
+def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_data_dir):
+    import json
+
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_eval
+
+    dirs = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"proto-s{seed}"
+        overrides = [
+            f"run.seed={seed}", "run.num_iterations=2", "run.checkpoint_every=2",
+            "tasks.channels=4", "tasks.num_test_tasks=2", "tasks.train_ways=5",
+        ]
+        experiment = Experiment.create("experiments/omniglot_protonet.toml", overrides, run_dir)
+        experiment.run(progress=False)
+        experiment.close()
+        dirs.append(str(run_dir))
+    out = tmp_path / "eval"
+    args = ["--runs", "val", "--num-runs", "3", "--shift", "0", "1", "--ensemble", "--out", str(out)]
+    assert omniglot_eval.main(dirs + args) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert [(len(r["models"]), r["views"]) for r in document["results"]] == [
+        (1, 1), (1, 9), (1, 1), (1, 9), (2, 1), (2, 9)
+    ]
+    learner, tasks = omniglot_eval.load_learner(dirs[1])
+    runs = omniglot_eval.make_runs("val", tasks, 3, 0)
+    again = omniglot_eval.runs_error([learner], runs, shift=1)
+    assert document["results"][3]["error_per_run"] == again["error_per_run"]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| val alphabets (3) |") == 6 and "python -m metarl.fewshot.omniglot_eval" in table
+    with pytest.raises(ValueError, match="no checkpoint"):
+        empty = tmp_path / "empty"
+        Experiment.create("experiments/omniglot_protonet.toml", ["tasks.channels=4"], empty)
+        omniglot_eval.load_learner(empty)
+
+
 def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_path):
     import json
 
