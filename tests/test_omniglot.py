@@ -495,12 +495,19 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
     assert omniglot_eval.main(dirs + args) == 0
     document = json.loads(out.with_suffix(".json").read_text())
     assert [(len(r["models"]), r["views"]) for r in document["results"]] == [
-        (1, 1), (1, 9), (1, 1), (1, 9), (2, 1), (2, 9)
+        (1, 1), (1, 1), (2, 1), (1, 9), (1, 9), (2, 9)
     ]
     learner, tasks = omniglot_eval.load_learner(dirs[1])
     runs = omniglot_eval.make_runs("val", tasks, 3, 0)
     again = omniglot_eval.runs_error([learner], runs, shift=1)
-    assert document["results"][3]["error_per_run"] == again["error_per_run"]
+    assert document["results"][4]["error_per_run"] == again["error_per_run"]
+    assert document["results"][4]["models"] == [dirs[1]]
+    both = [omniglot_eval.load_learner(d)[0] for d in dirs]
+    together = omniglot_eval.runs_error(both, runs, shift=1)
+    assert document["results"][5]["error_per_run"] == together["error_per_run"]
+    assert omniglot_eval.main(dirs + ["--runs", "val", "--num-runs", "2", "--ensemble", "1,0"]) == 0
+    with pytest.raises(SystemExit):
+        omniglot_eval.main(dirs + ["--ensemble", "0,5"])
     table = out.with_suffix(".md").read_text()
     assert table.count("| val alphabets (3) |") == 6 and "python -m metarl.fewshot.omniglot_eval" in table
     with pytest.raises(ValueError, match="no checkpoint"):

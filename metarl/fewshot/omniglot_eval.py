@@ -32,33 +32,40 @@ from metarl.fewshot.omniglot import (
 )
 
 
-def ensemble_scores(
-    learners: Sequence[Any], train_x: torch.Tensor, test_x: torch.Tensor, shift: int
-) -> torch.Tensor:
-    """Mean over ``learners`` of their class log-probabilities ``[T, 20]`` for one run."""
-    labels = torch.arange(len(train_x))
-    return torch.stack(
-        [
-            torch.log_softmax(learner.class_scores(train_x, labels, test_x, shift=shift), -1)
-            for learner in learners
-        ]
-    ).mean(0)
+def run_log_probs(learner: Any, runs: Sequence[OfficialRun], shift: int) -> list[torch.Tensor]:
+    """A learner's class log-probabilities ``[T, 20]`` for each run's test images."""
+    if not hasattr(learner, "class_scores"):
+        raise ValueError(
+            f"{type(learner).__name__} has no class_scores(); only metric learners (ProtoNets, "
+            "Matching Nets) can be scored here. Gradient learners: see "
+            "omniglot_tasks.official_runs_error."
+        )
+    return [
+        torch.log_softmax(
+            learner.class_scores(run.train_x, torch.arange(len(run.train_x)), run.test_x, shift),
+            -1,
+        )
+        for run in runs
+    ]
+
+
+def members_error(
+    members: Sequence[list[torch.Tensor]], runs: Sequence[OfficialRun], shift: int
+) -> dict[str, Any]:
+    """Error (%) on ``runs`` of the ensemble whose members' :func:`run_log_probs` are ``members``
+    (one member: that learner alone): the mean log-probability picks each test image's class."""
+    predictions = iter(
+        [torch.stack([m[i] for m in members]).mean(0).argmax(-1) for i in range(len(runs))]
+    )
+    result = score_official_runs(lambda train_x, test_x: next(predictions), runs)
+    errors = np.asarray(result["error_per_run"])
+    ci95 = 1.96 * errors.std(ddof=1) / np.sqrt(len(errors)) if len(errors) > 1 else float("nan")
+    return {**result, "ci95": float(ci95), "shift": shift, "views": (2 * shift + 1) ** 2}
 
 
 def runs_error(learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int) -> dict[str, Any]:
     """Error (%) of one learner, or an ensemble of several, on ``runs``, with a 95% CI over runs."""
-    missing = [type(x).__name__ for x in learners if not hasattr(x, "class_scores")]
-    if missing:
-        raise ValueError(
-            f"{missing} have no class_scores(); only metric learners (ProtoNets, Matching Nets) "
-            "can be scored here. Gradient learners: see omniglot_tasks.official_runs_error."
-        )
-    result = score_official_runs(
-        lambda train_x, test_x: ensemble_scores(learners, train_x, test_x, shift).argmax(-1), runs
-    )
-    errors = np.asarray(result["error_per_run"])
-    ci95 = 1.96 * errors.std(ddof=1) / np.sqrt(len(errors)) if len(errors) > 1 else float("nan")
-    return {**result, "ci95": float(ci95), "shift": shift, "views": (2 * shift + 1) ** 2}
+    return members_error([run_log_probs(x, runs, shift) for x in learners], runs, shift)
 
 
 def load_learner(run_dir: str | Path) -> tuple[Any, Any]:
@@ -117,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         "--shift", type=int, nargs="+", default=[0], help="shifted views up to this many px (each)"
     )
     parser.add_argument(
-        "--ensemble", action="store_true", help="also score all run_dirs as one ensemble"
+        "--ensemble",
+        nargs="*",
+        metavar="I,J,...",
+        help="also score ensembles: each given as comma-separated 0-based positions in run_dirs; "
+        "with no value, all run_dirs",
     )
     parser.add_argument(
         "--out", help="write the results to OUT.json and a table to OUT.md (path without suffix)"
@@ -127,14 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     loaded = [load_learner(d) for d in args.run_dirs]
     runs = make_runs(args.runs, loaded[0][1], args.num_runs, args.seed)
+    ensembles: list[list[int]] = []
+    if args.ensemble is not None:
+        try:
+            ensembles = [[int(i) for i in spec.split(",")] for spec in args.ensemble] or [
+                list(range(len(args.run_dirs)))
+            ]
+        except ValueError:
+            parser.error(f"--ensemble {args.ensemble}: give positions such as 0,1,2")
+        bad = [i for group in ensembles for i in group if not 0 <= i < len(args.run_dirs)]
+        if bad:
+            parser.error(f"--ensemble positions {bad} are outside 0..{len(args.run_dirs) - 1}")
+    groups = [[i] for i in range(len(args.run_dirs))] + [g for g in ensembles if len(g) > 1]
     results = []
-    groups = [([d], [learner]) for d, (learner, _) in zip(args.run_dirs, loaded, strict=True)]
-    if args.ensemble and len(loaded) > 1:
-        groups.append((list(args.run_dirs), [learner for learner, _ in loaded]))
-    for dirs, learners in groups:
-        for shift in args.shift:
-            result = runs_error(learners, runs, shift)
-            row = {"models": dirs, "runs": args.runs, **result}
+    for shift in args.shift:
+        log_probs = [run_log_probs(learner, runs, shift) for learner, _ in loaded]
+        for group in groups:
+            result = members_error([log_probs[i] for i in group], runs, shift)
+            row = {"models": [args.run_dirs[i] for i in group], "runs": args.runs, **result}
             results.append(row)
             print(
                 json.dumps(
