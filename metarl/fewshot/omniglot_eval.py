@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from metarl.bench.adapt import machine
+from metarl.evaluation import mean_ci95
 from metarl.fewshot.omniglot import (
     OfficialRun,
     load_official_runs,
@@ -54,13 +55,13 @@ def members_error(
 ) -> dict[str, Any]:
     """Error (%) on ``runs`` of the ensemble whose members' :func:`run_log_probs` are ``members``
     (one member: that learner alone): the mean log-probability picks each test image's class."""
-    predictions = iter(
-        [torch.stack([m[i] for m in members]).mean(0).argmax(-1) for i in range(len(runs))]
-    )
-    result = score_official_runs(lambda train_x, test_x: next(predictions), runs)
-    errors = np.asarray(result["error_per_run"])
-    ci95 = 1.96 * errors.std(ddof=1) / np.sqrt(len(errors)) if len(errors) > 1 else float("nan")
-    return {**result, "ci95": float(ci95), "shift": shift, "views": (2 * shift + 1) ** 2}
+    predicted = {  # by run, found again from the test images the scorer passes
+        id(run.test_x): torch.stack([m[i] for m in members]).mean(0).argmax(-1)
+        for i, run in enumerate(runs)
+    }
+    result = score_official_runs(lambda train_x, test_x: predicted[id(test_x)], runs)
+    _, ci95 = mean_ci95(np.asarray(result["error_per_run"]))
+    return {**result, "ci95": ci95, "shift": shift, "views": (2 * shift + 1) ** 2}
 
 
 def runs_error(learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int) -> dict[str, Any]:

@@ -55,8 +55,6 @@ PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources 
     "protonet": (98.8, 99.7, 96.0, 98.9),
     "matchingnet": (98.1, 98.9, 93.8, 98.5),
 }
-for _method in AUGMENTED_PROTONET:  # the same learner, without augmentation
-    PUBLISHED[_method] = PUBLISHED["protonet"]
 SOURCES = {
     "maml": "Finn et al. 2017, table 1",
     "fomaml": "Finn et al. 2017 / Nichol et al. 2018",
@@ -64,10 +62,11 @@ SOURCES = {
     "anil": "Raghu et al. 2020",
     "reptile": "Nichol et al. 2018",
     "protonet": "Snell et al. 2017, table 1",
-    "protonet_aug": "ProtoNets, Snell et al. 2017, table 1",
-    "protonet_affine": "ProtoNets, Snell et al. 2017, table 1",
     "matchingnet": "Vinyals et al. 2016",
 }
+for _method in AUGMENTED_PROTONET:  # the same learner, published without augmentation
+    PUBLISHED[_method] = PUBLISHED["protonet"]
+    SOURCES[_method] = "ProtoNets, " + SOURCES["protonet"]
 
 
 # Published error rates on the 20 official within-alphabet runs: (model, background set, error %,
