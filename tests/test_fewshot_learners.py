@@ -192,6 +192,40 @@ def test_classify_with_shifts_averages_the_embeddings_of_every_shifted_view(shar
     assert torch.equal(learner.classify(support.x[0], support.y[0], query.x[0]), plain)
 
 
+def test_class_scores_with_turned_views_average_the_embeddings_of_every_view(shared_data_dir):
+    # The 90° view is np.rot90 of each image (counter-clockwise), which needs no interpolation, so
+    # the embeddings can be built by hand; each turned view is also shifted by every offset.
+    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
+    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
+    support, query = distribution.episodes(distribution.test_tasks()[:1], 1, 2)
+    images = torch.cat([support.x[0], query.x[0]])
+    turned = torch.from_numpy(np.rot90(images.numpy(), 1, axes=(2, 3)).copy())
+    params = {k: v.detach() for k, v in learner.params.items()}
+    with torch.no_grad():
+        views = [
+            learner.model(params, torch.from_numpy(
+                shift_images(x[:, 0].numpy(), np.array([[dy, dx]] * len(x)))
+            )[:, None])
+            for x in (images, turned)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        ]
+    mean = torch.stack(views).mean(0)
+    by_hand = prototype_logits(mean[:5], support.y[0], mean[5:], 5)
+    scores = learner.class_scores(
+        support.x[0], support.y[0], query.x[0], shift=1, affine=((0.0, 1.0), (90.0, 1.0))
+    )
+    assert torch.allclose(scores, by_hand, atol=1e-4)
+    only_turned = torch.stack(views[9:]).mean(0)
+    assert torch.allclose(
+        learner.class_scores(support.x[0], support.y[0], query.x[0], 1, ((90.0, 1.0),)),
+        prototype_logits(only_turned[:5], support.y[0], only_turned[5:], 5),
+        atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="at least one"):
+        learner.class_scores(support.x[0], support.y[0], query.x[0], 0, ())
+
+
 def test_official_runs_with_shifted_views_name_them_and_stay_exact_on_copies(shared_data_dir):
     distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
     learner = PrototypicalNetwork(MetricLearnerConfig(official_run_shift=1), distribution, 0)

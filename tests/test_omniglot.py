@@ -454,7 +454,7 @@ def test_runs_error_of_an_ensemble_averages_log_probabilities(runs):
         def __init__(self, logits):
             self.logits = torch.tensor(logits)
 
-        def class_scores(self, train_x, train_y, test_x, shift=0):
+        def class_scores(self, train_x, train_y, test_x, shift=0, affine=((0.0, 1.0),)):
             return self.logits.expand(len(test_x), -1)
 
     # logits over 20 classes; member a: class 0 by a margin of log 3, b: class 1 by log 9.
@@ -508,6 +508,22 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
     assert omniglot_eval.main(dirs + ["--runs", "val", "--num-runs", "2", "--ensemble", "1,0"]) == 0
     with pytest.raises(SystemExit):
         omniglot_eval.main(dirs + ["--ensemble", "0,5"])
+    turned = tmp_path / "turned"
+    sets = ["--affine-sets", "a=0 s=1", "a=-90,0 s=1,0.5", "--out", str(turned)]
+    assert omniglot_eval.main(dirs[:1] + ["--runs", "val", "--num-runs", "3"] + sets) == 0
+    rows = json.loads(turned.with_suffix(".json").read_text())["results"]
+    assert [(r["views"], r["affine"]) for r in rows] == [
+        (1, [[0.0, 1.0]]), (4, [[-90.0, 1.0], [-90.0, 0.5], [0.0, 1.0], [0.0, 0.5]])
+    ]
+    assert rows[0]["error_per_run"] == document["results"][0]["error_per_run"]
+    views = omniglot_eval.parse_affine_set("a=-90,0 s=1,0.5")
+    assert rows[1]["error_per_run"] == omniglot_eval.runs_error(
+        [omniglot_eval.load_learner(dirs[0])[0]], runs, 0, views
+    )["error_per_run"]
+    assert "| 4 | 0 | -90, 0 | 0.5, 1 |" in turned.with_suffix(".md").read_text()
+    for bad in (["--affine-sets", "a=x s=1"], ["--affine-sets", "0/1"], ["--scales", "0"]):
+        with pytest.raises(SystemExit):
+            omniglot_eval.main(dirs[:1] + bad)
     table = out.with_suffix(".md").read_text()
     assert table.count("| val alphabets (3) |") == 6 and "python -m metarl.fewshot.omniglot_eval" in table
     with pytest.raises(ValueError, match="no checkpoint"):

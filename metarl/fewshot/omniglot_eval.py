@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +33,32 @@ from metarl.fewshot.omniglot import (
     within_alphabet_runs,
 )
 
+Affine = Sequence[tuple[float, float]]
+IDENTITY: Affine = ((0.0, 1.0),)
 
-def run_log_probs(learner: Any, runs: Sequence[OfficialRun], shift: int) -> list[torch.Tensor]:
-    """A learner's class log-probabilities ``[T, 20]`` for each run's test images."""
+
+def affine_views(angles: Sequence[float], scales: Sequence[float]) -> list[tuple[float, float]]:
+    """Every ``(angle, scale)`` pair of the given turns (degrees) and scalings."""
+    return [(float(a), float(s)) for a in angles for s in scales]
+
+
+def parse_affine_set(spec: str) -> list[tuple[float, float]] | None:
+    """The views of ``'a=A1,A2,.. s=S1,S2,..'`` (angles in degrees, scales), or None if malformed."""
+    match = re.fullmatch(r"\s*a=(\S+)\s+s=(\S+)\s*", spec)
+    if match is None:
+        return None
+    try:
+        angles, scales = ([float(x) for x in g.split(",")] for g in match.groups())
+    except ValueError:
+        return None
+    return affine_views(angles, scales)
+
+
+def run_log_probs(
+    learner: Any, runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY
+) -> list[torch.Tensor]:
+    """A learner's class log-probabilities ``[T, 20]`` for each run's test images, each image
+    embedded as the mean over its views (``affine`` turns/scalings × shifts up to ``shift`` px)."""
     if not hasattr(learner, "class_scores"):
         raise ValueError(
             f"{type(learner).__name__} has no class_scores(); only metric learners (ProtoNets, "
@@ -43,7 +67,9 @@ def run_log_probs(learner: Any, runs: Sequence[OfficialRun], shift: int) -> list
         )
     return [
         torch.log_softmax(
-            learner.class_scores(run.train_x, torch.arange(len(run.train_x)), run.test_x, shift),
+            learner.class_scores(
+                run.train_x, torch.arange(len(run.train_x)), run.test_x, shift, affine
+            ),
             -1,
         )
         for run in runs
@@ -51,7 +77,10 @@ def run_log_probs(learner: Any, runs: Sequence[OfficialRun], shift: int) -> list
 
 
 def members_error(
-    members: Sequence[list[torch.Tensor]], runs: Sequence[OfficialRun], shift: int
+    members: Sequence[list[torch.Tensor]],
+    runs: Sequence[OfficialRun],
+    shift: int,
+    affine: Affine = IDENTITY,
 ) -> dict[str, Any]:
     """Error (%) on ``runs`` of the ensemble whose members' :func:`run_log_probs` are ``members``
     (one member: that learner alone): the mean log-probability picks each test image's class."""
@@ -61,12 +90,22 @@ def members_error(
     }
     result = score_official_runs(lambda train_x, test_x: predicted[id(test_x)], runs)
     _, ci95 = mean_ci95(np.asarray(result["error_per_run"]))
-    return {**result, "ci95": ci95, "shift": shift, "views": (2 * shift + 1) ** 2}
+    return {
+        **result,
+        "ci95": ci95,
+        "shift": shift,
+        "affine": [list(v) for v in affine],
+        "views": (2 * shift + 1) ** 2 * len(affine),
+    }
 
 
-def runs_error(learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int) -> dict[str, Any]:
+def runs_error(
+    learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY
+) -> dict[str, Any]:
     """Error (%) of one learner, or an ensemble of several, on ``runs``, with a 95% CI over runs."""
-    return members_error([run_log_probs(x, runs, shift) for x in learners], runs, shift)
+    return members_error(
+        [run_log_probs(x, runs, shift, affine) for x in learners], runs, shift, affine
+    )
 
 
 def load_learner(run_dir: str | Path) -> tuple[Any, Any]:
@@ -75,7 +114,9 @@ def load_learner(run_dir: str | Path) -> tuple[Any, Any]:
 
     experiment = Experiment.resume(run_dir)
     if experiment.iteration == 0:
-        raise ValueError(f"{run_dir} holds no checkpoint; train it first (metarl run --resume {run_dir})")
+        raise ValueError(
+            f"{run_dir} holds no checkpoint; train it first (metarl run --resume {run_dir})"
+        )
     return experiment.agent, experiment.distribution
 
 
@@ -100,17 +141,26 @@ def write_results(out: Path, title: str, command: str, results: list[dict[str, A
         "",
         f"Written by `{command}` on {document['machine']}. Error: % of test images assigned to the "
         "wrong training image, mean ± 95% CI over runs. An ensemble averages its members' class "
-        "log-probabilities; views: each image's embedding is the mean over its copies shifted by "
-        "every offset up to the given number of pixels.",
+        "log-probabilities; views: each image's embedding is the mean over its copies turned and "
+        "scaled by every pair of the given angles and scales, each shifted by every offset up to "
+        "the given number of pixels.",
         "",
-        "| models | runs | views | error % |",
-        "|---|---|---|---|",
+        "| models | runs | views | shift px | angles ° | scales | error % |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         models = ", ".join(f"`{m}`" for m in r["models"])
-        kind = "official (20)" if r["runs"] == "official" else f"{r['runs']} alphabets ({r['num_runs']})"
+        kind = (
+            "official (20)"
+            if r["runs"] == "official"
+            else f"{r['runs']} alphabets ({r['num_runs']})"
+        )
+        affine = r.get("affine", [[0.0, 1.0]])
+        angles = ", ".join(f"{a:g}" for a in sorted({a for a, _ in affine}))
+        scales = ", ".join(f"{s:g}" for s in sorted({s for _, s in affine}))
         lines.append(
-            f"| {models} | {kind} | {r['views']} | {r['mean_error']:.2f} ± {r['ci95']:.2f} |"
+            f"| {models} | {kind} | {r['views']} | {r.get('shift', 0)} | {angles} | {scales} "
+            f"| {r['mean_error']:.2f} ± {r['ci95']:.2f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -125,6 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         "--shift", type=int, nargs="+", default=[0], help="shifted views up to this many px (each)"
     )
     parser.add_argument(
+        "--angles",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="views turned by each of these angles (degrees, counter-clockwise)",
+    )
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], help="views scaled by each factor"
+    )
+    parser.add_argument(
+        "--affine-sets",
+        nargs="+",
+        metavar="'a=ANGLES s=SCALES'",
+        help="several view sets to compare, each 'a=A1,A2,.. s=S1,S2,..' (e.g. 'a=0 s=1' "
+        "'a=-10,0,10 s=0.9,1,1.1'); overrides --angles/--scales",
+    )
+    parser.add_argument(
         "--ensemble",
         nargs="*",
         metavar="I,J,...",
@@ -136,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--title", default="Omniglot 20-way one-shot runs", help="OUT.md's title")
     args = parser.parse_args(argv)
+    if args.affine_sets:
+        parsed = [parse_affine_set(spec) for spec in args.affine_sets]
+        view_sets = [v for v in parsed if v is not None]
+        if len(view_sets) < len(parsed):
+            parser.error(f"--affine-sets {args.affine_sets}: write each as 'a=-10,0,10 s=0.9,1'")
+    else:
+        view_sets = [affine_views(args.angles, args.scales)]
+    if any(s <= 0 for views in view_sets for _, s in views):
+        parser.error("scales must be > 0")
     torch.set_num_threads(1)
     loaded = [load_learner(d) for d in args.run_dirs]
     runs = make_runs(args.runs, loaded[0][1], args.num_runs, args.seed)
@@ -152,15 +228,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--ensemble positions {bad} are outside 0..{len(args.run_dirs) - 1}")
     groups = [[i] for i in range(len(args.run_dirs))] + [g for g in ensembles if len(g) > 1]
     results = []
-    for shift in args.shift:
-        log_probs = [run_log_probs(learner, runs, shift) for learner, _ in loaded]
+    for shift, affine in [(s, v) for v in view_sets for s in args.shift]:
+        log_probs = [run_log_probs(learner, runs, shift, affine) for learner, _ in loaded]
         for group in groups:
-            result = members_error([log_probs[i] for i in group], runs, shift)
+            result = members_error([log_probs[i] for i in group], runs, shift, affine)
             row = {"models": [args.run_dirs[i] for i in group], "runs": args.runs, **result}
             results.append(row)
             print(
                 json.dumps(
-                    {k: row[k] for k in ("models", "runs", "views", "mean_error", "ci95", "num_runs")}
+                    {
+                        k: row[k]
+                        for k in (
+                            "models",
+                            "runs",
+                            "shift",
+                            "affine",
+                            "views",
+                            "mean_error",
+                            "ci95",
+                        )
+                    }
                 ),
                 flush=True,
             )

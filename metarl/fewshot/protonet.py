@@ -12,7 +12,7 @@ one episode per step; a model trained with K shots is tested with K shots.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from envs.base import Task
 from metarl.adaptation import Params
 from metarl.config import require_at_least
+from metarl.fewshot.episodes import affine_images
 from metarl.fewshot.maml import NonFiniteLossError
 from metarl.runtime import check_device, on_device
 
@@ -156,24 +157,41 @@ class MetricLearner:
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         shift: int = 0,
+        affine: Sequence[tuple[float, float]] = ((0.0, 1.0),),
     ) -> torch.Tensor:
         """Class logits ``[Q, N]`` (on the CPU, no gradient) of ``query_x`` given labelled
         ``support_x`` (classes ``0..max(y)``).
 
-        With ``shift`` > 0 each image's embedding is the mean over its copies shifted by every
-        offset in ``{-shift..shift}²``; each view of the episode is embedded in one pass.
+        Each image's embedding is the mean over its views: every ``(angle, scale)`` of ``affine``
+        (degrees counter-clockwise and size factor about the centre, as in
+        :func:`~metarl.fewshot.episodes.affine_images`) combined with every shift by an offset in
+        ``{-shift..shift}²`` pixels. The default is the image alone. Each view of the episode is
+        embedded in one pass.
         """
+        if not affine:
+            raise ValueError("affine needs at least one (angle, scale) view, e.g. ((0.0, 1.0),)")
         with torch.no_grad():
             params = {k: v.detach() for k, v in self.params.items()}
-            images = torch.cat([support_x, query_x]).to(self.device)
+            images = torch.cat([support_x, query_x]).float().cpu()
             offsets = range(-shift, shift + 1)
-            embeddings = torch.stack(
-                [self.model(params, shifted(images, dy, dx)) for dy in offsets for dx in offsets]
-            ).mean(0)
+            embeddings = []
+            for angle, scale in affine:
+                turned = images
+                if (angle, scale) != (0.0, 1.0):
+                    flat = images.reshape(-1, *images.shape[-2:]).numpy()
+                    moved = affine_images(
+                        flat, np.full(len(flat), angle), np.full(len(flat), scale)
+                    )
+                    turned = torch.from_numpy(moved).reshape(images.shape)
+                turned = turned.to(self.device)
+                embeddings += [
+                    self.model(params, shifted(turned, dy, dx)) for dy in offsets for dx in offsets
+                ]
+            mean = torch.stack(embeddings).mean(0)
             return self.scores(
-                embeddings[: len(support_x)],
+                mean[: len(support_x)],
                 support_y.to(self.device),
-                embeddings[len(support_x) :],
+                mean[len(support_x) :],
                 int(support_y.max()) + 1,
             ).cpu()
 
