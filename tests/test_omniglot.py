@@ -521,6 +521,7 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
         [omniglot_eval.load_learner(dirs[0])[0]], runs, 0, views
     )["error_per_run"]
     assert "| 4 | 0 | -90, 0 | 0.5, 1 |" in turned.with_suffix(".md").read_text()
+    assert "--affine-sets 'a=0 s=1' 'a=-90,0 s=1,0.5'" in turned.with_suffix(".md").read_text()
     for bad in (["--affine-sets", "a=x s=1"], ["--affine-sets", "0/1"], ["--scales", "0"]):
         with pytest.raises(SystemExit):
             omniglot_eval.main(dirs[:1] + bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if args.out:
-        command = "python -m metarl.fewshot.omniglot_eval " + " ".join(
+        command = "python -m metarl.fewshot.omniglot_eval " + shlex.join(
             sys.argv[1:] if argv is None else argv
         )
         write_results(Path(args.out), args.title, command, results)
