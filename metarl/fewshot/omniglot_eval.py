@@ -4,10 +4,13 @@ The runs are the 20 official ones (``--runs official``), or runs built the same 
 split's characters (:func:`~metarl.fewshot.omniglot.within_alphabet_runs`): ``--runs val`` uses the
 validation alphabet, on which settings such as the number of shifted views may be chosen without
 looking at the test alphabets; ``--runs test`` gives more runs over the test alphabets than the
-official 20. An ensemble averages the members' class log-probabilities.
+official 20. An ensemble averages the members' class log-probabilities. Each image may be seen
+through several views (its embedding is their mean): shifts by up to ``--shift`` pixels, each of
+them turned and scaled by every ``--angles`` × ``--scales`` pair; ``--affine-sets`` compares
+several sets of turns and scalings in one call.
 
     python -m metarl.fewshot.omniglot_eval runs/omniglot_table/protonet_aug-5w1s-s{0,1,2} \\
-        --runs val --shift 0 2 --ensemble
+        --runs val --shift 0 2 --affine-sets 'a=0 s=1' 'a=-10,0,10 s=1' --ensemble
 """
 
 from __future__ import annotations
