@@ -171,20 +171,25 @@ def test_shifted_images_match_the_sampler_augmentation(dy, dx):
     assert torch.equal(shifted(images, dy, dx)[:, 0], torch.from_numpy(reference))
 
 
-def test_classify_with_shifts_averages_the_embeddings_of_every_shifted_view(shared_data_dir):
-    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
-    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
-    support, query = distribution.episodes(distribution.test_tasks()[:1], 1, 2)
-    images = torch.cat([support.x[0], query.x[0]])
+def _shifted_embeddings(learner, images: torch.Tensor) -> list[torch.Tensor]:
+    """The learner's embeddings of ``images`` moved by every offset in {-1, 0, 1}², built with the
+    sampler's shift (independent of the learner's own)."""
     params = {k: v.detach() for k, v in learner.params.items()}
     with torch.no_grad():
-        views = [
+        return [
             learner.model(params, torch.from_numpy(
                 shift_images(images[:, 0].numpy(), np.array([[dy, dx]] * len(images)))
             )[:, None])
             for dy in (-1, 0, 1)
             for dx in (-1, 0, 1)
         ]
+
+
+def test_classify_with_shifts_averages_the_embeddings_of_every_shifted_view(shared_data_dir):
+    distribution = OmniglotDistribution(data_dir=str(shared_data_dir), channels=TINY)
+    learner = PrototypicalNetwork(MetricLearnerConfig(), distribution, 0)
+    support, query = distribution.episodes(distribution.test_tasks()[:1], 1, 2)
+    views = _shifted_embeddings(learner, torch.cat([support.x[0], query.x[0]]))
     mean = torch.stack(views).mean(0)
     by_hand = prototype_logits(mean[:5], support.y[0], mean[5:], 5).argmax(-1)
     assert torch.equal(learner.classify(support.x[0], support.y[0], query.x[0], shift=1), by_hand)
@@ -200,16 +205,7 @@ def test_class_scores_with_turned_views_average_the_embeddings_of_every_view(sha
     support, query = distribution.episodes(distribution.test_tasks()[:1], 1, 2)
     images = torch.cat([support.x[0], query.x[0]])
     turned = torch.from_numpy(np.rot90(images.numpy(), 1, axes=(2, 3)).copy())
-    params = {k: v.detach() for k, v in learner.params.items()}
-    with torch.no_grad():
-        views = [
-            learner.model(params, torch.from_numpy(
-                shift_images(x[:, 0].numpy(), np.array([[dy, dx]] * len(x)))
-            )[:, None])
-            for x in (images, turned)
-            for dy in (-1, 0, 1)
-            for dx in (-1, 0, 1)
-        ]
+    views = _shifted_embeddings(learner, images) + _shifted_embeddings(learner, turned)
     mean = torch.stack(views).mean(0)
     by_hand = prototype_logits(mean[:5], support.y[0], mean[5:], 5)
     scores = learner.class_scores(

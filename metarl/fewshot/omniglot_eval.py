@@ -36,9 +36,9 @@ from metarl.fewshot.omniglot import (
     split_characters,
     within_alphabet_runs,
 )
+from metarl.fewshot.protonet import IDENTITY_VIEW
 
 Affine = Sequence[tuple[float, float]]
-IDENTITY: Affine = ((0.0, 1.0),)
 
 
 def affine_views(angles: Sequence[float], scales: Sequence[float]) -> list[tuple[float, float]]:
@@ -59,7 +59,7 @@ def parse_affine_set(spec: str) -> list[tuple[float, float]] | None:
 
 
 def run_log_probs(
-    learner: Any, runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY
+    learner: Any, runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY_VIEW
 ) -> list[torch.Tensor]:
     """A learner's class log-probabilities ``[T, 20]`` for each run's test images, each image
     embedded as the mean over its views (``affine`` turns/scalings × shifts up to ``shift`` px)."""
@@ -84,7 +84,7 @@ def members_error(
     members: Sequence[list[torch.Tensor]],
     runs: Sequence[OfficialRun],
     shift: int,
-    affine: Affine = IDENTITY,
+    affine: Affine = IDENTITY_VIEW,
 ) -> dict[str, Any]:
     """Error (%) on ``runs`` of the ensemble whose members' :func:`run_log_probs` are ``members``
     (one member: that learner alone): the mean log-probability picks each test image's class."""
@@ -104,7 +104,7 @@ def members_error(
 
 
 def runs_error(
-    learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY
+    learners: Sequence[Any], runs: Sequence[OfficialRun], shift: int, affine: Affine = IDENTITY_VIEW
 ) -> dict[str, Any]:
     """Error (%) of one learner, or an ensemble of several, on ``runs``, with a 95% CI over runs."""
     return members_error(

@@ -91,6 +91,10 @@ class MetricLearnerConfig:
             )
 
 
+IDENTITY_VIEW: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+"""The (angle, scale) views of an image seen as it is: no turn, no scaling."""
+
+
 def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """``images [B, C, H, W]`` moved ``dy`` rows down and ``dx`` columns right, zero-filled."""
     height, width = images.shape[-2:]
@@ -157,7 +161,7 @@ class MetricLearner:
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         shift: int = 0,
-        affine: Sequence[tuple[float, float]] = ((0.0, 1.0),),
+        affine: Sequence[tuple[float, float]] = IDENTITY_VIEW,
     ) -> torch.Tensor:
         """Class logits ``[Q, N]`` (on the CPU, no gradient) of ``query_x`` given labelled
         ``support_x`` (classes ``0..max(y)``).
@@ -177,7 +181,7 @@ class MetricLearner:
             embeddings = []
             for angle, scale in affine:
                 turned = images
-                if (angle, scale) != (0.0, 1.0):
+                if (angle, scale) not in IDENTITY_VIEW:
                     flat = images.reshape(-1, *images.shape[-2:]).numpy()
                     moved = affine_images(
                         flat, np.full(len(flat), angle), np.full(len(flat), scale)
