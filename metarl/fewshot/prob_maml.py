@@ -211,11 +211,6 @@ def _perturb(params: Params, std: Params, eps: Params) -> Params:
     return {k: params[k] + std[k] * eps[k] for k in params}
 
 
-def _sample(eps: Params, i: int) -> Params:
-    """Sample ``i`` of noise ``{name: [S, ...]}``."""
-    return {k: v[i] for k, v in eps.items()}
-
-
 def _expand(batch: Any, num: int) -> Any:
     """Each tensor repeated on a new leading axis of size ``num`` (a view).
 
@@ -336,9 +331,9 @@ class ProbabilisticMAML:
         def predict(e: Params, x: torch.Tensor) -> torch.Tensor:
             return self.model(_perturb(theta, std, e), x)
 
-        if self.batch == "loop":  # one sample at a time: vmapped batch norm and pooling are slow on CPUs
-            return torch.stack([predict(_sample(eps, i), x) for i in range(num_samples)])
-        return vmap(predict)(eps, _expand(x, num_samples))
+        # Samples are mapped like tasks: one at a time on loop batching, where vmapped batch norm
+        # and pooling are slow (CPUs).
+        return map_tasks(predict, (), (eps, _expand(x, num_samples)), self.batch)
 
     def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(self.device)
@@ -418,12 +413,7 @@ class ProbabilisticMAML:
             targets = pred + e * math.sqrt(0.5) if self.regression else (pred + e).argmax(-1)
             return num_points * self.loss_fn(params, type(data)(x, targets))
 
-        if self.batch == "loop":
-            squares = [grad(sampled_loss)(theta, data.x, e) for e in eps]
-            return {k: torch.stack([g[k] for g in squares]).pow(2).mean(0) for k in theta}
-        grads = vmap(grad(sampled_loss), in_dims=(None, 0, 0))(
-            theta, _expand(data.x, len(eps)), eps
-        )
+        grads = map_tasks(grad(sampled_loss), (theta,), (_expand(data.x, len(eps)), eps), self.batch)
         return {k: g.pow(2).mean(0) for k, g in grads.items()}
 
     def posterior_std(
