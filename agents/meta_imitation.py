@@ -37,144 +37,22 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch.func import vmap
 
 from agents.maml_ppo import clipped_objective
+from agents.meta_imitation_config import MetaImitationConfig
 from envs.base import Task, TaskDistribution
 from metarl import demos, discriminator, imitation_baselines, meta_pg
 from metarl.adaptation import Params, adapt
 from metarl.baselines import make_baseline
-from metarl.config import require_at_least
 from metarl.discriminator import DiscData, Discriminator
 from metarl.meta_pg import InnerLoop, PGBatch
 from metarl.runtime import tune_allocator
 from metarl.types import Trajectories
-
-
-@dataclass(frozen=True)
-class MetaImitationConfig:
-    meta_batch_size: int = 20
-    """Tasks per meta-iteration."""
-    episodes_per_task: int = 20
-    """Policy episodes per task for each inner step and for the post-update batch."""
-    num_demos: int = 1
-    """K: expert demonstrations per task that adaptation sees."""
-    num_query_demos: int = 1
-    """Held-back demonstrations per task for the discriminator's outer update."""
-    adapt_steps: int = 1
-    """Inner steps during meta-training, each: fresh rollouts, adapt D, one policy step."""
-    inner_lr: float = 0.1
-    """Policy inner SGD step size."""
-    disc_adapt_steps: int = 5
-    """Discriminator SGD steps per inner step (from the meta-learned φ each time)."""
-    disc_inner_lr: float = 0.1
-    """Discriminator inner SGD step size."""
-    first_order: bool = True
-    """Outer updates treat both inner updates as constants (first-order MAML)."""
-    gamma: float = 0.99
-    """Discount factor (also discounts the absorbing-state reward)."""
-    gae_lambda: float = 1.0
-    """GAE's λ."""
-    normalize_advantages: bool = True
-    """Standardise each task's advantages over its alive steps."""
-    baseline: Literal["linear", "mlp"] = "linear"
-    """State-value baseline of the discriminator's reward."""
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    """Policy hidden widths."""
-    activation: Literal["relu", "tanh"] = "relu"
-    """Policy hidden activation."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of the Gaussian policy."""
-    disc_hidden_sizes: tuple[int, ...] = (64, 64)
-    """Discriminator hidden widths."""
-    disc_activation: Literal["relu", "tanh"] = "tanh"
-    """Discriminator hidden activation (tanh keeps the gradient penalty smooth)."""
-    state_only: bool = False
-    """Discriminate (s, s') pairs instead of (s, a): imitation from observation."""
-    gradient_penalty: float = 1.0
-    """λ of the zero-centred gradient penalty on demonstrations (0 turns it off)."""
-    outer_lr: float = 1e-3
-    """Adam step size of the policy's outer loop."""
-    disc_outer_lr: float = 1e-3
-    """Adam step size of the discriminator's outer loop."""
-    clip_range: float = 0.2
-    """PPO's ε in the policy's outer objective."""
-    num_epochs: int = 5
-    """Outer Adam steps per meta-iteration, for each of G and D."""
-    backend: Literal["serial", "process", "ray"] = "serial"
-    """Rollout backend."""
-    num_workers: int = 1
-    """Rollout worker processes or actors."""
-    envs_per_worker: int = 0
-    """Environments each worker keeps; 0 keeps one per episode of its share."""
-    horizon: int = 0
-    """Steps per episode; 0 uses the task distribution's horizon."""
-    eval_adapt_steps: int = 5
-    """Adaptation steps scored at evaluation."""
-    eval_episodes_per_task: int = 20
-    """Policy episodes per held-out task for each evaluation step."""
-    eval_ablations: bool = True
-    """Also score GAIL from scratch (fresh G, fresh D), meta G + fresh D, and fresh G + meta D."""
-    eval_bc_baselines: bool = True
-    """Also score BC from scratch, multi-task BC fine-tuned and MAML-BC on the same demonstrations."""
-    bc_steps: int = 200
-    """Adam steps of behaviour cloning on a held-out task's demonstrations."""
-    bc_lr: float = 1e-3
-    """Adam step size of the BC baselines (also MAML-BC's outer step)."""
-    bc_pretrain_steps: int = 1000
-    """Adam steps of the multi-task BC policy on the training tasks' demonstrations."""
-    maml_bc_meta_steps: int = 500
-    """MAML-BC meta-iterations on the training tasks' demonstrations."""
-    num_pretrain_tasks: int = 50
-    """Training tasks whose demonstrations train the multi-task BC and MAML-BC baselines."""
-    bc_init_steps: int = 0
-    """Adam steps (at ``bc_lr``) of multi-task behaviour cloning on the demonstrations of
-    ``num_pretrain_tasks`` training tasks that initialise G before meta-training (the pretraining
-    of the ``bc_multitask`` baseline); 0 keeps PyTorch's initialisation."""
-    adapt_bc_steps: int = 0
-    """Adam steps (at ``bc_lr``) of behaviour cloning on the task's ``K`` demonstrations that begin
-    every adaptation, before the first adversarial step (a GAIL + BC hybrid); 0: adversarial steps
-    only. Needs ``first_order``."""
-
-    def __post_init__(self) -> None:
-        meta_pg.check_common_config(self)
-        require_at_least(
-            self,
-            (
-                "num_demos",
-                "num_query_demos",
-                "disc_adapt_steps",
-                "num_epochs",
-                "bc_steps",
-                "bc_pretrain_steps",
-                "maml_bc_meta_steps",
-                "num_pretrain_tasks",
-            ),
-        )
-        for name in ("disc_inner_lr", "outer_lr", "disc_outer_lr", "bc_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("bc_init_steps", "adapt_bc_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
-        if self.adapt_bc_steps and not self.first_order:
-            raise ValueError(
-                "adapt_bc_steps > 0 needs first_order = true: the second-order outer update "
-                "differentiates through the policy-gradient steps alone"
-            )
-        if self.gradient_penalty < 0:
-            raise ValueError(f"gradient_penalty must be >= 0, got {self.gradient_penalty}")
-        if not 0.0 < self.clip_range < 1.0:
-            raise ValueError(f"clip_range must lie in (0, 1), got {self.clip_range}")
-        if not self.disc_hidden_sizes or min(self.disc_hidden_sizes) < 1:
-            raise ValueError(
-                f"disc_hidden_sizes must be positive widths, got {self.disc_hidden_sizes}"
-            )
 
 
 class MetaImitation:
