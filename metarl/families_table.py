@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -345,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         rows = kept_rows(Path(args.keep), rows) + rows
     given = sys.argv[1:] if argv is None else argv
-    command = "python -m metarl.families_table " + " ".join(
-        f"'{a}'" if " " in a else a for a in given
-    )
+    command = "python -m metarl.families_table " + shlex.join(given)  # notes may hold quotes
     write_table(rows, Path(args.out), command, args.note)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from metarl.families_table import main
 
@@ -70,6 +71,15 @@ def test_keep_refreshes_given_sweeps_and_keeps_the_rest_with_their_machine(tmp_p
     assert rows[0]["machine"] == "old box" and rows[1]["machine"] != "old box"
     text = new.with_suffix(".md").read_text()
     assert "| machine | command |" in text and "| old box | `metarl sweep nav-rl2` |" in text
+
+
+def test_recorded_command_parses_back_to_the_arguments_even_with_quotes_in_the_note(tmp_path):
+    sweep = _fake_sweep(tmp_path / "s", "nav-rl2", "agents.rl2:RL2", {"name": "navigation-2d"}, {},
+                        [0], {"return": [-10.0]})
+    argv = [str(sweep), "--out", str(tmp_path / "t"), "--note", "the agent's 3 \"early\" runs"]
+    assert main(argv) == 0
+    command = json.loads((tmp_path / "t.json").read_text())["command"]
+    assert shlex.split(command) == ["python", "-m", "metarl.families_table", *argv]
 
 
 def _cell(folder, method, seed, per_task, curve=None, iterations=600):
