@@ -6,7 +6,7 @@
     python -m metarl.families_table runs/families/cheetah-vel-rl2 --keep experiments/results/families.json
     python -m metarl.families_table --omniglot-cells experiments/results/omniglot_cells --keep ...
 
-Omniglot rows come from the trained cells of ``metarl.fewshot.omniglot_table`` (5-way 1-shot):
+Omniglot rows come from the trained cells of ``metarl.fewshot.omniglot_cells`` (5-way 1-shot):
 ``--methods probmaml mann learnedopt`` trains the families' cells beside MAML's, Meta-SGD's and
 ProtoNets' (which omniglot.md shares).
 
@@ -149,7 +149,7 @@ OMNIGLOT_LEARNERS = ("maml", "metasgd", "probmaml", "mann", "learnedopt", "proto
 def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[str, Any]]:
     """Rows of the families' learners from trained Omniglot cells (``omniglot_table``), pooled
     over held-out episodes × seeds. Cells that kept only their reported step give "after" alone."""
-    from metarl.fewshot.omniglot_table import cell_machines, load_cells, merge_cells, seed_command
+    from metarl.fewshot.omniglot_cells import cell_machines, load_cells, merge_cells, seed_command
 
     cells = merge_cells(load_cells(cells_dir))
     rows = []

@@ -342,10 +342,10 @@ def test_learners_on_cuda_match_the_cpu(omniglot, name):
 def test_omniglot_table_trains_the_other_families_cells(tmp_path, monkeypatch, method, step):
     """probabilistic MAML, MANN and the learned optimizer train 5-way 1-shot cells through the
     Omniglot table (for families.md): scored at their own step, with the whole curve kept."""
-    from metarl.fewshot import omniglot_table as table
+    from metarl.fewshot import omniglot_cells as table
 
     monkeypatch.chdir(ROOT)
-    assert table._trained_runs(method) == [(5, 1, (5,))]
+    assert table.trained_runs(method) == [(5, 1, (5,))]
     tiny = ["tasks.channels=8", "tasks.num_test_tasks=4", "agent.meta_batch_size=2",
             "run.checkpoint_every=2", "run.eval_at_end=false"]
     cell = table.run_cell(method, 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny, str(tmp_path / "cells"))

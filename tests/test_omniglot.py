@@ -536,7 +536,8 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
 def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_path):
     import json
 
-    from metarl.fewshot.omniglot_table import cell_name, main
+    from metarl.fewshot.omniglot_cells import cell_name
+    from metarl.fewshot.omniglot_table import main
 
     def cell(seed: int, iterations: int, scores: list[float]) -> dict:
         return {"method": "maml", "ways": 5, "shots": 1, "seed": seed, "iterations": iterations,
@@ -558,11 +559,11 @@ def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_p
 def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_path, monkeypatch):
     import json
 
-    from metarl.fewshot import omniglot_table as table
+    from metarl.fewshot import omniglot_cells as table
 
     overrides = table.cell_overrides("protonet", 5, 1, 0, 7) + ["agent.device=cuda"]
     saved = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 7,
-             "command": table._command("protonet", overrides), "accuracy": {}, "train_s": 1.0}
+             "command": table.cell_command("protonet", overrides), "accuracy": {}, "train_s": 1.0}
     cells = tmp_path / "cells"
     cells.mkdir()
     (cells / table.cell_name(saved)).write_text(json.dumps(saved))
@@ -588,7 +589,7 @@ def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_pa
 
 
 def test_seed_command_names_the_device_of_each_seed():
-    from metarl.fewshot.omniglot_table import seed_command
+    from metarl.fewshot.omniglot_cells import seed_command
 
     base = "metarl run experiments/omniglot_maml.toml --set run.seed={}"
     gpu = base + " --set agent.device=cuda --set run.checkpoint_every=100"
@@ -636,10 +637,10 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
 
 def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets():
     from metarl.config import load_toml
-    from metarl.fewshot import omniglot_table as table
+    from metarl.fewshot import omniglot_cells as table
 
     experiments = Path(__file__).resolve().parents[1] / "experiments"
-    assert table._trained_runs("protonet_aug") == [(5, 1, (5, 20))]
+    assert table.trained_runs("protonet_aug") == [(5, 1, (5, 20))]
     overrides = table.cell_overrides("protonet_aug", 20, 1, 2, 2000)
     assert overrides == ["run.seed=2", "run.num_iterations=2000", "agent.num_shots=1"]
     config = load_toml(experiments / "omniglot_protonet_aug.toml")
@@ -647,7 +648,7 @@ def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets(
     plain = load_toml(experiments / "omniglot_protonet.toml")
     assert {k: v for k, v in config["tasks"].items() if k != "max_shift"} == plain["tasks"]
     # protonet_affine: protonet_aug plus random turns and scalings, the same single model
-    assert table._trained_runs("protonet_affine") == [(5, 1, (5, 20))]
+    assert table.trained_runs("protonet_affine") == [(5, 1, (5, 20))]
     affine = load_toml(experiments / "omniglot_protonet_affine.toml")
     assert affine["tasks"]["max_rotation"] > 0 and affine["tasks"]["max_scale"] > 0
     assert {k: v for k, v in affine["tasks"].items() if k not in ("max_rotation", "max_scale")} == (

@@ -1,0 +1,255 @@
+"""The cells of the Omniglot table: one trained model each (method, N-way, K-shot, seed, iterations).
+
+``run_cell`` trains (or resumes) one model and scores it on the held-out episodes and, for one-shot
+models, on the 20 official runs; its result is a JSON file under ``experiments/results/
+omniglot_cells`` whose command reproduces it. ``metarl.fewshot.omniglot_table`` schedules the cells
+and builds the table from them; ``metarl.families_table`` reads the families' cells.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl.bench.adapt import machine
+
+METHODS = (
+    "maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "protonet_aug", "protonet_affine",
+    "matchingnet",
+)
+# ProtoNets trained with augmented images, for the official runs: one 1-shot model each.
+AUGMENTED_PROTONET = ("protonet_aug", "protonet_affine")
+# Metric learners that train wider than they test (60-way) and are tested at 5 and 20 ways.
+WIDE_METRIC = ("protonet",) + AUGMENTED_PROTONET
+# The other meta-learning families (probabilistic MAML, MANN, learned optimizer): trained here
+# with --methods, 5-way 1-shot only, for experiments/results/families.md; not rows of omniglot.md.
+FAMILY_METHODS = ("probmaml", "mann", "learnedopt")
+ALL_METHODS = METHODS + FAMILY_METHODS
+GRADIENT = ("maml", "fomaml", "metasgd", "anil", "reptile", "probmaml", "learnedopt")
+CELLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+# MAML's 20-way settings (Finn et al. 2017, appendix A.1), shared by the methods that reuse them.
+MAML_20WAY = ("agent.inner_lr=0.1", "agent.adapt_steps=5", "agent.meta_batch_size=16")
+# Inner steps after which held-out accuracy is reported: MAML evaluates 5-way models after 3 steps
+# and 20-way models after 5 (appendix A.1, as recalled); Reptile after 50 (Nichol et al. 2018).
+# MANN is scored after reading the support set (its step 1); metric learners at their only step, 0.
+REPORT_STEP = {"reptile": {5: 50, 20: 50}, "mann": {5: 1, 20: 1}, "default": {5: 3, 20: 5}}
+
+
+def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
+    """Each machine the cells were trained on (with the device they used), and how many."""
+    out: dict[str, int] = {}
+    for r in results:
+        device = device_of(r["command"])
+        key = f"{r.get('machine', 'unknown machine')}, " + (
+            "cpu" if device == "cpu" else f"agent.device={device}"
+        )
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def cell_overrides(method: str, ways: int, shots: int, seed: int, iterations: int) -> list[str]:
+    """``--set`` overrides of one training run (ProtoNets: ``ways`` is only the 5-way test)."""
+    out = [f"run.seed={seed}", f"run.num_iterations={iterations}", f"agent.num_shots={shots}"]
+    if method in ("maml", "fomaml", "metasgd", "anil", "probmaml", "learnedopt"):
+        out.append(f"agent.num_queries={shots}")
+    if method == "reptile":
+        out.append(f"agent.num_queries={10 - shots}")
+    if ways == 20 and method not in WIDE_METRIC:
+        out.append("tasks.num_ways=20")
+        if method in ("maml", "fomaml", "metasgd", "anil"):
+            out.extend(MAML_20WAY)
+    return out
+
+
+def cell_command(method: str, overrides: list[str]) -> str:
+    return f"metarl run experiments/omniglot_{method}.toml " + " ".join(
+        f"--set {o}" for o in overrides
+    )
+
+
+_DEVICE = re.compile(r" --set agent\.device=(\S+)")
+
+
+def device_of(command: str) -> str:
+    """The ``agent.device`` a cell's command sets (``cpu`` when it sets none)."""
+    found = _DEVICE.search(command)
+    return found.group(1) if found else "cpu"
+
+
+def device_free(command: str) -> str:
+    """A cell's command without its ``agent.device`` override: the device changes where a run
+    computes, not what it computes, so a cell trained on a GPU and one trained on CPUs are seeds of
+    one experiment."""
+    return _DEVICE.sub("", command)
+
+
+def trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(training ways, shots, test ways) of each model a method trains."""
+    if method == "protonet":
+        return [(5, 1, (5, 20)), (5, 5, (5, 20))]
+    if method in AUGMENTED_PROTONET:  # the official runs' model: one shot
+        return [(5, 1, (5, 20))]
+    if method in FAMILY_METHODS:
+        return [(5, 1, (5,))]
+    return [(w, k, (w,)) for w, k in CELLS]
+
+
+def report_step(method: str, ways: int) -> int:
+    """The adaptation step whose held-out accuracy a cell reports."""
+    if method in REPORT_STEP:
+        return REPORT_STEP[method][ways]
+    return REPORT_STEP["default"][ways] if method in GRADIENT else 0
+
+
+def _accuracy(document: dict[str, Any], step: int) -> list[float]:
+    steps = list(document["adaptation_steps"])
+    if step not in steps:
+        raise ValueError(
+            f"the table reports accuracy after {step} inner steps, but the run evaluated {steps}; "
+            f"add {step} to agent.eval_adapt_steps in the config"
+        )
+    return (100.0 * np.asarray(document["accuracy"], dtype=float)[:, steps.index(step)]).tolist()
+
+
+def run_cell(
+    method: str,
+    ways: int,
+    shots: int,
+    test_ways: tuple[int, ...],
+    seed: int,
+    iterations: int,
+    root: str,
+    extra: list[str],
+    cells_dir: str | None = None,
+    gpu_share: float | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes) one model, then scores it on held-out episodes and the official runs.
+
+    The result is also written to ``cells_dir`` (committed with the table), so that a table can
+    be assembled from cells trained at different times or on several machines.
+    """
+    import torch
+
+    from metarl.experiment import Experiment
+    from metarl.fewshot.omniglot_tasks import official_runs_error
+
+    torch.set_num_threads(1)
+    overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
+    run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
+    done = run_dir / "table.json"
+    if cells_dir is not None:  # trained earlier or on another machine
+        name = cell_name(
+            {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
+        )
+        saved = Path(cells_dir) / name
+        if saved.exists():
+            cell: dict[str, Any] = json.loads(saved.read_text())
+            if device_free(cell["command"]) == device_free(cell_command(method, overrides)):
+                return cell
+    if done.exists():
+        previous: dict[str, Any] = json.loads(done.read_text())
+        if previous["iterations"] == iterations:
+            return previous
+    if (run_dir / "config.toml").exists():
+        experiment = Experiment.resume(run_dir)
+        if experiment.run_cfg.num_iterations != iterations:
+            raise ValueError(
+                f"{run_dir} holds a run of {experiment.run_cfg.num_iterations} iterations, not {iterations}; "
+                "pass another --root, or delete that directory to retrain it"
+            )
+    else:
+        experiment = Experiment.create(f"experiments/omniglot_{method}.toml", overrides, run_dir)
+    device = getattr(experiment.agent, "device", None)
+    if gpu_share is not None and device is not None and device.type == "cuda":
+        # Each worker's caching allocator keeps its peak; without a cap, one worker's held-out
+        # evaluation can take the memory the others then fail to get (seen with 16 workers).
+        torch.cuda.set_per_process_memory_fraction(gpu_share)
+    start = time.perf_counter()
+    experiment.run(progress=False)
+    train_s = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "method": method,
+        "ways": ways,
+        "shots": shots,
+        "seed": seed,
+        "iterations": iterations,
+        "command": cell_command(method, overrides),
+        "train_s": train_s,
+        "accuracy": {},
+    }
+    for n in test_ways:
+        rng = np.random.default_rng(experiment.eval_cfg.seed)
+        torch.manual_seed(experiment.eval_cfg.seed)
+        evaluation = experiment.agent.evaluate(experiment.distribution.test_tasks(num_ways=n), rng)
+        step = report_step(method, n)
+        result["accuracy"][str(n)] = {
+            "step": step,
+            "per_task": _accuracy(evaluation, step),
+            # every evaluated step, [step][task] (%), for curves such as families.md's
+            "curve": {
+                "steps": list(evaluation["adaptation_steps"]),
+                "per_task": [
+                    [round(a, 4) for a in _accuracy(evaluation, k)]
+                    for k in evaluation["adaptation_steps"]
+                ],
+            },
+        }
+    if shots == 1 and (ways == 20 or method in WIDE_METRIC):
+        result["official"] = official_runs_error(experiment.agent)
+    experiment.close()
+    result["machine"] = machine()
+    done.write_text(json.dumps(result))
+    if cells_dir is not None:
+        Path(cells_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cells_dir) / cell_name(result)).write_text(json.dumps(result) + "\n")
+    return result
+
+
+def cell_name(result: dict[str, Any]) -> str:
+    """The file name of one trained cell: method, ways, shots, seed and iterations."""
+    r = result
+    return f"{r['method']}-{r['ways']}w{r['shots']}s-s{r['seed']}-i{r['iterations']}.json"
+
+
+def load_cells(cells_dir: str | Path) -> list[dict[str, Any]]:
+    """Every committed cell result under ``cells_dir`` (none if the folder does not exist)."""
+    folder = Path(cells_dir)
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def merge_cells(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cells keyed by (method, ways, shots, seed): later groups win; per (method, ways, shots)
+    only the cells of the largest iteration count are kept, so a row never mixes budgets."""
+    keyed: dict[tuple, dict[str, Any]] = {}
+    for group in groups:
+        for r in group:
+            keyed[(r["method"], r["ways"], r["shots"], r["seed"])] = r
+    longest: dict[tuple, int] = {}
+    for (method, ways, shots, _), r in keyed.items():
+        longest[(method, ways, shots)] = max(longest.get((method, ways, shots), 0), r["iterations"])
+    return [r for (m, w, k, _), r in keyed.items() if r["iterations"] == longest[(m, w, k)]]
+
+
+def seed_command(commands: list[str], seeds: list[int]) -> str:
+    """One command for a row's seeds (in braces). Where the seeds ran on different devices, the
+    command is given without the device and a trailing shell comment names the seeds run on each."""
+    braces = "run.seed={" + ",".join(map(str, seeds)) + "}"
+    devices = [device_of(c) for c in commands]
+    if len(set(devices)) == 1:
+        return commands[0].replace(f"run.seed={seeds[0]}", braces)
+    on: dict[str, list[int]] = {}
+    for seed, device in zip(seeds, devices, strict=True):
+        on.setdefault(device, []).append(seed)
+    where = "; ".join(
+        f"seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))} with "
+        + ("no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}")
+        for d, s in on.items()
+    )
+    return device_free(commands[0]).replace(f"run.seed={seeds[0]}", braces) + f"  # {where}"
