@@ -14,7 +14,7 @@ import torch
 from metarl.fewshot.episodes import shift_images
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
 from metarl.fewshot.matchingnet import MatchingNetwork, cosine_attention, matching_logits
-from metarl.fewshot.omniglot import OfficialRun, load_official_runs
+from metarl.fewshot.omniglot_runs import OfficialRun, load_official_runs
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution, official_runs_error
 from metarl.fewshot.protonet import (
     MetricLearnerConfig,

@@ -21,12 +21,11 @@ from metarl.fewshot.episodes import EpisodeSampler, affine_images, shift_images
 from metarl.fewshot.omniglot import (
     OmniglotDataError,
     OmniglotDataset,
-    load_official_runs,
     load_omniglot,
     omniglot_sampler,
-    score_official_runs,
     split_characters,
 )
+from metarl.fewshot.omniglot_runs import load_official_runs, score_official_runs
 
 NUM_FAKE_DRAWINGS = 4
 
@@ -185,7 +184,7 @@ def test_npz_cache_round_trip(tmp_path, monkeypatch):
     data_dir, cache_dir = _minimal_dir(tmp_path / "archives"), tmp_path / "cache"
     first = load_omniglot(data_dir, cache_dir=cache_dir)
     assert len(list(cache_dir.glob("*.npz"))) == 1
-    monkeypatch.setattr(omniglot, "_MEMORY_CACHE", {})  # force a read of the .npz file
+    monkeypatch.setattr(omniglot, "MEMORY_CACHE", {})  # force a read of the .npz file
     second = load_omniglot(data_dir, cache_dir=cache_dir)
     assert second is not first
     np.testing.assert_array_equal(first.images, second.images)
@@ -421,7 +420,7 @@ def test_scorer_rejects_wrong_prediction_shape(runs):
 
 
 def test_within_alphabet_runs_pair_two_drawings_of_characters_of_one_alphabet(dataset):
-    from metarl.fewshot.omniglot import within_alphabet_runs
+    from metarl.fewshot.omniglot_runs import within_alphabet_runs
 
     val = split_characters(dataset, 0)["val"]
     runs = within_alphabet_runs(dataset, val, num_runs=5, seed=3)

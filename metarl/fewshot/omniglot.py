@@ -1,4 +1,4 @@
-"""Omniglot: character images read straight from the official zips, splits, episodes, one-shot runs.
+"""Omniglot: character images read straight from the official zips, splits and episodes.
 
 Archives (Lake, Salakhutdinov and Tenenbaum, github.com/brendenlake/omniglot, folder ``python/``):
 
@@ -6,7 +6,8 @@ Archives (Lake, Salakhutdinov and Tenenbaum, github.com/brendenlake/omniglot, fo
   (Greek and Latin are in both: merged, 242 characters from 8 alphabets);
 - full sets ``images_background.zip`` (964 characters) and ``images_evaluation.zip``
   (659 characters), 1,623 characters in all, used when both are in the data directory;
-- ``all_runs.zip``, the 20 official within-alphabet 20-way one-shot runs.
+- ``all_runs.zip``, the 20 official within-alphabet 20-way one-shot runs (read by
+  :mod:`metarl.fewshot.omniglot_runs`).
 
 Each 105x105 drawing is resized to 28x28 with a Lanczos (antialiasing) filter and inverted
 so that ink is 1.0 and background 0.0 (float32). Decoded sets are kept in memory per process,
@@ -37,29 +38,26 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 from metarl.fewshot.episodes import EpisodeSampler
 
 MINIMAL_ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
 FULL_ARCHIVES = ("images_background.zip", "images_evaluation.zip")
-RUNS_ARCHIVE = "all_runs.zip"
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 IMAGE_SIZE = 28
 FULL_NUM_CHARACTERS, FULL_NUM_TRAINVAL, FULL_NUM_TRAIN = 1623, 1200, 1028
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
-_HINT = (
+DATA_HINT = (
     "download it from github.com/brendenlake/omniglot (folder python/) into that directory, "
     "or pass data_dir= pointing at the directory that holds it"
 )
-_MEMORY_CACHE: dict[tuple, object] = {}
+MEMORY_CACHE: dict[tuple, object] = {}
 
 
 class OmniglotDataError(RuntimeError):
@@ -94,22 +92,6 @@ class OmniglotDataset:
         return int(self.images.shape[1])
 
 
-class OfficialRun(NamedTuple):
-    """One official 20-way one-shot run of the Omniglot challenge.
-
-    Attributes:
-        name: ``"run01"`` .. ``"run20"``.
-        train_x: ``[20, 1, S, S]`` float32, one drawing per class (``training/classNN.png``, in order).
-        test_x: ``[20, 1, S, S]`` float32 (``test/itemNN.png``, in order).
-        test_targets: ``[20]`` int64, index into ``train_x`` of each test image's class.
-    """
-
-    name: str
-    train_x: torch.Tensor
-    test_x: torch.Tensor
-    test_targets: torch.Tensor
-
-
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The directory holding the Omniglot zips.
 
@@ -128,21 +110,21 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return (candidates[0] / "omniglot").resolve()
 
 
-def _open_archive(path: Path) -> zipfile.ZipFile:
+def open_archive(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise FileNotFoundError(
-            f"Omniglot archive {path.name} not found in {path.parent}; {_HINT}."
+            f"Omniglot archive {path.name} not found in {path.parent}; {DATA_HINT}."
         )
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise OmniglotDataError(
             f"{path.name} in {path.parent} is not a readable zip archive ({err}); the file is corrupt "
-            f"or truncated: replace it with a fresh copy ({_HINT})."
+            f"or truncated: replace it with a fresh copy ({DATA_HINT})."
         ) from err
 
 
-def _decode_png(archive: zipfile.ZipFile, member: str, path: Path, image_size: int) -> np.ndarray:
+def decode_png(archive: zipfile.ZipFile, member: str, path: Path, image_size: int) -> np.ndarray:
     """One drawing as ``[S, S]`` uint8 with ink 255 (the files have ink 0 on white)."""
     try:
         with Image.open(io.BytesIO(archive.read(member))) as image:
@@ -151,7 +133,7 @@ def _decode_png(archive: zipfile.ZipFile, member: str, path: Path, image_size: i
         # CRC, inflate and PIL decoding errors all mean the archive's bytes are bad.
         raise OmniglotDataError(
             f"cannot decode {member} in {path.name} (in {path.parent}): {err!r}; the archive is "
-            f"corrupt: replace it with a fresh copy ({_HINT})."
+            f"corrupt: replace it with a fresh copy ({DATA_HINT})."
         ) from err
     return 255 - np.asarray(gray, dtype=np.uint8)
 
@@ -171,12 +153,12 @@ def _read_characters(paths: Sequence[Path], image_size: int) -> tuple[list[str],
     """Decode every character of the archives; a character found in two archives is kept once."""
     found: dict[str, tuple[Path, list[str], np.ndarray]] = {}
     for path in paths:
-        with _open_archive(path) as archive:
+        with open_archive(path) as archive:
             listing = _list_characters(archive)
             if not listing:
                 raise OmniglotDataError(
                     f"{path.name} in {path.parent} holds no <alphabet>/<character>/<drawing>.png "
-                    f"files; it is not an Omniglot image archive: replace it ({_HINT})."
+                    f"files; it is not an Omniglot image archive: replace it ({DATA_HINT})."
                 )
             for name, members in listing.items():
                 drawings = [m.rsplit("/", 1)[1] for m in members]
@@ -187,7 +169,7 @@ def _read_characters(paths: Sequence[Path], image_size: int) -> tuple[list[str],
                             f"(in {path.parent}); expected the same drawings in both: replace them."
                         )
                     continue
-                stack = np.stack([_decode_png(archive, m, path, image_size) for m in members])
+                stack = np.stack([decode_png(archive, m, path, image_size) for m in members])
                 found[name] = (path, members, stack)
     names = sorted(found)
     return names, [found[name][2] for name in names]
@@ -209,7 +191,7 @@ def _build_dataset(paths: Sequence[Path], image_size: int) -> tuple[list[str], n
     return names, np.stack(stacks)
 
 
-def _cache_key(paths: Sequence[Path], subset: str, image_size: int) -> tuple:
+def cache_key(paths: Sequence[Path], subset: str, image_size: int) -> tuple:
     stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
     return (subset, image_size, stats)
 
@@ -269,10 +251,10 @@ def load_omniglot(
     paths = [folder / name for name in (FULL_ARCHIVES if subset == "full" else MINIMAL_ARCHIVES)]
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"Omniglot archive {path.name} not found in {folder}; {_HINT}.")
-    key = _cache_key(paths, subset, image_size)
-    if key in _MEMORY_CACHE:
-        return _MEMORY_CACHE[key]  # type: ignore[return-value]
+            raise FileNotFoundError(f"Omniglot archive {path.name} not found in {folder}; {DATA_HINT}.")
+    key = cache_key(paths, subset, image_size)
+    if key in MEMORY_CACHE:
+        return MEMORY_CACHE[key]  # type: ignore[return-value]
     npz = None
     if cache_dir is not None:
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
@@ -284,7 +266,7 @@ def load_omniglot(
         if npz is not None:
             _save_npz(npz, names, ink)
     dataset = _make_dataset(names, ink, subset)
-    _MEMORY_CACHE[key] = dataset
+    MEMORY_CACHE[key] = dataset
     return dataset
 
 
@@ -364,157 +346,3 @@ def omniglot_sampler(
         max_rotation=max_rotation,
         max_scale=max_scale,
     )
-
-
-def parse_class_labels(text: str) -> list[tuple[str, str]]:
-    """``class_labels.txt`` lines ``"runNN/test/itemMM.png runNN/training/classKK.png"`` as pairs."""
-    pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split()
-        if len(fields) != 2:
-            raise OmniglotDataError(
-                f"class_labels.txt line {number} is {line!r}; expected '<test png> <training png>'."
-            )
-        pairs.append((fields[0], fields[1]))
-    return pairs
-
-
-def _read_run(archive: zipfile.ZipFile, path: Path, run: str, image_size: int) -> OfficialRun:
-    names = archive.namelist()
-    train_members = sorted(
-        n for n in names if n.startswith(f"{run}/training/") and n.endswith(".png")
-    )
-    test_members = sorted(n for n in names if n.startswith(f"{run}/test/") and n.endswith(".png"))
-    try:
-        labels = dict(parse_class_labels(archive.read(f"{run}/class_labels.txt").decode()))
-    except KeyError as err:
-        raise OmniglotDataError(
-            f"{run}/class_labels.txt is missing from {path.name} in {path.parent}; replace the archive ({_HINT})."
-        ) from err
-    index = {member: i for i, member in enumerate(train_members)}
-    missing = [m for m in test_members if labels.get(m) not in index]
-    if missing or not test_members:
-        raise OmniglotDataError(
-            f"{run} in {path.name} (in {path.parent}): test images {missing[:3]} have no training image "
-            f"in class_labels.txt, or the run is empty; replace the archive ({_HINT})."
-        )
-
-    def decode(members: list[str]) -> torch.Tensor:
-        ink = np.stack([_decode_png(archive, m, path, image_size) for m in members])
-        return torch.from_numpy(ink.astype(np.float32) / np.float32(255.0)).unsqueeze(1)
-
-    targets = torch.tensor([index[labels[m]] for m in test_members], dtype=torch.int64)
-    return OfficialRun(run, decode(train_members), decode(test_members), targets)
-
-
-def load_official_runs(
-    data_dir: str | Path | None = None, image_size: int = IMAGE_SIZE
-) -> list[OfficialRun]:
-    """The 20 official one-shot runs from ``all_runs.zip``, preprocessed like :func:`load_omniglot`.
-
-    Returns:
-        One :class:`OfficialRun` per ``runNN/`` folder, in order.
-    """
-    path = resolve_data_dir(data_dir) / RUNS_ARCHIVE
-    key = ("runs", image_size, _cache_key([path], "runs", image_size) if path.is_file() else None)
-    if key in _MEMORY_CACHE:
-        return list(_MEMORY_CACHE[key])  # type: ignore[call-overload]
-    with _open_archive(path) as archive:
-        runs = sorted(
-            {n.split("/")[0] for n in archive.namelist() if n.endswith("class_labels.txt")}
-        )
-        if not runs:
-            raise OmniglotDataError(
-                f"{path.name} in {path.parent} holds no runNN/class_labels.txt; replace it ({_HINT})."
-            )
-        loaded = [_read_run(archive, path, run, image_size) for run in runs]
-    _MEMORY_CACHE[key] = tuple(loaded)
-    return loaded
-
-
-def within_alphabet_runs(
-    dataset: OmniglotDataset,
-    characters: Sequence[int] | np.ndarray,
-    num_runs: int = 100,
-    num_ways: int = 20,
-    seed: int = 0,
-) -> list[OfficialRun]:
-    """Runs built like the official ones from a split's characters: each run takes ``num_ways``
-    characters of one alphabet (an alphabet drawn at random among those with enough characters),
-    one drawing of each as its training image and another as its test image, test images in a
-    random order; no rotations. Scored by :func:`score_official_runs`, they estimate the official
-    error on alphabets the model may be chosen on (the validation split) or with more runs than the
-    20 official ones (the test split). Run ``i`` depends only on ``(seed, i)``.
-    """
-    characters = np.asarray(characters, dtype=np.int64)
-    by_alphabet = {
-        a: characters[dataset.alphabet_index[characters] == a]
-        for a in np.unique(dataset.alphabet_index[characters])
-    }
-    usable = sorted(a for a, chars in by_alphabet.items() if len(chars) >= num_ways)
-    if not usable:
-        sizes = {dataset.alphabets[a]: len(c) for a, c in by_alphabet.items()}
-        raise ValueError(
-            f"no alphabet of these characters has {num_ways} characters (sizes {sizes}); "
-            "lower num_ways or pass another split."
-        )
-    if dataset.num_drawings < 2:
-        raise ValueError("within-alphabet runs need at least 2 drawings per character.")
-    runs = []
-    for i in range(num_runs):
-        rng = np.random.default_rng([seed, i])
-        alphabet = usable[int(rng.integers(len(usable)))]
-        chosen = rng.choice(by_alphabet[alphabet], size=num_ways, replace=False)
-        drawings = np.stack([rng.choice(dataset.num_drawings, 2, replace=False) for _ in chosen])
-        order = rng.permutation(num_ways)
-        train = dataset.images[chosen, drawings[:, 0]]
-        test = dataset.images[chosen[order], drawings[order, 1]]
-        runs.append(
-            OfficialRun(
-                name=f"{dataset.alphabets[alphabet]}-{i:03d}",
-                train_x=torch.from_numpy(np.ascontiguousarray(train, np.float32)).unsqueeze(1),
-                test_x=torch.from_numpy(np.ascontiguousarray(test, np.float32)).unsqueeze(1),
-                test_targets=torch.from_numpy(order.astype(np.int64)),
-            )
-        )
-    return runs
-
-
-def score_official_runs(
-    classify_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | np.ndarray | Sequence[int]],
-    runs: Sequence[OfficialRun],
-) -> dict[str, float | list[float]]:
-    """Score a one-shot classifier with the challenge's protocol (Lake et al. 2015).
-
-    Each test image of a run is assigned to one of the run's 20 training images; a run's error
-    is the percentage of its test images assigned wrongly, and the score is the mean over runs.
-
-    Args:
-        classify_fn: ``(train_x [20, 1, S, S], test_x [T, 1, S, S]) -> [T]`` predicted training
-            index of each test image.
-        runs: from :func:`load_official_runs`.
-
-    Returns:
-        ``{"error_per_run": [%, one per run], "mean_error": %, "num_runs": R}``.
-    """
-    if not runs:
-        raise ValueError(
-            "score_official_runs got no runs; pass the list from load_official_runs()."
-        )
-    errors = []
-    for run in runs:
-        raw = classify_fn(run.train_x, run.test_x)
-        if isinstance(raw, torch.Tensor):
-            predicted = raw.detach().cpu().reshape(-1)
-        else:
-            predicted = torch.as_tensor(np.asarray(raw)).reshape(-1)
-        if predicted.shape != run.test_targets.shape:
-            raise ValueError(
-                f"classify_fn returned {tuple(predicted.shape)} predictions for {run.name}; expected "
-                f"{tuple(run.test_targets.shape)}, one training index per test image."
-            )
-        wrong = (predicted.to(torch.int64) != run.test_targets).to(torch.float64).mean()
-        errors.append(100.0 * float(wrong))
-    return {"error_per_run": errors, "mean_error": float(np.mean(errors)), "num_runs": len(runs)}

@@ -1,7 +1,7 @@
 """Scores trained Omniglot metric learners on 20-way one-shot runs, alone and as an ensemble.
 
 The runs are the 20 official ones (``--runs official``), or runs built the same way from one
-split's characters (:func:`~metarl.fewshot.omniglot.within_alphabet_runs`): ``--runs val`` uses the
+split's characters (:func:`~metarl.fewshot.omniglot_runs.within_alphabet_runs`): ``--runs val`` uses the
 validation alphabet, on which settings such as the number of shifted views may be chosen without
 looking at the test alphabets; ``--runs test`` gives more runs over the test alphabets than the
 official 20. An ensemble averages the members' class log-probabilities. Each image may be seen
@@ -29,11 +29,11 @@ import torch
 
 from metarl.bench.adapt import machine
 from metarl.evaluation import mean_ci95
-from metarl.fewshot.omniglot import (
+from metarl.fewshot.omniglot import split_characters
+from metarl.fewshot.omniglot_runs import (
     OfficialRun,
     load_official_runs,
     score_official_runs,
-    split_characters,
     within_alphabet_runs,
 )
 from metarl.fewshot.protonet import IDENTITY_VIEW

@@ -29,14 +29,8 @@ from torch.func import functional_call
 
 from envs.base import Task
 from metarl.fewshot.episodes import EpisodeSampler
-from metarl.fewshot.omniglot import (
-    OfficialRun,
-    load_official_runs,
-    load_omniglot,
-    omniglot_sampler,
-    score_official_runs,
-    split_characters,
-)
+from metarl.fewshot.omniglot import load_omniglot, omniglot_sampler, split_characters
+from metarl.fewshot.omniglot_runs import OfficialRun, load_official_runs, score_official_runs
 from metarl.nn import Conv4, FunctionalModel
 
 MAX_INDEX = 2**31 - 1
