@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from metarl.fewshot.maml import NonFiniteLossError
-from metarl.fewshot.mann import (
-    MANNConfig,
-    MemoryAugmentedNetwork,
-    cosine_read,
-    least_used,
-    lru_write,
-    offset_labels,
-    update_usage,
-)
+from metarl.fewshot.mann import MANNConfig, MemoryAugmentedNetwork, offset_labels
+from metarl.fewshot.mann_memory import cosine_read, least_used, lru_write, update_usage
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
 from metarl.fewshot.sinusoid import RegressionBatch, SinusoidDistribution
 
