@@ -15,13 +15,8 @@ import torch
 
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig, NonFiniteLossError
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
-from metarl.fewshot.prob_maml import (
-    ProbabilisticMAML,
-    ProbabilisticMAMLConfig,
-    categorical_scores,
-    gaussian_mixture_scores,
-    neg_log_prior,
-)
+from metarl.fewshot.predictive import categorical_scores, gaussian_mixture_scores, neg_log_prior
+from metarl.fewshot.prob_maml import ProbabilisticMAML, ProbabilisticMAMLConfig
 from metarl.fewshot.sinusoid import RegressionBatch, SinusoidDistribution
 from metarl.nn import MLP, FunctionalModel
 

@@ -61,8 +61,7 @@ Classification predictions are the mean of the samples' softmax probabilities.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,141 +69,15 @@ from torch.func import grad, vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt, map_tasks, task_index
-from metarl.config import require_at_least
-from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
+from metarl.fewshot.maml import NonFiniteLossError, trainable_params
+from metarl.fewshot.predictive import (
+    categorical_scores,
+    gaussian_mixture_scores,
+    mahalanobis,
+    neg_log_prior,
+)
+from metarl.fewshot.prob_maml_config import ProbabilisticMAMLConfig
 from metarl.runtime import on_device, task_batching
-
-UNCERTAINTIES = ("laplace", "prior")
-LEVEL = 0.9
-
-
-@dataclass(frozen=True)
-class ProbabilisticMAMLConfig(EpisodicConfig):
-    inner_lr: float = 0.01
-    """Inner SGD step size of the MAP search."""
-    outer_lr: float = 0.001
-    """Adam step size for μ, log σ and the observation noise."""
-    first_order: bool = False
-    """Treat inner gradients as constants (then log σ learns only from outer_samples)."""
-    prior_weight: float = 1.0
-    """Weight of −log prior in the inner loss, divided by the number of support points P."""
-    init_prior_std: float = 0.1
-    """Initial prior standard deviation σ of every parameter element."""
-    outer_samples: int = 0
-    """Posterior samples θ_MAP + σ·ε averaged in the outer loss (0: query loss at the MAP only)."""
-    kl_weight: float = 1.0
-    """Weight of the KL term (divided by the query points) when outer_samples > 0."""
-    uncertainty: Literal["laplace", "prior"] = "laplace"
-    """Test-time parameter spread: 'laplace' (diagonal Laplace at the MAP) or 'prior' (σ)."""
-    num_samples: int = 20
-    """Parameter samples of the predictive distribution at evaluation."""
-    num_fisher_samples: int = 8
-    """Sampled-target gradients estimating the Fisher diagonal (uncertainty='laplace')."""
-    init_noise_std: float = 0.5
-    """Regression only: initial observation noise σ_y."""
-    learn_noise: bool = True
-    """Regression only: meta-learn σ_y (otherwise it stays at init_noise_std)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, ("num_fisher_samples",))
-        if self.num_samples < 2:
-            raise ValueError(
-                f"num_samples must be >= 2 to form a predictive, got {self.num_samples}"
-            )
-        for name in ("init_prior_std", "init_noise_std"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.prior_weight >= 0 or not self.kl_weight >= 0:
-            raise ValueError(
-                f"prior_weight and kl_weight must be >= 0, got {self.prior_weight}, {self.kl_weight}"
-            )
-        if self.outer_samples < 0:
-            raise ValueError(f"outer_samples must be >= 0, got {self.outer_samples}")
-        if self.outer_samples > 0 and self.kl_weight == 0:
-            raise ValueError(
-                "outer_samples > 0 with kl_weight = 0 would shrink σ towards zero (weight noise only "
-                "raises the query loss); set kl_weight > 0 (1.0 is the untempered bound) or "
-                "outer_samples = 0"
-            )
-        if self.uncertainty not in UNCERTAINTIES:
-            raise ValueError(
-                f"uncertainty must be one of {UNCERTAINTIES}, got {self.uncertainty!r}"
-            )
-        if self.uncertainty == "laplace" and self.prior_weight == 0:
-            raise ValueError(
-                "uncertainty='laplace' needs prior_weight > 0 (the prior bounds the posterior "
-                "precision from below); raise prior_weight or use uncertainty='prior'"
-            )
-
-
-def neg_log_prior(params: Params, mean: Params, log_std: Params) -> torch.Tensor:
-    """``−log N(θ; μ, diag σ²)`` without the constant: ``Σ (θ − μ)² / (2σ²) + log σ`` (a scalar)."""
-    return sum(  # type: ignore[return-value]
-        ((params[k] - mean[k]) ** 2 * torch.exp(-2 * log_std[k]) / 2 + log_std[k]).sum()
-        for k in mean
-    )
-
-
-def mahalanobis(params: Params, mean: Params, log_std: Params) -> torch.Tensor:
-    """``Σ (θ − μ)² / (2σ²)``: the KL between two Gaussians of one diagonal scale σ."""
-    return sum(  # type: ignore[return-value]
-        ((params[k] - mean[k]) ** 2 * torch.exp(-2 * log_std[k]) / 2).sum() for k in mean
-    )
-
-
-def _mixture_cdf(y: torch.Tensor, means: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return torch.special.ndtr((y.unsqueeze(0) - means) / std).mean(0)
-
-
-def gaussian_mixture_scores(
-    means: torch.Tensor, std: torch.Tensor | float, targets: torch.Tensor, level: float = LEVEL
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores the predictive ``mean_s N(means[s], std²)`` of each point against its target.
-
-    Args:
-        means: ``[S, Q]`` sample predictions.
-        std: observation noise σ_y (scalar).
-        targets: ``[Q]``.
-        level: mass of the central interval.
-
-    Returns:
-        ``(coverage, width, nll)``: the fraction of targets inside the central ``level`` interval,
-        the interval's mean width and the mean negative log predictive density (scalars).
-    """
-    std = torch.as_tensor(std, dtype=means.dtype, device=means.device)
-    lo_p, hi_p = (1 - level) / 2, (1 + level) / 2
-    cdf = _mixture_cdf(targets, means, std)
-    coverage = ((cdf >= lo_p) & (cdf <= hi_p)).to(means.dtype).mean()
-    # Bisection on the mixture CDF; the bracket holds both quantiles (|z| < 10 for every part).
-    lo = means.min(0).values - 10 * std
-    hi = means.max(0).values + 10 * std
-    bounds = []
-    for p in (lo_p, hi_p):
-        a, b = lo, hi
-        for _ in range(60):
-            mid = (a + b) / 2
-            below = _mixture_cdf(mid, means, std) < p
-            a, b = torch.where(below, mid, a), torch.where(below, b, mid)
-        bounds.append((a + b) / 2)
-    width = (bounds[1] - bounds[0]).mean()
-    log_density = (
-        -((targets.unsqueeze(0) - means) ** 2) / (2 * std**2)
-        - torch.log(std)
-        - math.log(2 * math.pi) / 2
-    )
-    nll = -(torch.logsumexp(log_density, 0) - math.log(means.shape[0])).mean()
-    return coverage, width, nll
-
-
-def categorical_scores(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accuracy and NLL of the mean of the samples' softmax; ``logits [S, Q, N]``, ``labels [Q]``."""
-    log_probs = torch.logsumexp(torch.log_softmax(logits, -1), 0) - math.log(logits.shape[0])
-    accuracy = (log_probs.argmax(-1) == labels).to(logits.dtype).mean()
-    nll = -log_probs.gather(-1, labels.unsqueeze(-1)).mean()
-    return accuracy, nll
 
 
 def _perturb(params: Params, std: Params, eps: Params) -> Params:
