@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,57 +31,22 @@ from metarl import meta_pg
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
+from metarl.meta_pg_config import MetaPGConfig
 from metarl.runtime import tune_allocator
 from metarl.types import Trajectories
 
 
 @dataclass(frozen=True)
-class MAMLPPOConfig:
-    meta_batch_size: int = 40
-    """Tasks per meta-iteration (MAML paper: 20 for 2D navigation, 40 for locomotion)."""
-    episodes_per_task: int = 20
-    """Episodes sampled per task for each inner step and for the post-update batch."""
-    adapt_steps: int = 1
-    """Inner policy-gradient steps during meta-training, each on freshly sampled episodes."""
-    inner_lr: float = 0.1
-    """Inner SGD step size α."""
-    first_order: bool = False
-    """Treat the inner gradients as constants (first-order MAML)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 1.0
-    """GAE's λ (1.0: Monte-Carlo returns minus the baseline)."""
-    normalize_advantages: bool = True
-    """Standardise each task's advantages over its alive steps."""
-    baseline: Literal["linear", "mlp"] = "linear"
-    """State-value baseline: the paper's per-task linear feature baseline, or a shared small MLP."""
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    """Widths of the policy's hidden layers."""
-    activation: Literal["relu", "tanh"] = "relu"
-    """Hidden activation of the policy."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of a Gaussian policy."""
+class MAMLPPOConfig(MetaPGConfig):
     outer_lr: float = 1e-3
     """Adam step size of the outer loop."""
     clip_range: float = 0.5
     """PPO's ε: the probability ratio is clipped to [1 − ε, 1 + ε]."""
     num_epochs: int = 5
     """Full-batch Adam steps on the clipped objective per meta-iteration."""
-    backend: Literal["serial", "process", "ray"] = "serial"
-    """Rollout backend."""
-    num_workers: int = 1
-    """Rollout worker processes or actors (process and ray backends)."""
-    envs_per_worker: int = 0
-    """Environments each worker keeps; 0 keeps one per episode of its share."""
-    horizon: int = 0
-    """Steps per episode; 0 uses the task distribution's horizon."""
-    eval_adapt_steps: int = 3
-    """Inner steps scored at evaluation (each on episodes sampled with the latest parameters)."""
-    eval_episodes_per_task: int = 20
-    """Episodes per held-out task for each evaluation step."""
 
     def __post_init__(self) -> None:
-        meta_pg.check_common_config(self)
+        super().__post_init__()
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0.0 < self.clip_range < 1.0:

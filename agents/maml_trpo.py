@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,36 +43,13 @@ from metarl import meta_pg, trust_region
 from metarl.adaptation import Params
 from metarl.baselines import make_baseline
 from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
+from metarl.meta_pg_config import MetaPGConfig
 from metarl.runtime import check_device, on_device, tune_allocator
 from metarl.types import Trajectories
 
 
 @dataclass(frozen=True)
-class MAMLTRPOConfig:
-    meta_batch_size: int = 40
-    """Tasks per meta-iteration (MAML paper: 20 for 2D navigation, 40 for locomotion)."""
-    episodes_per_task: int = 20
-    """Episodes sampled per task for each inner step and for the post-update batch."""
-    adapt_steps: int = 1
-    """Inner policy-gradient steps during meta-training, each on freshly sampled episodes."""
-    inner_lr: float = 0.1
-    """Inner SGD step size α."""
-    first_order: bool = False
-    """Treat the inner gradients as constants (first-order MAML)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 1.0
-    """GAE's λ (1.0: Monte-Carlo returns minus the baseline)."""
-    normalize_advantages: bool = True
-    """Standardise each task's advantages over its alive steps."""
-    baseline: Literal["linear", "mlp"] = "linear"
-    """State-value baseline: the paper's per-task linear feature baseline, or a shared small MLP."""
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    """Widths of the policy's hidden layers."""
-    activation: Literal["relu", "tanh"] = "relu"
-    """Hidden activation of the policy."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of a Gaussian policy."""
+class MAMLTRPOConfig(MetaPGConfig):
     max_kl: float = 0.01
     """Trust-region size: the mean KL between old and new post-update policies may not exceed it."""
     cg_iters: int = 10
@@ -85,23 +62,11 @@ class MAMLTRPOConfig:
     """Line search: tries before the update is rejected."""
     hvp_subsample: float = 1.0
     """Fraction of each task's episodes used in the KL Hessian-vector products (TRPO's trick)."""
-    backend: Literal["serial", "process", "ray"] = "serial"
-    """Rollout backend."""
-    num_workers: int = 1
-    """Rollout worker processes or actors (process and ray backends)."""
-    envs_per_worker: int = 0
-    """Environments each worker keeps; 0 keeps one per episode of its share."""
-    horizon: int = 0
-    """Steps per episode; 0 uses the task distribution's horizon."""
-    eval_adapt_steps: int = 3
-    """Inner steps scored at evaluation (each on episodes sampled with the latest parameters)."""
-    eval_episodes_per_task: int = 20
-    """Episodes per held-out task for each evaluation step."""
     device: str = "cpu"
     """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 
     def __post_init__(self) -> None:
-        meta_pg.check_common_config(self)
+        super().__post_init__()
         check_device(self.device)
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(

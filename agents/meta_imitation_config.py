@@ -6,44 +6,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from metarl import meta_pg
 from metarl.config import require_at_least
+from metarl.meta_pg_config import MetaPGConfig
 
 
 @dataclass(frozen=True)
-class MetaImitationConfig:
+class MetaImitationConfig(MetaPGConfig):
     meta_batch_size: int = 20
     """Tasks per meta-iteration."""
-    episodes_per_task: int = 20
-    """Policy episodes per task for each inner step and for the post-update batch."""
     num_demos: int = 1
     """K: expert demonstrations per task that adaptation sees."""
     num_query_demos: int = 1
     """Held-back demonstrations per task for the discriminator's outer update."""
-    adapt_steps: int = 1
-    """Inner steps during meta-training, each: fresh rollouts, adapt D, one policy step."""
-    inner_lr: float = 0.1
-    """Policy inner SGD step size."""
     disc_adapt_steps: int = 5
     """Discriminator SGD steps per inner step (from the meta-learned φ each time)."""
     disc_inner_lr: float = 0.1
     """Discriminator inner SGD step size."""
     first_order: bool = True
     """Outer updates treat both inner updates as constants (first-order MAML)."""
-    gamma: float = 0.99
-    """Discount factor (also discounts the absorbing-state reward)."""
-    gae_lambda: float = 1.0
-    """GAE's λ."""
-    normalize_advantages: bool = True
-    """Standardise each task's advantages over its alive steps."""
-    baseline: Literal["linear", "mlp"] = "linear"
-    """State-value baseline of the discriminator's reward."""
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    """Policy hidden widths."""
-    activation: Literal["relu", "tanh"] = "relu"
-    """Policy hidden activation."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of the Gaussian policy."""
     disc_hidden_sizes: tuple[int, ...] = (64, 64)
     """Discriminator hidden widths."""
     disc_activation: Literal["relu", "tanh"] = "tanh"
@@ -60,18 +40,8 @@ class MetaImitationConfig:
     """PPO's ε in the policy's outer objective."""
     num_epochs: int = 5
     """Outer Adam steps per meta-iteration, for each of G and D."""
-    backend: Literal["serial", "process", "ray"] = "serial"
-    """Rollout backend."""
-    num_workers: int = 1
-    """Rollout worker processes or actors."""
-    envs_per_worker: int = 0
-    """Environments each worker keeps; 0 keeps one per episode of its share."""
-    horizon: int = 0
-    """Steps per episode; 0 uses the task distribution's horizon."""
     eval_adapt_steps: int = 5
     """Adaptation steps scored at evaluation."""
-    eval_episodes_per_task: int = 20
-    """Policy episodes per held-out task for each evaluation step."""
     eval_ablations: bool = True
     """Also score GAIL from scratch (fresh G, fresh D), meta G + fresh D, and fresh G + meta D."""
     eval_bc_baselines: bool = True
@@ -96,7 +66,7 @@ class MetaImitationConfig:
     only. Needs ``first_order``."""
 
     def __post_init__(self) -> None:
-        meta_pg.check_common_config(self)
+        super().__post_init__()
         require_at_least(
             self,
             (

@@ -15,7 +15,6 @@ Per-task parameters are one dict whose tensors carry a leading task axis ``[N, *
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -299,35 +298,6 @@ def evaluate_adaptation(
         "return": np.stack(returns, axis=1).astype(np.float64),
         "success": success,
     }
-
-
-def check_common_config(cfg: Any) -> None:
-    """Checks the fields every meta-policy-gradient config shares; raises ``ValueError``."""
-    positive = (
-        "meta_batch_size",
-        "episodes_per_task",
-        "adapt_steps",
-        "num_workers",
-        "eval_episodes_per_task",
-    )
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("horizon", "envs_per_worker", "eval_adapt_steps"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 means the default), got {getattr(cfg, name)}")
-    if not cfg.inner_lr > 0:
-        raise ValueError(f"inner_lr must be > 0, got {cfg.inner_lr}")
-    if not 0.0 <= cfg.gamma <= 1.0 or not 0.0 <= cfg.gae_lambda <= 1.0:
-        raise ValueError(
-            f"gamma and gae_lambda must lie in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}"
-        )
-    if not cfg.hidden_sizes or min(cfg.hidden_sizes) < 1:
-        raise ValueError(
-            f"hidden_sizes must be positive widths, e.g. [100, 100], got {cfg.hidden_sizes}"
-        )
-    if not math.isfinite(cfg.init_log_std):
-        raise ValueError(f"init_log_std must be finite, got {cfg.init_log_std}")
 
 
 def make_agent_sampler(cfg: Any, distribution: Any, seed: int) -> Sampler:

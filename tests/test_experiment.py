@@ -157,3 +157,46 @@ def test_bootstrap_difference_interval_paired_and_unpaired():
     lo, hi = bootstrap_difference_ci(a, np.arange(10.0))
     assert lo < 19 / 2 - 9 / 2 < hi and hi - lo > 1.0
     assert all(np.isnan(bootstrap_difference_ci(a[:1], a)))
+
+
+def test_list_agents_names_every_config_key_inherited_ones_included():
+    """`metarl list agents` lists each agent's config keys: exactly the dataclass fields, also those
+    a config inherits from a shared base (MAML's episodic settings, the meta-policy-gradient ones)."""
+    import dataclasses
+
+    from agents.maml_trpo import MAMLTRPOConfig
+    from agents.meta_imitation_config import MetaImitationConfig
+    from metarl.config import field_docs
+    from metarl.fewshot.maml import GradientLearnerConfig
+
+    listing = metarl("list", "agents").stdout
+    for path, config in [
+        ("metarl.fewshot.maml:GradientLearner", GradientLearnerConfig),
+        ("agents.maml_trpo:MAMLTRPO", MAMLTRPOConfig),
+        ("agents.meta_imitation:MetaImitation", MetaImitationConfig),
+    ]:
+        names = [f.name for f in dataclasses.fields(config)]
+        assert set(field_docs(config)) == set(names), config
+        line = listing.split(f"  {path}\n", 1)[1].split("\n", 1)[0]
+        assert set(line.removeprefix("    config keys: ").split(", ")) == set(names)
+    # the docstring written in the base class, and a subclass's own where it redeclares a field
+    assert field_docs(GradientLearnerConfig)["meta_batch_size"] == "Tasks per meta-iteration."
+    imitation = field_docs(MetaImitationConfig)
+    assert imitation["eval_adapt_steps"] == "Adaptation steps scored at evaluation."
+    assert imitation["episodes_per_task"].startswith("Episodes sampled per task")
+
+
+def test_meta_pg_configs_keep_their_defaults_and_the_shared_checks():
+    from agents.maml_ppo import MAMLPPOConfig
+    from agents.maml_trpo import MAMLTRPOConfig
+    from agents.meta_imitation_config import MetaImitationConfig
+
+    trpo, ppo, imitation = MAMLTRPOConfig(), MAMLPPOConfig(), MetaImitationConfig()
+    assert (trpo.meta_batch_size, trpo.first_order, trpo.eval_adapt_steps, trpo.max_kl) == (40, False, 3, 0.01)
+    assert (ppo.meta_batch_size, ppo.clip_range, ppo.outer_lr) == (40, 0.5, 1e-3)
+    assert (imitation.meta_batch_size, imitation.first_order, imitation.eval_adapt_steps) == (20, True, 5)
+    for config in (MAMLTRPOConfig, MAMLPPOConfig, MetaImitationConfig):
+        with pytest.raises(ValueError, match="gamma and gae_lambda"):
+            config(gamma=1.5)
+        with pytest.raises(ValueError, match="episodes_per_task must be >= 1"):
+            config(episodes_per_task=0)
