@@ -630,6 +630,10 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
     assert code == 2  # every cell "failed": nothing was trained
     assert submitted == [("protonet", 5, 1, (5, 20), 0), ("maml", 5, 1, (5,), 0),
                          ("protonet", 5, 1, (5, 20), 1), ("maml", 5, 1, (5,), 1)]
+    submitted.clear()  # --seed: only the seeds named, in the order given
+    table.main(["--methods", "maml", "--settings", "20w1s", "--seed", "2", "0",
+                "--cells", str(tmp_path / "none"), "--out", str(tmp_path / "t")])
+    assert submitted == [("maml", 20, 1, (20,), 2), ("maml", 20, 1, (20,), 0)]
     with pytest.raises(SystemExit, match="2"):  # argparse error
         table.main(["--settings", "five-way", "--out", str(tmp_path / "t")])
 

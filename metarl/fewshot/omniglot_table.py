@@ -221,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD=N",
         help="per-method iterations, e.g. protonet=20000",
     )
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="train seeds 0 .. SEEDS-1")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="train only these seeds (instead of --seeds), e.g. to split one row's seeds "
+        "between two commands running at once",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--methods",
@@ -276,7 +284,7 @@ def _jobs(args: argparse.Namespace, settings: set[tuple[int, int]] | None) -> li
     return [
         (m, w, k, tw, s, int(per_method.get(m, args.iterations)))
         + (args.root, args.set, args.cells, share)
-        for s in range(args.seeds)
+        for s in (args.seed if args.seed else range(args.seeds))
         for m in args.methods
         for w, k, tw in trained_runs(m)
         if settings is None or (w, k) in settings
