@@ -28,7 +28,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if klass is object or not dataclasses.is_dataclass(klass):
+        if not dataclasses.is_dataclass(klass):
             continue
         try:
             tree = ast.parse(inspect.getsource(klass))
