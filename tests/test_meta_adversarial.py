@@ -528,7 +528,7 @@ def test_bc_hybrid_label_follows_the_agent_table():
 
 
 def test_imitation_goal_check_against_the_best_bc_baseline_by_hand():
-    from metarl.adv_table import imitation_checks
+    from metarl.adv_report import imitation_checks
 
     def row(learner, iqm):
         return {"sweep": "push", "cell": "base", "metric": "success", "learner": learner,
