@@ -553,6 +553,23 @@ def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_p
     assert row["seeds"] == [0, 1] and row["iterations"] == 200
     assert row["accuracy"]["mean"] == pytest.approx(90.0) and row["accuracy"]["num"] == 4
     assert "run.seed={0,1}" in (tmp_path / "omniglot.md").read_text()
+    assert "](omniglot.png)" in (tmp_path / "omniglot.md").read_text()
+    assert (tmp_path / "omniglot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_omniglot_plot_groups_rows_by_setting_in_table_order():
+    from metarl.fewshot.omniglot_plot import accuracy_panels
+
+    def row(method, ways, shots, mean, seeds):
+        return {"method": method, "ways": ways, "shots": shots, "seeds": list(range(seeds)),
+                "accuracy": {"mean": mean, "ci95": 0.5}, "published": 99.0}
+
+    rows = [row("maml", 20, 1, 80.0, 3), row("maml", 5, 1, 93.0, 3), row("reptile", 5, 1, 84.0, 1)]
+    panels = accuracy_panels(rows)
+    assert list(panels) == [(5, 1), (20, 1)]
+    assert [(b["method"], b["mean"], b["seeds"]) for b in panels[(5, 1)]] == [
+        ("maml", 93.0, 3), ("reptile", 84.0, 1)]
+    assert panels[(20, 1)][0]["published"] == 99.0
 
 
 def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_path, monkeypatch):

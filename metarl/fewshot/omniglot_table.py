@@ -37,6 +37,7 @@ from metarl.fewshot.omniglot_cells import (
     seed_command,
     trained_runs,
 )
+from metarl.fewshot.omniglot_plot import plot_table
 
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
     "maml": (98.7, 99.9, 95.8, 98.9),
@@ -150,6 +151,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "official_runs": official,
         "official_runs_reference": OFFICIAL_REFERENCE,
         "cell_machines": cell_machines(results),
+        "plot": plot_table(rows, official, Path(args.out)).name,
     }
     Path(args.out).with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
@@ -166,6 +168,8 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         f"Table written by `{args.table_command}` on {document['machine']}. Cells trained on: "
         + "; ".join(f"{m} ({n} cells)" for m, n in document["cell_machines"].items())
         + ".",
+        "",
+        f"![Accuracy per setting and error on the official runs]({document['plot']})",
         "",
         "| method | N-way K-shot | seeds | iterations | step | accuracy | published (full set) | command (seeds in braces) |",
         "|---|---|---|---|---|---|---|---|",
