@@ -604,6 +604,19 @@ def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_pa
     assert len(trained) == 1
 
 
+def test_omniglot_cell_refuses_to_resume_a_run_of_another_length(tmp_path):
+    """A run directory started for 3 iterations is not silently continued as a 5-iteration cell."""
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as table
+
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2"]
+    run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
+    Experiment.create("experiments/omniglot_protonet.toml",
+                      table.cell_overrides("protonet", 5, 1, 0, 3) + tiny, run_dir).close()
+    with pytest.raises(ValueError, match="holds a run of 3 iterations, not 5"):
+        table.run_cell("protonet", 5, 1, (5,), 0, 5, str(tmp_path / "runs"), tiny)
+
+
 def test_seed_command_names_the_device_of_each_seed():
     from metarl.fewshot.omniglot_cells import seed_command
 

@@ -116,6 +116,74 @@ def _accuracy(document: dict[str, Any], step: int) -> list[float]:
     return (100.0 * np.asarray(document["accuracy"], dtype=float)[:, steps.index(step)]).tolist()
 
 
+def _finished(
+    method: str,
+    ways: int,
+    shots: int,
+    seed: int,
+    iterations: int,
+    overrides: list[str],
+    run_dir: Path,
+    cells_dir: str | None,
+) -> dict[str, Any] | None:
+    """The cell's result if it was scored before: committed in ``cells_dir`` with the same
+    command (on any device), or left in ``run_dir`` by a finished run of the same length."""
+    if cells_dir is not None:  # trained earlier or on another machine
+        name = cell_name(
+            {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
+        )
+        saved = Path(cells_dir) / name
+        if saved.exists():
+            cell: dict[str, Any] = json.loads(saved.read_text())
+            if device_free(cell["command"]) == device_free(cell_command(method, overrides)):
+                return cell
+    done = run_dir / "table.json"
+    if done.exists():
+        previous: dict[str, Any] = json.loads(done.read_text())
+        if previous["iterations"] == iterations:
+            return previous
+    return None
+
+
+def _open(method: str, overrides: list[str], run_dir: Path, iterations: int) -> Any:
+    """The cell's experiment: resumed from ``run_dir`` if a run was started there, else new."""
+    from metarl.experiment import Experiment
+
+    if not (run_dir / "config.toml").exists():
+        return Experiment.create(f"experiments/omniglot_{method}.toml", overrides, run_dir)
+    experiment = Experiment.resume(run_dir)
+    if experiment.run_cfg.num_iterations != iterations:
+        raise ValueError(
+            f"{run_dir} holds a run of {experiment.run_cfg.num_iterations} iterations, not {iterations}; "
+            "pass another --root, or delete that directory to retrain it"
+        )
+    return experiment
+
+
+def _held_out_accuracy(experiment: Any, method: str, num_ways: int) -> dict[str, Any]:
+    """Accuracy (%) per fixed test episode at the reported step, and at every evaluated step."""
+    import torch
+
+    rng = np.random.default_rng(experiment.eval_cfg.seed)
+    torch.manual_seed(experiment.eval_cfg.seed)
+    evaluation = experiment.agent.evaluate(
+        experiment.distribution.test_tasks(num_ways=num_ways), rng
+    )
+    step = report_step(method, num_ways)
+    return {
+        "step": step,
+        "per_task": _accuracy(evaluation, step),
+        # every evaluated step, [step][task] (%), for curves such as families.md's
+        "curve": {
+            "steps": list(evaluation["adaptation_steps"]),
+            "per_task": [
+                [round(a, 4) for a in _accuracy(evaluation, k)]
+                for k in evaluation["adaptation_steps"]
+            ],
+        },
+    }
+
+
 def run_cell(
     method: str,
     ways: int,
@@ -135,35 +203,15 @@ def run_cell(
     """
     import torch
 
-    from metarl.experiment import Experiment
     from metarl.fewshot.omniglot_tasks import official_runs_error
 
     torch.set_num_threads(1)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
     run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
-    done = run_dir / "table.json"
-    if cells_dir is not None:  # trained earlier or on another machine
-        name = cell_name(
-            {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
-        )
-        saved = Path(cells_dir) / name
-        if saved.exists():
-            cell: dict[str, Any] = json.loads(saved.read_text())
-            if device_free(cell["command"]) == device_free(cell_command(method, overrides)):
-                return cell
-    if done.exists():
-        previous: dict[str, Any] = json.loads(done.read_text())
-        if previous["iterations"] == iterations:
-            return previous
-    if (run_dir / "config.toml").exists():
-        experiment = Experiment.resume(run_dir)
-        if experiment.run_cfg.num_iterations != iterations:
-            raise ValueError(
-                f"{run_dir} holds a run of {experiment.run_cfg.num_iterations} iterations, not {iterations}; "
-                "pass another --root, or delete that directory to retrain it"
-            )
-    else:
-        experiment = Experiment.create(f"experiments/omniglot_{method}.toml", overrides, run_dir)
+    finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
+    if finished is not None:
+        return finished
+    experiment = _open(method, overrides, run_dir, iterations)
     device = getattr(experiment.agent, "device", None)
     if gpu_share is not None and device is not None and device.type == "cuda":
         # Each worker's caching allocator keeps its peak; without a cap, one worker's held-out
@@ -171,7 +219,6 @@ def run_cell(
         torch.cuda.set_per_process_memory_fraction(gpu_share)
     start = time.perf_counter()
     experiment.run(progress=False)
-    train_s = time.perf_counter() - start
     result: dict[str, Any] = {
         "method": method,
         "ways": ways,
@@ -179,31 +226,14 @@ def run_cell(
         "seed": seed,
         "iterations": iterations,
         "command": cell_command(method, overrides),
-        "train_s": train_s,
-        "accuracy": {},
+        "train_s": time.perf_counter() - start,
+        "accuracy": {str(n): _held_out_accuracy(experiment, method, n) for n in test_ways},
     }
-    for n in test_ways:
-        rng = np.random.default_rng(experiment.eval_cfg.seed)
-        torch.manual_seed(experiment.eval_cfg.seed)
-        evaluation = experiment.agent.evaluate(experiment.distribution.test_tasks(num_ways=n), rng)
-        step = report_step(method, n)
-        result["accuracy"][str(n)] = {
-            "step": step,
-            "per_task": _accuracy(evaluation, step),
-            # every evaluated step, [step][task] (%), for curves such as families.md's
-            "curve": {
-                "steps": list(evaluation["adaptation_steps"]),
-                "per_task": [
-                    [round(a, 4) for a in _accuracy(evaluation, k)]
-                    for k in evaluation["adaptation_steps"]
-                ],
-            },
-        }
     if shots == 1 and (ways == 20 or method in WIDE_METRIC):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
     result["machine"] = machine()
-    done.write_text(json.dumps(result))
+    (run_dir / "table.json").write_text(json.dumps(result))
     if cells_dir is not None:
         Path(cells_dir).mkdir(parents=True, exist_ok=True)
         (Path(cells_dir) / cell_name(result)).write_text(json.dumps(result) + "\n")
