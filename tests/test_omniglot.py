@@ -688,3 +688,13 @@ def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets(
         config["tasks"]
     )
     assert affine["agent"] == config["agent"] and affine["run"] == config["run"]
+
+
+def test_omniglot_eval_rejects_bad_ensembles_before_loading_any_model(tmp_path, capsys):
+    from metarl.fewshot import omniglot_eval
+
+    missing = str(tmp_path / "not-trained")  # never opened: the arguments fail first
+    for bad, says in ((["--ensemble", "0,5"], "outside 0..0"), (["--ensemble", "a,b"], "positions such as")):
+        with pytest.raises(SystemExit):
+            omniglot_eval.main([missing, *bad])
+        assert says in capsys.readouterr().err

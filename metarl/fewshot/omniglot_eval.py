@@ -169,7 +169,7 @@ def write_results(out: Path, title: str, command: str, results: list[dict[str, A
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="trained metric-learner run directories")
     parser.add_argument("--runs", default="val", choices=("official", "val", "test"))
@@ -206,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", help="write the results to OUT.json and a table to OUT.md (path without suffix)"
     )
     parser.add_argument("--title", default="Omniglot 20-way one-shot runs", help="OUT.md's title")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _view_sets(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> list[list[tuple[float, float]]]:
+    """The (angle, scale) view sets to score, from --affine-sets or --angles/--scales."""
     if args.affine_sets:
         parsed = [parse_affine_set(spec) for spec in args.affine_sets]
         view_sets = [v for v in parsed if v is not None]
@@ -216,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         view_sets = [affine_views(args.angles, args.scales)]
     if any(s <= 0 for views in view_sets for _, s in views):
         parser.error("scales must be > 0")
-    torch.set_num_threads(1)
-    loaded = [load_learner(d) for d in args.run_dirs]
-    runs = make_runs(args.runs, loaded[0][1], args.num_runs, args.seed)
+    return view_sets
+
+
+def _groups(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[list[int]]:
+    """Positions in run_dirs to score together: every model alone, then each --ensemble."""
     ensembles: list[list[int]] = []
     if args.ensemble is not None:
         try:
@@ -230,7 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         bad = [i for group in ensembles for i in group if not 0 <= i < len(args.run_dirs)]
         if bad:
             parser.error(f"--ensemble positions {bad} are outside 0..{len(args.run_dirs) - 1}")
-    groups = [[i] for i in range(len(args.run_dirs))] + [g for g in ensembles if len(g) > 1]
+    return [[i] for i in range(len(args.run_dirs))] + [g for g in ensembles if len(g) > 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    view_sets = _view_sets(args, parser)
+    groups = _groups(args, parser)
+    torch.set_num_threads(1)
+    loaded = [load_learner(d) for d in args.run_dirs]
+    runs = make_runs(args.runs, loaded[0][1], args.num_runs, args.seed)
+    shown = ("models", "runs", "shift", "affine", "views", "mean_error", "ci95")
     results = []
     for shift, affine in [(s, v) for v in view_sets for s in args.shift]:
         log_probs = [run_log_probs(learner, runs, shift, affine) for learner, _ in loaded]
@@ -238,23 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             result = members_error([log_probs[i] for i in group], runs, shift, affine)
             row = {"models": [args.run_dirs[i] for i in group], "runs": args.runs, **result}
             results.append(row)
-            print(
-                json.dumps(
-                    {
-                        k: row[k]
-                        for k in (
-                            "models",
-                            "runs",
-                            "shift",
-                            "affine",
-                            "views",
-                            "mean_error",
-                            "ci95",
-                        )
-                    }
-                ),
-                flush=True,
-            )
+            print(json.dumps({k: row[k] for k in shown}), flush=True)
     if args.out:
         command = "python -m metarl.fewshot.omniglot_eval " + shlex.join(
             sys.argv[1:] if argv is None else argv
