@@ -138,7 +138,62 @@ def _fmt(cell: dict[str, float]) -> str:
     )
 
 
+SETUP = (
+    "Training: the minimal background sets of the Omniglot challenge (images_background_small1/2, 242 "
+    "characters from 8 alphabets; split by alphabet with seed 0: 131 training characters from 5 "
+    "alphabets, test = Korean + Japanese (katakana), 87 characters), 28×28, rotations by 90° as extra "
+    "classes, conv4 with 64 filters. Held-out: 600 fixed test episodes per cell, 15 query images per "
+    "class, mean accuracy (%) ± 95% CI over episodes × seeds. Gradient learners are scored after the "
+    "inner-step count in the `step` column. The published figures were obtained on the full "
+    "background set (1,200 training characters), a much larger training set than ours."
+)
+COMPARABLE = (
+    "Our training split holds 5 alphabets (131 characters) of the two minimal sets, the same "
+    "size as one of the five-alphabet sets of Lake et al. 2015, so the five-alphabet and "
+    "minimal rows are the comparable ones; the 30-alphabet rows are what more background "
+    "data buys."
+)
+
+
+def _accuracy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| method | N-way K-shot | seeds | iterations | step | accuracy | published (full set) | command (seeds in braces) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        pub = "–" if row["published"] is None else f"{row['published']} ({SOURCES[row['method']]})"
+        lines.append(
+            f"| {row['method']} | {row['ways']}-way {row['shots']}-shot | {len(row['seeds'])} | "
+            f"{row['iterations']} | {row['step']} | {_fmt(row['accuracy'])} | {pub} | "
+            f"`{seed_command(row['commands'], row['seeds'])}` |"
+        )
+    return lines
+
+
+def _official_lines(official: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## The 20 official within-alphabet 20-way one-shot runs (error %, mean ± 95% CI over runs × seeds)",
+        "",
+        "| method | model | error | protocol | command |",
+        "|---|---|---|---|---|",
+    ]
+    for row in official:
+        lines.append(
+            f"| {row['method']} | {row['model']} | {_fmt(row['error'])} | {row['protocol']} | "
+            f"`{seed_command(row['commands'], row['seeds'])}` |"
+        )
+    lines += [
+        "",
+        "Published errors on the same 20 runs (background set the model learned from → error %):",
+        "",
+        "| model | background | error | source |",
+        "|---|---|---|---|",
+    ]
+    return lines + [f"| {m} | {b} | {e} | {src} |" for m, b, e, src in OFFICIAL_REFERENCE]
+
+
 def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Writes ``args.out``.json, .md and .png from the cells' results."""
     results = [r for r in results if r["method"] in METHODS]  # the families' cells: families.md
     rows, official = _rows(results)
     document = {
@@ -157,13 +212,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     lines = [
         "# Omniglot: few-shot accuracy on the minimal background sets",
         "",
-        "Training: the minimal background sets of the Omniglot challenge (images_background_small1/2, 242 "
-        "characters from 8 alphabets; split by alphabet with seed 0: 131 training characters from 5 "
-        "alphabets, test = Korean + Japanese (katakana), 87 characters), 28×28, rotations by 90° as extra "
-        "classes, conv4 with 64 filters. Held-out: 600 fixed test episodes per cell, 15 query images per "
-        "class, mean accuracy (%) ± 95% CI over episodes × seeds. Gradient learners are scored after the "
-        "inner-step count in the `step` column. The published figures were obtained on the full "
-        "background set (1,200 training characters), a much larger training set than ours.",
+        SETUP,
         "",
         f"Table written by `{args.table_command}` on {document['machine']}. Cells trained on: "
         + "; ".join(f"{m} ({n} cells)" for m, n in document["cell_machines"].items())
@@ -171,42 +220,11 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "",
         f"![Accuracy per setting and error on the official runs]({document['plot']})",
         "",
-        "| method | N-way K-shot | seeds | iterations | step | accuracy | published (full set) | command (seeds in braces) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        pub = "–" if row["published"] is None else f"{row['published']} ({SOURCES[row['method']]})"
-        lines.append(
-            f"| {row['method']} | {row['ways']}-way {row['shots']}-shot | {len(row['seeds'])} | "
-            f"{row['iterations']} | {row['step']} | {_fmt(row['accuracy'])} | {pub} | "
-            f"`{seed_command(row['commands'], row['seeds'])}` |"
-        )
-    lines += [
+        *_accuracy_lines(rows),
         "",
-        "## The 20 official within-alphabet 20-way one-shot runs (error %, mean ± 95% CI over runs × seeds)",
+        *_official_lines(official),
         "",
-        "| method | model | error | protocol | command |",
-        "|---|---|---|---|---|",
-    ]
-    for row in official:
-        lines.append(
-            f"| {row['method']} | {row['model']} | {_fmt(row['error'])} | {row['protocol']} | "
-            f"`{seed_command(row['commands'], row['seeds'])}` |"
-        )
-    lines += [
-        "",
-        "Published errors on the same 20 runs (background set the model learned from → error %):",
-        "",
-        "| model | background | error | source |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {m} | {b} | {e} | {src} |" for m, b, e, src in OFFICIAL_REFERENCE]
-    lines += [
-        "",
-        "Our training split holds 5 alphabets (131 characters) of the two minimal sets, the same "
-        "size as one of the five-alphabet sets of Lake et al. 2015, so the five-alphabet and "
-        "minimal rows are the comparable ones; the 30-alphabet rows are what more background "
-        "data buys.",
+        COMPARABLE,
     ]
     if args.note_file:
         lines += ["", Path(args.note_file).read_text().strip()]
