@@ -44,6 +44,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from metarl.experiment import Experiment
     from metarl.fewshot.maml import NonFiniteLossError
+    from metarl.stopping import TrainingStopped
 
     if args.resume:
         if args.config or args.set:
@@ -58,6 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         experiment.run(progress=not args.no_progress)
         if experiment.run_cfg.eval_at_end:
             _print_summary(experiment.evaluate())
+    except TrainingStopped as e:
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
     except FloatingPointError as e:
         kind = "non-finite loss" if isinstance(e, NonFiniteLossError) else "floating-point error"
         print(f"error: {kind} at iteration {experiment.iteration + 1}: {e}\n"

@@ -27,6 +27,7 @@ import torch
 from metarl.config import ConfigError, apply_overrides, build, load_toml
 from metarl.logger import MetricsLogger, load_checkpoint, save_checkpoint
 from metarl.registry import make_distribution, resolve_agent
+from metarl.stopping import TrainingStopped, stop_signals
 
 SECTIONS = ("run", "tasks", "agent", "eval")
 
@@ -155,6 +156,8 @@ class Experiment:
         """Trains until ``num_iterations``, logging, checkpointing and showing progress.
 
         A NaN or Inf loss raised by the agent stops the run; the last checkpoint stays as it was.
+        A SIGINT or SIGTERM stops it after the current iteration, checkpointed there
+        (:class:`metarl.stopping.TrainingStopped`); a second one stops it at once.
         """
         from tqdm import tqdm
 
@@ -164,16 +167,20 @@ class Experiment:
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
                    desc=Path(self.run_dir).name, mininterval=1.0, dynamic_ncols=True)
         try:
-            while self.iteration < cfg.num_iterations:
-                start = time.perf_counter()
-                metrics = self.agent.step(self.distribution.sample(meta_batch, self.rng))
-                self.iteration += 1
-                metrics["time/iteration_s"] = time.perf_counter() - start
-                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.num_iterations:
-                    logger.log(self.iteration, metrics)
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.num_iterations:
-                    self.checkpoint()
-                bar.update(1)
+            with stop_signals() as received:
+                while self.iteration < cfg.num_iterations:
+                    start = time.perf_counter()
+                    metrics = self.agent.step(self.distribution.sample(meta_batch, self.rng))
+                    self.iteration += 1
+                    metrics["time/iteration_s"] = time.perf_counter() - start
+                    last = self.iteration == cfg.num_iterations
+                    if self.iteration % cfg.log_every == 0 or last:
+                        logger.log(self.iteration, metrics)
+                    if self.iteration % cfg.checkpoint_every == 0 or last or received:
+                        self.checkpoint()
+                    bar.update(1)
+                    if received and not last:
+                        raise TrainingStopped(received[0], self.iteration, self.run_dir)
         finally:
             bar.close()
             logger.close()

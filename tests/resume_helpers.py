@@ -34,3 +34,18 @@ def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: floa
     wait(lambda: _lines(metrics) > seen)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def signal_midway(proc: subprocess.Popen, run_dir: Path, signum: int, timeout_s: float = 120.0) -> None:
+    """Sends ``signum`` to ``proc`` once ``run_dir`` holds two metrics lines (training is under
+    way, past its first log), by polling like :func:`kill_after_checkpoint`."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while _lines(metrics) < 2:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be signalled")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no progress in {run_dir} within {timeout_s} s")
+        time.sleep(0.001)
+    os.kill(proc.pid, signum)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from resume_helpers import kill_after_checkpoint
+from resume_helpers import kill_after_checkpoint, signal_midway
 
 from metarl.cli import main
 from metarl.evaluation import iqm, mean_ci95
@@ -73,6 +73,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 0 < len(logged) < 60, "the run must be killed midway for this test to mean anything"
     metarl("run", "--resume", str(killed), "--no-progress")
     assert (killed / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+def test_sigterm_or_sigint_checkpoints_the_current_iteration_and_resume_matches(tmp_path):
+    import re
+    import signal
+
+    from metarl.logger import load_checkpoint
+
+    metarl(*small_run(tmp_path / "full"))
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        stopped = tmp_path / signum.name
+        proc = subprocess.Popen([sys.executable, "-m", "metarl.cli", *small_run(stopped)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        signal_midway(proc, stopped, signum)
+        stderr = proc.communicate(timeout=120)[1]
+        assert proc.returncode == code, stderr
+        said = re.search(rf"stopped by {signum.name} after iteration (\d+)", stderr)
+        assert said and "Traceback" not in stderr and f"metarl run --resume {stopped}" in stderr
+        iteration = int(said.group(1))
+        assert 0 < iteration < 600, "the run must be stopped midway for this test to mean anything"
+        assert load_checkpoint(stopped / "checkpoint.pt")["iteration"] == iteration  # not the last every-40
+        metarl("run", "--resume", str(stopped), "--no-progress")
+        assert (stopped / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize(
