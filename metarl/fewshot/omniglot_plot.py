@@ -50,6 +50,46 @@ def _bars(ax: Any, bars: list[dict[str, Any]], value: str) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
+def _accuracy_panel(ax: Any, ways: int, shots: int, bars: list[dict[str, Any]]) -> None:
+    _bars(ax, bars, "mean")
+    published = [(b["published"], j) for j, b in enumerate(bars[::-1]) if b["published"]]
+    if published:
+        ax.scatter(
+            *zip(*published, strict=True),
+            marker="x",
+            color="k",
+            zorder=3,
+            label="published (full background set)",
+        )
+    low = min(b["mean"] - (b["ci95"] if math.isfinite(b["ci95"]) else 0.0) for b in bars)
+    ax.set_xlim(max(0.0, low - 5), 100)
+    ax.set_title(f"{ways}-way {shots}-shot, held-out characters", fontsize=9)
+    ax.set_xlabel("accuracy (%)")
+
+
+def _official_panel(ax: Any, official: list[dict[str, Any]]) -> None:
+    bars = [
+        {
+            "method": f"{r['method']} ({r['model']})",
+            "error": r["error"]["mean"],
+            "ci95": r["error"]["ci95"],
+            "seeds": len(r["seeds"]),
+        }
+        for r in official
+    ]
+    _bars(ax, bars, "error")
+    ax.axvline(PEOPLE_ERROR, color="C3", ls="--", label=f"people {PEOPLE_ERROR}%")
+    ax.axvline(
+        BPL_MINIMAL_ERROR,
+        color="C2",
+        ls=":",
+        label=f"Bayesian program learning, minimal sets {BPL_MINIMAL_ERROR}%",
+    )
+    ax.set_xlim(0, None)
+    ax.set_xlabel("error (%) on the 20 official within-alphabet 20-way one-shot runs")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def plot_table(rows: list[dict[str, Any]], official: list[dict[str, Any]], out: Path) -> Path:
     """Writes ``out``.png and returns its path."""
     import matplotlib
@@ -61,43 +101,9 @@ def plot_table(rows: list[dict[str, Any]], official: list[dict[str, Any]], out: 
     fig = plt.figure(figsize=(14, 8.5))
     grid = fig.add_gridspec(2, max(len(panels), 1), height_ratios=(3, 2))
     for i, ((ways, shots), bars) in enumerate(panels.items()):
-        ax = fig.add_subplot(grid[0, i])
-        _bars(ax, bars, "mean")
-        published = [(b["published"], j) for j, b in enumerate(bars[::-1]) if b["published"]]
-        if published:
-            ax.scatter(
-                *zip(*published, strict=True),
-                marker="x",
-                color="k",
-                zorder=3,
-                label="published (full background set)",
-            )
-        low = min(b["mean"] - (b["ci95"] if math.isfinite(b["ci95"]) else 0.0) for b in bars)
-        ax.set_xlim(max(0.0, low - 5), 100)
-        ax.set_title(f"{ways}-way {shots}-shot, held-out characters", fontsize=9)
-        ax.set_xlabel("accuracy (%)")
+        _accuracy_panel(fig.add_subplot(grid[0, i]), ways, shots, bars)
     if official:
-        ax = fig.add_subplot(grid[1, :])
-        bars = [
-            {
-                "method": f"{r['method']} ({r['model']})",
-                "error": r["error"]["mean"],
-                "ci95": r["error"]["ci95"],
-                "seeds": len(r["seeds"]),
-            }
-            for r in official
-        ]
-        _bars(ax, bars, "error")
-        ax.axvline(PEOPLE_ERROR, color="C3", ls="--", label=f"people {PEOPLE_ERROR}%")
-        ax.axvline(
-            BPL_MINIMAL_ERROR,
-            color="C2",
-            ls=":",
-            label=f"Bayesian program learning, minimal sets {BPL_MINIMAL_ERROR}%",
-        )
-        ax.set_xlim(0, None)
-        ax.set_xlabel("error (%) on the 20 official within-alphabet 20-way one-shot runs")
-        ax.legend(fontsize=7, loc="lower right")
+        _official_panel(fig.add_subplot(grid[1, :]), official)
     handles, labels = fig.axes[0].get_legend_handles_labels() if fig.axes else ([], [])
     if handles:
         fig.legend(handles[:1], labels[:1], fontsize=8, loc="upper right")
