@@ -287,6 +287,21 @@ def _plot(cells: dict[str, dict[str, Any]], out: Path, title: str) -> None:
         plt.close(fig)
 
 
+def _failed(failures: dict[str, str], num_jobs: int, aggregated_in: Path | None) -> ConfigError:
+    """The error that ends a sweep with failed runs: which failed and why, and what to do."""
+    listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+    return ConfigError(
+        f"{len(failures)} of {num_jobs} runs failed ({listed}). "
+        + (
+            f"The {num_jobs - len(failures)} finished ones are aggregated in {aggregated_in}/sweep.json. "
+            if aggregated_in is not None
+            else ""
+        )
+        + "Fix the cause and run the same command again: finished runs are reused and stopped "
+        "ones resume from their checkpoints."
+    )
+
+
 def sweep(
     config: str,
     seeds: int,
@@ -309,12 +324,12 @@ def sweep(
     root = Path(out) if out else Path("runs") / f"sweep-{Path(config).stem}"
     root.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(grid)
-    jobs, index = [], []
-    for cell in cells:
-        for seed in range(seeds):
-            run_overrides = [*overrides, *cell, f"run.seed={seed}"]
-            jobs.append((config, run_overrides, str(root / f"{label_of(cell)}-s{seed}"), baselines))
-            index.append(label_of(cell))
+    jobs = [
+        (config, [*overrides, *cell, f"run.seed={seed}"], str(root / f"{label_of(cell)}-s{seed}"), baselines)
+        for cell in cells
+        for seed in range(seeds)
+    ]
+    index = [label_of(cell) for cell in cells for _ in range(seeds)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
 
     def on_done(i: int, document: dict[str, Any]) -> None:
@@ -335,22 +350,14 @@ def sweep(
         if document is not None:
             by_cell.setdefault(label, []).append(document)
     aggregated = {label: aggregate(docs) for label, docs in by_cell.items()}
-    commands = {
-        label_of(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
-                                f"--set run.seed={{0..{seeds - 1}}}"])
-        for cell in cells
-    }
     if aggregated:
-        write_report(
-            aggregated, {k: v for k, v in commands.items() if k in aggregated}, root, Path(config).stem,
-            sweep_command,
-        )
+        commands = {
+            label_of(cell): " ".join(["metarl run", config, *(f"--set {o}" for o in [*overrides, *cell]),
+                                    f"--set run.seed={{0..{seeds - 1}}}"])
+            for cell in cells
+            if label_of(cell) in aggregated
+        }
+        write_report(aggregated, commands, root, Path(config).stem, sweep_command)
     if failures:
-        listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
-        raise ConfigError(
-            f"{len(failures)} of {len(jobs)} runs failed ({listed}). "
-            + (f"The {len(jobs) - len(failures)} finished ones are aggregated in {root}/sweep.json. " if aggregated else "")
-            + "Fix the cause and run the same command again: finished runs are reused and stopped "
-            "ones resume from their checkpoints."
-        )
+        raise _failed(failures, len(jobs), root if aggregated else None)
     return {"out": str(root), "cells": aggregated}
