@@ -228,6 +228,36 @@ def _agent_baseline_summary(baselines: dict[str, dict[str, Any]]) -> dict[str, A
     return out
 
 
+def _run_sb3(
+    experiment: Any,
+    tasks: list[Any],
+    budget: int,
+    options: dict[str, Any],
+    summary: dict[str, Any],
+    references: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Trains the stable-baselines3 baselines on ``tasks``; adds their summary to ``summary`` and
+    their mean scores to the plots' ``references``; returns their per-task results."""
+    from metarl.sb3_baselines import run_baselines
+
+    result = run_baselines(
+        experiment.distribution,
+        experiment.task_name,
+        tasks,
+        budget,
+        seed=experiment.eval_cfg.seed,
+        **options,
+    )
+    summary["baselines"] = _baseline_summary(result)
+    for metric in ("return", "success"):
+        for name in ("scratch", "multitask"):
+            entry = summary["baselines"][name]
+            if metric in entry:
+                label = f"{name} {entry['algo'].upper()} ({summary['baselines']['budget_steps']} steps)"
+                references.setdefault(metric, {})[label] = entry[metric]["mean"]
+    return result
+
+
 def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluates an experiment's agent on held-out tasks; writes ``eval.json`` and PNG plots.
 
@@ -260,23 +290,7 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
                 references.setdefault(metric, {})[name] = stats["mean"]
     baseline_result = None
     if baselines is not None:
-        from metarl.sb3_baselines import run_baselines
-
-        baseline_result = run_baselines(
-            experiment.distribution,
-            experiment.task_name,
-            tasks,
-            budget,
-            seed=experiment.eval_cfg.seed,
-            **baselines,
-        )
-        summary["baselines"] = _baseline_summary(baseline_result)
-        for metric in ("return", "success"):
-            for name in ("scratch", "multitask"):
-                entry = summary["baselines"][name]
-                if metric in entry:
-                    label = f"{name} {entry['algo'].upper()} ({summary['baselines']['budget_steps']} steps)"
-                    references.setdefault(metric, {})[label] = entry[metric]["mean"]
+        baseline_result = _run_sb3(experiment, tasks, budget, baselines, summary, references)
     plots = plot_curves(summary, run_dir / "adaptation.png", title, references)
     plot_fits = getattr(experiment.distribution, "plot_fits", None)
     if plot_fits is not None:
