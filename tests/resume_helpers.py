@@ -1,4 +1,4 @@
-"""Killing a training run midway, for the SIGKILL + resume tests."""
+"""Stopping a training run midway, for the SIGKILL / SIGTERM + resume tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -13,39 +14,33 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _wait(proc: subprocess.Popen, run_dir: Path, condition: Callable[[], bool], deadline: float) -> None:
+    """Polls ``condition`` (not a fixed sleep, so that neither a fast machine, where the run ends
+    first, nor a loaded one, where nothing is logged yet, voids the test)."""
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be stopped midway")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no progress in {run_dir} by the deadline")
+        time.sleep(0.001)
+
+
 def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 120.0) -> None:
     """SIGKILLs ``proc`` once ``run_dir`` holds a checkpoint and at least one metrics line logged
-    after it was seen, so the resume has lines to drop; polling, not a fixed sleep, so that neither
-    a fast machine (the run ends before the kill) nor a loaded one (nothing logged yet) voids it."""
+    after it was seen, so the resume has lines to drop."""
     checkpoint, metrics = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout_s
-
-    def wait(condition) -> None:
-        while not condition():
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed midway")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"no progress in {run_dir} within {timeout_s} s")
-            time.sleep(0.001)
-
-    wait(checkpoint.exists)
+    _wait(proc, run_dir, checkpoint.exists, deadline)
     seen = _lines(metrics)
-    wait(lambda: _lines(metrics) > seen)
+    _wait(proc, run_dir, lambda: _lines(metrics) > seen, deadline)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
 def signal_midway(proc: subprocess.Popen, run_dir: Path, signum: int, timeout_s: float = 120.0) -> None:
     """Sends ``signum`` to ``proc`` once ``run_dir`` holds two metrics lines (training is under
-    way, past its first log), by polling like :func:`kill_after_checkpoint`."""
+    way, past its first log)."""
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout_s
-    while _lines(metrics) < 2:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be signalled")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no progress in {run_dir} within {timeout_s} s")
-        time.sleep(0.001)
+    _wait(proc, run_dir, lambda: _lines(metrics) >= 2, time.monotonic() + timeout_s)
     os.kill(proc.pid, signum)
