@@ -8,6 +8,7 @@ real archives are checked against facts from the data README and against the raw
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -615,6 +616,38 @@ def test_omniglot_cell_refuses_to_resume_a_run_of_another_length(tmp_path):
                       table.cell_overrides("protonet", 5, 1, 0, 3) + tiny, run_dir).close()
     with pytest.raises(ValueError, match="holds a run of 3 iterations, not 5"):
         table.run_cell("protonet", 5, 1, (5,), 0, 5, str(tmp_path / "runs"), tiny)
+
+
+def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_trained(tmp_path):
+    """A cell stopped by a signal after 3 of 5 iterations is continued, not restarted, by the next
+    call; its training time is labelled with the 2 iterations that call trained."""
+    import os
+    import signal
+
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as table
+    from metarl.stopping import TrainingStopped
+
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=1"]
+    run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
+    experiment = Experiment.create("experiments/omniglot_protonet.toml",
+                                   table.cell_overrides("protonet", 5, 1, 0, 5) + tiny, run_dir)
+    step = experiment.agent.step
+
+    def step_then_signal(batch):
+        metrics = step(batch)
+        if experiment.iteration == 2:  # the 3rd iteration: Experiment.run counts it after step
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    experiment.agent.step = step_then_signal
+    with pytest.raises(TrainingStopped):
+        experiment.run(progress=False)
+    experiment.close()
+    cell = table.run_cell("protonet", 5, 1, (5,), 0, 5, str(tmp_path / "runs"), tiny)
+    assert cell["iterations"] == 5 and cell["train_s_iterations"] == 2
+    logged = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]
 
 
 def test_seed_command_names_the_device_of_each_seed():

@@ -217,7 +217,7 @@ def run_cell(
         # Each worker's caching allocator keeps its peak; without a cap, one worker's held-out
         # evaluation can take the memory the others then fail to get (seen with 16 workers).
         torch.cuda.set_per_process_memory_fraction(gpu_share)
-    start = time.perf_counter()
+    first, start = experiment.iteration, time.perf_counter()
     experiment.run(progress=False)
     result: dict[str, Any] = {
         "method": method,
@@ -226,7 +226,9 @@ def run_cell(
         "seed": seed,
         "iterations": iterations,
         "command": cell_command(method, overrides),
+        # wall time of the iterations trained by this call (all of them unless it resumed a run)
         "train_s": time.perf_counter() - start,
+        "train_s_iterations": iterations - first,
         "accuracy": {str(n): _held_out_accuracy(experiment, method, n) for n in test_ways},
     }
     if shots == 1 and (ways == 20 or method in WIDE_METRIC):
