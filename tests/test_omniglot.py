@@ -650,6 +650,37 @@ def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_
     assert logged == [1, 2, 3, 4, 5]
 
 
+def test_omniglot_table_plan_tells_committed_partial_and_untrained_cells_apart(tmp_path, capsys):
+    """--plan trains nothing and names each cell's state: seed 0 committed, seed 1 checkpointed at
+    iteration 2 of 4, seed 2 not started."""
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as cells_mod
+    from metarl.fewshot import omniglot_table as table
+
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.checkpoint_every=1"]
+    cells, root = tmp_path / "cells", tmp_path / "runs"
+    cells.mkdir()
+    saved = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 4,
+             "command": cells_mod.cell_command("protonet", cells_mod.cell_overrides("protonet", 5, 1, 0, 4) + tiny)}
+    (cells / cells_mod.cell_name(saved)).write_text(json.dumps(saved))
+    partial = Experiment.create("experiments/omniglot_protonet.toml",
+                                cells_mod.cell_overrides("protonet", 5, 1, 1, 4) + tiny, root / "protonet-5w1s-s1")
+    partial.iteration = 2
+    partial.checkpoint()
+    partial.close()
+    args = ["--plan", "--methods", "protonet", "--settings", "5w1s", "--iterations", "4", "--cells", str(cells),
+            "--root", str(root), "--out", str(tmp_path / "table")]
+    for item in tiny:
+        args += ["--set", item]
+    assert table.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "seed=0" in lines[0] and "done (committed)" in lines[0]
+    assert "seed=1" in lines[1] and "resumes at iteration 2 of 4" in lines[1]
+    assert "seed=2" in lines[2] and lines[2].endswith("to train")
+    assert lines[-1] == "1 of 3 cells done; 2 to train or resume"
+    assert not (tmp_path / "table.md").exists() and not (root / "protonet-5w1s-s2").exists()
+
+
 def test_seed_command_names_the_device_of_each_seed():
     from metarl.fewshot.omniglot_cells import seed_command
 

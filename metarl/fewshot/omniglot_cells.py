@@ -145,6 +145,35 @@ def _finished(
     return None
 
 
+def cell_state(
+    method: str,
+    ways: int,
+    shots: int,
+    seed: int,
+    iterations: int,
+    root: str,
+    extra: list[str],
+    cells_dir: str | None = None,
+) -> str:
+    """What ``run_cell`` would do with this cell, in words: reuse a finished result, resume a
+    checkpoint (and at which iteration), or train from the start. Loads no model."""
+    from metarl.logger import load_checkpoint
+
+    overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
+    run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
+    finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
+    if finished is not None:
+        committed = cells_dir is not None and (Path(cells_dir) / cell_name(finished)).exists()
+        return f"done ({'committed' if committed else run_dir})"
+    if not (run_dir / "config.toml").exists():
+        return "to train"
+    checkpoint = run_dir / "checkpoint.pt"
+    done = int(load_checkpoint(checkpoint)["iteration"]) if checkpoint.exists() else 0
+    if done == iterations:
+        return f"trained, to score ({run_dir})"
+    return f"resumes at iteration {done} of {iterations} ({run_dir})"
+
+
 def _open(method: str, overrides: list[str], run_dir: Path, iterations: int) -> Any:
     """The cell's experiment: resumed from ``run_dir`` if a run was started there, else new."""
     from metarl.experiment import Experiment

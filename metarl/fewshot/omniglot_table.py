@@ -31,6 +31,7 @@ from metarl.fewshot.omniglot_cells import (
     FAMILY_METHODS,
     METHODS,
     cell_machines,
+    cell_state,
     load_cells,
     merge_cells,
     run_cell,
@@ -286,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: build the table from --cells alone",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: list the cells the command would train, resume or reuse",
+    )
     parser.add_argument("--out", default="experiments/results/omniglot")
     parser.add_argument(
         "--gpu-share",
@@ -377,7 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = _jobs(args, settings)
     if not jobs:
         parser.error("no cell to train: --settings matches none of the chosen methods' models")
+    if args.plan:
+        return _plan(jobs)
     return _train(jobs, committed, args)
+
+
+def _plan(jobs: list[tuple]) -> int:
+    """Prints, cell by cell, whether the command would reuse, resume or train it."""
+    states = [cell_state(*job[:3], *job[4:9]) for job in jobs]
+    names = [f"{job[0]} {job[1]}w{job[2]}s seed={job[4]}" for job in jobs]
+    width = max(map(len, names))
+    for name, job, state in zip(names, jobs, states, strict=True):
+        print(f"{name:<{width}}  {job[5]:>6} iterations  {state}")
+    left = sum(not s.startswith("done") for s in states)
+    print(f"{len(jobs) - left} of {len(jobs)} cells done; {left} to train or resume")
+    return 0
 
 
 if __name__ == "__main__":
