@@ -2,7 +2,8 @@
 
 ``plot_table`` draws one panel per N-way K-shot setting (each learner's mean accuracy with its 95%
 interval, the published figure as a cross, rows still under 3 seeds hatched) and one panel of the
-error on the 20 official one-shot runs against people's and Bayesian program learning's.
+error on the 20 official one-shot runs against people's and Bayesian program learning's, with
+the ProtoNets ensembles scored on those runs in another colour.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def _bars(ax: Any, bars: list[dict[str, Any]], value: str) -> None:
             yi,
             bar[value],
             xerr=ci,
-            color="C0" if not partial else "white",
-            edgecolor="C0",
+            color=bar.get("color", "C0") if not partial else "white",
+            edgecolor=bar.get("color", "C0"),
             hatch="//" if partial else None,
             capsize=2,
         )
-    ax.set_yticks(y, [f"{b['method']} (n={b['seeds']})" for b in bars], fontsize=7)
+    labels = [b["method"] if "color" in b else f"{b['method']} (n={b['seeds']})" for b in bars]
+    ax.set_yticks(y, labels, fontsize=7)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -67,7 +69,9 @@ def _accuracy_panel(ax: Any, ways: int, shots: int, bars: list[dict[str, Any]]) 
     ax.set_xlabel("accuracy (%)")
 
 
-def _official_panel(ax: Any, official: list[dict[str, Any]]) -> None:
+def _official_panel(
+    ax: Any, official: list[dict[str, Any]], ensembles: list[dict[str, Any]]
+) -> None:
     bars = [
         {
             "method": f"{r['method']} ({r['model']})",
@@ -76,6 +80,15 @@ def _official_panel(ax: Any, official: list[dict[str, Any]]) -> None:
             "seeds": len(r["seeds"]),
         }
         for r in official
+    ] + [
+        {
+            "method": f"ensemble #{e['order']}: {e['num_models']} ProtoNets, {e['views']} views",
+            "error": e["error"],
+            "ci95": e["ci95"],
+            "seeds": FULL_SEEDS,  # an ensemble's members are its seeds
+            "color": "C1",
+        }
+        for e in ensembles
     ]
     _bars(ax, bars, "error")
     ax.axvline(PEOPLE_ERROR, color="C3", ls="--", label=f"people {PEOPLE_ERROR}%")
@@ -90,20 +103,29 @@ def _official_panel(ax: Any, official: list[dict[str, Any]]) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
-def plot_table(rows: list[dict[str, Any]], official: list[dict[str, Any]], out: Path) -> Path:
-    """Writes ``out``.png and returns its path."""
+def plot_table(
+    rows: list[dict[str, Any]],
+    official: list[dict[str, Any]],
+    out: Path,
+    ensembles: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Writes ``out``.png and returns its path; ``ensembles`` (from ``omniglot_ensembles``) are
+    drawn in the official-run panel after the single learners, in another colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = accuracy_panels(rows)
-    fig = plt.figure(figsize=(14, 8.5))
-    grid = fig.add_gridspec(2, max(len(panels), 1), height_ratios=(3, 2))
+    ensembles = ensembles or []
+    fig = plt.figure(figsize=(14, 8.5 + 0.2 * len(ensembles)))
+    grid = fig.add_gridspec(
+        2, max(len(panels), 1), height_ratios=(3, 2 + 0.12 * len(ensembles))
+    )
     for i, ((ways, shots), bars) in enumerate(panels.items()):
         _accuracy_panel(fig.add_subplot(grid[0, i]), ways, shots, bars)
     if official:
-        _official_panel(fig.add_subplot(grid[1, :]), official)
+        _official_panel(fig.add_subplot(grid[1, :]), official, ensembles)
     handles, labels = fig.axes[0].get_legend_handles_labels() if fig.axes else ([], [])
     if handles:
         fig.legend(handles[:1], labels[:1], fontsize=8, loc="upper right")

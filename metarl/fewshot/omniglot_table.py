@@ -38,6 +38,7 @@ from metarl.fewshot.omniglot_cells import (
     seed_command,
     trained_runs,
 )
+from metarl.fewshot.omniglot_ensembles import ensemble_lines, ensemble_rows
 from metarl.fewshot.omniglot_plot import plot_table
 
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
@@ -197,6 +198,7 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     """Writes ``args.out``.json, .md and .png from the cells' results."""
     results = [r for r in results if r["method"] in METHODS]  # the families' cells: families.md
     rows, official = _rows(results)
+    ensembles = ensemble_rows(Path(args.out).parent)
     document = {
         "benchmark": "Omniglot few-shot classification, minimal background sets",
         "machine": machine(),
@@ -206,8 +208,9 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "rows": rows,
         "official_runs": official,
         "official_runs_reference": OFFICIAL_REFERENCE,
+        "official_runs_ensembles": ensembles,
         "cell_machines": cell_machines(results),
-        "plot": plot_table(rows, official, Path(args.out)).name,
+        "plot": plot_table(rows, official, Path(args.out), ensembles).name,
     }
     Path(args.out).with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
@@ -227,6 +230,8 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "",
         COMPARABLE,
     ]
+    if ensembles:
+        lines += ["", *ensemble_lines(ensembles)]
     if args.note_file:
         lines += ["", Path(args.note_file).read_text().strip()]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
