@@ -96,10 +96,15 @@ def _baseline_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from metarl.stopping import PoolStopped
     from metarl.sweep import sweep
 
-    result = sweep(args.config, args.seeds, args.set, args.grid, args.out, args.backend, args.workers,
-                   _baseline_options(args), sweep_command=args.command_line)
+    try:
+        result = sweep(args.config, args.seeds, args.set, args.grid, args.out, args.backend, args.workers,
+                       _baseline_options(args), sweep_command=args.command_line)
+    except PoolStopped as e:
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
     print(f"wrote {result['out']}/sweep.md, sweep.json and plots")
     print(json.dumps({"out": result["out"], "cells": {
         label: {m: agg[m]["iqm"] for m in ("return", "success", "loss", "accuracy") if m in agg}

@@ -4,15 +4,27 @@
 ``kill``), it finishes the iteration it is in, saves a checkpoint there and raises
 :class:`TrainingStopped`, so ``metarl run --resume`` continues exactly where it stopped, with no
 iteration lost or repeated. A second signal interrupts at once; the last checkpoint stays intact.
+
+:func:`stoppable_pool` brings the same to commands that train several runs in worker processes
+(``omniglot_table``): a signal to the parent reaches each worker once, each stops its run the same
+way, cells not yet started are not started, and no worker outlives the parent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -24,6 +36,25 @@ class TrainingStopped(KeyboardInterrupt):
         super().__init__(
             f"stopped by {signal_name} after iteration {iteration}; its checkpoint is saved in "
             f"{run_dir}; continue with `metarl run --resume {run_dir}`"
+        )
+
+    def __reduce__(self) -> tuple:  # crosses from a pool worker to its parent
+        return type(self), (self.signal_name, self.iteration, str(self.run_dir))
+
+
+class NotStarted(KeyboardInterrupt):
+    """A pool job refused because its worker had been told to stop before the job began."""
+
+
+class PoolStopped(KeyboardInterrupt):
+    """Several runs in a pool were stopped by a signal; each saved a checkpoint or never began."""
+
+    def __init__(self, signal_name: str, finished: int, stopped: list[str]):
+        self.signal_name, self.exit_code = signal_name, 128 + int(signal.Signals[signal_name])
+        super().__init__(
+            f"stopped by {signal_name}: {finished} runs finished; "
+            + (f"checkpoints saved for {', '.join(stopped)}; " if stopped else "")
+            + "run the same command again to resume"
         )
 
 
@@ -50,3 +81,85 @@ def stop_signals() -> Iterator[list[str]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# Set in a pool worker by a stop signal that arrives outside a training run, or by a run stopped by
+# one: the worker then refuses the jobs still queued for it.
+_worker_stopping: list[str] = []
+
+
+def _init_worker() -> None:
+    """Runs first in each pool worker. Its own process group keeps a Ctrl-C in the terminal from
+    reaching it directly (the parent forwards it, once); a signal between runs marks the worker as
+    stopping (a second one interrupts it); and on Linux it receives SIGTERM if the parent dies."""
+    os.setpgrp()
+
+    def handler(signum: int, frame: object) -> None:
+        if _worker_stopping:
+            raise KeyboardInterrupt
+        _worker_stopping.append(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """A pool job: ``fn(*args)`` unless the worker was told to stop; a stopped run stops the worker."""
+    if _worker_stopping:
+        raise NotStarted(f"not started: stop requested by {_worker_stopping[0]}")
+    try:
+        return fn(*args)
+    except TrainingStopped as stopped:
+        _worker_stopping.append(stopped.signal_name)
+        raise
+
+
+class StoppablePool:
+    """A process pool whose jobs stop cleanly on SIGINT / SIGTERM to the parent (see module doc).
+
+    ``received`` lists the stop signals the parent got; ``exit_code`` is 128 + the first one's
+    number (0 if none). Jobs that stop raise :class:`TrainingStopped` (checkpoint saved) or
+    :class:`NotStarted` from ``Future.result()``.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.received: list[str] = []
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(signal.Signals[self.received[0]]) if self.received else 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._pool.submit(_call, fn, *args)
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self.received.append(signal.Signals(signum).name)
+        if len(self.received) == 1:
+            print(
+                f"{self.received[0]}: each worker stops after its current iteration and saves a "
+                "checkpoint (a cell being scored finishes its scoring); send it again to stop at once",
+                file=sys.stderr,
+                flush=True,
+            )
+        for pid in list(getattr(self._pool, "_processes", None) or {}):  # the workers alive now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if len(self.received) > 1:  # the second signal: the workers stop at once, and so do we
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> StoppablePool:
+        self._pool = ProcessPoolExecutor(self.workers, initializer=_init_worker)
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=bool(self.received))
+        finally:
+            for s, h in (self._previous or {}).items():
+                signal.signal(s, h)

@@ -24,6 +24,7 @@ import numpy as np
 
 from metarl.config import ConfigError
 from metarl.evaluation import bootstrap_ci, cvar, iqm
+from metarl.stopping import NotStarted, PoolStopped, StoppablePool, TrainingStopped
 
 METRICS = ("return", "success", "loss", "accuracy", "coverage90", "nll")
 
@@ -154,18 +155,25 @@ def _pool_map(
                 continue
             on_done(i, results[i])  # type: ignore[arg-type]
     elif backend == "process":
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import CancelledError, as_completed
 
-        with ProcessPoolExecutor(workers) as pool:
+        stopped: list[str] = []
+        with StoppablePool(workers) as pool:
             futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]
                 try:
                     results[i] = future.result()
+                except (TrainingStopped, NotStarted, CancelledError) as exc:  # a Ctrl-C or kill
+                    if isinstance(exc, TrainingStopped):
+                        stopped.append(f"{Path(jobs[i][2]).name} at iteration {exc.iteration}")
+                    continue
                 except Exception as exc:  # reported with the others at the end of the sweep
                     on_fail(i, exc)
                     continue
                 on_done(i, results[i])  # type: ignore[arg-type]
+        if pool.received:
+            raise PoolStopped(pool.received[0], sum(r is not None for r in results), stopped)
     else:
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
     return results

@@ -38,9 +38,13 @@ def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: floa
     proc.wait()
 
 
-def signal_midway(proc: subprocess.Popen, run_dir: Path, signum: int, timeout_s: float = 120.0) -> None:
-    """Sends ``signum`` to ``proc`` once ``run_dir`` holds two metrics lines (training is under
-    way, past its first log)."""
-    metrics = run_dir / "metrics.jsonl"
-    _wait(proc, run_dir, lambda: _lines(metrics) >= 2, time.monotonic() + timeout_s)
+def signal_midway(
+    proc: subprocess.Popen, run_dir: Path | list[Path], signum: int, timeout_s: float = 120.0
+) -> None:
+    """Sends ``signum`` to ``proc`` once ``run_dir`` (each of them, if several) holds two metrics
+    lines (training is under way, past its first log)."""
+    dirs = run_dir if isinstance(run_dir, list) else [run_dir]
+    deadline = time.monotonic() + timeout_s
+    for d in dirs:
+        _wait(proc, d, lambda d=d: _lines(d / "metrics.jsonl") >= 2, deadline)
     os.kill(proc.pid, signum)

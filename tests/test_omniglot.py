@@ -700,6 +700,8 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
     submitted = []
 
     class Pool:  # records the jobs instead of training them
+        received: list = []  # no stop signal
+
         def __init__(self, workers):
             pass
 
@@ -718,7 +720,7 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
         def result():
             raise RuntimeError("not trained")
 
-    monkeypatch.setattr(table, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(table, "StoppablePool", Pool)
     code = table.main(["--methods", "protonet", "maml", "--settings", "5w1s", "--seeds", "2",
                        "--cells", str(tmp_path / "none"), "--out", str(tmp_path / "t")])
     assert code == 2  # every cell "failed": nothing was trained

@@ -17,7 +17,7 @@ import argparse
 import json
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from metarl.fewshot.omniglot_cells import (
 )
 from metarl.fewshot.omniglot_ensembles import ensemble_lines, ensemble_rows
 from metarl.fewshot.omniglot_plot import plot_table
+from metarl.stopping import NotStarted, PoolStopped, StoppablePool, TrainingStopped
 
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
     "maml": (98.7, 99.9, 95.8, 98.9),
@@ -328,11 +329,16 @@ def _train(jobs: list[tuple], committed: list[dict[str, Any]], args: argparse.Na
     """Trains the cells (``args.workers`` at a time), rewriting the table after each one."""
     results: list[dict[str, Any]] = []
     failures: list[str] = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    stopped: list[str] = []
+    with StoppablePool(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         for i, (job, future) in enumerate(zip(jobs, futures, strict=True)):
             try:
                 r = future.result()
+            except (TrainingStopped, NotStarted, CancelledError) as exc:  # a Ctrl-C or kill
+                if isinstance(exc, TrainingStopped):
+                    stopped.append(f"{job[0]} {job[1]}w{job[2]}s seed={job[4]} at iteration {exc.iteration}")
+                continue
             except Exception as exc:  # one failed cell (e.g. out of GPU memory) spares the rest
                 failures.append(
                     f"{job[0]} {job[1]}w{job[2]}s seed={job[4]}: {type(exc).__name__}: {exc}"
@@ -348,6 +354,9 @@ def _train(jobs: list[tuple], committed: list[dict[str, Any]], args: argparse.Na
             )
             write_table(merge_cells(committed, results), args)
     print(json.dumps({"runs": len(results), "failed": len(failures), "out": args.out}))
+    if pool.received:
+        print(PoolStopped(pool.received[0], len(results), stopped), file=sys.stderr)
+        return pool.exit_code
     if failures:
         print(
             f"{len(failures)} cells failed; the table holds the others. Run the same command again "
