@@ -5,9 +5,10 @@
 :class:`TrainingStopped`, so ``metarl run --resume`` continues exactly where it stopped, with no
 iteration lost or repeated. A second signal interrupts at once; the last checkpoint stays intact.
 
-:func:`stoppable_pool` brings the same to commands that train several runs in worker processes
-(``omniglot_table``): a signal to the parent reaches each worker once, each stops its run the same
-way, cells not yet started are not started, and no worker outlives the parent.
+:class:`StoppablePool` brings the same to commands that train several runs in worker processes
+(``metarl sweep``, ``omniglot_table``, ``sinusoid_table``): a signal to the parent reaches each
+worker once, each stops its run the same way, runs not yet started are not started, and no worker
+outlives the parent.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
+
+# In a pool worker: the stop signal received outside a training run, or the one that stopped a
+# run. The worker then refuses the jobs still queued for it, and a run it has begun stops after
+# its first iteration.
+_worker_stopping: list[str] = []
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -63,19 +69,14 @@ def stop_signals() -> Iterator[list[str]]:
     """Catches SIGINT and SIGTERM while the block runs, recording their names in the yielded list.
 
     Outside the main thread (where Python cannot install handlers) the list stays empty and the
-    signals keep their usual effect. The previous handlers are restored on exit.
+    signals keep their usual effect. The previous handlers are restored on exit. In a pool worker
+    already told to stop, the list starts with that signal.
     """
-    received: list[str] = []
+    received: list[str] = list(_worker_stopping)  # a pool worker told to stop before the run began
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-
-    def handler(signum: int, frame: object) -> None:
-        if received:  # a second signal: stop now, without waiting for the iteration to end
-            raise KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _recorder(received)) for s in STOP_SIGNALS}
     try:
         yield received
     finally:
@@ -83,9 +84,16 @@ def stop_signals() -> Iterator[list[str]]:
             signal.signal(s, h)
 
 
-# Set in a pool worker by a stop signal that arrives outside a training run, or by a run stopped by
-# one: the worker then refuses the jobs still queued for it.
-_worker_stopping: list[str] = []
+def _recorder(received: list[str]) -> Callable[[int, object], None]:
+    """A signal handler that records the first stop signal's name in ``received``, and at the
+    second interrupts at once, without waiting for the iteration to end."""
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    return handler
 
 
 def _init_worker() -> None:
@@ -93,14 +101,8 @@ def _init_worker() -> None:
     reaching it directly (the parent forwards it, once); a signal between runs marks the worker as
     stopping (a second one interrupts it); and on Linux it receives SIGTERM if the parent dies."""
     os.setpgrp()
-
-    def handler(signum: int, frame: object) -> None:
-        if _worker_stopping:
-            raise KeyboardInterrupt
-        _worker_stopping.append(signal.Signals(signum).name)
-
     for s in STOP_SIGNALS:
-        signal.signal(s, handler)
+        signal.signal(s, _recorder(_worker_stopping))
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 

@@ -299,3 +299,20 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
     for seed in (0, 1):
         logged = [json.loads(line)["iteration"] for line in (out / f"base-s{seed}" / "metrics.jsonl").read_text().splitlines()]
         assert logged == list(range(1, 3001))
+
+
+def test_a_pool_worker_told_to_stop_before_its_run_began_stops_after_one_iteration(tmp_path, monkeypatch):
+    """A signal that reaches a worker while it loads data (before Experiment.run installs its
+    handlers) still stops the run: after its first iteration, with a checkpoint there."""
+    from metarl import stopping
+    from metarl.experiment import Experiment
+    from metarl.logger import load_checkpoint
+
+    experiment = Experiment.create("experiments/sinusoid_maml.toml", SMALL, tmp_path / "run")
+    monkeypatch.setattr(stopping, "_worker_stopping", ["SIGTERM"])
+    with pytest.raises(stopping.TrainingStopped, match="stopped by SIGTERM after iteration 1;"):
+        experiment.run(progress=False)
+    experiment.close()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
+    with pytest.raises(stopping.NotStarted):  # and the jobs queued after it are refused
+        stopping._call(print, "never")
