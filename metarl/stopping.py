@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,21 +121,34 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
 class StoppablePool:
     """A process pool whose jobs stop cleanly on SIGINT / SIGTERM to the parent (see module doc).
 
-    ``received`` lists the stop signals the parent got; ``exit_code`` is 128 + the first one's
-    number (0 if none). Jobs that stop raise :class:`TrainingStopped` (checkpoint saved) or
-    :class:`NotStarted` from ``Future.result()``.
+    ``received`` lists the stop signals the parent got. Read results with :meth:`result` (None for
+    a job a signal stopped) and, after the jobs, :meth:`stop_report` for the message and exit code.
     """
 
     def __init__(self, workers: int):
         self.workers = workers
         self.received: list[str] = []
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(signal.Signals[self.received[0]]) if self.received else 0
+        self.stopped: list[str] = []  # "LABEL at iteration N" of each run stopped with a checkpoint
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(_call, fn, *args)
+
+    def result(self, future: Future, label: str) -> Any:
+        """``future.result()``, or None for a job a stop signal ended or kept from starting (one
+        stopped with a checkpoint is recorded in ``stopped`` under ``label``). Other errors pass."""
+        try:
+            return future.result()
+        except TrainingStopped as stopped:
+            self.stopped.append(f"{label} at iteration {stopped.iteration}")
+        except (NotStarted, CancelledError):
+            pass
+        return None
+
+    def stop_report(self, finished: int) -> PoolStopped | None:
+        """After the jobs: what a stop signal left (None if none came), to print or raise."""
+        if not self.received:
+            return None
+        return PoolStopped(self.received[0], finished, self.stopped)
 
     def _forward(self, signum: int, frame: object) -> None:
         self.received.append(signal.Signals(signum).name)

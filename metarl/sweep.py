@@ -24,7 +24,7 @@ import numpy as np
 
 from metarl.config import ConfigError
 from metarl.evaluation import bootstrap_ci, cvar, iqm
-from metarl.stopping import NotStarted, PoolStopped, StoppablePool, TrainingStopped
+from metarl.stopping import StoppablePool
 
 METRICS = ("return", "success", "loss", "accuracy", "coverage90", "nll")
 
@@ -155,25 +155,22 @@ def _pool_map(
                 continue
             on_done(i, results[i])  # type: ignore[arg-type]
     elif backend == "process":
-        from concurrent.futures import CancelledError, as_completed
+        from concurrent.futures import as_completed
 
-        stopped: list[str] = []
         with StoppablePool(workers) as pool:
             futures = {pool.submit(run_one, *job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]
                 try:
-                    results[i] = future.result()
-                except (TrainingStopped, NotStarted, CancelledError) as exc:  # a Ctrl-C or kill
-                    if isinstance(exc, TrainingStopped):
-                        stopped.append(f"{Path(jobs[i][2]).name} at iteration {exc.iteration}")
-                    continue
+                    results[i] = pool.result(future, Path(jobs[i][2]).name)
                 except Exception as exc:  # reported with the others at the end of the sweep
                     on_fail(i, exc)
                     continue
-                on_done(i, results[i])  # type: ignore[arg-type]
-        if pool.received:
-            raise PoolStopped(pool.received[0], sum(r is not None for r in results), stopped)
+                if results[i] is not None:  # None: stopped by Ctrl-C or kill
+                    on_done(i, results[i])  # type: ignore[arg-type]
+        stopped = pool.stop_report(sum(r is not None for r in results))
+        if stopped is not None:
+            raise stopped
     else:
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
     return results

@@ -700,8 +700,6 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
     submitted = []
 
     class Pool:  # records the jobs instead of training them
-        received: list = []  # no stop signal
-
         def __init__(self, workers):
             pass
 
@@ -714,6 +712,14 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
         def submit(self, fn, *job):
             submitted.append(job[:5])
             return Untrained()
+
+        @staticmethod
+        def result(future, label):
+            return future.result()
+
+        @staticmethod
+        def stop_report(finished):
+            return None
 
     class Untrained:
         @staticmethod

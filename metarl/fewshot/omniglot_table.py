@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 import sys
-from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from metarl.fewshot.omniglot_cells import (
 )
 from metarl.fewshot.omniglot_ensembles import ensemble_lines, ensemble_rows
 from metarl.fewshot.omniglot_plot import plot_table
-from metarl.stopping import NotStarted, PoolStopped, StoppablePool, TrainingStopped
+from metarl.stopping import StoppablePool
 
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
     "maml": (98.7, 99.9, 95.8, 98.9),
@@ -329,21 +328,18 @@ def _train(jobs: list[tuple], committed: list[dict[str, Any]], args: argparse.Na
     """Trains the cells (``args.workers`` at a time), rewriting the table after each one."""
     results: list[dict[str, Any]] = []
     failures: list[str] = []
-    stopped: list[str] = []
     with StoppablePool(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         for i, (job, future) in enumerate(zip(jobs, futures, strict=True)):
             try:
-                r = future.result()
-            except (TrainingStopped, NotStarted, CancelledError) as exc:  # a Ctrl-C or kill
-                if isinstance(exc, TrainingStopped):
-                    stopped.append(f"{job[0]} {job[1]}w{job[2]}s seed={job[4]} at iteration {exc.iteration}")
-                continue
+                r = pool.result(future, f"{job[0]} {job[1]}w{job[2]}s seed={job[4]}")
             except Exception as exc:  # one failed cell (e.g. out of GPU memory) spares the rest
                 failures.append(
                     f"{job[0]} {job[1]}w{job[2]}s seed={job[4]}: {type(exc).__name__}: {exc}"
                 )
                 print(f"[{i + 1}/{len(jobs)}] FAILED {failures[-1][:300]}", flush=True)
+                continue
+            if r is None:  # stopped by Ctrl-C or kill
                 continue
             results.append(r)
             accs = {n: round(float(np.mean(a["per_task"])), 2) for n, a in r["accuracy"].items()}
@@ -354,9 +350,10 @@ def _train(jobs: list[tuple], committed: list[dict[str, Any]], args: argparse.Na
             )
             write_table(merge_cells(committed, results), args)
     print(json.dumps({"runs": len(results), "failed": len(failures), "out": args.out}))
-    if pool.received:
-        print(PoolStopped(pool.received[0], len(results), stopped), file=sys.stderr)
-        return pool.exit_code
+    stopped = pool.stop_report(len(results))
+    if stopped is not None:
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     if failures:
         print(
             f"{len(failures)} cells failed; the table holds the others. Run the same command again "

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from metarl.bench.adapt import machine
 from metarl.fewshot.maml import METHODS
-from metarl.stopping import NotStarted, PoolStopped, StoppablePool, TrainingStopped
+from metarl.stopping import StoppablePool
 
 STEPS = (0, 1, 10)
 
@@ -136,24 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     jobs = [(m, k, s, args.iterations, args.root) for k in (5, 10) for s in range(args.seeds) for m in args.methods]
     results: list[dict[str, Any]] = []
-    stopped: list[str] = []
     with StoppablePool(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
         for i, (job, future) in enumerate(zip(jobs, futures, strict=True)):
-            try:
-                results.append(future.result())
-            except (TrainingStopped, NotStarted, CancelledError) as exc:  # a Ctrl-C or kill
-                if isinstance(exc, TrainingStopped):
-                    stopped.append(f"{job[0]} K={job[1]} seed={job[2]} at iteration {exc.iteration}")
+            r = pool.result(future, f"{job[0]} K={job[1]} seed={job[2]}")
+            if r is None:  # stopped by Ctrl-C or kill
                 continue
-            r = results[-1]
+            results.append(r)
             print(f"[{i + 1}/{len(jobs)}] {r['method']} K={r['shots']} seed={r['seed']} "
                   f"mse0/1/10 = {[round(float(np.nanmean(r[f'loss_{s}'])), 3) for s in STEPS]}", flush=True)
             write_table(results, args.iterations, args.seeds, Path(args.out))
     print(json.dumps({"rows": len(results), "out": args.out}))
-    if pool.received:
-        print(PoolStopped(pool.received[0], len(results), stopped), file=sys.stderr)
-        return pool.exit_code
+    stopped = pool.stop_report(len(results))
+    if stopped is not None:
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 
