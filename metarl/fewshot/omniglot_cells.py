@@ -145,6 +145,11 @@ def _finished(
     return None
 
 
+def cell_dir(root: str, method: str, ways: int, shots: int, seed: int) -> Path:
+    """The run directory of one cell under ``root``."""
+    return Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
+
+
 def cell_state(
     method: str,
     ways: int,
@@ -156,11 +161,12 @@ def cell_state(
     cells_dir: str | None = None,
 ) -> str:
     """What ``run_cell`` would do with this cell, in words: reuse a finished result, resume a
-    checkpoint (and at which iteration), or train from the start. Loads no model."""
+    checkpoint (and at which iteration), or train from the start. Builds no experiment; reads
+    only the checkpoint's iteration."""
     from metarl.logger import load_checkpoint
 
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
-    run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
+    run_dir = cell_dir(root, method, ways, shots, seed)
     finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
     if finished is not None:
         committed = cells_dir is not None and (Path(cells_dir) / cell_name(finished)).exists()
@@ -236,7 +242,7 @@ def run_cell(
 
     torch.set_num_threads(1)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
-    run_dir = Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
+    run_dir = cell_dir(root, method, ways, shots, seed)
     finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
     if finished is not None:
         return finished
