@@ -301,6 +301,43 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
         assert logged == list(range(1, 3001))
 
 
+POOL_JOB_SCRIPT = """
+import sys, time
+from metarl.stopping import StoppablePool
+
+def job():  # like a cell being scored: it does not stop at the first signal
+    print("started", flush=True)
+    while True:
+        time.sleep(0.01)
+
+if __name__ == "__main__":
+    with StoppablePool(1) as pool:
+        pool.result(pool.submit(job), "job")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_a_second_signal_stops_a_pool_command_at_once_with_its_exit_status_and_no_traceback(tmp_path):
+    """The first SIGTERM lets a job that is scoring go on; the second stops the job and the
+    command at once: exit status 143, a message saying so, no traceback, and no worker left."""
+    import signal
+    import time
+
+    marker = str(tmp_path / "second-signal")  # names this command's processes in /proc
+    proc = subprocess.Popen([sys.executable, "-c", POOL_JOB_SCRIPT, marker], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the first signal must leave a scoring job running"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "SIGTERM again: stopped at once" in stderr and "run the same command again" in stderr
+    assert not _processes_mentioning(marker), "a worker outlived the command"
+
+
 def test_a_pool_worker_told_to_stop_before_its_run_began_stops_after_one_iteration(tmp_path, monkeypatch):
     """A signal that reaches a worker while it loads data (before Experiment.run installs its
     handlers) still stops the run: after its first iteration, with a checkpoint there."""
