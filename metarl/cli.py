@@ -153,7 +153,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from metarl.bench.meta_update import main as bench_trpo
 
         return bench_trpo(args.rest)
-    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler, envs or trpo")
+    if args.what == "anil":
+        from metarl.bench.anil import main as bench_anil
+
+        return bench_anil(args.rest)
+    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler, envs, trpo or anil")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -223,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (as `metarl list envs` does)")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
-    bench.add_argument("what", choices=["adapt", "sampler", "envs", "trpo"])
+    bench.add_argument("what", choices=["adapt", "sampler", "envs", "trpo", "anil"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a small default experiment, end to end")

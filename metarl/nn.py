@@ -6,6 +6,9 @@ learners only ever handle parameter dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -38,6 +41,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``."""
         return self.net(x)
+
+    def body_and_head(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
+        """``forward`` as ``head(body(x))``: (name prefix, module) of each part."""
+        return ("net.", self.net[:-1]), ("net.", self.net[-1:])
 
 
 def _conv_block(in_channels: int, channels: int) -> nn.Sequential:
@@ -74,6 +81,10 @@ class Conv4(nn.Module):
         """``x [B, C, 28, 28] -> logits [B, num_classes]`` (or embeddings ``[B, channels]``)."""
         return self.head(self.encoder(x))
 
+    def body_and_head(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
+        """``forward`` as ``head(body(x))``: (name prefix, module) of each part."""
+        return ("encoder.", self.encoder), ("head.", self.head)
+
 
 class FunctionalModel:
     """A module used as a pure function of ``(params, inputs)``.
@@ -105,3 +116,40 @@ class FunctionalModel:
         """Names of the last layer's parameters (what ANIL adapts)."""
         last = list(params)[-1].rsplit(".", 1)[0]
         return [k for k in params if k.rsplit(".", 1)[0] == last]
+
+    def split(self, params: Params) -> HeadSplit | None:
+        """The model as ``head(features(x))`` with the head made of :meth:`head_names`, or None
+        when the module does not say how (it has no ``body_and_head``) or its head is another.
+
+        ANIL adapts only the head, so it can run the body once per task and then take every
+        inner step on the head alone: the same values as the whole model, for far less work.
+        """
+        parts = getattr(self.module, "body_and_head", None)
+        if parts is None:
+            return None
+        (body_prefix, body), (head_prefix, head) = parts()
+        body_names = {body_prefix + n: n for n, _ in body.named_parameters()}
+        head_names = {head_prefix + n: n for n, _ in head.named_parameters()}
+        if sorted(head_names) != sorted(self.head_names(params)) or set(body_names) | set(
+            head_names
+        ) != set(params):
+            return None
+
+        def features(p: Params, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(body, {n: p[k] for k, n in body_names.items()}, (x,))
+
+        def head_fn(p: Params, h: torch.Tensor) -> torch.Tensor:
+            return functional_call(head, {n: p[k] for k, n in head_names.items()}, (h,))
+
+        return HeadSplit(features, head_fn, list(head_names))
+
+
+class HeadSplit(NamedTuple):
+    """A model as ``head(features(params, x))``: what :meth:`FunctionalModel.split` returns."""
+
+    features: Callable[[Params, torch.Tensor], torch.Tensor]
+    """``(params, x) -> h``: everything before the head (reads the body's entries of params)."""
+    head: Callable[[Params, torch.Tensor], torch.Tensor]
+    """``(params, h) -> output``: the head alone (reads only the entries named in ``names``)."""
+    names: list[str]
+    """The head's parameter names."""

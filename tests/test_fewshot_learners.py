@@ -139,6 +139,72 @@ def test_loss_decreases_on_a_fixed_tiny_episode_stream(omniglot, name):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.parametrize("batch", ["loop", "vmap"])
+def test_anil_on_cached_features_matches_adapting_the_head_inside_the_whole_model(omniglot, batch):
+    """ANIL runs conv4's body once per set of images and steps the head alone. The reference is
+    the generic path (every inner step runs the whole model, only the head's names adapted): the
+    meta-loss, its gradients and the held-out scores after 0, 1 and 3 steps must be the same."""
+    config = GradientLearnerConfig(
+        method="anil", meta_batch_size=2, num_shots=2, num_queries=3, num_eval_queries=3,
+        inner_lr=0.4, adapt_steps=2, eval_adapt_steps=(0, 1, 3), outer_lr=0.03, batch=batch,
+    )
+    fast, reference = GradientLearner(config, omniglot, 0), GradientLearner(config, omniglot, 0)
+    reference.split = None
+    assert fast.split is not None and sorted(fast.split.names) == sorted(fast.names)
+    held_out = omniglot.test_tasks()[:3]
+    scored = [learner.evaluate(held_out, np.random.default_rng(5)) for learner in (fast, reference)]
+    np.testing.assert_allclose(scored[0]["loss"], scored[1]["loss"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(scored[0]["accuracy"], scored[1]["accuracy"])
+    assert not np.allclose(scored[1]["loss"][:, 0], scored[1]["loss"][:, 2])  # the steps did move it
+    tasks = omniglot.sample(2, np.random.default_rng(3))
+    losses = [learner.step(tasks)["train/query_loss"] for learner in (fast, reference)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # float32 noise, judged against the largest gradient: a conv bias before batch norm has a true
+    # gradient of 0, so its entries are noise in both paths (about 1e-6 apart)
+    scale = max(p.grad.abs().max().item() for p in reference.params.values())
+    for name, p in fast.params.items():
+        assert p.grad is not None and reference.params[name].grad is not None
+        torch.testing.assert_close(
+            p.grad, reference.params[name].grad, rtol=1e-4, atol=1e-5 * scale, msg=name
+        )
+    assert fast.params["encoder.0.0.weight"].grad.abs().sum() > 0  # second order reaches the body
+
+
+def test_bench_anil_reports_both_paths_from_one_run_and_their_losses_agree(tmp_path):
+    import contextlib
+    import io
+
+    from metarl.bench.anil import main as bench_anil
+
+    out = tmp_path / "bench_anil"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert bench_anil(["--ways", "5", "--shots", "1", "--tasks", "2", "--channels", "4",
+                           "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    r = json.loads(out.with_suffix(".json").read_text())
+    assert json.loads(printed.getvalue().splitlines()[-1])["train_speedup"] == r["train_speedup"]
+    assert r["train_speedup"] == pytest.approx(r["reference_train_ms"] / r["cached_train_ms"])
+    assert r["score_speedup"] == pytest.approx(r["reference_score_ms"] / r["cached_score_ms"])
+    assert r["max_loss_difference"] < 1e-4 and "machine" in r
+    assert f"{r['train_speedup']:.2f}×" in out.with_suffix(".md").read_text()
+
+
+def test_a_model_splits_into_body_and_head_only_where_it_says_how():
+    from torch import nn
+
+    from metarl.nn import MLP, Conv4, FunctionalModel
+
+    x = torch.randn(7, 1, 28, 28)
+    for model, inputs in ((FunctionalModel(MLP((1, 6, 6, 2))), x[:, 0, 0, :1]),
+                          (FunctionalModel(Conv4(3, channels=4)), x)):
+        params = model.init_params(0)
+        split = model.split(params)
+        assert split is not None and sorted(split.names) == sorted(model.head_names(params))
+        head = {k: params[k] for k in split.names}  # the head reads no other entry
+        torch.testing.assert_close(split.head(head, split.features(params, inputs)), model(params, inputs))
+    plain = FunctionalModel(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+    assert plain.split(plain.init_params(0)) is None
+
+
 def test_metric_learners_train_wider_than_they_test(shared_data_dir):
     distribution = OmniglotDistribution(
         num_ways=5, train_ways=12, data_dir=str(shared_data_dir), channels=TINY, num_test_tasks=4

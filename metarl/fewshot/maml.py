@@ -16,6 +16,7 @@ The learner works on any few-shot distribution with ``episodes``, ``make_model``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from metarl.adaptation import (
     Params,
     adapt,
     map_task_chunks,
+    map_tasks,
     meta_objective,
     reptile_update,
 )
@@ -133,6 +135,9 @@ class GradientLearner:
                 for k, v in self.params.items()
             }
         self.names = self.model.head_names(self.params) if config.method == "anil" else None
+        # ANIL on a model that runs as head(features(x)): the features are computed once per task
+        # and the inner steps run on the head alone (same values, see `_anil_task`).
+        self.split = self.model.split(self.params) if config.method == "anil" else None
         self.batch = (
             task_batching(distribution, config.device) if config.batch == "auto" else config.batch
         )
@@ -158,6 +163,8 @@ class GradientLearner:
         if cfg.method == "pretrained":
             both = _cat_points(support, query)
             losses = vmap(self.loss_fn, in_dims=(None, 0))(self.params, both)
+        elif self.split is not None:
+            losses = map_tasks(self._anil_task, (self.params,), (support, query), self.batch)
         else:
             losses = meta_objective(
                 self.loss_fn,
@@ -184,6 +191,28 @@ class GradientLearner:
                 np.mean([v.mean().item() for v in self.lrs.values()])
             )
         return metrics
+
+    def _head_loss(self, head: Params, data: Any) -> torch.Tensor:
+        """The task loss of the head alone on features ``data.x`` (ANIL with a split model)."""
+        assert self.split is not None
+        return self.distribution.loss(self.split.head(head, data.x), data)
+
+    def _on_features(self, params: Params, data: Any) -> Any:
+        assert self.split is not None
+        return data._replace(x=self.split.features(params, data.x))
+
+    def _anil_task(self, params: Params, support: Any, query: Any) -> torch.Tensor:
+        """One task's ANIL query loss, the body run once on each set: the same value (and
+        gradients) as :func:`meta_objective` with ``names`` set to the head, whose every inner
+        step runs the whole model though only the head changes (batch statistics included: each
+        set is still normalised over itself)."""
+        assert self.split is not None
+        head = {k: params[k] for k in self.split.names}
+        adapted = adapt(
+            self._head_loss, head, self._on_features(params, support), self.config.adapt_steps,
+            self.config.inner_lr,
+        )
+        return self._head_loss(adapted, self._on_features(params, query))
 
     def _reptile_step(self, support: Any, query: Any) -> dict[str, float]:
         both = _cat_points(support, query)
@@ -241,11 +270,18 @@ class GradientLearner:
         lr = {k: v.detach() for k, v in self.lrs.items()} if self.lrs is not None else cfg.inner_lr
 
         def scores(p: Params, s: Any, q: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            loss_fn: Callable[[Params, Any], torch.Tensor] = self.loss_fn
+            model: Callable[[Params, torch.Tensor], torch.Tensor] = self.model
+            names = self.names
+            if self.split is not None:  # ANIL: the body once per set, the steps on the head
+                s, q = self._on_features(p, s), self._on_features(p, q)
+                p = {k: p[k] for k in self.split.names}
+                loss_fn, model, names = self._head_loss, self.split.head, None
             losses, accs, done = [], [], 0
             for target in steps:
-                p = adapt(self.loss_fn, p, s, target - done, lr, first_order=True, names=self.names)
+                p = adapt(loss_fn, p, s, target - done, lr, first_order=True, names=names)
                 done = target
-                pred = self.model(p, q.x)
+                pred = model(p, q.x)
                 losses.append(self.distribution.loss(pred, q))
                 acc = self.distribution.accuracy(pred, q)
                 accs.append(
