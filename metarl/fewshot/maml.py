@@ -6,7 +6,10 @@ One learner class serves every method; ``method`` selects the inner and outer ru
 * ``maml``: second-order meta-gradient through ``adapt_steps`` inner SGD steps (Finn et al. 2017).
 * ``fomaml``: the same with inner gradients treated as constants.
 * ``metasgd``: per-parameter inner rates learned with the initialisation (Li et al. 2017).
-* ``anil``: only the head adapts in the inner loop (Raghu et al. 2020).
+* ``anil``: only the head adapts in the inner loop (Raghu et al. 2020). On a model that splits
+  into body and head (conv4, the MLP) the body runs once per set of images and the inner steps
+  run on the head alone: the same values, about 3× faster to train and 7× faster to score a
+  20-way 5-shot conv4 (``metarl bench anil``).
 * ``reptile``: SGD on each task, then ``θ ← θ + ε · mean(θ̃ − θ)`` (Nichol et al. 2018).
 * ``pretrained``: one network trained on all tasks jointly, fine-tuned at test time (MAML's baseline).
 
