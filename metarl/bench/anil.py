@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metarl.bench.adapt import machine, time_ms
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
-from metarl.fewshot.omniglot_tasks import ClassificationBatch
+from metarl.fewshot.omniglot_tasks import ClassificationBatch, OmniglotDistribution
 from metarl.nn import Conv4, FunctionalModel
 
 
@@ -55,13 +54,8 @@ class SyntheticEpisodes:
 
         return batch(num_shots), batch(num_queries)
 
-    @staticmethod
-    def loss(pred: torch.Tensor, batch: ClassificationBatch) -> torch.Tensor:
-        return F.cross_entropy(pred, batch.y)
-
-    @staticmethod
-    def accuracy(pred: torch.Tensor, batch: ClassificationBatch) -> torch.Tensor:
-        return (pred.argmax(-1) == batch.y).to(torch.float32).mean()
+    loss = staticmethod(OmniglotDistribution.loss)
+    accuracy = staticmethod(OmniglotDistribution.accuracy)
 
 
 def bench(ways: int, shots: int, tasks: int, channels: int, repeats: int, warmup: int) -> dict[str, Any]:
