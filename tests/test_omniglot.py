@@ -770,3 +770,26 @@ def test_omniglot_eval_rejects_bad_ensembles_before_loading_any_model(tmp_path, 
         with pytest.raises(SystemExit):
             omniglot_eval.main([missing, *bad])
         assert says in capsys.readouterr().err
+
+
+def test_omniglot_table_threads_reach_each_cell_and_bad_counts_are_refused(tmp_path, monkeypatch):
+    """``--threads`` is the torch thread count each cell trains and scores with (1 by default);
+    a count below 1 is refused before anything trains."""
+    import torch
+
+    from metarl.fewshot import omniglot_cells as cells
+    from metarl.fewshot import omniglot_table as table
+
+    args = table.build_parser().parse_args(["--methods", "protonet", "--settings", "5w1s"])
+    assert [job[-1] for job in table._jobs(args, {(5, 1)})] == [1, 1, 1]
+    args = table.build_parser().parse_args(["--threads", "2", "--seed", "0"])
+    assert {job[-1] for job in table._jobs(args, None)} == {2}
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2"]
+    cells.run_cell("protonet", 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny, threads=2)
+    assert calls == [2]
+    for bad in (["--threads", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            table.main(bad + ["--plan", "--root", str(tmp_path / "none")])

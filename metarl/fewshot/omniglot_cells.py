@@ -230,8 +230,12 @@ def run_cell(
     extra: list[str],
     cells_dir: str | None = None,
     gpu_share: float | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Trains (or resumes) one model, then scores it on held-out episodes and the official runs.
+
+    ``threads`` is torch's CPU thread count in this worker: 1 when a worker runs on each core,
+    more when fewer cells than cores are left.
 
     The result is also written to ``cells_dir`` (committed with the table), so that a table can
     be assembled from cells trained at different times or on several machines.
@@ -240,7 +244,7 @@ def run_cell(
 
     from metarl.fewshot.omniglot_tasks import official_runs_error
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
     run_dir = cell_dir(root, method, ways, shots, seed)
     finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)

@@ -260,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per worker (default 1: one worker per core); e.g. --workers 1 "
+        "--threads 2 gives a last cell both cores of a 2-core machine",
+    )
+    parser.add_argument(
         "--methods",
         nargs="*",
         default=list(METHODS),
@@ -316,7 +323,7 @@ def _jobs(args: argparse.Namespace, settings: set[tuple[int, int]] | None) -> li
     share = args.gpu_share if args.gpu_share is not None else 0.9 / args.workers
     return [
         (m, w, k, tw, s, int(per_method.get(m, args.iterations)))
-        + (args.root, args.set, args.cells, share)
+        + (args.root, args.set, args.cells, share, args.threads)
         for s in (args.seed if args.seed else range(args.seeds))
         for m in args.methods
         for w, k, tw in trained_runs(m)
@@ -372,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--method-iterations names unknown methods {unknown}; choose from {list(ALL_METHODS)}"
         )
+    if args.workers < 1 or args.threads < 1:
+        parser.error(f"--workers {args.workers} --threads {args.threads}: both must be at least 1")
     args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
