@@ -101,7 +101,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         result = sweep(args.config, args.seeds, args.set, args.grid, args.out, args.backend, args.workers,
-                       _baseline_options(args), sweep_command=args.command_line)
+                       _baseline_options(args), sweep_command=args.command_line, threads=args.threads)
     except PoolStopped as e:
         print(f"{e}", file=sys.stderr)
         return e.exit_code
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--backend", default="process", choices=["process", "ray"],
                     help="run locally in processes, or as Ray tasks (RAY_ADDRESS for a cluster)")
     sw.add_argument("--workers", type=int, default=0, help="parallel runs (process backend; default: cores)")
+    sw.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads per run (default 1: one run per core); e.g. --workers 1 --threads 2 "
+                    "gives a single run both cores of a 2-core machine")
     sw.add_argument("--out", help="sweep directory (default runs/sweep-NAME)")
     _add_baseline_options(sw)
     sw.set_defaults(func=cmd_sweep)

@@ -103,13 +103,16 @@ def command_config(command: str, cell: str) -> dict[str, Any]:
     return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
 
 
-def run_one(config: str, overrides: list[str], run_dir: str, baselines: dict[str, Any] | None) -> dict[str, Any]:
-    """Trains (or resumes) one run and evaluates it; returns its ``eval.json`` document."""
+def run_one(
+    config: str, overrides: list[str], run_dir: str, baselines: dict[str, Any] | None, threads: int = 1
+) -> dict[str, Any]:
+    """Trains (or resumes) one run with ``threads`` torch CPU threads and evaluates it; returns its
+    ``eval.json`` document."""
     import torch
 
     from metarl.experiment import Experiment
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     path = Path(run_dir)
     done = path / "eval.json"
     if done.exists():
@@ -142,7 +145,7 @@ def _pool_map(
             raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from e
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=1)(run_one)
+        remote = ray.remote(num_cpus=jobs[0][4] if jobs else 1)(run_one)
         refs = {remote.remote(*job): i for i, job in enumerate(jobs)}
         pending = list(refs)
         while pending:
@@ -317,20 +320,27 @@ def sweep(
     workers: int = 0,
     baselines: dict[str, Any] | None = None,
     sweep_command: str | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Runs every (grid cell, seed) of ``config`` and writes the aggregate table; returns it.
 
     ``sweep_command`` (the command line that asked for the sweep) is recorded in ``sweep.json``.
+    Each run uses ``threads`` torch CPU threads (1: one run per core; more when runs are fewer
+    than cores).
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if threads < 1 or workers < 0:
+        raise ConfigError(
+            f"--threads {threads} --workers {workers}: threads must be at least 1 and workers at least 0 (0: one per core)"
+        )
     if not Path(config).is_file():
         raise ConfigError(f"config {config} not found")
     root = Path(out) if out else Path("runs") / f"sweep-{Path(config).stem}"
     root.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(grid)
     jobs = [
-        (config, [*overrides, *cell, f"run.seed={seed}"], str(root / f"{label_of(cell)}-s{seed}"), baselines)
+        (config, [*overrides, *cell, f"run.seed={seed}"], str(root / f"{label_of(cell)}-s{seed}"), baselines, threads)
         for cell in cells
         for seed in range(seeds)
     ]

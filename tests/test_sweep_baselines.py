@@ -235,3 +235,29 @@ def test_a_failed_run_does_not_lose_the_others(tmp_path, monkeypatch):
     assert "run the same command again" in err.getvalue()
     document = json.loads((tmp_path / "sweep.json").read_text())
     assert list(document["cells"]) == ["inner_lr-0.1"]
+
+
+def test_sweep_and_sinusoid_table_threads_reach_each_run_and_bad_counts_are_refused(tmp_path, monkeypatch):
+    """``--threads`` is the torch thread count of every run (1 by default, one run per core);
+    a count below 1 is refused before anything trains."""
+    import torch
+
+    from metarl.fewshot import sinusoid_table
+    from metarl.sweep import run_one
+
+    monkeypatch.chdir(ROOT)
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    document = run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None, 2)
+    assert calls == [2] and document["summary"]["iteration"] == 2
+    run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None)  # reused, default 1
+    assert calls == [2, 1]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad in (["--threads", "0"], ["--workers", "-1"]):
+        with pytest.raises(AssertionError, match="threads must be at least 1"):
+            metarl("sweep", "experiments/maml_trpo_nav2d.toml", "--out", str(tmp_path / "bad"), *bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
+    for bad in (["--threads", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            sinusoid_table.main([*bad, "--root", str(tmp_path / "sin"), "--out", str(tmp_path / "sin")])
+    assert not (tmp_path / "sin").exists()

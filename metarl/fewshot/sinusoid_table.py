@@ -30,13 +30,14 @@ def _command(method: str, shots: int, seed: int, iterations: int) -> str:
             f"--set run.seed={seed} --set run.num_iterations={iterations}")
 
 
-def run_cell(method: str, shots: int, seed: int, iterations: int, root: str) -> dict[str, Any]:
-    """Trains and evaluates one (method, K, seed); returns per-task losses at 0/1/10 steps."""
+def run_cell(method: str, shots: int, seed: int, iterations: int, root: str, threads: int = 1) -> dict[str, Any]:
+    """Trains and evaluates one (method, K, seed) with ``threads`` torch CPU threads; returns
+    per-task losses at 0/1/10 steps."""
     import torch
 
     from metarl.experiment import Experiment
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     run_dir = Path(root) / f"{method}-k{shots}-s{seed}"
     eval_path = run_dir / "eval.json"
     if eval_path.exists():
@@ -129,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per worker (default 1: one worker per core)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--root", default="runs/sinusoid_table")
     parser.add_argument("--out", default="experiments/results/sinusoid")
     args = parser.parse_args(argv)
-    jobs = [(m, k, s, args.iterations, args.root) for k in (5, 10) for s in range(args.seeds) for m in args.methods]
+    if args.workers < 1 or args.threads < 1:
+        parser.error(f"--workers {args.workers} --threads {args.threads}: both must be at least 1")
+    jobs = [(m, k, s, args.iterations, args.root, args.threads) for k in (5, 10) for s in range(args.seeds) for m in args.methods]
     results: list[dict[str, Any]] = []
     with StoppablePool(args.workers) as pool:
         futures = [pool.submit(run_cell, *job) for job in jobs]
