@@ -134,9 +134,10 @@ def _pool_map(
     backend: str,
     on_done: Callable[[int, dict], None],
     on_fail: Callable[[int, BaseException], None],
+    threads: int = 1,
 ) -> list[dict | None]:
-    """Runs every job; a failed run is reported through ``on_fail`` and leaves ``None``, so the
-    others still finish and count."""
+    """Runs every job (each with ``threads`` CPU threads); a failed run is reported through
+    ``on_fail`` and leaves ``None``, so the others still finish and count."""
     results: list[dict | None] = [None] * len(jobs)
     if backend == "ray":
         try:
@@ -145,7 +146,7 @@ def _pool_map(
             raise ConfigError("--backend ray needs Ray: pip install -e '.[ray]'") from e
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=jobs[0][4] if jobs else 1)(run_one)
+        remote = ray.remote(num_cpus=threads)(run_one)
         refs = {remote.remote(*job): i for i, job in enumerate(jobs)}
         pending = list(refs)
         while pending:
@@ -359,7 +360,7 @@ def sweep(
         failures[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         print(f"[{i + 1}/{len(jobs)}] {name} FAILED: {failures[name]}", flush=True)
 
-    documents = _pool_map(jobs, workers, backend, on_done, on_fail)
+    documents = _pool_map(jobs, workers, backend, on_done, on_fail, threads)
     by_cell: dict[str, list[dict[str, Any]]] = {}
     for label, document in zip(index, documents, strict=True):
         if document is not None:
