@@ -167,3 +167,21 @@ def require_at_least(config: Any, names: tuple[str, ...], minimum: int = 1) -> N
     for name in names:
         if getattr(config, name) < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
+
+
+def count_at_least(minimum: int):
+    """An ``argparse`` ``type`` for a whole-number option such as ``--workers`` or ``--threads``:
+    a value below ``minimum`` is refused while the command line is parsed, before anything runs."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: give at least {minimum}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its "invalid count value" message
+    return parse

@@ -772,7 +772,7 @@ def test_omniglot_eval_rejects_bad_ensembles_before_loading_any_model(tmp_path, 
         assert says in capsys.readouterr().err
 
 
-def test_omniglot_table_threads_reach_each_cell_and_bad_counts_are_refused(tmp_path, monkeypatch):
+def test_omniglot_table_threads_reach_each_cell_and_bad_counts_are_refused(tmp_path, monkeypatch, capsys):
     """``--threads`` is the torch thread count each cell trains and scores with (1 by default);
     a count below 1 is refused before anything trains."""
     import torch
@@ -790,6 +790,22 @@ def test_omniglot_table_threads_reach_each_cell_and_bad_counts_are_refused(tmp_p
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=2"]
     cells.run_cell("protonet", 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny, threads=2)
     assert calls == [2]
-    for bad in (["--threads", "0"], ["--workers", "0"]):
+    for bad in (["--threads", "0"], ["--workers", "0"], ["--threads", "two"]):
         with pytest.raises(SystemExit):
             table.main(bad + ["--plan", "--root", str(tmp_path / "none")])
+        err = capsys.readouterr().err
+        assert bad[0] in err and ("below 1" in err or "not a whole number" in err)
+    assert not (tmp_path / "none").exists()
+
+
+def test_count_at_least_parses_whole_numbers_and_refuses_smaller_ones():
+    """The argparse type behind --workers/--threads: int(text) when >= minimum, else an error."""
+    import argparse
+
+    from metarl.config import count_at_least
+
+    assert count_at_least(1)("3") == 3
+    assert count_at_least(0)("0") == 0
+    for minimum, text in ((1, "0"), (0, "-1"), (1, "1.5"), (1, "")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count_at_least(minimum)(text)

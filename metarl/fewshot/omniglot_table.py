@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from metarl.bench.adapt import machine
+from metarl.config import count_at_least
 from metarl.fewshot.omniglot_cells import (
     ALL_METHODS,
     AUGMENTED_PROTONET,
@@ -258,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only these seeds (instead of --seeds), e.g. to split one row's seeds "
         "between two commands running at once",
     )
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=count_at_least(1), default=2)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count_at_least(1),
         default=1,
         help="torch CPU threads per worker (default 1: one worker per core); e.g. --workers 1 "
         "--threads 2 gives a last cell both cores of a 2-core machine",
@@ -379,8 +380,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--method-iterations names unknown methods {unknown}; choose from {list(ALL_METHODS)}"
         )
-    if args.workers < 1 or args.threads < 1:
-        parser.error(f"--workers {args.workers} --threads {args.threads}: both must be at least 1")
     args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

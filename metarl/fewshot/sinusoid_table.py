@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from metarl.bench.adapt import machine
+from metarl.config import count_at_least
 from metarl.fewshot.maml import METHODS
 from metarl.stopping import StoppablePool
 
@@ -129,15 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=20000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--workers", type=count_at_least(1), default=2)
+    parser.add_argument("--threads", type=count_at_least(1), default=1,
                         help="torch CPU threads per worker (default 1: one worker per core)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--root", default="runs/sinusoid_table")
     parser.add_argument("--out", default="experiments/results/sinusoid")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.threads < 1:
-        parser.error(f"--workers {args.workers} --threads {args.threads}: both must be at least 1")
     jobs = [(m, k, s, args.iterations, args.root, args.threads) for k in (5, 10) for s in range(args.seeds) for m in args.methods]
     results: list[dict[str, Any]] = []
     with StoppablePool(args.workers) as pool:
