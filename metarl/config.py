@@ -183,5 +183,4 @@ def count_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}: give at least {minimum}")
         return value
 
-    parse.__name__ = "count"  # argparse names the type in its "invalid count value" message
     return parse
