@@ -32,6 +32,7 @@ PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent 
 # run. The worker then refuses the jobs still queued for it, and a run it has begun stops after
 # its first iteration.
 _worker_stopping: list[str] = []
+_in_worker: list[bool] = []  # holds True in a pool worker (set by its initializer)
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -47,6 +48,34 @@ class TrainingStopped(KeyboardInterrupt):
 
     def __reduce__(self) -> tuple:  # crosses from a pool worker to its parent
         return type(self), (self.signal_name, self.iteration, str(self.run_dir))
+
+    def where(self) -> str:
+        """Where the run stopped, for a pool's report."""
+        return f"at iteration {self.iteration}"
+
+
+class ScoringStopped(TrainingStopped):
+    """Held-out scoring of a trained run was stopped by a signal; the episodes scored so far are
+    saved in the run directory, and scoring it again scores only the rest."""
+
+    def __init__(self, signal_name: str, iteration: int, run_dir: str | Path, scored: int, total: int):
+        self.signal_name, self.iteration, self.run_dir = signal_name, iteration, Path(run_dir)
+        self.scored, self.total = scored, total
+        self.exit_code = 128 + int(signal.Signals[signal_name])
+        KeyboardInterrupt.__init__(
+            self,
+            f"stopped by {signal_name} while scoring the model of iteration {iteration}: {scored} "
+            f"of {total} held-out episodes are scored and saved in {run_dir}; run the same command "
+            "again to score the rest",
+        )
+
+    def __reduce__(self) -> tuple:
+        return type(self), (
+            self.signal_name, self.iteration, str(self.run_dir), self.scored, self.total
+        )
+
+    def where(self) -> str:
+        return f"while scoring ({self.scored} of {self.total} held-out episodes saved)"
 
 
 class NotStarted(KeyboardInterrupt):
@@ -71,7 +100,8 @@ def stop_signals() -> Iterator[list[str]]:
 
     Outside the main thread (where Python cannot install handlers) the list stays empty and the
     signals keep their usual effect. The previous handlers are restored on exit. In a pool worker
-    already told to stop, the list starts with that signal.
+    already told to stop, the list starts with that signal; and a signal the block caught (whether
+    or not it acted on it) stays with the worker, which then starts none of its queued jobs.
     """
     received: list[str] = list(_worker_stopping)  # a pool worker told to stop before the run began
     if threading.current_thread() is not threading.main_thread():
@@ -83,6 +113,8 @@ def stop_signals() -> Iterator[list[str]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if received and _in_worker and not _worker_stopping:
+            _worker_stopping.append(received[0])
 
 
 def _recorder(received: list[str]) -> Callable[[int, object], None]:
@@ -102,6 +134,7 @@ def _init_worker() -> None:
     reaching it directly (the parent forwards it, once); a signal between runs marks the worker as
     stopping (a second one interrupts it); and on Linux it receives SIGTERM if the parent dies."""
     os.setpgrp()
+    _in_worker.append(True)
     for s in STOP_SIGNALS:
         signal.signal(s, _recorder(_worker_stopping))
     with contextlib.suppress(OSError, AttributeError):
@@ -129,7 +162,9 @@ class StoppablePool:
     def __init__(self, workers: int):
         self.workers = workers
         self.received: list[str] = []
-        self.stopped: list[str] = []  # "LABEL at iteration N" of each run stopped with a checkpoint
+        # "LABEL at iteration N" of each run stopped with a checkpoint ("LABEL while scoring (...)"
+        # for one stopped between two saves of its held-out scores)
+        self.stopped: list[str] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(_call, fn, *args)
@@ -140,7 +175,7 @@ class StoppablePool:
         try:
             return future.result()
         except TrainingStopped as stopped:
-            self.stopped.append(f"{label} at iteration {stopped.iteration}")
+            self.stopped.append(f"{label} {stopped.where()}")
         except (NotStarted, CancelledError):
             pass
         return None
@@ -156,7 +191,8 @@ class StoppablePool:
         if len(self.received) == 1:
             print(
                 f"{self.received[0]}: each worker stops after its current iteration and saves a "
-                "checkpoint (a cell being scored finishes its scoring); send it again to stop at once",
+                "checkpoint (a run being scored stops at its next save of scores, or finishes "
+                "scoring); send it again to stop at once",
                 file=sys.stderr,
                 flush=True,
             )

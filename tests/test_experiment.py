@@ -353,3 +353,25 @@ def test_a_pool_worker_told_to_stop_before_its_run_began_stops_after_one_iterati
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
     with pytest.raises(stopping.NotStarted):  # and the jobs queued after it are refused
         stopping._call(print, "never")
+
+
+def test_a_signal_a_pool_worker_caught_outside_a_run_keeps_its_queued_jobs_from_starting(monkeypatch):
+    """A stop signal caught while a worker scores a finished run (inside stop_signals, which
+    does not stop such work) still tells the worker to start no more jobs; in the main process,
+    a caught signal is not carried over to the next run."""
+    import os
+    import signal
+
+    from metarl import stopping
+
+    monkeypatch.setattr(stopping, "_worker_stopping", [])
+    monkeypatch.setattr(stopping, "_in_worker", [])
+    with stopping.stop_signals() as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert received == ["SIGTERM"] and stopping._worker_stopping == []
+    monkeypatch.setattr(stopping, "_in_worker", [True])
+    with stopping.stop_signals() as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopping._worker_stopping == ["SIGTERM"]
+    with pytest.raises(stopping.NotStarted):
+        stopping._call(print, "never")

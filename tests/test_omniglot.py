@@ -650,6 +650,99 @@ def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_
     assert logged == [1, 2, 3, 4, 5]
 
 
+def _tiny_gradient_cell(tmp_path, name, method="fomaml", tasks=5):
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as table
+
+    tiny = ["tasks.channels=4", f"tasks.num_test_tasks={tasks}", "agent.eval_adapt_steps=[0,1,3]"]
+    return Experiment.create(f"experiments/omniglot_{method}.toml",
+                             table.cell_overrides(method, 5, 1, 0, 2) + tiny, tmp_path / name), tiny
+
+
+def test_held_out_scores_saved_in_chunks_equal_one_call_and_resume_after_a_stop(tmp_path):
+    """Scoring 5 tasks 2 at a time, stopped after the first chunk and resumed, gives exactly the
+    losses and accuracies of one evaluate call on all 5, and the resumed call scores only the
+    3 tasks not saved. Saved scores of another model (iteration) are not reused."""
+    import numpy as np
+
+    from metarl.fewshot import omniglot_cells as table
+    from metarl.stopping import ScoringStopped
+
+    experiment, _ = _tiny_gradient_cell(tmp_path, "fomaml-5w1s-s0")
+    experiment.run(progress=False)
+    agent, tasks = experiment.agent, experiment.distribution.test_tasks(num_ways=5)
+    reference = table._evaluate(agent, tasks, 7)
+    scored = []
+    evaluate = agent.evaluate
+    agent.evaluate = lambda ts, rng: scored.append(len(ts)) or evaluate(ts, rng)
+    partial = tmp_path / "scores.json"
+    with pytest.raises(ScoringStopped, match="2 of 5 held-out episodes are scored and saved"):
+        table.score_held_out(agent, tasks, 7, partial, 2, chunk=2, stop_requested=lambda: "SIGTERM")
+    assert scored == [2] and list(json.loads(partial.read_text())["parts"]) == ["0"]
+    resumed = table.score_held_out(agent, tasks, 7, partial, 2, chunk=2)
+    assert scored == [2, 2, 1]
+    assert resumed["adaptation_steps"] == reference["adaptation_steps"] == [0, 1, 3]
+    assert np.array_equal(resumed["loss"], reference["loss"])
+    assert np.array_equal(resumed["accuracy"], reference["accuracy"])
+    assert table.score_held_out(agent, tasks, 7, partial, 2, chunk=2)["loss"].shape == (5, 3)
+    assert scored == [2, 2, 1]  # all 5 saved: nothing scored again
+    table.score_held_out(agent, tasks, 7, partial, 3, chunk=2)  # another model: scored anew
+    assert scored == [2, 2, 1, 2, 2, 1]
+    experiment.close()
+
+
+def test_scoring_of_a_learner_that_is_not_per_task_is_one_call_with_nothing_saved(tmp_path):
+    from metarl.fewshot import omniglot_cells as table
+
+    class OneCall:  # a learner whose scores may depend on the other tasks (no attribute)
+        calls = []
+
+        def evaluate(self, tasks, rng):
+            self.calls.append(len(tasks))
+            return {"adaptation_steps": [0], "loss": [[1.0]] * len(tasks), "accuracy": None}
+
+    out = table.score_held_out(OneCall(), list(range(5)), 0, tmp_path / "scores.json", chunk=2)
+    assert OneCall.calls == [5] and len(out["loss"]) == 5
+    assert not (tmp_path / "scores.json").exists()
+
+
+def test_omniglot_cell_stopped_while_scoring_resumes_the_scoring_with_the_same_scores(tmp_path, monkeypatch):
+    """A signal while a cell is scored stops it at the next save of scores (ScoringStopped, which
+    a pool reports and which survives pickling); the same call again trains nothing, scores the
+    rest, and gives the per-episode accuracy of a cell scored without a stop."""
+    import os
+    import pickle
+    import signal
+
+    from metarl.fewshot import omniglot_cells as table
+    from metarl.stopping import ScoringStopped
+
+    monkeypatch.setattr(table, "SCORE_CHUNK", 2)
+    _, tiny = _tiny_gradient_cell(tmp_path, "unused")
+    whole = table.run_cell("fomaml", 5, 1, (5,), 0, 2, str(tmp_path / "whole"), tiny)
+    from metarl.fewshot.maml import GradientLearner
+
+    evaluate = GradientLearner.evaluate
+    chunks = []
+
+    def evaluate_then_signal(self, tasks, rng):
+        chunks.append(len(tasks))
+        if len(chunks) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, tasks, rng)
+
+    monkeypatch.setattr(GradientLearner, "evaluate", evaluate_then_signal)
+    with pytest.raises(ScoringStopped) as stopped:
+        table.run_cell("fomaml", 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny)
+    assert (stopped.value.scored, stopped.value.total, stopped.value.iteration) == (2, 5, 2)
+    assert stopped.value.where() == "while scoring (2 of 5 held-out episodes saved)"
+    copy = pickle.loads(pickle.dumps(stopped.value))
+    assert (type(copy), str(copy), copy.exit_code) == (ScoringStopped, str(stopped.value), 143)
+    again = table.run_cell("fomaml", 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny)
+    assert chunks == [2, 2, 1] and again["train_s_iterations"] == 0
+    assert again["accuracy"] == whole["accuracy"]
+
+
 def test_omniglot_table_plan_tells_committed_partial_and_untrained_cells_apart(tmp_path, capsys):
     """--plan trains nothing and names each cell's state: seed 0 committed, seed 1 checkpointed at
     iteration 2 of 4, seed 2 not started."""

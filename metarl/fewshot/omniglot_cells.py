@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ MAML_20WAY = ("agent.inner_lr=0.1", "agent.adapt_steps=5", "agent.meta_batch_siz
 # and 20-way models after 5 (appendix A.1, as recalled); Reptile after 50 (Nichol et al. 2018).
 # MANN is scored after reading the support set (its step 1); metric learners at their only step, 0.
 REPORT_STEP = {"reptile": {5: 50, 20: 50}, "mann": {5: 1, 20: 1}, "default": {5: 3, 20: 5}}
+# Held-out episodes a gradient learner's cell scores between two saves of its scores: a multiple
+# of maml.VMAP_EVAL_CHUNK, so that chunked scoring batches the episodes as one call would.
+SCORE_CHUNK = 24
 
 
 def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
@@ -195,14 +199,93 @@ def _open(method: str, overrides: list[str], run_dir: Path, iterations: int) -> 
     return experiment
 
 
-def _held_out_accuracy(experiment: Any, method: str, num_ways: int) -> dict[str, Any]:
-    """Accuracy (%) per fixed test episode at the reported step, and at every evaluated step."""
+def _evaluate(agent: Any, tasks: list[Any], seed: int) -> dict[str, Any]:
+    """``agent.evaluate`` on ``tasks`` with its generators seeded by ``seed``."""
     import torch
 
-    rng = np.random.default_rng(experiment.eval_cfg.seed)
-    torch.manual_seed(experiment.eval_cfg.seed)
-    evaluation = experiment.agent.evaluate(
-        experiment.distribution.test_tasks(num_ways=num_ways), rng
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    return dict(agent.evaluate(tasks, rng))
+
+
+def score_held_out(
+    agent: Any,
+    tasks: list[Any],
+    seed: int,
+    partial: Path | None = None,
+    iteration: int = 0,
+    chunk: int | None = None,
+    stop_requested: Callable[[], str | None] = lambda: None,
+) -> dict[str, Any]:
+    """``agent.evaluate(tasks)``, scored ``chunk`` tasks at a time (default ``SCORE_CHUNK``) and
+    saved to ``partial`` after each chunk, so that a stopped scoring resumes where it stopped.
+
+    Only for a learner that scores each task on its own (``scores_tasks_independently``) on tasks
+    that fix their own episodes, so the chunks give the values of one call on all the tasks;
+    other learners are scored in one call and save nothing. Saved chunks are reused only for the
+    same model (``iteration``), ``seed``, task count and ``chunk``. After each saved chunk,
+    ``stop_requested()`` returning a signal name raises :class:`ScoringStopped`.
+    """
+    if partial is None or not getattr(agent, "scores_tasks_independently", False):
+        return _evaluate(agent, tasks, seed)
+    from metarl.stopping import ScoringStopped
+
+    chunk = chunk or SCORE_CHUNK
+    key = {"iteration": iteration, "seed": seed, "num_tasks": len(tasks), "chunk": chunk}
+    parts: dict[str, Any] = {}
+    if partial.exists():
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key:
+            parts = saved["parts"]
+    starts = range(0, len(tasks), chunk)
+    for start in starts:
+        if str(start) in parts:
+            continue
+        began = time.perf_counter()
+        e = _evaluate(agent, tasks[start : start + chunk], seed)
+        parts[str(start)] = {
+            "adaptation_steps": list(e["adaptation_steps"]),
+            "loss": np.asarray(e["loss"]).tolist(),
+            "accuracy": None if e["accuracy"] is None else np.asarray(e["accuracy"]).tolist(),
+        }
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "parts": parts}))
+        tmp.replace(partial)  # a kill mid-write leaves the previous save whole
+        scored = min(start + chunk, len(tasks))
+        print(
+            f"{partial.parent.name}: scored {scored} of {len(tasks)} held-out episodes "
+            f"({time.perf_counter() - began:.0f} s for the last {scored - start})",
+            flush=True,
+        )
+        signal_name = stop_requested()
+        if signal_name is not None and scored < len(tasks):
+            raise ScoringStopped(signal_name, iteration, partial.parent, scored, len(tasks))
+    ordered = [parts[str(start)] for start in starts]
+    accuracy = [p["accuracy"] for p in ordered]
+    return {
+        "adaptation_steps": ordered[0]["adaptation_steps"],
+        "loss": np.concatenate([np.asarray(p["loss"]) for p in ordered]),
+        "accuracy": None
+        if any(a is None for a in accuracy)
+        else np.concatenate([np.asarray(a) for a in accuracy]),
+    }
+
+
+def _held_out_accuracy(
+    experiment: Any,
+    method: str,
+    num_ways: int,
+    stop_requested: Callable[[], str | None] = lambda: None,
+) -> dict[str, Any]:
+    """Accuracy (%) per fixed test episode at the reported step, and at every evaluated step.
+    Scores are saved in the run directory as they come (see :func:`score_held_out`)."""
+    evaluation = score_held_out(
+        experiment.agent,
+        experiment.distribution.test_tasks(num_ways=num_ways),
+        experiment.eval_cfg.seed,
+        Path(experiment.run_dir) / f"scores-{num_ways}way.json",
+        experiment.iteration,
+        stop_requested=stop_requested,
     )
     step = report_step(method, num_ways)
     return {
@@ -243,6 +326,7 @@ def run_cell(
     import torch
 
     from metarl.fewshot.omniglot_tasks import official_runs_error
+    from metarl.stopping import stop_signals
 
     torch.set_num_threads(threads)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
@@ -268,8 +352,14 @@ def run_cell(
         # wall time of the iterations trained by this call (all of them unless it resumed a run)
         "train_s": time.perf_counter() - start,
         "train_s_iterations": iterations - first,
-        "accuracy": {str(n): _held_out_accuracy(experiment, method, n) for n in test_ways},
     }
+    with stop_signals() as received:  # a stop while scoring waits for the next save of scores
+        result["accuracy"] = {
+            str(n): _held_out_accuracy(
+                experiment, method, n, lambda: received[0] if received else None
+            )
+            for n in test_ways
+        }
     if shots == 1 and (ways == 20 or method in WIDE_METRIC):
         result["official"] = official_runs_error(experiment.agent)
     experiment.close()
