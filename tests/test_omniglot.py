@@ -743,6 +743,55 @@ def test_omniglot_cell_stopped_while_scoring_resumes_the_scoring_with_the_same_s
     assert again["accuracy"] == whole["accuracy"]
 
 
+def test_a_parked_unfinished_run_resumes_in_a_clone_without_it_and_matches_an_unbroken_run(tmp_path, capsys):
+    """--park copies a run checkpointed at iteration 2 of 4 (not a finished one, nor TensorBoard
+    events) beside the cells; from a root without that run, --plan says it resumes there and
+    run_cell trains only iterations 3-4, to the same held-out scores as a run never stopped, and
+    then drops the parked copy."""
+    import os
+    import signal
+
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as cells_mod
+    from metarl.fewshot import omniglot_table as table
+    from metarl.stopping import TrainingStopped
+
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=3", "run.checkpoint_every=1"]
+    cells, old_root, new_root = tmp_path / "cells", tmp_path / "old", tmp_path / "new"
+    overrides = cells_mod.cell_overrides("protonet", 5, 1, 0, 4) + tiny
+    half = Experiment.create("experiments/omniglot_protonet.toml", overrides, old_root / "protonet-5w1s-s0")
+    step = half.agent.step
+
+    def step_then_signal(batch):
+        metrics = step(batch)
+        if half.iteration == 1:  # the 2nd iteration: Experiment.run counts it after step
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    half.agent.step = step_then_signal
+    with pytest.raises(TrainingStopped):
+        half.run(progress=False)
+    half.close()
+    done = old_root / "protonet-5w1s-s1"
+    Experiment.create("experiments/omniglot_protonet.toml", overrides, done).checkpoint()
+    (done / "table.json").write_text("{}")  # a finished run: its cell is committed, not parked
+    (old_root / "notes").mkdir()  # not a run
+    assert table.main(["--park", "--root", str(old_root), "--cells", str(cells)]) == 0
+    out = capsys.readouterr().out
+    assert "protonet-5w1s-s0: parked at iteration 2" in out and "1 unfinished runs" in out
+    parked = cells / "unfinished" / "protonet-5w1s-s0"
+    assert sorted(p.name for p in (cells / "unfinished").iterdir()) == ["protonet-5w1s-s0"]
+    assert (parked / "checkpoint.pt").is_file() and not (parked / "tb").exists()
+    assert "resumes at iteration 2 of 4" in cells_mod.cell_state(
+        "protonet", 5, 1, 0, 4, str(new_root), tiny, str(cells))
+    resumed = cells_mod.run_cell("protonet", 5, 1, (5,), 0, 4, str(new_root), tiny, str(cells))
+    assert resumed["train_s_iterations"] == 2 and not parked.exists()
+    assert (cells / cells_mod.cell_name(resumed)).is_file()
+    unbroken = cells_mod.run_cell("protonet", 5, 1, (5,), 0, 4, str(tmp_path / "unbroken"), tiny)
+    assert unbroken["train_s_iterations"] == 4
+    assert resumed["accuracy"] == unbroken["accuracy"]
+
+
 def test_omniglot_table_plan_tells_committed_partial_and_untrained_cells_apart(tmp_path, capsys):
     """--plan trains nothing and names each cell's state: seed 0 committed, seed 1 checkpointed at
     iteration 2 of 4, seed 2 not started."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,8 @@ REPORT_STEP = {"reptile": {5: 50, 20: 50}, "mann": {5: 1, 20: 1}, "default": {5:
 # Held-out episodes a gradient learner's cell scores between two saves of its scores: a multiple
 # of maml.VMAP_EVAL_CHUNK, so that chunked scoring batches the episodes as one call would.
 SCORE_CHUNK = 24
+# Under the cells folder: copies of runs stopped before they finished, for a fresh clone to resume.
+UNFINISHED = "unfinished"
 
 
 def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
@@ -154,6 +157,48 @@ def cell_dir(root: str, method: str, ways: int, shots: int, seed: int) -> Path:
     return Path(root) / f"{method}-{ways}w{shots}s-s{seed}"
 
 
+def parked_dir(cells_dir: str | Path, run_dir: Path) -> Path:
+    """Where :func:`park` keeps a copy of the unfinished run ``run_dir`` beside the cells."""
+    return Path(cells_dir) / UNFINISHED / run_dir.name
+
+
+def park(root: str | Path, cells_dir: str | Path) -> list[tuple[str, int]]:
+    """Copies each unfinished run under ``root`` (checkpointed, not yet written as a cell) to
+    ``cells_dir/unfinished/NAME``: its config, checkpoint, logs and saved held-out scores, without
+    TensorBoard events. Committed with the cells, it lets a fresh clone resume the run
+    (:func:`run_cell` starts from it when ``root`` has no run of that name). Returns
+    ``(name, checkpointed iteration)`` of each run parked."""
+    from metarl.logger import load_checkpoint
+
+    parked = []
+    runs = sorted(Path(root).iterdir()) if Path(root).is_dir() else []
+    for run_dir in runs:
+        checkpoint = run_dir / "checkpoint.pt"
+        if not (run_dir / "config.toml").is_file() or not checkpoint.is_file():
+            continue  # not a run, or nothing trained yet
+        if (run_dir / "table.json").exists():
+            continue  # finished: its cell is in cells_dir
+        dest = parked_dir(cells_dir, run_dir)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("tb", "*.tmp"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        parked.append((run_dir.name, int(load_checkpoint(checkpoint)["iteration"])))
+    return parked
+
+
+def _unpark(run_dir: Path, cells_dir: str | None) -> Path | None:
+    """Copies the parked run of ``run_dir`` there if ``run_dir`` holds no run; returns its source."""
+    if cells_dir is None or (run_dir / "config.toml").exists():
+        return None
+    parked = parked_dir(cells_dir, run_dir)
+    if not (parked / "config.toml").is_file():
+        return None
+    shutil.copytree(parked, run_dir, dirs_exist_ok=True)
+    return parked
+
+
 def cell_state(
     method: str,
     ways: int,
@@ -176,7 +221,10 @@ def cell_state(
         committed = cells_dir is not None and (Path(cells_dir) / cell_name(finished)).exists()
         return f"done ({'committed' if committed else run_dir})"
     if not (run_dir / "config.toml").exists():
-        return "to train"
+        parked = None if cells_dir is None else parked_dir(cells_dir, run_dir)
+        if parked is None or not (parked / "config.toml").is_file():
+            return "to train"
+        run_dir = parked
     checkpoint = run_dir / "checkpoint.pt"
     done = int(load_checkpoint(checkpoint)["iteration"]) if checkpoint.exists() else 0
     if done == iterations:
@@ -334,6 +382,9 @@ def run_cell(
     finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
     if finished is not None:
         return finished
+    parked = _unpark(run_dir, cells_dir)
+    if parked is not None:
+        print(f"{run_dir.name}: resumes the run parked in {parked}", flush=True)
     experiment = _open(method, overrides, run_dir, iterations)
     device = getattr(experiment.agent, "device", None)
     if gpu_share is not None and device is not None and device.type == "cuda":
@@ -368,6 +419,7 @@ def run_cell(
     if cells_dir is not None:
         Path(cells_dir).mkdir(parents=True, exist_ok=True)
         (Path(cells_dir) / cell_name(result)).write_text(json.dumps(result) + "\n")
+        shutil.rmtree(parked_dir(cells_dir, run_dir), ignore_errors=True)  # now a cell
     return result
 
 

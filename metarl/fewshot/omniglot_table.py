@@ -8,7 +8,9 @@ evaluation (600 fixed test episodes) and, for the 20-way 1-shot model (ProtoNets
 the error on the 20 official one-shot runs of the Omniglot challenge. ProtoNets trains one 60-way
 model per K and tests it at 5 and 20 ways; the others train one model per (N, K), as in their papers.
 Finished runs are reused, so a killed sweep picks up where it stopped; so are the committed cells
-of ``--cells`` whose command is the one a job would run.
+of ``--cells`` whose command is the one a job would run. ``--park`` copies the unfinished runs
+under ``--root`` into ``--cells``/unfinished, to be committed: a clone without those runs resumes
+each from its parked copy, and a finished cell's parked copy is removed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from metarl.fewshot.omniglot_cells import (
     cell_state,
     load_cells,
     merge_cells,
+    park,
+    parked_dir,
     run_cell,
     seed_command,
     trained_runs,
@@ -301,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train nothing: build the table from --cells alone",
     )
     parser.add_argument(
+        "--park",
+        action="store_true",
+        help="train nothing: copy each unfinished run under --root (config, checkpoint, logs, saved "
+        "scores) to CELLS/unfinished/, to commit, so that a fresh clone resumes it there",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="train nothing: list the cells the command would train, resume or reuse",
@@ -392,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = {(int(m.group(1)), int(m.group(2))) for m in parsed if m is not None}
     if args.note_file and not Path(args.note_file).is_file():
         parser.error(f"--note-file {args.note_file}: no such file")
+    if args.park:
+        parked = park(args.root, args.cells)
+        for name, iteration in parked:
+            print(f"{name}: parked at iteration {iteration} in {parked_dir(args.cells, Path(name))}")
+        print(f"{len(parked)} unfinished runs under {args.root} parked; commit them to resume elsewhere")
+        return 0
     committed = load_cells(args.cells)
     if args.from_cells:
         if not committed:
