@@ -735,6 +735,8 @@ def test_omniglot_cell_stopped_while_scoring_resumes_the_scoring_with_the_same_s
     with pytest.raises(ScoringStopped) as stopped:
         table.run_cell("fomaml", 5, 1, (5,), 0, 2, str(tmp_path / "runs"), tiny)
     assert (stopped.value.scored, stopped.value.total, stopped.value.iteration) == (2, 5, 2)
+    assert table.cell_state("fomaml", 5, 1, 0, 2, str(tmp_path / "runs"), tiny).endswith(
+        "; 2 of 5 held-out 5-way episodes scored)")
     assert stopped.value.where() == "while scoring (2 of 5 held-out episodes saved)"
     copy = pickle.loads(pickle.dumps(stopped.value))
     assert (type(copy), str(copy), copy.exit_code) == (ScoringStopped, str(stopped.value), 143)

@@ -228,8 +228,21 @@ def cell_state(
     checkpoint = run_dir / "checkpoint.pt"
     done = int(load_checkpoint(checkpoint)["iteration"]) if checkpoint.exists() else 0
     if done == iterations:
-        return f"trained, to score ({run_dir})"
+        return f"trained, to score ({run_dir}{_scored_so_far(run_dir, done)})"
     return f"resumes at iteration {done} of {iterations} ({run_dir})"
+
+
+def _scored_so_far(run_dir: Path, iteration: int) -> str:
+    """``"; 48 of 600 held-out 20-way episodes scored"`` for the scores saved in ``run_dir`` for
+    the model of ``iteration`` (see :func:`score_held_out`); empty if none were."""
+    said = []
+    for path in sorted(run_dir.glob("scores-*way.json")):
+        saved = json.loads(path.read_text())
+        if saved["key"]["iteration"] == iteration:
+            scored = sum(len(part["loss"]) for part in saved["parts"].values())
+            ways = path.stem.removeprefix("scores-").removesuffix("way")
+            said.append(f"{scored} of {saved['key']['num_tasks']} held-out {ways}-way episodes scored")
+    return "".join(f"; {s}" for s in said)
 
 
 def _open(method: str, overrides: list[str], run_dir: Path, iterations: int) -> Any:
