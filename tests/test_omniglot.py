@@ -618,25 +618,19 @@ def test_omniglot_cell_refuses_to_resume_a_run_of_another_length(tmp_path):
         table.run_cell("protonet", 5, 1, (5,), 0, 5, str(tmp_path / "runs"), tiny)
 
 
-def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_trained(tmp_path):
-    """A cell stopped by a signal after 3 of 5 iterations is continued, not restarted, by the next
-    call; its training time is labelled with the 2 iterations that call trained."""
+def _run_until_signal(experiment, iteration):
+    """Runs ``experiment`` with a SIGINT sent during its iteration number ``iteration`` (1-based),
+    so it stops with a checkpoint there (TrainingStopped), and closes it."""
     import os
     import signal
 
-    from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as table
     from metarl.stopping import TrainingStopped
 
-    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=1"]
-    run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
-    experiment = Experiment.create("experiments/omniglot_protonet.toml",
-                                   table.cell_overrides("protonet", 5, 1, 0, 5) + tiny, run_dir)
     step = experiment.agent.step
 
     def step_then_signal(batch):
         metrics = step(batch)
-        if experiment.iteration == 2:  # the 3rd iteration: Experiment.run counts it after step
+        if experiment.iteration == iteration - 1:  # Experiment.run counts it after step
             os.kill(os.getpid(), signal.SIGINT)
         return metrics
 
@@ -644,6 +638,20 @@ def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_
     with pytest.raises(TrainingStopped):
         experiment.run(progress=False)
     experiment.close()
+
+
+def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_trained(tmp_path):
+    """A cell stopped by a signal after 3 of 5 iterations is continued, not restarted, by the next
+    call; its training time is labelled with the 2 iterations that call trained."""
+
+    from metarl.experiment import Experiment
+    from metarl.fewshot import omniglot_cells as table
+
+    tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=1"]
+    run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
+    experiment = Experiment.create("experiments/omniglot_protonet.toml",
+                                   table.cell_overrides("protonet", 5, 1, 0, 5) + tiny, run_dir)
+    _run_until_signal(experiment, 3)
     cell = table.run_cell("protonet", 5, 1, (5,), 0, 5, str(tmp_path / "runs"), tiny)
     assert cell["iterations"] == 5 and cell["train_s_iterations"] == 2
     logged = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -750,30 +758,16 @@ def test_a_parked_unfinished_run_resumes_in_a_clone_without_it_and_matches_an_un
     events) beside the cells; from a root without that run, --plan says it resumes there and
     run_cell trains only iterations 3-4, to the same held-out scores as a run never stopped, and
     then drops the parked copy."""
-    import os
-    import signal
 
     from metarl.experiment import Experiment
     from metarl.fewshot import omniglot_cells as cells_mod
     from metarl.fewshot import omniglot_table as table
-    from metarl.stopping import TrainingStopped
 
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=3", "run.checkpoint_every=1"]
     cells, old_root, new_root = tmp_path / "cells", tmp_path / "old", tmp_path / "new"
     overrides = cells_mod.cell_overrides("protonet", 5, 1, 0, 4) + tiny
     half = Experiment.create("experiments/omniglot_protonet.toml", overrides, old_root / "protonet-5w1s-s0")
-    step = half.agent.step
-
-    def step_then_signal(batch):
-        metrics = step(batch)
-        if half.iteration == 1:  # the 2nd iteration: Experiment.run counts it after step
-            os.kill(os.getpid(), signal.SIGINT)
-        return metrics
-
-    half.agent.step = step_then_signal
-    with pytest.raises(TrainingStopped):
-        half.run(progress=False)
-    half.close()
+    _run_until_signal(half, 2)
     done = old_root / "protonet-5w1s-s1"
     Experiment.create("experiments/omniglot_protonet.toml", overrides, done).checkpoint()
     (done / "table.json").write_text("{}")  # a finished run: its cell is committed, not parked
