@@ -289,6 +289,7 @@ def score_held_out(
     """
     if partial is None or not getattr(agent, "scores_tasks_independently", False):
         return _evaluate(agent, tasks, seed)
+    from metarl.logger import atomic_write_bytes
     from metarl.stopping import ScoringStopped
 
     chunk = chunk or SCORE_CHUNK
@@ -309,9 +310,8 @@ def score_held_out(
             "loss": np.asarray(e["loss"]).tolist(),
             "accuracy": None if e["accuracy"] is None else np.asarray(e["accuracy"]).tolist(),
         }
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "parts": parts}))
-        tmp.replace(partial)  # a kill mid-write leaves the previous save whole
+        # a kill mid-write leaves the previous save whole
+        atomic_write_bytes(partial, json.dumps({"key": key, "parts": parts}).encode())
         scored = min(start + chunk, len(tasks))
         print(
             f"{partial.parent.name}: scored {scored} of {len(tasks)} held-out episodes "
