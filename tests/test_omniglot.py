@@ -832,6 +832,27 @@ def test_seed_command_names_the_device_of_each_seed():
                      + "  # seed 0 with --set agent.device=cuda; seeds 1,2 with no agent.device (CPU)")
 
 
+def test_seed_command_names_the_checkpoint_interval_of_each_seed():
+    from metarl.fewshot.omniglot_cells import seed_command
+
+    base = "metarl run experiments/omniglot_maml.toml --set run.seed={} --set tasks.num_ways=20"
+    every = " --set run.checkpoint_every={}"
+    gpu = base + " --set agent.device=cuda"
+    commands = [(gpu + every).format(0, 100), (base + every).format(1, 20),
+                (base + every).format(2, 20)]
+    assert seed_command(commands, [0, 1, 2]) == (
+        "metarl run experiments/omniglot_maml.toml --set run.seed={0,1,2} --set tasks.num_ways=20"
+        "  # seed 0 with --set agent.device=cuda; seeds 1,2 with no agent.device (CPU)"
+        "; seed 0 with --set run.checkpoint_every=100; seeds 1,2 with --set run.checkpoint_every=20")
+    # one seed without the override, the others with it
+    mixed = seed_command([base.format(3), (base + every).format(4, 20)], [3, 4])
+    assert mixed == (base.replace("{}", "{3,4}") + "  # seed 3 with no run.checkpoint_every; "
+                     "seed 4 with --set run.checkpoint_every=20")
+    # the same interval everywhere stays in the command
+    same = seed_command([(base + every).format(0, 20), (base + every).format(1, 20)], [0, 1])
+    assert same == (base + every).format("{0,1}", 20)
+
+
 def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch):
     from metarl.fewshot import omniglot_table as table
 

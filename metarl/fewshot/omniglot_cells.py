@@ -464,18 +464,42 @@ def merge_cells(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def seed_command(commands: list[str], seeds: list[int]) -> str:
-    """One command for a row's seeds (in braces). Where the seeds ran on different devices, the
-    command is given without the device and a trailing shell comment names the seeds run on each."""
+    """One command for a row's seeds (in braces). Where the seeds ran on different devices, or
+    checkpointed at different intervals (neither changes what a run computes), the command is given
+    without that override and a trailing shell comment names the value each seed ran with."""
     braces = "run.seed={" + ",".join(map(str, seeds)) + "}"
+    base = commands[0]
+    notes = []
     devices = [device_of(c) for c in commands]
-    if len(set(devices)) == 1:
-        return commands[0].replace(f"run.seed={seeds[0]}", braces)
-    on: dict[str, list[int]] = {}
-    for seed, device in zip(seeds, devices, strict=True):
-        on.setdefault(device, []).append(seed)
-    where = "; ".join(
-        f"seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))} with "
-        + ("no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}")
-        for d, s in on.items()
+    if len(set(devices)) > 1:
+        base = device_free(base)
+        notes.append(_per_seed(
+            seeds, devices,
+            lambda d: "no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}"))
+    intervals = [_checkpoint_every_of(c) for c in commands]
+    if len(set(intervals)) > 1:
+        base = _CHECKPOINT.sub("", base)
+        notes.append(_per_seed(
+            seeds, intervals,
+            lambda v: "no run.checkpoint_every" if v is None else f"--set run.checkpoint_every={v}"))
+    command = base.replace(f"run.seed={seeds[0]}", braces)
+    return command + (f"  # {'; '.join(notes)}" if notes else "")
+
+
+_CHECKPOINT = re.compile(r" --set run\.checkpoint_every=(\S+)")
+
+
+def _checkpoint_every_of(command: str) -> str | None:
+    found = _CHECKPOINT.search(command)
+    return found.group(1) if found else None
+
+
+def _per_seed(seeds: list[int], values: list[Any], describe: Callable[[Any], str]) -> str:
+    """``seed 0 with X; seeds 1,2 with Y``: the seeds that ran with each value, in order."""
+    on: dict[Any, list[int]] = {}
+    for seed, value in zip(seeds, values, strict=True):
+        on.setdefault(value, []).append(seed)
+    return "; ".join(
+        f"seed{'s' if len(s) > 1 else ''} {','.join(map(str, s))} with {describe(v)}"
+        for v, s in on.items()
     )
-    return device_free(commands[0]).replace(f"run.seed={seeds[0]}", braces) + f"  # {where}"
