@@ -25,6 +25,13 @@ Measured on a 2-core CPU (``metarl bench adapt``): vmap wins for small MLPs,
 where per-task kernels are tiny and Python overhead dominates; a loop wins for
 the conv4 Omniglot model, where vmapped convolutions and batch norm fall back
 to slower batched kernels. Learners pick the faster one per model by default.
+
+Memory. A meta-loss built for the whole meta-batch and backpropagated once keeps every task's
+graph (inner-step activations and their second-order terms) alive until that one backward pass.
+:func:`meta_backward` backpropagates a chunk of tasks at a time and lets autograd accumulate the
+meta-gradient in ``.grad``: the same gradient and the same FLOPs, one chunk's graph at a time.
+The learners use one task per chunk with loop batching and the whole batch with vmap, unless
+their ``backward_chunk`` says otherwise.
 """
 
 from __future__ import annotations
@@ -229,12 +236,75 @@ def meta_objective(
     Returns:
         ``[B]`` tensor of post-adaptation query losses; its mean is the meta-loss.
     """
+    one_task = task_objective(loss_fn, steps, lr, first_order, names, query_loss_fn, update)
+    return map_tasks(one_task, (params,), (support, query), batch)
+
+
+def meta_backward(
+    fn: Callable[..., torch.Tensor],
+    shared: tuple,
+    batched: tuple,
+    batch: Literal["vmap", "loop"],
+    chunk: int | None = None,
+    objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Backpropagates ``mean_i objective(fn(*shared, *task_i))`` a chunk of tasks at a time.
+
+    The gradient reaching the leaves ``shared`` depends on is that of :func:`map_tasks` followed by
+    ``objective(out).mean().backward()``, but only one chunk's graph exists at a time (see the
+    module docstring). Like ``backward()`` it adds to ``.grad``: zero the gradients first.
+
+    Args:
+        fn: one task's output, a tensor ``[...]`` (e.g. the query loss after adaptation).
+        shared: arguments common to every task (the meta-parameters); leaves, not tensors computed
+            from them, since every chunk's backward frees its graph.
+        batched: pytrees of tensors with a leading task axis ``[B, ...]``.
+        batch: ``"vmap"`` or ``"loop"`` within a chunk, as in :func:`map_tasks`.
+        chunk: tasks per backward pass; ``None`` takes 1 with ``"loop"`` and ``B`` with ``"vmap"``.
+        objective: maps a chunk's outputs ``[C, ...]`` to per-task scalars ``[C]``; the outputs
+            themselves when ``None`` (then ``fn`` must return a scalar).
+
+    Returns:
+        The detached outputs of every task, ``[B, ...]``.
+    """
+    num_tasks = _num_tasks(batched)
+    if chunk is None:
+        chunk = 1 if batch == "loop" else num_tasks
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 task (or None for the default), got {chunk}")
+    outputs = []
+    for start in range(0, num_tasks, chunk):
+        part = tuple(task_index(b, slice(start, start + chunk)) for b in batched)
+        out = map_tasks(fn, shared, part, batch)
+        value = out if objective is None else objective(out)
+        if value.dim() != 1:
+            raise ValueError(
+                f"the per-task objective must have shape [tasks], got {tuple(value.shape)}; "
+                "pass objective= to reduce each task's output to a scalar"
+            )
+        if value.requires_grad:
+            (value.sum() / num_tasks).backward()
+        outputs.append(out.detach())
+    return torch.cat(outputs)
+
+
+def task_objective(
+    loss_fn: LossFn,
+    steps: int = 1,
+    lr: LearningRate = 0.01,
+    first_order: bool = False,
+    names: Iterable[str] | None = None,
+    query_loss_fn: LossFn | None = None,
+    update: UpdateRule | None = None,
+) -> Callable[[Params, Any, Any], torch.Tensor]:
+    """``(params, support, query) -> query loss after adaptation`` of one task, as in
+    :func:`meta_objective` (arguments as there); the ``fn`` of :func:`meta_backward`."""
     outer = query_loss_fn or loss_fn
 
     def one_task(p: Params, s: Any, q: Any) -> torch.Tensor:
         return outer(adapt(loss_fn, p, s, steps, lr, first_order, names, update), q)
 
-    return map_tasks(one_task, (params,), (support, query), batch)
+    return one_task
 
 
 def _num_tasks(batch: Any) -> int:

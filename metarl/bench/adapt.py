@@ -8,10 +8,15 @@ Models (MAML paper settings):
   0.01, one inner step.
 
 A meta-step is the meta-loss over the batch of tasks and its backward pass to the initial
-parameters. For each implementation: median milliseconds over repeats (after warm-up) and the peak
-resident-memory increase during one step (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``).
-All figures come from the same process run; speedups are ratios within it. The last line printed is
-one JSON object keyed by model.
+parameters. metarl runs three ways: ``metarl_vmap`` (tasks vmapped, one backward),
+``metarl_loop_one_backward`` (a loop over tasks, one backward at the end: every task's graph held
+at once) and ``metarl_loop`` (:func:`metarl.adaptation.meta_backward`: a backward per task, the
+meta-gradient accumulated, one task's graph at a time; what the learners run with loop batching).
+For each implementation: median milliseconds over repeats (after warm-up) and the peak memory
+increase during one step: on the CPU the resident set's high-water mark (Linux ``VmHWM`` reset
+through ``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``. All figures come
+from the same process run; speedups and memory ratios are taken within it. The last line printed
+is one JSON object keyed by model.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metarl.adaptation import meta_objective
+from metarl.adaptation import meta_backward, meta_objective, task_objective
 from metarl.nn import MLP, Conv4
 
 
@@ -43,8 +48,25 @@ def _proc_status(key: str) -> int:
     return 0
 
 
-def peak_memory(fn: Callable[[], Any]) -> int | None:
-    """Bytes by which the resident set's high-water mark rises while ``fn`` runs (Linux only)."""
+CPU = torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device = CPU) -> int | None:
+    """Bytes by which memory peaks above its level before ``fn``: the resident set's high-water
+    mark on the CPU (Linux only), allocated device memory on CUDA."""
+    if device.type == "cuda":
+        gc.collect()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
     try:
         gc.collect()
         try:
@@ -59,18 +81,30 @@ def peak_memory(fn: Callable[[], Any]) -> int | None:
         return None
 
 
-def time_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+def time_ms(
+    fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device = CPU
+) -> float:
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
 
 
-def _problem(name: str) -> dict[str, Any]:
+def _problem(name: str, device: torch.device) -> dict[str, Any]:
+    p = _cpu_problem(name)
+    p["module"] = p["module"].to(device)
+    for key in ("support", "query"):
+        p[key] = tuple(t.to(device) for t in p[key])
+    return p
+
+
+def _cpu_problem(name: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     if name == "conv4":
         tasks, ways, shots, queries = 32, 5, 1, 15
@@ -86,7 +120,10 @@ def _problem(name: str) -> dict[str, Any]:
             "loss": F.mse_loss}
 
 
-def metarl_step(p: dict[str, Any], batch: Literal["vmap", "loop"]) -> Callable[[], None]:
+def metarl_step(
+    p: dict[str, Any], batch: Literal["vmap", "loop"], per_task_backward: bool = False
+) -> Callable[[], None]:
+    """metarl's meta-step: one backward for the batch, or one per task (``per_task_backward``)."""
     module, loss = p["module"], p["loss"]
     params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
 
@@ -94,6 +131,9 @@ def metarl_step(p: dict[str, Any], batch: Literal["vmap", "loop"]) -> Callable[[
         return loss(functional_call(module, prm, (data[0],)), data[1])
 
     def step() -> None:
+        if per_task_backward:
+            meta_backward(task_objective(loss_fn, 1, p["lr"]), (params,), (p["support"], p["query"]), batch, 1)
+            return
         meta_objective(loss_fn, params, p["support"], p["query"], 1, p["lr"], batch=batch).mean().backward()
 
     return step
@@ -160,24 +200,34 @@ def ceiling_step(p: dict[str, Any]) -> Callable[[], None]:
     return step
 
 
-def bench_model(name: str, repeats: int, warmup: int) -> dict[str, Any]:
-    p = _problem(name)
+METARL_IMPLS = ("metarl_vmap", "metarl_loop", "metarl_loop_one_backward")
+
+
+def bench_model(name: str, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    p = _problem(name, device)
     flops = count_flops(metarl_step(p, "loop"))
     ceiling_flops = count_flops(ceiling_step(p))
-    ceiling_ms = time_ms(ceiling_step(p), repeats, warmup)
+    ceiling_ms = time_ms(ceiling_step(p), repeats, warmup, device)
     impls: dict[str, Callable[[], None] | None] = {
-        "metarl_vmap": metarl_step(p, "vmap"), "metarl_loop": metarl_step(p, "loop"),
-        "higher": higher_step(p), "autograd_loop": loop_step(p),
+        "metarl_vmap": metarl_step(p, "vmap"), "metarl_loop": metarl_step(p, "loop", per_task_backward=True),
+        "metarl_loop_one_backward": metarl_step(p, "loop"), "higher": higher_step(p), "autograd_loop": loop_step(p),
     }
     out: dict[str, Any] = {}
     for impl, fn in impls.items():
         if fn is None:
             out[impl] = None
             continue
-        ms = time_ms(fn, repeats, warmup)
-        out[impl] = {"ms": ms, "peak_bytes": peak_memory(fn), "gflop_per_s": flops / ms / 1e6}
-    best = min(("metarl_vmap", "metarl_loop"), key=lambda k: out[k]["ms"])
-    result = {"metarl_ms": out[best]["ms"], "metarl_batch": best.split("_")[1],
+        ms = time_ms(fn, repeats, warmup, device)
+        out[impl] = {"ms": ms, "peak_bytes": peak_memory(fn, device), "gflop_per_s": flops / ms / 1e6}
+    for v in out.values():  # time and peak memory as fractions of higher's, from this run
+        ref = out["higher"]
+        if v is not None and ref is not None:
+            v["ms_over_higher"] = v["ms"] / ref["ms"]
+            v["peak_over_higher"] = (
+                None if v["peak_bytes"] is None or not ref["peak_bytes"] else v["peak_bytes"] / ref["peak_bytes"]
+            )
+    best = min(METARL_IMPLS, key=lambda k: out[k]["ms"])
+    result = {"metarl_ms": out[best]["ms"], "metarl_batch": best.removeprefix("metarl_"),
               "metarl_peak_bytes": out[best]["peak_bytes"], "implementations": out,
               "gflop_per_step": flops / 1e9,
               "ceiling": {"gflop": ceiling_flops / 1e9, "ms": ceiling_ms,
@@ -204,16 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=["conv4", "sinusoid_mlp"], choices=["conv4", "sinusoid_mlp"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory then counts allocated device memory)")
     parser.add_argument("--out", help="also write OUT.json and OUT.md (e.g. experiments/results/bench_adapt)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
     torch.manual_seed(0)
     results: dict[str, Any] = {}
     for name in args.models:
-        results[name] = bench_model(name, args.repeats, args.warmup)
+        results[name] = bench_model(name, args.repeats, args.warmup, device)
         r = results[name]
         print(f"{name}: metarl ({r['metarl_batch']}) {r['metarl_ms']:.1f} ms, "
               f"vs higher x{r['speedup_vs_higher'] or float('nan'):.2f}, vs loop x{r['speedup_vs_loop']:.2f}", flush=True)
     results["machine"] = machine()
+    results["device"] = str(device)
     if args.out:
         write_report(results, Path(args.out), " ".join(["metarl bench adapt", *(argv or [])]))
     print(json.dumps(results))
@@ -224,24 +279,28 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, **results}, indent=1))
     lines = ["# Adaptation core speed: one second-order MAML meta-step", "",
-             f"Command: `{command}`. Machine: {results['machine']}.", "",
+             f"Command: `{command}`. Machine: {results['machine']}. Device: {results['device']}.", "",
              "Median ms per meta-step (meta-loss and backward to the initial parameters) and the peak "
-             "resident-memory increase during one step, all measured in one process run.", "",
-             "| model | implementation | ms / meta-step | GFLOP/s | peak memory (MiB) |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        if name == "machine":
-            continue
+             "memory increase during one step (resident set on the CPU, allocated memory on CUDA), all "
+             "measured in one process run. metarl_loop backpropagates task by task (one task's graph "
+             "at a time, what the learners run); metarl_loop_one_backward holds every task's graph "
+             "until one backward.", "",
+             "| model | implementation | ms / meta-step | GFLOP/s | peak memory (MiB) | time / higher | "
+             "memory / higher |", "|---|---|---|---|---|---|---|"]
+    models = {name: r for name, r in results.items() if isinstance(r, dict)}
+    for name, r in models.items():
         for impl, v in r["implementations"].items():
             if v is None:
-                lines.append(f"| {name} | {impl} | not installed | | |")
+                lines.append(f"| {name} | {impl} | not installed | | | | |")
                 continue
             mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.1f}"
-            lines.append(f"| {name} | {impl} | {v['ms']:.2f} | {v['gflop_per_s']:.1f} | {mem} |")
-    lines += ["", "| model | metarl batching | speedup vs higher | speedup vs autograd loop |", "|---|---|---|---|"]
-    for name, r in results.items():
-        if name != "machine":
-            vh = "n/a" if r["speedup_vs_higher"] is None else f"{r['speedup_vs_higher']:.2f}×"
-            lines.append(f"| {name} | {r['metarl_batch']} | {vh} | {r['speedup_vs_loop']:.2f}× |")
+            ratios = [v.get(k) for k in ("ms_over_higher", "peak_over_higher")]
+            shown = " | ".join("n/a" if x is None else f"{x:.2f}" for x in ratios)
+            lines.append(f"| {name} | {impl} | {v['ms']:.2f} | {v['gflop_per_s']:.1f} | {mem} | {shown} |")
+    lines += ["", "| model | fastest metarl path | speedup vs higher | speedup vs autograd loop |", "|---|---|---|---|"]
+    for name, r in models.items():
+        vh = "n/a" if r["speedup_vs_higher"] is None else f"{r['speedup_vs_higher']:.2f}×"
+        lines.append(f"| {name} | {r['metarl_batch']} | {vh} | {r['speedup_vs_loop']:.2f}× |")
     lines += ["", "What limits it. FLOPs per meta-step are counted with `torch.utils.flop_counter` (the same "
               "arithmetic for every implementation), so GFLOP/s compares how fast each one runs it. The "
               "reference is a plain first-order step on all tasks' images as one batch, timed in the same "
@@ -249,9 +308,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
               "| model | GFLOP / meta-step | metarl GFLOP/s | best peer GFLOP/s | one-batch reference GFLOP/s |",
               "|---|---|---|---|---|"]
     notes = []
-    for name, r in results.items():
-        if name == "machine":
-            continue
+    for name, r in models.items():
         impls = r["implementations"]
         rate = impls[f"metarl_{r['metarl_batch']}"]["gflop_per_s"]
         peer = max(v["gflop_per_s"] for k, v in impls.items() if v and not k.startswith("metarl"))

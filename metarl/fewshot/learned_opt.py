@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from envs.base import Task
-from metarl.adaptation import Params, UpdateRule, adapt, map_task_chunks, meta_objective
+from metarl.adaptation import (
+    Params,
+    UpdateRule,
+    adapt,
+    map_task_chunks,
+    meta_backward,
+    task_objective,
+)
 from metarl.config import require_at_least
 from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
 from metarl.runtime import on_device, task_batching
@@ -236,24 +243,21 @@ class LearnedOptimizerLearner:
         cfg = self.config
         support, query = self.distribution.episodes(tasks, cfg.num_shots, cfg.num_queries, self.rng)
         support, query = on_device(support, self.device), on_device(query, self.device)
-        losses = meta_objective(
-            self.loss_fn,
-            self.params,
-            support,
-            query,
-            cfg.adapt_steps,
-            first_order=cfg.first_order,
-            batch=self.batch,
-            update=self.rule(),
+        one_task = task_objective(
+            self.loss_fn, cfg.adapt_steps, first_order=cfg.first_order, update=self.rule()
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        # Task by task with loop batching: one task's unroll graph in memory at a time.
+        losses = meta_backward(
+            one_task, (self.params,), (support, query), self.batch, cfg.backward_chunk or None
         )
         loss = losses.mean()
         if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"meta-loss is {loss.item()} after a {cfg.adapt_steps}-step learned-rule unroll; "
                 "parameters unchanged (lower outer_lr or adapt_steps)"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         trainable = [*self.params.items(), *self.rule_params.items()]
         bad = [k for k, v in trainable if v.grad is not None and not torch.isfinite(v.grad).all()]
         if bad:

@@ -32,9 +32,9 @@ from metarl.adaptation import (
     Params,
     adapt,
     map_task_chunks,
-    map_tasks,
-    meta_objective,
+    meta_backward,
     reptile_update,
+    task_objective,
 )
 from metarl.config import require_at_least
 from metarl.runtime import check_device, on_device, task_batching
@@ -73,6 +73,9 @@ class EpisodicConfig:
     """Batch tasks with vmap or a loop; auto takes the faster one measured for the model."""
     device: str = "cpu"
     """Where parameters and episodes live ('cpu' or 'cuda'); data is sampled on the CPU."""
+    backward_chunk: int = 0
+    """Tasks backpropagated together, their meta-gradients accumulated (bounds memory, same
+    gradient); 0: one task at a time with loop batching, the whole meta-batch with vmap."""
 
     def _min_adapt_steps(self) -> int:
         return 1
@@ -94,6 +97,11 @@ class EpisodicConfig:
             )
         if self.batch not in ("auto", "vmap", "loop"):
             raise ValueError(f"batch must be 'auto', 'vmap' or 'loop', got {self.batch!r}")
+        if self.backward_chunk < 0:
+            raise ValueError(
+                f"backward_chunk must be >= 0 tasks (0 picks one per batching), got "
+                f"{self.backward_chunk}"
+            )
 
 
 @dataclass(frozen=True)
@@ -167,30 +175,31 @@ class GradientLearner:
         support, query = on_device(support, self.device), on_device(query, self.device)
         if cfg.method == "reptile":
             return self._reptile_step(support, query)
+        self.optimizer.zero_grad(set_to_none=True)
         if cfg.method == "pretrained":
             both = _cat_points(support, query)
             losses = vmap(self.loss_fn, in_dims=(None, 0))(self.params, both)
-        elif self.split is not None:
-            losses = map_tasks(self._anil_task, (self.params,), (support, query), self.batch)
+            losses.mean().backward()
         else:
-            losses = meta_objective(
+            one_task = task_objective(
                 self.loss_fn,
-                self.params,
-                support,
-                query,
                 cfg.adapt_steps,
                 self.inner_rate,
                 first_order=cfg.method == "fomaml",
                 names=self.names,
-                batch=self.batch,
+            )
+            if self.split is not None:  # ANIL on a split model: the body once per set
+                one_task = self._anil_task
+            # Task by task with loop batching: one task's second-order graph in memory at a time.
+            losses = meta_backward(
+                one_task, (self.params,), (support, query), self.batch, cfg.backward_chunk or None
             )
         loss = losses.mean()
         if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"meta-loss is {loss.item()} (method {cfg.method}); parameters unchanged"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         metrics = {"train/query_loss": loss.item()}
         if self.lrs is not None:

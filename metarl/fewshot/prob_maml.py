@@ -68,7 +68,7 @@ import torch
 from torch.func import grad, vmap
 
 from envs.base import Task
-from metarl.adaptation import Params, adapt, map_tasks, task_index
+from metarl.adaptation import Params, adapt, map_tasks, meta_backward, task_index
 from metarl.fewshot.maml import NonFiniteLossError, trainable_params
 from metarl.fewshot.predictive import (
     categorical_scores,
@@ -241,16 +241,25 @@ class ProbabilisticMAML:
                 k: self._normal((len(tasks), cfg.outer_samples, *v.shape))
                 for k, v in self.params.items()
             }
-        loss, terms = self.meta_loss(support, query, eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        # The gradient of meta_loss, task by task with loop batching (one graph at a time).
+        terms = meta_backward(
+            self._task_terms,
+            (self.params, self.log_std, self.log_noise),
+            (support, query, eps),
+            self.batch,
+            cfg.backward_chunk or None,
+            objective=lambda t: t[:, 0] + t[:, 3],
+        )
+        loss = (terms[:, 0] + terms[:, 3]).mean()
         if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"meta-loss is {loss.item()} (query loss at the MAP {terms[:, 1].mean().item()}); "
                 "parameters unchanged. Lower inner_lr or outer_lr, or raise init_prior_std"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
-        means = terms.detach().mean(0)
+        means = terms.mean(0)
         metrics = {
             "train/meta_loss": loss.item(),
             "train/query_loss": means[1].item(),
