@@ -144,6 +144,14 @@ class TaskDistribution:
         }
 
 
+def check_whole(family: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is a whole number >= ``minimum`` (a horizon, a count, a seed); else a
+    ``ValueError`` naming the family, the parameter and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{family}: {name}={value!r} must be a whole number >= {minimum}")
+    return int(value)
+
+
 def seeded_split(
     sample: Callable[[int, np.random.Generator], list[Task]],
     num_train: int,
@@ -165,8 +173,10 @@ def seeded_split(
         ValueError: if a size is not positive, or the two sets share a task (a family with
             finitely many tasks must define its split itself).
     """
-    if num_train < 1 or num_test < 1:
-        raise ValueError(f"num_train={num_train} and num_test={num_test} must both be >= 1")
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in (num_train, num_test)):
+        raise ValueError(f"num_train={num_train!r} and num_test={num_test!r} must both be whole numbers >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"split seed={seed!r} must be a whole number >= 0")
     train = sample(num_train, np.random.default_rng([seed, 0]))
     test = sample(num_test, np.random.default_rng([seed, 1]))
     shared = set(train) & set(test)
@@ -186,9 +196,7 @@ class EpisodeClock:
     """
 
     def __init__(self, horizon: int, family: str) -> None:
-        if horizon < 1:
-            raise ValueError(f"{family}: horizon={horizon} must be >= 1")
-        self.horizon = horizon
+        self.horizon = check_whole(family, "horizon", horizon)
         self.family = family
         self.t = 0
         self._ended = True

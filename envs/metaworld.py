@@ -35,7 +35,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.base import EpisodeClock, Task, TaskDistribution
+from envs.base import EpisodeClock, Task, TaskDistribution, check_whole
 
 NUM_GOALS = 50  # goals per env class in every ML benchmark (metaworld's _N_GOALS)
 MAX_PATH_LENGTH = 500
@@ -200,6 +200,8 @@ class MetaWorld(TaskDistribution):
     ) -> None:
         if benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark {benchmark!r} unknown; expected one of {BENCHMARKS}")
+        check_whole(benchmark, "horizon", horizon)
+        check_whole(benchmark, "seed", seed, minimum=0)
         if not 1 <= horizon <= MAX_PATH_LENGTH:
             raise ValueError(
                 f"{benchmark}: horizon={horizon} must be in [1, {MAX_PATH_LENGTH}]; "

@@ -17,7 +17,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.base import EpisodeClock, Task, TaskDistribution, seeded_split
+from envs.base import EpisodeClock, Task, TaskDistribution, check_whole, seeded_split
 
 # (sim, state before the step, action, task, (inner reward, inner terminated, inner info))
 # -> (reward, terminated, info)
@@ -151,7 +151,7 @@ class MujocoFamily(TaskDistribution):
     ) -> None:
         self.spec = spec
         self.name = spec.name
-        self.horizon = horizon
+        self.horizon = check_whole(spec.name, "horizon", horizon)
         self.observation_space = gym.spaces.Box(
             -np.inf, np.inf, shape=(spec.obs_dim,), dtype=np.float32
         )

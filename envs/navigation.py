@@ -21,7 +21,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.base import EpisodeClock, Task, TaskDistribution, seeded_split
+from envs.base import EpisodeClock, Task, TaskDistribution, check_whole, seeded_split
 
 MAX_SPEED = 0.1
 GOAL_LOW, GOAL_HIGH = -0.5, 0.5
@@ -114,7 +114,7 @@ class Navigation2D(TaskDistribution):
         if wind_scale < 0:
             raise ValueError(f"wind_scale={wind_scale} must be >= 0 (0 disables the wind)")
         self.name = "navigation-2d-wind" if wind_scale > 0 else "navigation-2d"
-        self.horizon = horizon
+        self.horizon = check_whole(self.name, "horizon", horizon)
         self.wind_scale = float(wind_scale)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-MAX_SPEED, MAX_SPEED, shape=(2,), dtype=np.float32)

@@ -19,7 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.base import EpisodeClock, Task, TaskDistribution, seeded_split
+from envs.base import EpisodeClock, Task, TaskDistribution, check_whole, seeded_split
 
 
 class BanditEnv(gym.Env):
@@ -172,7 +172,7 @@ class Bandit(_DiscreteFamily):
         if num_arms < 2:
             raise ValueError(f"num_arms={num_arms} must be >= 2")
         self.num_arms = num_arms
-        self.horizon = horizon
+        self.horizon = check_whole(self.name, "horizon", horizon)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(num_arms)
         super().__init__(num_train, num_test, split_seed)
@@ -222,7 +222,7 @@ class TabularMDP(_DiscreteFamily):
                 f"num_states={num_states} and num_actions={num_actions} must both be >= 2"
             )
         self.num_states, self.num_actions = num_states, num_actions
-        self.horizon = horizon
+        self.horizon = check_whole(self.name, "horizon", horizon)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(num_states,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(num_actions)
         super().__init__(num_train, num_test, split_seed)

@@ -36,6 +36,8 @@ their ``backward_chunk`` says otherwise.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -69,6 +71,26 @@ def _rate(lr: LearningRate, name: str) -> float | torch.Tensor:
             )
         return lr[name]
     return lr
+
+
+def _check_rates(lr: LearningRate, params: Params, keys: list[str]) -> None:
+    """A learning rate must be a finite number, or a tensor (one, or one per parameter)
+    broadcastable to its parameter without changing its shape (a wrong shape would silently
+    reshape the parameter). Tensors are checked for shape only: their values may be traced."""
+    for k in keys:
+        rate = _rate(lr, k)
+        if isinstance(rate, torch.Tensor):
+            try:
+                shape = torch.broadcast_shapes(rate.shape, params[k].shape)
+            except RuntimeError:
+                shape = None
+            if shape != params[k].shape:
+                raise ValueError(
+                    f"learning rate of {k!r} has shape {tuple(rate.shape)}, which does not broadcast to "
+                    f"the parameter's {tuple(params[k].shape)}; give one rate, or one per element of that shape"
+                )
+        elif isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate):
+            raise ValueError(f"lr must be a finite number or per-parameter tensors, got {rate!r} for {k!r}")
 
 
 def _check_names(params: Params, names: Iterable[str] | None) -> list[str]:
@@ -113,9 +135,11 @@ def adapt(
         ``params`` and ``lr`` or the rule's meta-parameters (through the inner gradients too,
         unless ``first_order``).
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
     keys = _check_names(params, names)
+    if update is None:
+        _check_rates(lr, params, keys)
     adapted = dict(params)
     state = None
     for step in range(steps):

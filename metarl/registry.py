@@ -36,13 +36,32 @@ def distribution_names() -> list[str]:
     return sorted(FEWSHOT) + sorted(envs.names())
 
 
+def _check_counts(name: str, params: dict[str, Any]) -> None:
+    """Horizons and counts (``horizon``, ``num_*``, ``*_ways``) must be whole numbers >= 1 and
+    seeds whole numbers >= 0, whatever the family (a float horizon would silently round down)."""
+    for key, value in params.items():
+        if key == "horizon" or key.startswith("num_") or key.endswith("_ways"):
+            minimum = 1
+        elif key.endswith("seed"):
+            minimum = 0
+        else:
+            continue
+        if value is None:  # "the default" where a family allows it (e.g. train_ways)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"[tasks] {key} = {value!r} for {name!r}: expected a whole number >= {minimum}")
+
+
 def make_distribution(name: str, **params: Any) -> Any:
     """Builds a few-shot or RL task distribution by name; unknown names list the known ones."""
+    _check_counts(name, params)
     if name in FEWSHOT:
         try:
             return FEWSHOT[name](**params)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"[tasks] bad parameter for {name!r}: {e}") from None
+        except FileNotFoundError as e:  # its data is missing
+            raise ConfigError(f"[tasks] {name!r}: {e}") from None
     import envs
 
     if name not in envs.names():
