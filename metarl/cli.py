@@ -7,7 +7,10 @@
     metarl bench adapt|sampler|envs|trpo ...
     metarl demo
 
-Configuration mistakes exit with code 2 and a message, never a traceback.
+Configuration mistakes (and a run directory owned by another process, or a checkpoint that
+cannot be read) exit with code 2 and a one-line message, never a traceback; a fault of the
+machine during a run (a dead rollout worker, a disk that refuses writes) exits with code 1 and
+says what was kept and how to continue.
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(out))
 
 
+def _kept(experiment: Any) -> str:
+    """What a stopped run keeps, for its error message."""
+    if experiment.checkpointed is None:
+        return "no checkpoint was saved yet, so a resume starts from the beginning"
+    return f"the checkpoint of iteration {experiment.checkpointed} is kept"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from metarl.experiment import Experiment
     from metarl.fewshot.maml import NonFiniteLossError
+    from metarl.rollout.sampler import WorkerError
     from metarl.stopping import TrainingStopped
 
     if args.resume:
@@ -64,9 +75,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         return e.exit_code
     except FloatingPointError as e:
         kind = "non-finite loss" if isinstance(e, NonFiniteLossError) else "floating-point error"
-        print(f"error: {kind} at iteration {experiment.iteration + 1}: {e}\n"
-              f"the last good checkpoint in {experiment.run_dir} is intact; lower the learning rates "
-              f"and start again, or resume with `metarl run --resume {experiment.run_dir}`", file=sys.stderr)
+        if experiment.checkpointed is None:
+            kept = (f"no checkpoint was saved before it; lower the learning rates and start again "
+                    f"(a new --out, or `metarl run --resume {experiment.run_dir}` after editing its config.toml)")
+        else:
+            kept = (f"the last good checkpoint (iteration {experiment.checkpointed}) in {experiment.run_dir} "
+                    f"is intact; lower the learning rates and start again, or resume with "
+                    f"`metarl run --resume {experiment.run_dir}`")
+        print(f"error: {kind} at iteration {experiment.iteration + 1}: {e}; {kept}", file=sys.stderr)
+        return 1
+    except (WorkerError, OSError) as e:  # faults of the machine: say what is kept and how to go on
+        what = "a rollout worker failed" if isinstance(e, WorkerError) else "cannot write the run directory"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {what} at iteration {experiment.iteration + 1} ({detail}); {_kept(experiment)}; "
+              f"continue with `metarl run --resume {experiment.run_dir}`", file=sys.stderr)
         return 1
     finally:
         experiment.close()

@@ -6,17 +6,23 @@ A run directory holds::
     metrics.jsonl     one line per logged iteration (seed-determined values only)
     timing.jsonl      wall-time figures (iterations/s, env steps/s)
     tb/               TensorBoard events
-    checkpoint.pt     the latest checkpoint, written atomically
+    checkpoint.pt     the latest checkpoint, written atomically, with the config it was trained with
+    checkpoint.prev.pt  the checkpoint before it (to restore if the latest cannot be read)
+    .lock             held by the process that owns the run directory (see :func:`metarl.logger.lock_run_dir`)
     eval.json, *.png  held-out evaluation and plots (``metarl eval``)
 
 Seeding happens here and only here: the agent gets ``seed`` and owns its own generators; the runner
 owns the task-sampling generator. Both are checkpointed, so a resumed run continues exactly.
+A resume drops the log lines written after the checkpoint (all of them when there is none) and
+refuses a ``config.toml`` that changes the model or the algorithm since the checkpoint
+(:func:`config_changes`).
 """
 
 from __future__ import annotations
 
 import datetime
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,15 @@ import numpy as np
 import torch
 
 from metarl.config import ConfigError, apply_overrides, build, load_toml
-from metarl.logger import MetricsLogger, load_checkpoint, save_checkpoint
+from metarl.logger import CheckpointError, MetricsLogger, load_checkpoint, lock_run_dir, save_checkpoint, unlock_run_dir
 from metarl.registry import make_distribution, resolve_agent
 from metarl.stopping import TrainingStopped, stop_signals
 
 SECTIONS = ("run", "tasks", "agent", "eval")
+# Keys that may change between a checkpoint and its resume: they change neither the model nor the
+# algorithm (how long to train, how often to log and save, how to evaluate).
+FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end")
+FREE_SECTIONS = ("eval",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class RunConfig:
         for name in ("num_iterations", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,12 @@ class EvalConfig:
     """Held-out tasks to evaluate (0: all the distribution's test tasks)."""
     seed: int = 1234
     """Seed of the evaluation data (support sets, rollouts)."""
+
+    def __post_init__(self) -> None:
+        if self.num_tasks < 0:
+            raise ValueError(f"num_tasks must be >= 0 (0: all held-out tasks), got {self.num_tasks}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def _toml_value(value: Any) -> str:
@@ -75,6 +93,19 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    """Creates a run directory, or a one-line error when the path cannot hold one."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--out {run_dir}: a file is in the way of that directory; pick another --out") from None
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror}); pick a writable directory for --out") from None
+
+
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
     """Writes a two-level document (sections of scalars and lists) as TOML."""
     parts = []
@@ -83,6 +114,46 @@ def dump_toml(document: dict[str, dict[str, Any]]) -> str:
         parts.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
         parts.append("")
     return "\n".join(parts)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as TOML gives it back (tuples as lists), for comparison."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The ``section.key`` names whose values differ between the config a checkpoint was trained
+    with and the current one, among those that change the model or the algorithm (the agent class,
+    the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS` and
+    :data:`FREE_SECTIONS` may change. A key the checkpoint did not record (a field added to the
+    code since) is not compared."""
+    changed = []
+    for section, table in recorded.items():
+        if section in FREE_SECTIONS or not isinstance(table, dict):
+            continue
+        now = current.get(section, {})
+        for key in sorted(set(table) | set(now)):
+            if section == "run" and key in FREE_RUN_KEYS or key not in table:
+                continue
+            if key not in now or _plain(table[key]) != _plain(now[key]):
+                changed.append(f"{section}.{key}")
+    return changed
+
+
+def _make_agent(agent_cls: type, cfg: Any, distribution: Any, seed: int, agent_path: str, task_name: str) -> Any:
+    """The agent, or a one-line error when it cannot work on the distribution (e.g. an RL agent
+    given a few-shot distribution: it looks for what the distribution does not have)."""
+    try:
+        return agent_cls(cfg, distribution, seed)
+    except AttributeError as e:
+        raise ConfigError(
+            f"agent {agent_path} does not fit task distribution {task_name!r} ({e}); set [run] agent to an "
+            f"agent for this kind of task (`metarl list agents`)"
+        ) from None
 
 
 class Experiment:
@@ -105,9 +176,12 @@ class Experiment:
         self.distribution = make_distribution(self.task_name, **tasks)
         agent_cls = resolve_agent(self.run_cfg.agent)
         self.agent_cfg = build(agent_cls.Config, dict(document.get("agent", {})), "agent")
-        self.agent = agent_cls(self.agent_cfg, self.distribution, self.run_cfg.seed)
+        self.agent = _make_agent(agent_cls, self.agent_cfg, self.distribution, self.run_cfg.seed,
+                                 self.run_cfg.agent, self.task_name)
         self.rng = np.random.default_rng([self.run_cfg.seed, 0])
         self.iteration = 0
+        self.checkpointed: int | None = None  # the iteration of the latest checkpoint, if any
+        self._release: weakref.finalize | None = None  # gives up the run directory (close, or garbage)
         self.document = {
             "run": asdict(self.run_cfg),
             "tasks": {"name": self.task_name, **tasks},
@@ -126,31 +200,89 @@ class Experiment:
         if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with `metarl run --resume {run_dir}` or pick another --out")
         experiment = cls(document, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dump_toml(experiment.document))
+        try:
+            _make_run_dir(run_dir)
+            experiment._claim()
+            if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():  # made meanwhile
+                raise ConfigError(f"{run_dir} already holds a run; continue it with `metarl run --resume {run_dir}`")
+            (run_dir / "config.toml").write_text(dump_toml(experiment.document))
+        except BaseException:
+            experiment.close()
+            raise
         return experiment
 
     @classmethod
     def resume(cls, run_dir: str | Path, load: str = "checkpoint.pt") -> Experiment:
-        """Reopens a run directory at its latest checkpoint (or from scratch if it saved none)."""
+        """Reopens a run directory at its latest checkpoint (or from scratch if it saved none).
+
+        The calling process then owns the directory until :meth:`close` (or its exit).
+
+        Raises:
+            ConfigError: not a run directory; another process owns it; the checkpoint cannot be
+                read, or ``config.toml`` changed the model or algorithm since it was saved.
+        """
         run_dir = Path(run_dir)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.toml); start one with `metarl run CONFIG`")
-        experiment = cls(load_toml(run_dir / "config.toml"), run_dir)
-        if (run_dir / load).exists():
-            experiment.load_state(load_checkpoint(run_dir / load))
+        lock = lock_run_dir(run_dir)  # before building the agent: a second owner stops at once
+        try:
+            experiment = cls(load_toml(run_dir / "config.toml"), run_dir)
+        except BaseException:
+            unlock_run_dir(lock)
+            raise
+        experiment._hold(lock)
+        try:
+            if (run_dir / load).exists():
+                experiment.load_state(load_checkpoint(run_dir / load), run_dir / load)
+        except BaseException:
+            experiment.close()
+            raise
         return experiment
 
-    def state(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "agent": self.agent.state_dict(), "rng": self.rng.bit_generator.state}
+    def _hold(self, lock: Path) -> None:
+        self._release = weakref.finalize(self, unlock_run_dir, lock)
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def _claim(self) -> None:
+        """Makes this process the owner of the run directory (if it is not already)."""
+        if self._release is None or not self._release.alive:
+            self._hold(lock_run_dir(self.run_dir))
+
+    def state(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "agent": self.agent.state_dict(), "rng": self.rng.bit_generator.state,
+                "config": self.document}
+
+    def load_state(self, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+        """Continues from ``state`` (a checkpoint read from ``source``), once it is known to fit.
+
+        Raises:
+            CheckpointError: the checkpoint was trained with another model or algorithm than the
+                current config (naming the keys), or its state does not fit the agent.
+        """
+        recorded = state.get("config")
+        if recorded is not None:  # checkpoints written before configs were recorded load unchecked
+            changed = config_changes(recorded, self.document)
+            if changed:
+                raise CheckpointError(
+                    f"config.toml of {self.run_dir} differs from the config {source} was trained with in "
+                    f"{', '.join(changed)}; put back the checkpoint's values or start a new run (only "
+                    f"run.{', run.'.join(FREE_RUN_KEYS)} and [eval] may change on resume)"
+                )
+        try:
+            self.agent.load_state_dict(state["agent"])
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{source} does not fit the agent built from config.toml ({type(e).__name__}: {detail[:200]}); "
+                "put back the config it was trained with, or start a new run"
+            ) from None
         self.iteration = int(state["iteration"])
-        self.agent.load_state_dict(state["agent"])
-        self.rng.bit_generator.state = state["rng"]
+        self.checkpointed = self.iteration
 
     def checkpoint(self) -> None:
+        self._claim()
         save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
+        self.checkpointed = self.iteration
 
     def run(self, progress: bool = True) -> None:
         """Trains until ``num_iterations``, logging, checkpointing and showing progress.
@@ -162,7 +294,8 @@ class Experiment:
         from tqdm import tqdm
 
         cfg = self.run_cfg
-        logger = MetricsLogger(self.run_dir, resume_from=self.iteration if self.iteration else None)
+        self._claim()
+        logger = MetricsLogger(self.run_dir, resume_from=self.iteration)
         meta_batch = int(getattr(self.agent_cfg, "meta_batch_size", 1))
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
                    desc=Path(self.run_dir).name, mininterval=1.0, dynamic_ncols=True)
@@ -186,10 +319,14 @@ class Experiment:
             logger.close()
 
     def close(self) -> None:
-        """Releases what the agent holds (e.g. rollout worker processes)."""
-        close = getattr(self.agent, "close", None)
-        if close is not None:
-            close()
+        """Releases what the agent holds (e.g. rollout worker processes) and the run directory."""
+        try:
+            close = getattr(self.agent, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self._release is not None:
+                self._release()  # once: a finalizer runs at most once
 
     def evaluate(self, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
         """Held-out evaluation with the agent's own protocol; written to ``eval.json`` with plots.

@@ -1,4 +1,8 @@
-"""Stopping a training run midway, for the SIGKILL / SIGTERM + resume tests."""
+"""Stopping a training run midway, for the SIGKILL / SIGTERM + resume tests.
+
+Every wait here waits on an event (a file appearing, a line logged, a process's state), polled,
+never on a guessed duration; the deadlines only end a test that would otherwise hang.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,21 @@ def _wait(proc: subprocess.Popen, run_dir: Path, condition: Callable[[], bool], 
         time.sleep(0.001)
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 120.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
+             timeout_s: float = 300.0) -> None:
+    """Polls ``condition`` until it holds; fails if ``proc`` ends first, or at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            raise AssertionError(f"no {what} in {timeout_s} s")
+        time.sleep(0.001)
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 300.0) -> None:
     """SIGKILLs ``proc`` once ``run_dir`` holds a checkpoint and at least one metrics line logged
     after it was seen, so the resume has lines to drop."""
     checkpoint, metrics = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
@@ -39,7 +57,7 @@ def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout_s: floa
 
 
 def signal_midway(
-    proc: subprocess.Popen, run_dir: Path | list[Path], signum: int, timeout_s: float = 120.0
+    proc: subprocess.Popen, run_dir: Path | list[Path], signum: int, timeout_s: float = 300.0
 ) -> None:
     """Sends ``signum`` to ``proc`` once ``run_dir`` (each of them, if several) holds two metrics
     lines (training is under way, past its first log)."""

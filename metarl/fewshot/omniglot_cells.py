@@ -181,7 +181,7 @@ def park(root: str | Path, cells_dir: str | Path) -> list[tuple[str, int]]:
         dest = parked_dir(cells_dir, run_dir)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("tb", "*.tmp"))
+        shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("tb", "*.tmp", "checkpoint.prev.pt", ".lock"))
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         parked.append((run_dir.name, int(load_checkpoint(checkpoint)["iteration"])))

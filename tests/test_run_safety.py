@@ -1,0 +1,349 @@
+"""Run-directory safety: one owner at a time, resumes checked against their checkpoint, logs
+trimmed to it, unreadable checkpoints and bad values refused with one line (exit 2), faults of the
+machine reported with what was kept.
+
+Tests that stop a process wait on events (a lock taken, a line logged), never on a duration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from resume_helpers import wait_for
+from test_experiment import ROOT, metarl, small_run
+
+from metarl.config import load_toml
+from metarl.experiment import dump_toml
+from metarl.logger import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _in_project_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _iterations(path: Path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in _lines(path)]
+
+
+def _edit_config(run: Path, **changes: object) -> None:
+    """Sets ``section.key`` values (``run__num_iterations=60``) in a run's config.toml."""
+    document = load_toml(run / "config.toml")
+    for name, value in changes.items():
+        section, key = name.split("__")
+        document[section][key] = value
+    (run / "config.toml").write_text(dump_toml(document))
+
+
+def _one_line_error(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def _lock_owner(run: Path) -> str:
+    path = run / ".lock"
+    return path.read_text().strip() if path.exists() else ""
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "metarl.cli", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+
+# ------------------------------------------------------------------ one owner per run directory
+
+
+def test_two_resumes_at_once_the_second_stops_naming_the_first_and_logs_stay_in_order(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    _edit_config(run, run__num_iterations=100_000, run__log_every=1)
+    first = _cli("run", "--resume", str(run), "--no-progress")
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: _lock_owner(run) == str(first.pid) and len(_lines(metrics)) > 5,
+             "lock taken and training under way", first)
+    second = metarl("run", "--resume", str(run), "--no-progress", check=False)
+    _one_line_error(second, f"in use by process {first.pid}", str(run))
+    _one_line_error(metarl("eval", str(run), check=False), f"in use by process {first.pid}")
+    first.send_signal(signal.SIGTERM)
+    assert first.communicate(timeout=300)[1].count("stopped by SIGTERM") == 1
+    assert first.returncode == 143
+    logged = _iterations(metrics)
+    stopped_at = load_checkpoint(run / "checkpoint.pt")["iteration"]
+    assert logged == [10, 20, 30, 40, *range(41, stopped_at + 1)]
+    # the lock went with its owner: the next resume is allowed
+    _edit_config(run, run__num_iterations=stopped_at + 3)
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert _iterations(metrics) == [10, 20, 30, 40, *range(41, stopped_at + 4)]
+
+
+def test_a_sweep_run_takes_the_lock_of_its_run_directory(tmp_path):
+    """A run directory held by another process is not trained by a sweep either."""
+    from metarl.sweep import run_one
+
+    run = tmp_path / "sweep" / "base-s0"
+    run.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from metarl.logger import lock_run_dir; "
+         f"lock_run_dir({str(run)!r}); print('held', flush=True); sys.stdin.readline()"],
+        cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match=f"in use by process {holder.pid}"):
+        run_one("experiments/sinusoid_maml.toml", ["run.num_iterations=2"], str(run), None)
+    holder.communicate("\n", timeout=60)
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
+
+
+# ------------------------------------------------------------------ resume trims the logs
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_afresh_keeping_no_line(tmp_path):
+    args = ["run.num_iterations=300", "run.log_every=1", "run.checkpoint_every=1000"]
+    metarl(*small_run(tmp_path / "full", *args))
+    killed = tmp_path / "killed"
+    proc = _cli(*small_run(killed, *args))
+    wait_for(lambda: len(_lines(killed / "metrics.jsonl")) >= 3, "three metrics lines", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint.pt").exists() and 3 <= len(_lines(killed / "metrics.jsonl")) < 300
+    assert _lock_owner(killed) == str(proc.pid)  # a stale lock file: its flock died with the process
+    metarl("run", "--resume", str(killed), "--no-progress")
+    assert (killed / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert _iterations(killed / "timing.jsonl") == list(range(1, 301))
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none_and_resume_starts_afresh(tmp_path):
+    run = tmp_path / "r"
+    result = metarl(*small_run(run, "run.num_iterations=20", "run.log_every=1", "agent.inner_lr=1e30"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "non-finite loss" in result.stderr and "no checkpoint was saved" in result.stderr
+    assert "intact" not in result.stderr and not (run / "checkpoint.pt").exists()
+    _edit_config(run, agent__inner_lr=0.01)  # no checkpoint, so nothing to compare with
+    metarl("run", "--resume", str(run), "--no-progress")
+    metarl(*small_run(tmp_path / "clean", "run.num_iterations=20", "run.log_every=1"))
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "clean" / "metrics.jsonl").read_text()
+
+
+def test_resume_drops_a_half_written_last_line_and_allows_run_length_and_eval_changes(tmp_path):
+    metarl(*small_run(tmp_path / "full", "run.num_iterations=60"))
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    for name in ("metrics.jsonl", "timing.jsonl"):
+        with open(run / name, "a") as f:
+            f.write('{"iteration": 50, "train/lo')  # killed while writing
+    _edit_config(run, run__num_iterations=60, run__checkpoint_every=7, run__eval_at_end=False, eval__seed=5)
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert _iterations(run / "timing.jsonl") == list(range(10, 61, 10))
+
+
+def test_resume_rebuilds_tensorboard_scalars_when_the_run_directory_has_none(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    shutil.rmtree(run / "tb")  # e.g. committed without its events and resumed on another machine
+    _edit_config(run, run__num_iterations=60)
+    metarl("run", "--resume", str(run), "--no-progress")
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    metric = next(k for k, v in json.loads(_lines(run / "metrics.jsonl")[0]).items()
+                  if k != "iteration" and isinstance(v, float))
+    for tag in (metric, "time/iteration_s"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(10, 61, 10)), tag
+    first = json.loads(_lines(run / "metrics.jsonl")[0])[metric]
+    assert events.Scalars(metric)[0].value == pytest.approx(first, rel=1e-6)
+
+
+# ------------------------------------------------------------------ checkpoints and their config
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("agent", "outer_lr", 0.002), ("agent", "method", "fomaml"), ("run", "seed", 1),
+     ("tasks", "num_test_tasks", 21)],
+)
+def test_resume_and_eval_refuse_a_config_that_changes_the_model_or_algorithm(tmp_path, section, key, value):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    before = (run / "metrics.jsonl").read_text()
+    _edit_config(run, **{f"{section}__{key}": value})
+    _one_line_error(metarl("run", "--resume", str(run), "--no-progress", check=False), f"{section}.{key}", "start a new run")
+    _one_line_error(metarl("eval", str(run), check=False), f"{section}.{key}")
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "eval.json").exists()
+
+
+def test_a_checkpoint_from_before_configs_were_recorded_still_loads(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    del state["config"]
+    torch.save(state, run / "checkpoint.pt")
+    _edit_config(run, run__num_iterations=30)
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 30
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_it_and_the_previous_one_restores(tmp_path):
+    metarl(*small_run(tmp_path / "full", "run.num_iterations=60"))
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40", "run.checkpoint_every=20"))
+    checkpoint, prev = run / "checkpoint.pt", run / "checkpoint.prev.pt"
+    assert load_checkpoint(prev)["iteration"] == 20 and load_checkpoint(checkpoint)["iteration"] == 40
+    good = checkpoint.read_bytes()
+    _edit_config(run, run__num_iterations=60)
+    for corrupt in (b"", good[: len(good) // 2], os.urandom(4096)):
+        checkpoint.write_bytes(corrupt)
+        for args in (("run", "--resume", str(run), "--no-progress"), ("eval", str(run))):
+            _one_line_error(metarl(*args, check=False), f"cannot read checkpoint {checkpoint}", f"cp {prev} {checkpoint}")
+    shutil.copyfile(prev, checkpoint)  # as the message says
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    prev.unlink()
+    checkpoint.write_bytes(b"")
+    _one_line_error(metarl("eval", str(run), check=False), "no previous checkpoint is kept")
+
+
+# ------------------------------------------------------------------ values checked where they enter
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "expected"),
+    [
+        ("sinusoid_maml", "eval.num_tasks=-1", "num_tasks must be >= 0"),
+        ("sinusoid_maml", "eval.seed=-1", "[eval] seed must be >= 0"),
+        ("sinusoid_maml", "run.seed=-3", "[run] seed must be >= 0"),
+        ("sinusoid_maml", "tasks.num_test_tasks=0", "num_test_tasks"),
+        ("sinusoid_maml", "tasks.num_test_tasks=2.5", "expected a whole number >= 1"),
+        ("maml_trpo_nav2d", "tasks.horizon=2.5", "horizon = 2.5"),
+        ("maml_trpo_nav2d", "tasks.horizon=0", "horizon = 0"),
+        ("maml_trpo_nav2d", "tasks.horizon=-5", "horizon = -5"),
+        ("maml_trpo_nav2d", "tasks.split_seed=-1", "split_seed = -1"),
+        ("omniglot_protonet", "tasks.num_ways=0", "num_ways = 0"),
+        ("omniglot_protonet", "tasks.data_dir='/nonexistent/omniglot'", "not found"),
+    ],
+)
+def test_bad_values_are_refused_before_anything_runs(tmp_path, config, override, expected):
+    out = tmp_path / "r"
+    result = metarl("run", f"experiments/{config}.toml", "--out", str(out), "--set", override, check=False)
+    _one_line_error(result, expected)
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("tasks", "agent"),
+    [("sinusoid", "agents.maml_trpo:MAMLTRPO"), ("navigation-2d", None)],
+)
+def test_an_agent_that_does_not_fit_the_distribution_is_one_line(tmp_path, tasks, agent):
+    config = tmp_path / "c.toml"
+    run = f'[run]\nagent = "{agent}"\n' if agent else "[run]\n"
+    config.write_text(f'{run}[tasks]\nname = "{tasks}"\n[agent]\n[eval]\n')
+    _one_line_error(metarl("run", str(config), "--out", str(tmp_path / "r"), check=False), "does not fit", tasks)
+
+
+def test_an_out_that_cannot_hold_a_run_directory_is_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "under"):
+        _one_line_error(metarl(*small_run(out, "run.num_iterations=2"), check=False), f"--out {out}", "file is in the way")
+    read_only = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def refuse(self: Path, *args, **kwargs):  # root ignores permission bits, so refuse by hand
+        if self == read_only:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    _one_line_error(metarl(*small_run(read_only, "run.num_iterations=2"), check=False), "Permission denied", "--out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_out_is_one_line(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        _one_line_error(metarl(*small_run(parent / "r", "run.num_iterations=2"), check=False), "Permission denied")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_envs_make_refuses_a_horizon_that_is_not_a_whole_number_of_at_least_one():
+    import envs
+
+    for horizon in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"horizon={horizon!r} must be a whole number >= 1"):
+            envs.make("navigation-2d", horizon=horizon)
+    assert envs.make("navigation-2d", horizon=7).horizon == 7
+
+
+def test_adapt_refuses_a_non_finite_rate_and_a_rate_that_would_reshape_its_parameter():
+    from metarl.adaptation import adapt
+
+    params = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+
+    def loss(p, data):
+        return (p["w"] ** 2).sum() + p["b"].sum()
+
+    for lr in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite number"):
+            adapt(loss, params, None, 1, lr)
+    with pytest.raises(ValueError, match=r"learning rate of 'w' has shape \(3,\).*\(3, 2\)"):
+        adapt(loss, params, None, 1, {"w": torch.ones(3), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"learning rate of 'b' has shape \(2, 2\)"):
+        adapt(loss, params, None, 1, {"w": torch.ones(3, 2), "b": torch.ones(2, 2)})
+    fine = adapt(loss, params, None, 1, {"w": torch.full((2,), 0.5), "b": torch.tensor(0.1)})
+    assert fine["w"].shape == (3, 2) and torch.allclose(fine["w"], torch.zeros(3, 2))  # 1 - 0.5 * 2
+    assert torch.allclose(fine["b"], torch.full((2,), -0.1))
+
+
+# ------------------------------------------------------------------ faults of the machine
+
+
+def _grandchildren(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_worker_dying_during_a_run_is_one_line_saying_resume_continues(tmp_path):
+    from test_maml_rl import TINY
+
+    run = tmp_path / "r"
+    args = ["run", "experiments/maml_trpo_nav2d.toml", "--out", str(run), "--no-progress"]
+    for item in [*TINY, "run.num_iterations=100000", "agent.backend='process'", "agent.num_workers=2",
+                 "agent.envs_per_worker=1"]:
+        args += ["--set", item]
+    proc = _cli(*args)
+    wait_for(lambda: (run / "checkpoint.pt").exists() and len(_lines(run / "metrics.jsonl")) >= 6,
+             "a checkpoint and a line after it", proc)
+    workers = _grandchildren(proc.pid)  # the forkserver's children
+    assert workers, "the process backend should have started workers"
+    os.kill(workers[0], signal.SIGKILL)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: a rollout worker failed at iteration"), stderr
+    assert "the checkpoint of iteration" in line and f"metarl run --resume {run}" in line
