@@ -62,6 +62,9 @@ class MAMLTRPOConfig(MetaPGConfig):
     """Line search: tries before the update is rejected."""
     hvp_subsample: float = 1.0
     """Fraction of each task's episodes used in the KL Hessian-vector products (TRPO's trick)."""
+    fisher: str = "gauss-newton"
+    """KL curvature products: 'gauss-newton' (Jacobian products of the policy outputs, no double
+    backward) or 'hessian' (double backward of the KL); the same products, see trust_region."""
     device: str = "cpu"
     """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 
@@ -82,6 +85,8 @@ class MAMLTRPOConfig(MetaPGConfig):
             )
         if not 0.0 < self.hvp_subsample <= 1.0:
             raise ValueError(f"hvp_subsample must lie in (0, 1], got {self.hvp_subsample}")
+        if self.fisher not in ("gauss-newton", "hessian"):
+            raise ValueError(f"fisher must be 'gauss-newton' or 'hessian', got {self.fisher!r}")
 
 
 class TrustRegionTerms(NamedTuple):
@@ -163,15 +168,19 @@ class MAMLTRPO:
         """
         cfg, policy, post = self.config, self.policy, batch.post
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
-        adapted, grad_vjps, curvature_vjps = trust_region.linearize(
-            self.inner, self.params, batch.pre, num_curvature
-        )
+        lin = trust_region.linearize_steps(self.inner, self.params, batch.pre, num_curvature)
+        adapted = lin.adapted
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()
         old_surrogate, grad = trust_region.surrogate_gradient(
-            policy, adapted, old_log_probs, post, grad_vjps
+            policy, adapted, old_log_probs, post, lin.grad_vjps
         )
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
-        hvp = trust_region.kl_hvp(policy, adapted, curvature_post, curvature_vjps, cfg.cg_damping)
+        if cfg.fisher == "gauss-newton":
+            hvp = trust_region.kl_fvp(policy, self.inner, lin, curvature_post, cfg.cg_damping)
+        else:
+            hvp = trust_region.kl_hvp(
+                policy, adapted, curvature_post, lin.curvature_vjps, cfg.cg_damping
+            )
         return TrustRegionTerms(adapted, old_log_probs, old_surrogate, grad, hvp)
 
     def _update(self, batch: MetaBatch) -> dict[str, float]:

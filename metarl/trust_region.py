@@ -11,16 +11,33 @@ symmetric, so the same product gives ``J_k u``), a Fisher-vector product on the 
 product is built once per meta-update (:func:`linearize`) and reused by every conjugate-gradient
 iteration.
 
+Gauss-Newton products (:func:`kl_fvp`, the default). At the old parameters the KL between old and
+new policies has zero gradient in the policy's distribution parameters (a Gaussian's mean and
+log std, a categorical's log-probabilities), so its Hessian in the network parameters is exactly
+``Jᵀ M J``: ``J`` the Jacobian of those outputs, ``M`` the KL's Hessian in them (``exp(-2 log σ)``
+for the mean, 2 for the log std, ``p`` for the log-probabilities), no second derivative of the
+network. One product applies the inner steps' Jacobians, runs the outputs' ``J`` forward
+(``torch.func.jvp``), weighs by ``M`` and runs one vector-Jacobian product back through a graph
+built once, all vmapped over tasks. :func:`kl_hvp` (double backward of the KL) gives the same
+products and stays as the reference (``fisher = "hessian"`` in MAML-TRPO).
+
+The inner steps' Jacobians ``I − α ∇²L_k`` can be applied as the saved vector-Jacobian products
+(they are symmetric) or in forward mode (a forward-over-reverse Hessian-vector product of the
+inner loss, :func:`through_forward`). Forward mode recomputes the inner step's forward and
+backward pass at every product while the saved product only runs back through a graph built
+once; on a 2-core CPU (10 tasks × 10 episodes × 100 steps, policy (100, 100)) it took 1.3 to 2.6
+times as long, so the saved products are the default.
+
 Shapes: ``N`` tasks, ``P`` any parameter's shape, ``D`` the number of policy parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.func import vjp
+from torch.func import jvp, vjp, vmap
 
 from metarl import meta_pg
 from metarl.adaptation import Params
@@ -77,9 +94,32 @@ def conjugate_gradient(
 VJP = Callable[[Params], tuple[Params]]
 
 
+class Linearization(NamedTuple):
+    """The inner steps run once, with what the products through them need."""
+
+    adapted: Params
+    """Post-update parameters ``[N, *P]``, detached."""
+    grad_vjps: list[VJP]
+    """Per step, ``u ↦ J_kᵀ u`` on all episodes."""
+    curvature_vjps: list[VJP]
+    """Per step, ``u ↦ J_kᵀ u`` on the curvature episodes."""
+    points: list[Params]
+    """Per step, the per-task parameters ``[N, *P]`` it starts from (detached)."""
+    curvature_batches: list[PGBatch]
+    """Per step, the curvature episodes ``[N, E_c, T, ...]``."""
+
+
 def linearize(
     inner: InnerLoop, params: Params, pre: list[PGBatch], num_curvature: int
 ) -> tuple[Params, list[VJP], list[VJP]]:
+    """``(adapted, grad_vjps, curvature_vjps)`` of :func:`linearize_steps`."""
+    lin = linearize_steps(inner, params, pre, num_curvature)
+    return lin.adapted, lin.grad_vjps, lin.curvature_vjps
+
+
+def linearize_steps(
+    inner: InnerLoop, params: Params, pre: list[PGBatch], num_curvature: int
+) -> Linearization:
     """Runs the inner steps from ``params`` and keeps each step's vector-Jacobian product.
 
     Args:
@@ -89,14 +129,16 @@ def linearize(
         num_curvature: episodes per task for the curvature products (``E``: the same products).
 
     Returns:
-        ``(adapted [N, *P] detached, grad_vjps, curvature_vjps)``: per step, the product
-        ``u ↦ J_kᵀ u`` with per-task cotangents ``[N, *P]`` on all episodes and on the first
-        ``num_curvature`` (both at the full-data point).
+        A :class:`Linearization`; its products ``u ↦ J_kᵀ u`` take per-task cotangents
+        ``[N, *P]`` on all episodes and on the first ``num_curvature`` (both at the full-data
+        point).
     """
     num_tasks = pre[0].mask.shape[0]
     current = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in params.items()}
-    grad_vjps, curvature_vjps = [], []
+    grad_vjps, curvature_vjps, points, batches = [], [], [], []
     for batch in pre:
+        points.append(current)
+        batches.append(batch)
         # vjp returns (output, vjp_fn); indexing keeps mypy off its has_aux overload.
         linear = vjp(lambda p, b=batch: meta_pg.inner_step(inner, p, b, shared=False), current)
         out, grad_vjp = linear[0], linear[1]
@@ -107,10 +149,11 @@ def linearize(
                 lambda p, b=sub: meta_pg.inner_step(inner, p, b, shared=False), current
             )[1]
             curvature_vjps.append(curvature_vjp)
+            batches[-1] = sub
         else:
             curvature_vjps.append(grad_vjp)
         current = {k: v.detach() for k, v in out.items()}
-    return current, grad_vjps, curvature_vjps
+    return Linearization(current, grad_vjps, curvature_vjps, points, batches)
 
 
 def through(vjps: list[VJP], u: Params, transposed: bool) -> Params:
@@ -143,6 +186,81 @@ def kl_hvp(
     def product(v: torch.Tensor) -> torch.Tensor:
         per_task = {k: t.expand(num_tasks, *t.shape) for k, t in unflatten(v, like).items()}
         w = through(vjps, fisher(through(vjps, per_task, transposed=False)), transposed=True)
+        return flatten([t.sum(0) for t in w.values()]) + damping * v
+
+    return product
+
+
+def output_metric(policy: Any, outputs: Any, tangents: Any) -> Any:
+    """``M t``: the KL's Hessian in the policy's distribution parameters at the old policy.
+
+    Gaussian ``(mean, log_std)``: ``(exp(-2 log_std) t_mean, 2 t_log_std)``; categorical
+    log-probabilities ``log p``: ``p t`` (with ``t`` a log-softmax tangent, ``tᵀ diag(p) t`` is
+    the logits' ``diag(p) − p pᵀ`` form).
+    """
+    if policy.discrete:
+        return torch.exp(outputs) * tangents
+    (_, log_std), (t_mean, t_log_std) = outputs, tangents
+    return t_mean * torch.exp(-2.0 * log_std), 2.0 * t_log_std
+
+
+def through_forward(inner: InnerLoop, lin: Linearization, u: Params) -> Params:
+    """``J u`` through the inner steps on the curvature episodes, first step first, in forward
+    mode: each step's Jacobian ``I − α ∇²L_k`` as a forward-over-reverse product."""
+    for point, batch in zip(lin.points, lin.curvature_batches, strict=True):
+
+        def step(p: Params, b: PGBatch = batch) -> Params:
+            return meta_pg.inner_step(inner, p, b, shared=False)
+
+        u = jvp(step, (point,), (u,))[1]
+    return u
+
+
+def kl_fvp(
+    policy: Any,
+    inner: InnerLoop,
+    lin: Linearization,
+    post: PGBatch,
+    damping: float,
+    inner_jacobian: str = "vjp",
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v [D] -> (Σ_i J_iᵀ F_i J_i / N + damping I) v`` as Gauss-Newton products (no double
+    backward): the same products as :func:`kl_hvp`, see the module docstring.
+
+    Args:
+        policy: a Gaussian or categorical policy of :mod:`metarl.policies`.
+        inner: the inner loop's settings.
+        lin: the inner steps from :func:`linearize_steps`.
+        post: the post-update curvature batch ``[N, E_c, T, ...]``.
+        damping: added times ``v``.
+        inner_jacobian: ``"vjp"`` applies the inner steps' Jacobians as their saved
+            vector-Jacobian products, ``"jvp"`` in forward mode (see the module docstring).
+    """
+    if inner_jacobian not in ("vjp", "jvp"):
+        raise ValueError(f"inner_jacobian must be 'vjp' or 'jvp', got {inner_jacobian!r}")
+    adapted = lin.adapted
+    num_tasks = post.mask.shape[0]
+
+    def outputs(p: Params) -> Any:
+        return vmap(policy.distribution_params)(p, post.obs)
+
+    linear = vjp(outputs, adapted)  # (outputs, vjp_fn); indexing keeps mypy off has_aux
+    old, outputs_vjp = torch.utils._pytree.tree_map(torch.Tensor.detach, linear[0]), linear[1]
+    # d(mean KL) = Σ_i Σ_(e,t) mask / (count_i N) · d(KL at that step)
+    counts = post.mask.flatten(1).sum(1).clamp(min=1.0)
+    weight = (post.mask / (counts * num_tasks).view(-1, *([1] * (post.mask.dim() - 1))))[..., None]
+    like = {k: v[0] for k, v in adapted.items()}
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        per_task = {k: t.expand(num_tasks, *t.shape) for k, t in unflatten(v, like).items()}
+        if inner_jacobian == "jvp":
+            u = through_forward(inner, lin, per_task)
+        else:
+            u = through(lin.curvature_vjps, per_task, transposed=False)
+        tangents = jvp(outputs, (adapted,), (u,))[1]
+        metric = output_metric(policy, old, tangents)
+        (g,) = outputs_vjp(torch.utils._pytree.tree_map(lambda m: m * weight, metric))
+        w = through(lin.curvature_vjps, g, transposed=True)
         return flatten([t.sum(0) for t in w.values()]) + damping * v
 
     return product
