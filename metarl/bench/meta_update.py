@@ -1,14 +1,17 @@
 """``metarl bench trpo``: time spent optimising against time spent sampling, per MAML-TRPO iteration.
 
-    metarl bench trpo --iterations 4 --hvp-subsample 1.0 0.1 --out experiments/results/trpo_timing
+    metarl bench trpo --iterations 4 --fisher gauss-newton hessian --hvp-subsample 1.0 0.1 \
+        --out experiments/results/trpo_timing
 
 Runs paper-sized MAML-TRPO iterations (halfcheetah-vel, 40 tasks × 20 episodes × 200 steps, the
-process backend with one worker per core) and reports, per setting of ``hvp_subsample``, the mean
+process backend with one worker per core) and reports, per setting of ``fisher`` (the KL
+curvature products: Gauss-Newton or double-backward Hessian) and ``hvp_subsample``, the mean
 seconds per iteration spent in the sampler and outside it, split into the inner steps (baseline
 fits and adapted parameters between the sampler calls), the meta-gradient through the inner
-step, conjugate gradient and the line search. The reference is the sampling time of the same
-iterations, so the figure that matters is the ratio. The first iteration builds workers and
-environments and is left out of the means.
+step, conjugate gradient and the line search, and how often the line search accepted the step.
+The reference is the sampling time of the same iterations, so the figure that matters is the
+ratio. The first iteration builds workers and environments and is left out of the means. Every
+setting runs from the same seed, so its first iteration sees the same rollouts.
 
 The agent is found at run time (``agents.maml_trpo``), as the experiment runner finds it.
 """
@@ -29,43 +32,82 @@ from metarl.bench.adapt import machine
 PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
 
 
+def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], list[dict]]:
+    """``iterations`` MAML-TRPO iterations on ``task``: the config's fields and per-iteration
+    ``time/*`` (prefix dropped) plus ``accepted`` and ``ls_steps`` of the line search."""
+    import envs
+
+    trpo = importlib.import_module("agents.maml_trpo")
+    settings = {"backend": "process", "num_workers": 2} | overrides
+    config = trpo.MAMLTRPOConfig(**settings)
+    distribution = envs.make(task)
+    agent = trpo.MAMLTRPO(config, distribution, seed=0)
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for _ in range(iterations):
+            m = agent.step(distribution.sample(config.meta_batch_size, rng))
+            row = {k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}
+            rows.append(row | {"accepted": m["train/accepted"], "ls_steps": m["train/ls_steps"]})
+    finally:
+        agent.close()
+    return {k: getattr(config, k) for k in settings}, rows
+
+
 def bench_setting(
-    task: str, iterations: int, hvp_subsample: float, workers: int, **overrides: Any
+    task: str,
+    iterations: int,
+    hvp_subsample: float,
+    workers: int,
+    fisher: str = "gauss-newton",
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Mean timings of ``iterations - 1`` MAML-TRPO iterations after a warm-up one."""
     if iterations < 2:
         raise ValueError(f"iterations must be >= 2 (the first is a warm-up), got {iterations}")
-    trpo = importlib.import_module("agents.maml_trpo")
-    result = trpo.profile(
-        task, iterations, hvp_subsample=hvp_subsample, num_workers=workers, **overrides
+    config, per_iteration = _run(
+        task,
+        iterations,
+        hvp_subsample=hvp_subsample,
+        num_workers=workers,
+        fisher=fisher,
+        **overrides,
     )
-    rows = result["iterations"][1:]
+    rows = per_iteration[1:]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     return {
+        "fisher": fisher,
         "hvp_subsample": hvp_subsample,
-        "config": result["config"],
+        "config": config,
         "iterations_timed": len(rows),
+        "accepted_fraction": float(np.mean([r["accepted"] for r in per_iteration])),
+        "mean_ls_steps": float(np.mean([r["ls_steps"] for r in per_iteration])),
         "sampling_s": mean["sampling_s"],
         "optimization_s": mean["optimization_s"],
         "optimization_over_sampling": mean["optimization_s"] / mean["sampling_s"],
         "env_steps_per_s": mean["env_steps_per_s"],
         "parts_s": {k.removesuffix("_s"): mean[k] for k in PARTS},
-        "per_iteration": result["iterations"],
+        "per_iteration": per_iteration,
     }
 
 
 def timing_table(settings: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines of one row per ``hvp_subsample`` setting (also used by ``metarl.rl_table``)."""
+    """Markdown lines of one row per setting (also used by ``metarl.rl_table``); settings
+    measured before the ``fisher`` switch existed used the double-backward Hessian."""
     lines = [
-        "| hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | CG | line search | env steps/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fisher | hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | "
+        "CG | line search | accepted | env steps/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in settings:
         p = s["parts_s"]
+        accepted = s.get("accepted_fraction")
+        shown = "n/a" if accepted is None else f"{accepted:.2f}"
         lines.append(
-            f"| {s['hvp_subsample']} | {s['sampling_s']:.2f} | {s['optimization_s']:.2f} | "
-            f"**{s['optimization_over_sampling']:.3f}** | {p['inner']:.2f} | {p['gradient']:.2f} | "
-            f"{p['cg']:.2f} | {p['line_search']:.2f} | {s['env_steps_per_s']:,.0f} |"
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {s['sampling_s']:.2f} | "
+            f"{s['optimization_s']:.2f} | **{s['optimization_over_sampling']:.3f}** | "
+            f"{p['inner']:.2f} | {p['gradient']:.2f} | {p['cg']:.2f} | {p['line_search']:.2f} | "
+            f"{shown} | {s['env_steps_per_s']:,.0f} |"
         )
     return lines
 
@@ -82,8 +124,10 @@ def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
         f"{results['workers']} workers, meta-update on {results.get('device', 'cpu')}; mean over {results['settings'][0]['iterations_timed']} "
         "iterations after a warm-up one. Optimisation is everything outside the sampler: the "
         "inner steps (baseline fits, adapted parameters), the meta-gradient through the inner "
-        "step, conjugate gradient (10 Hessian-vector products of the KL through the inner step) "
-        "and the line search. Target: optimisation ≤ 0.10 × sampling.",
+        "step, conjugate gradient (10 curvature products of the KL through the inner step: "
+        "Gauss-Newton, or double-backward Hessian) and the line search. Accepted: the fraction "
+        "of all iterations (warm-up included) whose step the line search accepted. Target: "
+        "optimisation ≤ 0.10 × sampling.",
         "",
         f"Machine: {results['machine']}. Command: `{command}`.",
         "",
@@ -101,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         "--iterations", type=int, default=4, help="per setting, the first a warm-up"
     )
     parser.add_argument("--hvp-subsample", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument(
+        "--fisher",
+        nargs="+",
+        default=["gauss-newton", "hessian"],
+        choices=["gauss-newton", "hessian"],
+        help="KL curvature products to time, each with every --hvp-subsample",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--meta-batch-size", type=int, default=40)
     parser.add_argument("--episodes-per-task", type=int, default=20)
@@ -114,24 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = []
-    for fraction in args.hvp_subsample:
-        r = bench_setting(
-            args.task,
-            args.iterations,
-            fraction,
-            args.workers,
-            meta_batch_size=args.meta_batch_size,
-            episodes_per_task=args.episodes_per_task,
-            envs_per_worker=args.episodes_per_task,
-            device=args.device,
-        )
-        settings.append(r)
-        print(
-            f"hvp_subsample={fraction}: sampling {r['sampling_s']:.2f} s, optimisation "
-            f"{r['optimization_s']:.2f} s, ratio {r['optimization_over_sampling']:.3f} "
-            f"({', '.join(f'{k} {v:.2f}' for k, v in r['parts_s'].items())})",
-            flush=True,
-        )
+    for fisher in args.fisher:
+        for fraction in args.hvp_subsample:
+            r = bench_setting(
+                args.task,
+                args.iterations,
+                fraction,
+                args.workers,
+                fisher,
+                meta_batch_size=args.meta_batch_size,
+                episodes_per_task=args.episodes_per_task,
+                envs_per_worker=args.episodes_per_task,
+                device=args.device,
+            )
+            settings.append(r)
+            print(
+                f"fisher={fisher} hvp_subsample={fraction}: sampling {r['sampling_s']:.2f} s, "
+                f"optimisation {r['optimization_s']:.2f} s, ratio "
+                f"{r['optimization_over_sampling']:.3f} "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in r['parts_s'].items())}), "
+                f"accepted {r['accepted_fraction']:.2f}",
+                flush=True,
+            )
     results = {
         "task": args.task,
         "meta_batch_size": args.meta_batch_size,
@@ -149,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             {k: v for k, v in results.items() if k != "settings"}
             | {
                 "ratios": {
-                    str(s["hvp_subsample"]): round(s["optimization_over_sampling"], 4)
+                    f"{s['fisher']}/{s['hvp_subsample']}": round(s["optimization_over_sampling"], 4)
                     for s in settings
-                }
+                },
+                "accepted": {
+                    f"{s['fisher']}/{s['hvp_subsample']}": s["accepted_fraction"] for s in settings
+                },
             }
         )
     )
