@@ -338,7 +338,12 @@ def sweep(
     if not Path(config).is_file():
         raise ConfigError(f"config {config} not found")
     root = Path(out) if out else Path("runs") / f"sweep-{Path(config).stem}"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--out {root}: a file is in the way of that directory; pick another --out") from None
+    except OSError as e:
+        raise ConfigError(f"--out {root}: cannot write there ({e.strerror}); pick a writable directory for --out") from None
     cells = grid_cells(grid)
     jobs = [
         (config, [*overrides, *cell, f"run.seed={seed}"], str(root / f"{label_of(cell)}-s{seed}"), baselines, threads)

@@ -347,3 +347,30 @@ def test_a_worker_dying_during_a_run_is_one_line_saying_resume_continues(tmp_pat
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: a rollout worker failed at iteration"), stderr
     assert "the checkpoint of iteration" in line and f"metarl run --resume {run}" in line
+
+
+def test_a_disk_that_refuses_writes_is_one_line_saying_what_was_kept(tmp_path, monkeypatch):
+    import errno
+
+    from metarl import experiment as experiment_mod
+
+    run = tmp_path / "r"
+    real_save = experiment_mod.save_checkpoint
+    saves: list[int] = []
+
+    def full_disk(path, state):
+        saves.append(state["iteration"])
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, state)
+
+    monkeypatch.setattr(experiment_mod, "save_checkpoint", full_disk)
+    result = metarl(*small_run(run, "run.num_iterations=60", "run.checkpoint_every=20"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+    assert "the checkpoint of iteration 20 is kept" in lines[0] and f"metarl run --resume {run}" in lines[0]
+    monkeypatch.setattr(experiment_mod, "save_checkpoint", real_save)
+    metarl("run", "--resume", str(run), "--no-progress")
+    metarl(*small_run(tmp_path / "full", "run.num_iterations=60", "run.checkpoint_every=20"))
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
