@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from metarl.config import ConfigError, apply_overrides, build, load_toml
-from metarl.logger import CheckpointError, MetricsLogger, load_checkpoint, lock_run_dir, save_checkpoint, unlock_run_dir
+from metarl.logger import (
+    CheckpointError,
+    MetricsLogger,
+    load_checkpoint,
+    lock_run_dir,
+    save_checkpoint,
+    unlock_run_dir,
+)
 from metarl.registry import make_distribution, resolve_agent
 from metarl.stopping import TrainingStopped, stop_signals
 
