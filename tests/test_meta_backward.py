@@ -4,6 +4,7 @@ gradient of the all-at-once meta-loss, in the core and in every gradient learner
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -164,3 +165,23 @@ def test_probabilistic_maml_step_accumulates_the_all_at_once_gradient(outer_samp
 def test_backward_chunk_is_checked():
     with pytest.raises(ValueError, match="backward_chunk must be >= 0"):
         dataclasses.replace(GradientLearnerConfig(), backward_chunk=-1)
+
+
+@pytest.mark.slow  # times higher's per-task loop too: tens of seconds on 2 busy cores
+def test_bench_adapt_reports_every_path_against_higher_in_one_run(tmp_path, capsys):
+    from metarl.bench.adapt import main
+
+    out = tmp_path / "bench_adapt"
+    assert (
+        main(["--models", "sinusoid_mlp", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sinusoid_mlp"]
+    impls = result["implementations"]
+    assert {"metarl_vmap", "metarl_loop", "metarl_loop_one_backward", "autograd_loop"} <= set(impls)
+    for name in ("metarl_loop", "metarl_loop_one_backward"):
+        assert impls[name]["ms"] > 0
+        if impls["higher"] is not None:
+            assert impls[name]["ms_over_higher"] == impls[name]["ms"] / impls["higher"]["ms"]
+    table = out.with_suffix(".md").read_text()
+    assert "| sinusoid_mlp | metarl_loop |" in table and "memory / higher" in table
