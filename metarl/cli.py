@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with `metarl run --resume RUN_DIR`)", file=sys.stderr)
+        print("interrupted; every checkpoint already saved is intact (resume with `metarl run --resume RUN_DIR`)",
+              file=sys.stderr)
         return 130
 
 
