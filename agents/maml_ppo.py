@@ -120,7 +120,9 @@ class MAMLPPO:
             self.config.adapt_steps,
             self._advantages,
         )
-        metrics = {**meta_pg.trajectory_metrics(batch), **self._update(batch)}
+        metrics = meta_pg.trajectory_metrics(batch)
+        metrics |= meta_pg.adaptation_metrics(self.policy, self.params, batch)
+        metrics |= self._update(batch)
         total = time.perf_counter() - start
         metrics["time/sampling_s"] = batch.sampling_s
         metrics["time/optimization_s"] = total - batch.sampling_s

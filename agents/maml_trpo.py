@@ -151,7 +151,9 @@ class MAMLTRPO:
         # Per-task post-update returns [N], for wrappers that choose tasks (the task generator).
         self.last_post_returns = batch.trajectories[-1].episode_returns().mean(1)
         update_start = time.perf_counter()
-        metrics = {**meta_pg.trajectory_metrics(batch), **self._update(batch)}
+        metrics = meta_pg.trajectory_metrics(batch)
+        metrics |= meta_pg.adaptation_metrics(self.policy, self.params, batch)
+        metrics |= self._update(batch)
         metrics["time/update_s"] = time.perf_counter() - update_start
         total = time.perf_counter() - start
         metrics["time/sampling_s"] = batch.sampling_s
@@ -241,12 +243,14 @@ class MAMLTRPO:
                     "train/kl": kl,
                     "train/ls_steps": float(i),
                     "train/accepted": 1.0,
+                    "train/step_fraction": fraction,
                 }
         return {
             "train/surrogate": new_surrogate,
             "train/kl": kl,
             "train/ls_steps": float(cfg.ls_max_steps),
             "train/accepted": 0.0,
+            "train/step_fraction": 0.0,
         }
 
     def adapt(self, task: Task, trajectories: Trajectories, params: Params | None = None) -> Params:

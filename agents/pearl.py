@@ -15,13 +15,13 @@ each of ``meta_batch_size`` stored tasks::
 
     z ~ q(z|c),  c: ``context_batch_size`` transitions of the task's encoder buffer
     y = reward_scale·r + γ(1 − done)(min_i Q̄_i(s', a', z̄) − α log π(a'|s', z̄)),  a' ~ π(·|s', z̄)
-    L_Q = Σ_i mean (Q_i(s, a, z) − y)²  + kl_weight · mean_tasks KL(q(z|c) || N(0, I))
+    L_Q = Σ_i mean (Q_i(s, a, z) − y)²  + kl_weight · Σ_tasks KL(q(z|c) || N(0, I))
     L_π = mean (α log π(ã|s, z̄) − min_i Q_i(s, ã, z̄)) + policy_reg · mean(μ_a² + log σ_a²)
 
-with z̄ = z detached: the critic loss trains the encoder, the policy does not. The KL is averaged
-over the meta-batch (the authors' code sums it over tasks: their weight is ``kl_weight`` times the
-meta-batch size here). All losses are taken at the same parameters, checked for NaN/Inf, then
-every optimiser steps.
+with z̄ = z detached: the critic loss trains the encoder, the policy does not. The KL is summed
+over the meta-batch, as the authors' code (oyster) and garage do, so ``kl_weight`` means what it
+means there. All losses are taken at the same parameters, checked for NaN/Inf, then every
+optimiser steps.
 
 Data collection runs through the repository's vectorised sampler. :class:`LatentTanhPolicy` keeps
 the worker's ``act``/``sample_noise`` protocol: each task's parameter set carries its posterior
@@ -206,6 +206,10 @@ class PEARL:
                 metrics[f"train/{name}_success"] = float(np.nanmean(traj.success.numpy()))
             env_steps += float(traj.mask.sum())
         metrics["train/env_steps"] = env_steps
+        if "train/posterior_return" in metrics:
+            # What the posterior's z buys over the prior's on the same tasks (the adaptation).
+            gain = metrics["train/posterior_return"] - metrics["train/prior_return"]
+            metrics["adapt/return_gain"] = gain
         return metrics
 
     def _context_batch(self, task: Task) -> np.ndarray:
@@ -267,7 +271,7 @@ class PEARL:
                 rewards, terminated, next_q, next_log_prob, cfg.gamma, alpha, cfg.reward_scale
             )
         q = self.q_values(self.nets["q"], obs, actions, z)
-        kl = kl_to_standard_normal(mean, variance).mean()
+        kl = kl_to_standard_normal(mean, variance).sum()  # summed over tasks, as oyster and garage
         new_actions, log_prob, action_mean, log_std = self.policy.sample(
             self.nets["policy"], obs, z_bar, noise[1]
         )
@@ -334,6 +338,7 @@ class PEARL:
             float(self.nets["alpha"]["log_alpha"].exp()) if cfg.auto_entropy else cfg.alpha
         )
         metrics["train/replay_tasks"] = float(len(self.replay))
+        metrics["adapt/posterior_kl"] = metrics["train/kl"] / cfg.meta_batch_size  # nats per task
         optimization_s = time.perf_counter() - start - sampling_s
         metrics["time/sampling_s"] = sampling_s
         metrics["time/optimization_s"] = optimization_s

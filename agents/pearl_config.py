@@ -29,7 +29,7 @@ class PEARLConfig:
     latent_dim: int = 5
     """Size of z (the paper: 5; Meta-World: 7)."""
     kl_weight: float = 0.1
-    """Weight β of KL(q(z|c) || N(0, I)), averaged over the meta-batch."""
+    """Weight β of KL(q(z|c) || N(0, I)), summed over the meta-batch (as oyster and garage)."""
     hidden_sizes: tuple[int, ...] = (300, 300, 300)
     """Hidden widths of the policy and of each critic."""
     encoder_hidden_sizes: tuple[int, ...] = (200, 200, 200)

@@ -210,11 +210,14 @@ def ppo_loss(
 
 
 def trial_metrics(trials: Trials) -> dict[str, float]:
-    """``train/return`` and ``train/return_ep{k}`` (mean over tasks), success likewise, env steps."""
+    """``train/return``, ``train/return_ep{k}`` (mean over tasks) and ``adapt/return_gain`` (last
+    episode minus first), success likewise, env steps."""
     returns = trials.episode_returns()
     metrics = {"train/return": float(returns.mean()), "train/env_steps": float(trials.mask.sum())}
     for k in range(returns.shape[1]):
         metrics[f"train/return_ep{k}"] = float(returns[:, k].mean())
+    # What the trial's experience buys: its last episode against its first (the adaptation).
+    metrics["adapt/return_gain"] = float((returns[:, -1] - returns[:, 0]).mean())
     success = trials.success.numpy()
     if not np.isnan(success).all():
         metrics["train/success"] = float(np.nanmean(success))

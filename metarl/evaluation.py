@@ -274,9 +274,7 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
     budget = (
         baseline_budget(experiment) if baselines is not None else 0
     )  # fail before the long work
-    tasks = experiment.distribution.test_tasks()
-    if experiment.eval_cfg.num_tasks:
-        tasks = tasks[: experiment.eval_cfg.num_tasks]
+    tasks = experiment.held_out_tasks()
     rng = np.random.default_rng(experiment.eval_cfg.seed)
     result = experiment.agent.evaluate(tasks, rng)
     summary = summarize_curves(result)

@@ -21,6 +21,7 @@ refuses a ``config.toml`` that changes the model or the algorithm since the chec
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from metarl.config import ConfigError, apply_overrides, build, load_toml
+from metarl.diagnostics import InnerStepWatch
 from metarl.logger import (
     CheckpointError,
     MetricsLogger,
@@ -45,7 +47,7 @@ from metarl.stopping import TrainingStopped, stop_signals
 SECTIONS = ("run", "tasks", "agent", "eval")
 # Keys that may change between a checkpoint and its resume: they change neither the model nor the
 # algorithm (how long to train, how often to log and save, how to evaluate).
-FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end")
+FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end", "eval_every")
 FREE_SECTIONS = ("eval",)
 
 
@@ -63,6 +65,9 @@ class RunConfig:
     """Save a checkpoint every this many iterations (and at the end)."""
     eval_at_end: bool = True
     """Evaluate on held-out tasks when training ends."""
+    eval_every: int = 0
+    """Also evaluate on the held-out tasks every this many iterations (0: never), logging the mean
+    of each metric after each adaptation step as ``eval/<metric>_step<k>`` (learning curves)."""
 
     def __post_init__(self) -> None:
         for name in ("num_iterations", "log_every", "checkpoint_every"):
@@ -70,6 +75,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,7 @@ class Experiment:
         self._claim()
         logger = MetricsLogger(self.run_dir, resume_from=self.iteration)
         meta_batch = int(getattr(self.agent_cfg, "meta_batch_size", 1))
+        watch = InnerStepWatch()
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
                    desc=Path(self.run_dir).name, mininterval=1.0, dynamic_ncols=True)
         try:
@@ -312,9 +320,14 @@ class Experiment:
                     start = time.perf_counter()
                     metrics = self.agent.step(self.distribution.sample(meta_batch, self.rng))
                     self.iteration += 1
+                    if (message := watch.update(self.iteration, metrics)) is not None:
+                        bar.write(f"warning: {message}", file=sys.stderr)
                     metrics["time/iteration_s"] = time.perf_counter() - start
                     last = self.iteration == cfg.num_iterations
-                    if self.iteration % cfg.log_every == 0 or last:
+                    held_out = cfg.eval_every and self.iteration % cfg.eval_every == 0
+                    if held_out:
+                        metrics |= self.held_out_metrics()
+                    if self.iteration % cfg.log_every == 0 or last or held_out:
                         logger.log(self.iteration, metrics)
                     if self.iteration % cfg.checkpoint_every == 0 or last or received:
                         self.checkpoint()
@@ -324,6 +337,32 @@ class Experiment:
         finally:
             bar.close()
             logger.close()
+
+    def held_out_tasks(self) -> list[Any]:
+        """The held-out tasks evaluation scores (``eval.num_tasks`` of them; 0: all)."""
+        tasks = self.distribution.test_tasks()
+        return tasks[: self.eval_cfg.num_tasks] if self.eval_cfg.num_tasks else tasks
+
+    def held_out_metrics(self) -> dict[str, float]:
+        """Mean held-out score after each adaptation step at the current iteration.
+
+        Seeded by ``(eval.seed, iteration)``, and touching none of the training generators, so a
+        resumed run logs the same values as an uninterrupted one.
+        """
+        clock = time.perf_counter()
+        rng = np.random.default_rng([self.eval_cfg.seed, self.iteration])
+        result = self.agent.evaluate(self.held_out_tasks(), rng)
+        metrics = {"time/eval_s": 0.0}
+        for key, values in result.items():
+            if key == "adaptation_steps" or values is None or isinstance(values, dict):
+                continue
+            table = np.asarray(values, dtype=float)
+            if table.ndim != 2 or table.shape[1] != len(result["adaptation_steps"]):
+                continue
+            for j, step in enumerate(result["adaptation_steps"]):
+                metrics[f"eval/{key}_step{step}"] = float(np.nanmean(table[:, j]))
+        metrics["time/eval_s"] = time.perf_counter() - clock
+        return metrics
 
     def close(self) -> None:
         """Releases what the agent holds (e.g. rollout worker processes) and the run directory."""

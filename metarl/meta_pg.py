@@ -56,12 +56,14 @@ class MetaBatch(NamedTuple):
         post: the post-adaptation batch, the outer objective's data.
         trajectories: every sampled :class:`Trajectories`, pre-update first, post-update last.
         sampling_s: wall time spent inside the sampler.
+        adapted: the detached per-task parameters ``[N, *P]`` the post-update data was sampled with.
     """
 
     pre: list[PGBatch]
     post: PGBatch
     trajectories: list[Trajectories]
     sampling_s: float
+    adapted: Params
 
 
 class InnerLoop(NamedTuple):
@@ -210,7 +212,8 @@ def collect(
     assert adapted is not None, "adapt_steps must be at least 1"
     post_traj = timed.sample(inner.policy, unstack(adapted), tasks, episodes_per_task)
     trajectories.append(post_traj)
-    return MetaBatch(pre, on_device(advantages(post_traj), device), trajectories, timed.seconds)
+    post = on_device(advantages(post_traj), device)
+    return MetaBatch(pre, post, trajectories, timed.seconds, adapted)
 
 
 def post_log_probs(policy: Any, params: Params, batch: PGBatch) -> torch.Tensor:
@@ -253,6 +256,37 @@ def trajectory_metrics(batch: MetaBatch) -> dict[str, float]:
         success = _mean_success(traj.success)
         if success is not None:
             metrics[f"train/success_{name}"] = float(success.mean())
+    return metrics
+
+
+def adaptation_metrics(policy: Any, params: Params, batch: MetaBatch) -> dict[str, float]:
+    """How far the inner loop moved the policy, and what it bought on the training tasks.
+
+    Measured on the states of the first pre-update batch (where the inner step's gradient came
+    from), between the meta-parameters ``params [*P]`` and the adapted ``batch.adapted [N, *P]``:
+
+    - ``adapt/inner_kl``: mean over tasks and alive steps of ``KL(pi_theta || pi_theta'_i)``;
+    - ``adapt/mean_shift``: mean Euclidean change of the action mean (Gaussian policies only);
+    - ``adapt/return_gain``: post-update minus pre-update mean episode return.
+
+    A KL near 0 (below about 1e-6) means the inner step does nothing: the agent is then a
+    multi-task policy, not a meta-learner (:class:`metarl.diagnostics.InnerStepWatch` warns).
+    """
+    # In float64: a KL of 1e-9 is below float32's cancellation error in the closed form.
+    pre, obs = batch.pre[0], batch.pre[0].obs.double()
+    adapted = {k: v.detach().double() for k, v in batch.adapted.items()}
+    shared = {k: v.detach().double() for k, v in params.items()}
+    with torch.no_grad():
+        kl = vmap(policy.kl, in_dims=(None, 0, 0))(shared, adapted, obs)
+        metrics = {"adapt/inner_kl": float(task_mean(kl, pre.mask))}
+        if not policy.discrete:
+            before = policy.distribution_params(shared, obs)[0]
+            after = vmap(policy.distribution_params)(adapted, obs)[0]
+            shift = (after - before).norm(dim=-1)
+            metrics["adapt/mean_shift"] = float(task_mean(shift, pre.mask))
+    first, last = batch.trajectories[0], batch.trajectories[-1]
+    gain = last.episode_returns().mean() - first.episode_returns().mean()
+    metrics["adapt/return_gain"] = float(gain)
     return metrics
 
 
