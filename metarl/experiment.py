@@ -5,6 +5,7 @@ A run directory holds::
     config.toml       the resolved config (after --set overrides)
     metrics.jsonl     one line per logged iteration (seed-determined values only)
     timing.jsonl      wall-time figures (iterations/s, env steps/s)
+    machines.jsonl    which machine trained from which iteration on
     tb/               TensorBoard events
     checkpoint.pt     the latest checkpoint, written atomically, with the config it was trained with
     checkpoint.prev.pt  the checkpoint before it (to restore if the latest cannot be read)
@@ -21,6 +22,7 @@ refuses a ``config.toml`` that changes the model or the algorithm since the chec
 from __future__ import annotations
 
 import datetime
+import json
 import sys
 import time
 import weakref
@@ -298,6 +300,16 @@ class Experiment:
         save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
         self.checkpointed = self.iteration
 
+    def _record_machine(self) -> None:
+        """Appends to ``machines.jsonl`` which machine trains from this iteration on (a run resumed
+        elsewhere, e.g. from a run directory kept in a repository, names each machine)."""
+        from metarl.bench.adapt import machine
+
+        line = {"iteration": self.iteration, "machine": machine(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with open(self.run_dir / "machines.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
     def run(self, progress: bool = True) -> None:
         """Trains until ``num_iterations``, logging, checkpointing and showing progress.
 
@@ -310,6 +322,8 @@ class Experiment:
         cfg = self.run_cfg
         self._claim()
         logger = MetricsLogger(self.run_dir, resume_from=self.iteration)
+        if self.iteration < cfg.num_iterations:
+            self._record_machine()
         meta_batch = int(getattr(self.agent_cfg, "meta_batch_size", 1))
         watch = InnerStepWatch()
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
