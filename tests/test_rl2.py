@@ -333,7 +333,8 @@ def test_every_rl2_experiment_config_builds():
         assert document["run"]["agent"] == "agents.rl2:RL2"
         cfg = build(RL2Config, dict(document["agent"]), "agent")
         assert cfg.num_minibatches <= cfg.meta_batch_size
-    assert len(list((ROOT / "experiments").glob("rl2_*.toml"))) == 4
+    names = {p.stem for p in (ROOT / "experiments").glob("rl2_*.toml")}
+    assert {"rl2_nav2d", "rl2_cheetah_vel", "rl2_ml1_reach", "rl2_ml1_push", "rl2_ml10"} <= names
 
 
 def test_metrics_per_episode_and_success_read_from_info():
