@@ -374,3 +374,13 @@ def test_a_disk_that_refuses_writes_is_one_line_saying_what_was_kept(tmp_path, m
     metarl("run", "--resume", str(run), "--no-progress")
     metarl(*small_run(tmp_path / "full", "run.num_iterations=60", "run.checkpoint_every=20"))
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+def test_the_readme_sampling_snippet_runs_as_a_script(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    snippet = text.split("## Sampling", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    script = tmp_path / "sample.py"
+    script.write_text(snippet)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([4, 20, 100, 2])" in done.stdout
