@@ -173,10 +173,11 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
     monkeypatch.chdir(ROOT)
     out = tmp_path / "trpo_timing"
     last = metarl("bench", "trpo", "--task", "navigation-2d", "--iterations", "3", "--meta-batch-size", "2",
-                  "--episodes-per-task", "2", "--workers", "1", "--hvp-subsample", "1.0", "0.5",
-                  "--out", str(out)).strip().splitlines()[-1]
+                  "--episodes-per-task", "2", "--workers", "1", "--fisher", "gauss-newton", "hessian",
+                  "--hvp-subsample", "0.5", "--out", str(out)).strip().splitlines()[-1]
     document = json.loads(out.with_suffix(".json").read_text())
-    assert [s["hvp_subsample"] for s in document["settings"]] == [1.0, 0.5]
+    assert [(s["fisher"], s["hvp_subsample"]) for s in document["settings"]] == [
+        ("gauss-newton", 0.5), ("hessian", 0.5)]
     for setting in document["settings"]:
         timed = setting["per_iteration"][1:]  # the first builds workers and is left out
         assert setting["iterations_timed"] == 2 == len(timed)
@@ -185,8 +186,11 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         assert setting["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
         # The parts are disjoint pieces of the optimisation time (each rounded to 1 ms).
         assert 0 < sum(setting["parts_s"].values()) <= optimisation + 0.003
-        assert json.loads(last)["ratios"][str(setting["hvp_subsample"])] == pytest.approx(
-            setting["optimization_over_sampling"], abs=1e-4)
+        key = f"{setting['fisher']}/{setting['hvp_subsample']}"
+        assert json.loads(last)["ratios"][key] == pytest.approx(setting["optimization_over_sampling"], abs=1e-4)
+        assert json.loads(last)["accepted"][key] == setting["accepted_fraction"]
+        accepted = [r["accepted"] for r in setting["per_iteration"]]
+        assert setting["accepted_fraction"] == pytest.approx(np.mean(accepted))
     assert f"**{document['settings'][0]['optimization_over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
     # rl_table carries the measurement into the MAML-RL table.
     (tmp_path / "s").mkdir()
