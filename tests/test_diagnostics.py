@@ -133,3 +133,22 @@ def test_shipped_locomotion_and_navigation_configs_take_a_real_inner_step(config
 @pytest.mark.parametrize("config", [c for c in MAML_CONFIGS if "_ml" in c])
 def test_shipped_metaworld_configs_take_a_real_inner_step(config):
     assert _first_inner_kl(config) > InnerStepWatch().threshold * 10
+
+
+def test_held_out_curves_are_logged_every_n_iterations_and_survive_a_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    curve = ["run.eval_every=2", "eval.num_tasks=3", "agent.eval_adapt_steps=1",
+             "agent.eval_episodes_per_task=2"]
+    _run(tmp_path / "full", "run.num_iterations=4", *curve)
+    _run(tmp_path / "split", "run.num_iterations=2", *curve)
+    config = tmp_path / "split" / "config.toml"  # a longer budget is a free change on resume
+    config.write_text(config.read_text().replace("num_iterations = 2", "num_iterations = 4"))
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["run", "--resume", str(tmp_path / "split"), "--no-progress"])
+    assert code == 0, err.getvalue()
+    full = (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert (tmp_path / "split" / "metrics.jsonl").read_text() == full
+    rows = [json.loads(line) for line in full.splitlines()]
+    assert [("eval/return_step1" in r) for r in rows] == [False, True, False, True]
+    assert "eval/return_step0" in rows[1] and math.isfinite(rows[1]["eval/return_step0"])
