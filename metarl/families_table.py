@@ -333,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         help="folder of omniglot_table cells (e.g. experiments/results/omniglot_cells): adds the "
         "Omniglot 5-way 1-shot rows of the learners trained there",
     )
+    parser.add_argument(
+        "--drop",
+        nargs="*",
+        default=[],
+        metavar="SWEEP",
+        help="with --keep: leave out the kept rows of these sweeps (e.g. rows whose settings were replaced)",
+    )
     args = parser.parse_args(argv)
     if not (args.sweeps or args.keep or args.omniglot_cells):
         parser.error("give finished sweep directories, --omniglot-cells, --keep an earlier table's JSON, or several")
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--omniglot-cells {args.omniglot_cells}: no such folder")
         rows += omniglot_rows(Path(args.omniglot_cells))
     if args.keep:
-        rows = kept_rows(Path(args.keep), rows) + rows
+        rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     given = sys.argv[1:] if argv is None else argv
     command = "python -m metarl.families_table " + shlex.join(given)  # notes may hold quotes
     write_table(rows, Path(args.out), command, args.note)

@@ -181,12 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier table's JSON: its rows for sweeps not given here are "
         "kept as they are, each with the machine it ran on",
     )
+    parser.add_argument(
+        "--drop",
+        nargs="*",
+        default=[],
+        metavar="SWEEP",
+        help="with --keep: leave out the kept rows of these sweeps (e.g. rows whose settings were replaced)",
+    )
     args = parser.parse_args(argv)
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
     for row in rows:
         row["machine"] = machine()
     if args.keep:
-        rows = kept_rows(Path(args.keep), rows) + rows
+        rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]
     command = "python -m metarl.rl_table " + " ".join(sys.argv[1:] if argv is None else argv)
     write_table(rows, Path(args.out), command, timing)

@@ -71,6 +71,9 @@ def test_keep_refreshes_given_sweeps_and_keeps_the_rest_with_their_machine(tmp_p
     assert rows[0]["machine"] == "old box" and rows[1]["machine"] != "old box"
     text = new.with_suffix(".md").read_text()
     assert "| machine | command |" in text and "| old box | `metarl sweep nav-rl2` |" in text
+    dropped = tmp_path / "dropped"  # --drop leaves a kept sweep's rows out
+    assert main(["--keep", str(new.with_suffix(".json")), "--drop", "nav-rl2", "--out", str(dropped)]) == 0
+    assert [r["sweep"] for r in json.loads(dropped.with_suffix(".json").read_text())["rows"]] == ["vel-rl2"]
 
 
 def test_recorded_command_parses_back_to_the_arguments_even_with_quotes_in_the_note(tmp_path):
