@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/rl_curves"))
     args = parser.parse_args(argv)
-    from metarl.bench.adapt import machine
+    from metarl.runtime import machine
 
     references = tomllib.loads(REFERENCES.read_text())
     rows = []

@@ -4,7 +4,7 @@
     metarl run --resume RUN_DIR
     metarl eval RUN_DIR
     metarl list [agents|envs]
-    metarl bench adapt|sampler|envs|trpo ...
+    metarl bench adapt|sampler|envs|trpo|anil ...   (from a checkout: experiments/bench/)
     metarl demo
 
 Configuration mistakes (and a run directory owned by another process, or a checkpoint that
@@ -158,28 +158,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("adapt", "sampler", "envs", "trpo", "anil")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "adapt":
-        from metarl.bench.adapt import main as bench_adapt
+    """Runs ``experiments/bench/WHAT.py`` of the checkout in the working directory.
 
-        return bench_adapt(args.rest)
-    if args.what == "sampler":
-        from metarl.rollout.bench import main as bench_sampler
+    The benchmarks are study scripts kept beside their results, not part of the installed
+    library, so the library never imports them: this finds them at run time, the way the runner
+    finds an agent by the import path its config names.
+    """
+    import importlib
 
-        return bench_sampler(args.rest)
-    if args.what == "envs":
-        from envs.bench import main as bench_envs
-
-        return bench_envs(args.rest)
-    if args.what == "trpo":
-        from metarl.bench.meta_update import main as bench_trpo
-
-        return bench_trpo(args.rest)
-    if args.what == "anil":
-        from metarl.bench.anil import main as bench_anil
-
-        return bench_anil(args.rest)
-    raise ConfigError(f"unknown benchmark {args.what!r}; choose adapt, sampler, envs, trpo or anil")
+    if args.what not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {args.what!r}; choose one of {', '.join(BENCHMARKS)}")
+    root = Path.cwd()
+    if not (root / "experiments" / "bench" / f"{args.what}.py").is_file():
+        raise ConfigError(f"metarl bench runs experiments/bench/{args.what}.py of a metarl checkout; "
+                          f"run it from the repository root ({root} has no such file)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"experiments.bench.{args.what}")
+    return int(module.main(args.rest) or 0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("-v", "--verbose", action="store_true", help="describe each distribution (as `metarl list envs` does)")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
-    bench.add_argument("what", choices=["adapt", "sampler", "envs", "trpo", "anil"])
+    bench.add_argument("what", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a small default experiment, end to end")

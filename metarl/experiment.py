@@ -303,10 +303,10 @@ class Experiment:
     def _record_machine(self) -> None:
         """Appends to ``machines.jsonl`` which machine trains from this iteration on (a run resumed
         elsewhere, e.g. from a run directory kept in a repository, names each machine)."""
-        from metarl.bench.adapt import machine
+        from metarl.runtime import machine
 
         line = {"iteration": self.iteration, "machine": machine(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         with open(self.run_dir / "machines.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -79,3 +82,19 @@ def task_batching(distribution: Any, device: torch.device | str) -> Literal["vma
     if torch.device(device).type == "cuda":
         return "vmap"
     return "loop" if getattr(distribution, "batch_mode", "vmap") == "loop" else "vmap"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (the architecture where that is unreadable)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def machine() -> str:
+    """One line naming the machine a figure was taken on: CPU, cores, torch, threads and GPUs."""
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            + "".join(f", GPU {name}" for name in gpus))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,48 +26,6 @@ from metarl.evaluation import bootstrap_ci, cvar, iqm
 from metarl.stopping import StoppablePool
 
 METRICS = ("return", "success", "loss", "accuracy", "coverage90", "nll")
-
-
-def load_sweep(sweep_dir: Path) -> dict[str, Any]:
-    """The ``sweep.json`` of a finished sweep directory; a clear error when the sweep has not ended."""
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: run `metarl sweep ... --out {sweep_dir}` to the end first"
-        )
-    return json.loads(path.read_text())
-
-
-def kept_rows(
-    path: Path, new_rows: list[dict[str, Any]], key: str = "rows"
-) -> list[dict[str, Any]]:
-    """Rows (under ``key``) of an earlier table's JSON whose sweep cell is not among ``new_rows``.
-
-    A table rebuilt from a few fresh sweeps keeps the rows it already had for sweeps whose run
-    directories are not given again; each kept row carries the machine it ran on.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--keep {path}: no such table JSON (drop --keep to start a new table)")
-    document = json.loads(path.read_text())
-    fresh = {(r["sweep"], r["cell"]) for r in new_rows}
-    return [
-        {**row, "machine": row.get("machine", document["machine"])}
-        for row in document.get(key, [])
-        if (row["sweep"], row["cell"]) not in fresh
-    ]
-
-
-def several_machines(rows: list[dict[str, Any]], default: str) -> bool:
-    """Whether a table's rows ran on more than one machine (then each row names its own)."""
-    return len({r.get("machine", default) for r in rows}) > 1
-
-
-def fmt_iqm(stats: dict[str, Any] | None, j: int) -> str:
-    """``IQM [lo, hi]`` of adaptation step ``j`` of a pooled metric (``–`` when absent)."""
-    if stats is None:
-        return "–"
-    return f"{stats['iqm'][j]:.3g} [{stats['lo'][j]:.3g}, {stats['hi'][j]:.3g}]"
 
 
 def grid_cells(grid: list[str]) -> list[list[str]]:
@@ -87,20 +44,6 @@ def label_of(cell: list[str]) -> str:
     if not cell:
         return "base"
     return "_".join(o.split(".", 1)[-1].replace("=", "-") for o in cell)
-
-
-def command_config(command: str, cell: str) -> dict[str, Any]:
-    """The run config that a ``metarl sweep CONFIG --set ... --grid ...`` command gave grid cell
-    ``cell``: how rows kept from an earlier table (whose run directories are gone) recover it."""
-    from metarl.config import apply_overrides, load_toml
-
-    tokens = shlex.split(command)
-    sets = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--set"]
-    grids = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--grid"]
-    cells = {label_of(c): c for c in grid_cells(grids)}
-    if cell not in cells:
-        raise ValueError(f"cell {cell!r} is not one of the grid cells of {command!r}: {sorted(cells)}")
-    return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
 
 
 def run_one(

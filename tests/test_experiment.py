@@ -259,7 +259,7 @@ def test_omniglot_table_stopped_by_sigterm_checkpoints_its_cell_leaves_no_worker
     from metarl.logger import load_checkpoint
 
     root = tmp_path / "runs"
-    command = [sys.executable, "-m", "metarl.fewshot.omniglot_table", "--methods", "protonet", "--settings", "5w1s",
+    command = [sys.executable, "-m", "experiments.tables.omniglot", "--methods", "protonet", "--settings", "5w1s",
                "--seeds", "1", "--iterations", "60", "--workers", "1", "--root", str(root),
                "--cells", str(tmp_path / "cells"), "--out", str(tmp_path / "omniglot")]
     for item in ("tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=10"):

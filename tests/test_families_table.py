@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from metarl.families_table import main
+from experiments.tables.families import main
 
 
 def _fake_sweep(root, name, agent, tasks, agent_cfg, steps, metrics):
@@ -82,7 +82,7 @@ def test_recorded_command_parses_back_to_the_arguments_even_with_quotes_in_the_n
     argv = [str(sweep), "--out", str(tmp_path / "t"), "--note", "the agent's 3 \"early\" runs"]
     assert main(argv) == 0
     command = json.loads((tmp_path / "t.json").read_text())["command"]
-    assert shlex.split(command) == ["python", "-m", "metarl.families_table", *argv]
+    assert shlex.split(command) == ["python", "-m", "experiments.tables.families", *argv]
 
 
 def _cell(folder, method, seed, per_task, curve=None, iterations=600):

@@ -174,7 +174,7 @@ def test_bench_anil_reports_both_paths_from_one_run_and_their_losses_agree(tmp_p
     import contextlib
     import io
 
-    from metarl.bench.anil import main as bench_anil
+    from experiments.bench.anil import main as bench_anil
 
     out = tmp_path / "bench_anil"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -408,7 +408,7 @@ def test_learners_on_cuda_match_the_cpu(omniglot, name):
 def test_omniglot_table_trains_the_other_families_cells(tmp_path, monkeypatch, method, step):
     """probabilistic MAML, MANN and the learned optimizer train 5-way 1-shot cells through the
     Omniglot table (for families.md): scored at their own step, with the whole curve kept."""
-    from metarl.fewshot import omniglot_cells as table
+    from experiments.tables import omniglot_cells as table
 
     monkeypatch.chdir(ROOT)
     assert table.trained_runs(method) == [(5, 1, (5,))]

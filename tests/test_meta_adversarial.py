@@ -404,7 +404,7 @@ def test_without_d_the_generator_drifts_further_from_the_nominal_distribution():
 
 
 def test_adv_table_reads_learners_baselines_and_the_lower_tail(tmp_path):
-    from metarl.adv_table import main as adv_table
+    from experiments.tables.meta_adversarial import main as adv_table
 
     curve = {"iqm": [-40.0, -30.0, -20.0], "lo": [-41.0, -31.0, -21.0], "hi": [-39.0, -29.0, -19.0],
              "mean": [-40.0, -30.0, -20.0], "worst": [-60.0, -50.0, -45.0], "cvar10": [-58.0, -49.0, -44.0]}
@@ -460,7 +460,7 @@ def _generator_sweep(root, name, role_toml, held, shifted, per_task=None):
 
 
 def test_generator_goal_check_against_plain_maml_by_hand(tmp_path):
-    from metarl.adv_table import main as adv_table
+    from experiments.tables.meta_adversarial import main as adv_table
 
     plain = _generator_sweep(tmp_path, "plain", "generated_fraction = 0.0", (-100.0, -200.0), (-150.0, -300.0))
     ours = _generator_sweep(tmp_path, "ours", 'plausibility = "discriminator"', (-104.0, -190.0), (-160.0, -280.0))
@@ -493,8 +493,8 @@ def test_generator_goal_check_against_plain_maml_by_hand(tmp_path):
 
 
 def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
-    from metarl.adv_table import command_config, generator_role
-    from metarl.adv_table import main as adv_table
+    from experiments.tables.meta_adversarial import command_config, generator_role
+    from experiments.tables.meta_adversarial import main as adv_table
 
     command = ("metarl sweep experiments/task_generator_nav2d.toml --seeds 5 --workers 1 "
                "--set run.num_iterations=40 --grid agent.plausibility=discriminator,none --out runs/x")
@@ -518,7 +518,7 @@ def test_kept_generator_rows_recover_their_role_from_the_command(tmp_path):
 
 
 def test_bc_hybrid_label_follows_the_agent_table():
-    from metarl.adv_table import bc_hybrid
+    from experiments.tables.meta_adversarial import bc_hybrid
 
     assert bc_hybrid({}) == "" and bc_hybrid({"bc_init_steps": 0, "adapt_bc_steps": 0}) == ""
     assert bc_hybrid({"bc_init_steps": 1000, "adapt_bc_steps": 200}) == (
@@ -528,7 +528,7 @@ def test_bc_hybrid_label_follows_the_agent_table():
 
 
 def test_imitation_goal_check_against_the_best_bc_baseline_by_hand():
-    from metarl.adv_report import imitation_checks
+    from experiments.tables.meta_adversarial_report import imitation_checks
 
     def row(learner, iqm):
         return {"sweep": "push", "cell": "base", "metric": "success", "learner": learner,

@@ -169,7 +169,7 @@ def test_backward_chunk_is_checked():
 
 @pytest.mark.slow  # times higher's per-task loop too: tens of seconds on 2 busy cores
 def test_bench_adapt_reports_every_path_against_higher_in_one_run(tmp_path, capsys):
-    from metarl.bench.adapt import main
+    from experiments.bench.adapt import main
 
     out = tmp_path / "bench_adapt"
     assert (

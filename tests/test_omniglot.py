@@ -448,7 +448,7 @@ def test_within_alphabet_runs_pair_two_drawings_of_characters_of_one_alphabet(da
 
 
 def test_runs_error_of_an_ensemble_averages_log_probabilities(runs):
-    from metarl.fewshot.omniglot_eval import runs_error
+    from experiments.tables.omniglot_eval import runs_error
 
     class Fixed:  # the same class logits for every run
         def __init__(self, logits):
@@ -476,8 +476,8 @@ def test_runs_error_of_an_ensemble_averages_log_probabilities(runs):
 def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_data_dir):
     import json
 
+    from experiments.tables import omniglot_eval
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_eval
 
     dirs = []
     for seed in (0, 1):
@@ -526,7 +526,7 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
         with pytest.raises(SystemExit):
             omniglot_eval.main(dirs[:1] + bad)
     table = out.with_suffix(".md").read_text()
-    assert table.count("| val alphabets (3) |") == 6 and "python -m metarl.fewshot.omniglot_eval" in table
+    assert table.count("| val alphabets (3) |") == 6 and "python -m experiments.tables.omniglot_eval" in table
     with pytest.raises(ValueError, match="no checkpoint"):
         empty = tmp_path / "empty"
         Experiment.create("experiments/omniglot_protonet.toml", ["tasks.channels=4"], empty)
@@ -536,8 +536,8 @@ def test_omniglot_eval_scores_trained_runs_alone_and_together(tmp_path, shared_d
 def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_path):
     import json
 
-    from metarl.fewshot.omniglot_cells import cell_name
-    from metarl.fewshot.omniglot_table import main
+    from experiments.tables.omniglot import main
+    from experiments.tables.omniglot_cells import cell_name
 
     def cell(seed: int, iterations: int, scores: list[float]) -> dict:
         return {"method": "maml", "ways": 5, "shots": 1, "seed": seed, "iterations": iterations,
@@ -559,7 +559,7 @@ def test_omniglot_table_builds_from_committed_cells_without_mixing_budgets(tmp_p
 
 
 def test_omniglot_plot_groups_rows_by_setting_in_table_order():
-    from metarl.fewshot.omniglot_plot import accuracy_panels
+    from experiments.tables.omniglot_plot import accuracy_panels
 
     def row(method, ways, shots, mean, seeds):
         return {"method": method, "ways": ways, "shots": shots, "seeds": list(range(seeds)),
@@ -576,7 +576,7 @@ def test_omniglot_plot_groups_rows_by_setting_in_table_order():
 def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_path, monkeypatch):
     import json
 
-    from metarl.fewshot import omniglot_cells as table
+    from experiments.tables import omniglot_cells as table
 
     overrides = table.cell_overrides("protonet", 5, 1, 0, 7) + ["agent.device=cuda"]
     saved = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 7,
@@ -607,8 +607,8 @@ def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_pa
 
 def test_omniglot_cell_refuses_to_resume_a_run_of_another_length(tmp_path):
     """A run directory started for 3 iterations is not silently continued as a 5-iteration cell."""
+    from experiments.tables import omniglot_cells as table
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as table
 
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=2"]
     run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
@@ -644,8 +644,8 @@ def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_
     """A cell stopped by a signal after 3 of 5 iterations is continued, not restarted, by the next
     call; its training time is labelled with the 2 iterations that call trained."""
 
+    from experiments.tables import omniglot_cells as table
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as table
 
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=1"]
     run_dir = tmp_path / "runs" / "protonet-5w1s-s0"
@@ -659,8 +659,8 @@ def test_omniglot_cell_stopped_midway_resumes_and_counts_only_the_iterations_it_
 
 
 def _tiny_gradient_cell(tmp_path, name, method="fomaml", tasks=5):
+    from experiments.tables import omniglot_cells as table
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as table
 
     tiny = ["tasks.channels=4", f"tasks.num_test_tasks={tasks}", "agent.eval_adapt_steps=[0,1,3]"]
     return Experiment.create(f"experiments/omniglot_{method}.toml",
@@ -673,7 +673,7 @@ def test_held_out_scores_saved_in_chunks_equal_one_call_and_resume_after_a_stop(
     3 tasks not saved. Saved scores of another model (iteration) are not reused."""
     import numpy as np
 
-    from metarl.fewshot import omniglot_cells as table
+    from experiments.tables import omniglot_cells as table
     from metarl.stopping import ScoringStopped
 
     experiment, _ = _tiny_gradient_cell(tmp_path, "fomaml-5w1s-s0")
@@ -700,7 +700,7 @@ def test_held_out_scores_saved_in_chunks_equal_one_call_and_resume_after_a_stop(
 
 
 def test_scoring_of_a_learner_that_is_not_per_task_is_one_call_with_nothing_saved(tmp_path):
-    from metarl.fewshot import omniglot_cells as table
+    from experiments.tables import omniglot_cells as table
 
     class OneCall:  # a learner whose scores may depend on the other tasks (no attribute)
         calls = []
@@ -722,7 +722,7 @@ def test_omniglot_cell_stopped_while_scoring_resumes_the_scoring_with_the_same_s
     import pickle
     import signal
 
-    from metarl.fewshot import omniglot_cells as table
+    from experiments.tables import omniglot_cells as table
     from metarl.stopping import ScoringStopped
 
     monkeypatch.setattr(table, "SCORE_CHUNK", 2)
@@ -759,9 +759,9 @@ def test_a_parked_unfinished_run_resumes_in_a_clone_without_it_and_matches_an_un
     run_cell trains only iterations 3-4, to the same held-out scores as a run never stopped, and
     then drops the parked copy."""
 
+    from experiments.tables import omniglot as table
+    from experiments.tables import omniglot_cells as cells_mod
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as cells_mod
-    from metarl.fewshot import omniglot_table as table
 
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=3", "run.checkpoint_every=1"]
     cells, old_root, new_root = tmp_path / "cells", tmp_path / "old", tmp_path / "new"
@@ -791,9 +791,9 @@ def test_a_parked_unfinished_run_resumes_in_a_clone_without_it_and_matches_an_un
 def test_omniglot_table_plan_tells_committed_partial_and_untrained_cells_apart(tmp_path, capsys):
     """--plan trains nothing and names each cell's state: seed 0 committed, seed 1 checkpointed at
     iteration 2 of 4, seed 2 not started."""
+    from experiments.tables import omniglot as table
+    from experiments.tables import omniglot_cells as cells_mod
     from metarl.experiment import Experiment
-    from metarl.fewshot import omniglot_cells as cells_mod
-    from metarl.fewshot import omniglot_table as table
 
     tiny = ["tasks.channels=4", "tasks.num_test_tasks=2", "run.checkpoint_every=1"]
     cells, root = tmp_path / "cells", tmp_path / "runs"
@@ -820,7 +820,7 @@ def test_omniglot_table_plan_tells_committed_partial_and_untrained_cells_apart(t
 
 
 def test_seed_command_names_the_device_of_each_seed():
-    from metarl.fewshot.omniglot_cells import seed_command
+    from experiments.tables.omniglot_cells import seed_command
 
     base = "metarl run experiments/omniglot_maml.toml --set run.seed={}"
     gpu = base + " --set agent.device=cuda --set run.checkpoint_every=100"
@@ -833,7 +833,7 @@ def test_seed_command_names_the_device_of_each_seed():
 
 
 def test_seed_command_names_the_checkpoint_interval_of_each_seed():
-    from metarl.fewshot.omniglot_cells import seed_command
+    from experiments.tables.omniglot_cells import seed_command
 
     base = "metarl run experiments/omniglot_maml.toml --set run.seed={} --set tasks.num_ways=20"
     every = " --set run.checkpoint_every={}"
@@ -854,7 +854,7 @@ def test_seed_command_names_the_checkpoint_interval_of_each_seed():
 
 
 def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch):
-    from metarl.fewshot import omniglot_table as table
+    from experiments.tables import omniglot as table
 
     submitted = []
 
@@ -900,8 +900,8 @@ def test_omniglot_table_settings_pick_the_models_to_train(tmp_path, monkeypatch)
 
 
 def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets():
+    from experiments.tables import omniglot_cells as table
     from metarl.config import load_toml
-    from metarl.fewshot import omniglot_cells as table
 
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     assert table.trained_runs("protonet_aug") == [(5, 1, (5, 20))]
@@ -922,7 +922,7 @@ def test_shift_augmented_protonets_train_one_1_shot_model_tested_like_protonets(
 
 
 def test_omniglot_eval_rejects_bad_ensembles_before_loading_any_model(tmp_path, capsys):
-    from metarl.fewshot import omniglot_eval
+    from experiments.tables import omniglot_eval
 
     missing = str(tmp_path / "not-trained")  # never opened: the arguments fail first
     for bad, says in ((["--ensemble", "0,5"], "outside 0..0"), (["--ensemble", "a,b"], "positions such as")):
@@ -936,8 +936,8 @@ def test_omniglot_table_threads_reach_each_cell_and_bad_counts_are_refused(tmp_p
     a count below 1 is refused before anything trains."""
     import torch
 
-    from metarl.fewshot import omniglot_cells as cells
-    from metarl.fewshot import omniglot_table as table
+    from experiments.tables import omniglot as table
+    from experiments.tables import omniglot_cells as cells
 
     args = table.build_parser().parse_args(["--methods", "protonet", "--settings", "5w1s"])
     assert [job[-1] for job in table._jobs(args, {(5, 1)})] == [1, 1, 1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metarl.fewshot.omniglot_ensembles import (
+from experiments.tables.omniglot_ensembles import (
     ensemble_lines,
     ensemble_rows,
     models_label,
@@ -63,8 +63,8 @@ def test_validation_twin_names_and_labels():
 
 
 def test_omniglot_table_adds_the_ensembles_beside_it_to_its_markdown_json_and_figure(tmp_path):
-    from metarl.fewshot.omniglot_cells import cell_name
-    from metarl.fewshot.omniglot_table import main
+    from experiments.tables.omniglot import main
+    from experiments.tables.omniglot_cells import cell_name
 
     cells = tmp_path / "cells"
     cells.mkdir()

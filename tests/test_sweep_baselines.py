@@ -145,7 +145,7 @@ def test_eval_with_baselines_reports_them_beside_the_meta_learner(tmp_path, monk
 
 
 def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
-    from metarl.rl_table import main as rl_table
+    from experiments.tables.maml_rl import main as rl_table
 
     monkeypatch.chdir(ROOT)
     args = ["sweep", "experiments/maml_trpo_nav2d.toml", "--seeds", "2", "--workers", "1", "--out", str(tmp_path / "s")]
@@ -168,7 +168,7 @@ def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
 
 
 def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, monkeypatch):
-    from metarl.rl_table import main as rl_table
+    from experiments.tables.maml_rl import main as rl_table
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "trpo_timing"
@@ -203,7 +203,7 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
 
 
 def test_rl_table_keeps_earlier_rows_with_their_machine(tmp_path, monkeypatch):
-    from metarl.rl_table import main as rl_table
+    from experiments.tables.maml_rl import main as rl_table
 
     monkeypatch.chdir(ROOT)
     metric = {"iqm": [-40.0, -20.0], "lo": [-45.0, -25.0], "hi": [-35.0, -15.0]}
@@ -246,7 +246,7 @@ def test_sweep_and_sinusoid_table_threads_reach_each_run_and_bad_counts_are_refu
     a count below 1 is refused before anything trains."""
     import torch
 
-    from metarl.fewshot import sinusoid_table
+    from experiments.tables import sinusoid as sinusoid_table
     from metarl.sweep import run_one
 
     monkeypatch.chdir(ROOT)

@@ -134,7 +134,7 @@ class GradientLearner:
     Config = GradientLearnerConfig
     # ``evaluate`` scores each task on its own, with no randomness of its own, so held-out tasks
     # whose episodes the tasks fix (Omniglot's) can be scored a chunk at a time, each chunk saved
-    # (``metarl.fewshot.omniglot_cells.score_held_out``), with the values of one call on them all.
+    # (``experiments.tables.omniglot_cells.score_held_out``), with the values of one call on them all.
     scores_tasks_independently = True
 
     def __init__(self, config: GradientLearnerConfig, distribution: Any, seed: int):

@@ -1,5 +1,5 @@
 """The meta-adversarial table's goal checks and Markdown: ``write`` renders the rows that
-``metarl.adv_table`` reads from finished sweeps into ``meta_adversarial.{md,json}``.
+``experiments.tables.meta_adversarial`` reads from finished sweeps into ``meta_adversarial.{md,json}``.
 
 Imitation goal: the meta-adversarial learner at least 10 points of success over the best
 behaviour-cloning baseline after its last adaptation step. Generator goal, per benchmark and task
@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from metarl.bench.adapt import machine
+from experiments.tables.common import several_machines
 from metarl.evaluation import bootstrap_difference_ci, cvar
-from metarl.sweep import several_machines
+from metarl.runtime import machine
 
 VARIANTS = {
     "": "meta-adversarial (meta G + meta D)",

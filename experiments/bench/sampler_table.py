@@ -1,9 +1,9 @@
 """Builds ``experiments/results/sampler.{md,json}``: every backend on three task families.
 
-    python -m metarl.bench.sampler_table --seconds 10
+    python -m experiments.bench.sampler_table --seconds 10
 
 For each family (navigation-2d, halfcheetah-vel, ml1 reach-v3) and backend (serial with one worker,
-process and ray with two), :func:`metarl.rollout.bench.bench_sampler` measures the sampler's env
+process and ray with two), :func:`experiments.bench.sampler.bench_sampler` measures the sampler's env
 steps/s, the raw single-process env rate and gymnasium's AsyncVectorEnv baseline in the same run.
 A cProfile of one serial sampling call shows where the time beyond ``env.step`` goes.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
+from metarl.runtime import machine
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "navigation-2d": {},
@@ -69,7 +69,7 @@ def profile_serial(label: str, envs_per_worker: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metarl.rollout.bench import bench_sampler
+    from experiments.bench.sampler import bench_sampler
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
         profiles[label] = profile_serial(label, args.envs_per_worker)
-    command = "python -m metarl.bench.sampler_table " + " ".join(argv or [])
+    command = "python -m experiments.bench.sampler_table " + " ".join(argv or [])
     document = {"command": command.strip(), "machine": machine(), "rows": rows, "serial_profile": profiles}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))

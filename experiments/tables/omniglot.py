@@ -1,7 +1,7 @@
 """Builds ``experiments/results/omniglot.{md,json}``: every learner, 5/20-way, 1/5-shot, several seeds.
 
-    python -m metarl.fewshot.omniglot_table --iterations 2000 --seeds 3 --workers 2
-    python -m metarl.fewshot.omniglot_table --methods protonet maml --method-iterations protonet=20000
+    python -m experiments.tables.omniglot --iterations 2000 --seeds 3 --workers 2
+    python -m experiments.tables.omniglot --methods protonet maml --method-iterations protonet=20000
 
 Each cell is one ``metarl run experiments/omniglot_METHOD.toml --set ...`` followed by its held-out
 evaluation (600 fixed test episodes) and, for the 20-way 1-shot model (ProtoNets: the 1-shot model),
@@ -24,9 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
-from metarl.config import count_at_least
-from metarl.fewshot.omniglot_cells import (
+from experiments.tables.omniglot_cells import (
     ALL_METHODS,
     AUGMENTED_PROTONET,
     CELLS,
@@ -42,8 +40,10 @@ from metarl.fewshot.omniglot_cells import (
     seed_command,
     trained_runs,
 )
-from metarl.fewshot.omniglot_ensembles import ensemble_lines, ensemble_rows
-from metarl.fewshot.omniglot_plot import plot_table
+from experiments.tables.omniglot_ensembles import ensemble_lines, ensemble_rows
+from experiments.tables.omniglot_plot import plot_table
+from metarl.config import count_at_least
+from metarl.runtime import machine
 from metarl.stopping import StoppablePool
 
 PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--method-iterations names unknown methods {unknown}; choose from {list(ALL_METHODS)}"
         )
-    args.table_command = "python -m metarl.fewshot.omniglot_table " + " ".join(
+    args.table_command = "python -m experiments.tables.omniglot " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     settings = None

@@ -1,6 +1,6 @@
 """Builds ``experiments/results/sinusoid.{md,json}``: every learner, K = 5 and 10, several seeds.
 
-    python -m metarl.fewshot.sinusoid_table --iterations 20000 --seeds 3 --workers 2
+    python -m experiments.tables.sinusoid --iterations 20000 --seeds 3 --workers 2
 
 Each cell is one ``metarl run experiments/sinusoid_METHOD.toml --set agent.num_shots=K --set
 run.seed=S`` followed by its held-out evaluation (600 tasks). Finished runs are reused, so a killed
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
 from metarl.config import count_at_least
 from metarl.fewshot.maml import METHODS
+from metarl.runtime import machine
 from metarl.stopping import StoppablePool
 
 STEPS = (0, 1, 10)
@@ -87,7 +87,7 @@ def write_table(results: list[dict[str, Any]], iterations: int, seeds: int, out:
             rows.append(row)
     document = {"benchmark": "sinusoid regression (MAML paper 5.1)", "machine": machine(),
                 "iterations": iterations, "num_seeds": seeds, "num_test_tasks": 600,
-                "table_command": f"python -m metarl.fewshot.sinusoid_table --iterations {iterations} --seeds {seeds}",
+                "table_command": f"python -m experiments.tables.sinusoid --iterations {iterations} --seeds {seeds}",
                 "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [

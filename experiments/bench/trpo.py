@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
+from metarl.runtime import machine
 
 PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
 
@@ -92,7 +92,7 @@ def bench_setting(
 
 
 def timing_table(settings: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines of one row per setting (also used by ``metarl.rl_table``); settings
+    """Markdown lines of one row per setting (also used by ``experiments.tables.maml_rl``); settings
     measured before the ``fisher`` switch existed used the double-backward Hessian."""
     lines = [
         "| fisher | hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | "
@@ -214,3 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

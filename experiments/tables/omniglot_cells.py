@@ -2,8 +2,8 @@
 
 ``run_cell`` trains (or resumes) one model and scores it on the held-out episodes and, for one-shot
 models, on the 20 official runs; its result is a JSON file under ``experiments/results/
-omniglot_cells`` whose command reproduces it. ``metarl.fewshot.omniglot_table`` schedules the cells
-and builds the table from them; ``metarl.families_table`` reads the families' cells.
+omniglot_cells`` whose command reproduces it. ``experiments.tables.omniglot`` schedules the cells
+and builds the table from them; ``experiments.tables.families`` reads the families' cells.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
+from metarl.runtime import machine
 
 METHODS = (
     "maml", "fomaml", "metasgd", "anil", "reptile", "protonet", "protonet_aug", "protonet_affine",

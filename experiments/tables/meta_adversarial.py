@@ -1,9 +1,9 @@
 """Builds ``experiments/results/meta_adversarial.{md,json}`` from finished ``metarl sweep`` directories.
 
-    python -m metarl.adv_table --imitation runs/adv/imitation-nav2d \\
+    python -m experiments.tables.meta_adversarial --imitation runs/adv/imitation-nav2d \\
         --generator runs/adv/generator-nav2d runs/adv/generator-nav2d-plain \\
         --out experiments/results/meta_adversarial
-    python -m metarl.adv_table --generator runs/adv/generator-cheetah \\
+    python -m experiments.tables.meta_adversarial --generator runs/adv/generator-cheetah \\
         --keep experiments/results/meta_adversarial.json
 
 Imitation: held-out return (or success, where the environment reports it) after 0, 1 and the
@@ -26,10 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from metarl.adv_report import BASELINES, GENERATOR, KINDS, PLAIN, VARIANTS, write
-from metarl.bench.adapt import machine
+from experiments.tables.common import command_config, fmt_iqm, kept_rows, load_sweep
+from experiments.tables.meta_adversarial_report import (
+    BASELINES,
+    GENERATOR,
+    KINDS,
+    PLAIN,
+    VARIANTS,
+    write,
+)
 from metarl.config import load_toml
-from metarl.sweep import command_config, fmt_iqm, kept_rows, load_sweep
+from metarl.runtime import machine
 
 
 def _expert_returns(path: Path, label: str) -> Any:
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["role"] = generator_role(config.get("agent", {}))
                 row["iterations"] = config["run"]["num_iterations"]
         generator = kept + generator
-    command = "python -m metarl.adv_table " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.tables.meta_adversarial " + " ".join(sys.argv[1:] if argv is None else argv)
     write(imitation, generator, Path(args.out), command)
     print(
         json.dumps(

@@ -10,7 +10,7 @@ Three rates are measured in one run, on the same environments:
 ``efficiency = steps_per_s / (raw_steps_per_s * min(num_workers, cores))``: 1.0 is the physical
 limit of perfectly parallel stepping with zero policy and communication cost.
 
-Run ``python -m metarl.rollout.bench --env halfcheetah-vel --backend process --workers 2``; the
+Run ``python -m experiments.bench.sampler --env halfcheetah-vel --backend process --workers 2``; the
 last line printed is one JSON object.
 """
 

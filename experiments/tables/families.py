@@ -2,11 +2,11 @@
 
     metarl sweep experiments/sinusoid_probmaml.toml --seeds 3 --out runs/families/sinusoid-probmaml
     metarl sweep experiments/rl2_nav2d.toml --seeds 3 --out runs/families/nav2d-rl2
-    python -m metarl.families_table runs/families/*/ --out experiments/results/families
-    python -m metarl.families_table runs/families/cheetah-vel-rl2 --keep experiments/results/families.json
-    python -m metarl.families_table --omniglot-cells experiments/results/omniglot_cells --keep ...
+    python -m experiments.tables.families runs/families/*/ --out experiments/results/families
+    python -m experiments.tables.families runs/families/cheetah-vel-rl2 --keep experiments/results/families.json
+    python -m experiments.tables.families --omniglot-cells experiments/results/omniglot_cells --keep ...
 
-Omniglot rows come from the trained cells of ``metarl.fewshot.omniglot_cells`` (5-way 1-shot):
+Omniglot rows come from the trained cells of ``experiments.tables.omniglot_cells`` (5-way 1-shot):
 ``--methods probmaml mann learnedopt`` trains the families' cells beside MAML's, Meta-SGD's and
 ProtoNets' (which omniglot.md shares).
 
@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
+from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, several_machines
 from metarl.config import load_toml
-from metarl.sweep import aggregate, fmt_iqm, kept_rows, load_sweep, several_machines
+from metarl.runtime import machine
+from metarl.sweep import aggregate
 
 # agent import path (and few-shot method) -> (learner, family)
 LEARNERS: dict[str, tuple[str, str]] = {
@@ -149,7 +150,12 @@ OMNIGLOT_LEARNERS = ("maml", "metasgd", "probmaml", "mann", "learnedopt", "proto
 def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[str, Any]]:
     """Rows of the families' learners from trained Omniglot cells (``omniglot_table``), pooled
     over held-out episodes × seeds. Cells that kept only their reported step give "after" alone."""
-    from metarl.fewshot.omniglot_cells import cell_machines, load_cells, merge_cells, seed_command
+    from experiments.tables.omniglot_cells import (
+        cell_machines,
+        load_cells,
+        merge_cells,
+        seed_command,
+    )
 
     cells = merge_cells(load_cells(cells_dir))
     rows = []
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     given = sys.argv[1:] if argv is None else argv
-    command = "python -m metarl.families_table " + shlex.join(given)  # notes may hold quotes
+    command = "python -m experiments.tables.families " + shlex.join(given)  # notes may hold quotes
     write_table(rows, Path(args.out), command, args.note)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0

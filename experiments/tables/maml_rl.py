@@ -1,7 +1,7 @@
 """Builds ``experiments/results/maml_rl.{md,json}`` from finished ``metarl sweep`` directories.
 
     metarl sweep experiments/maml_trpo_nav2d.toml --seeds 3 --baselines --out runs/rl/trpo-nav2d
-    python -m metarl.rl_table runs/rl/trpo-nav2d runs/rl/ppo-nav2d --out experiments/results/maml_rl
+    python -m experiments.tables.maml_rl runs/rl/trpo-nav2d runs/rl/ppo-nav2d --out experiments/results/maml_rl
 
 One row per sweep (grid cell): held-out return (and success) IQM with a 95% bootstrap interval
 over tasks × seeds before adaptation and after each inner step, the SB3 baselines where the sweep
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from metarl.bench.adapt import machine
-from metarl.bench.meta_update import timing_table
-from metarl.sweep import fmt_iqm, kept_rows, load_sweep
+from experiments.bench.trpo import timing_table
+from experiments.tables.common import fmt_iqm, kept_rows, load_sweep
+from metarl.runtime import machine
 
 
 def _timing(run_dirs: list[Path]) -> dict[str, float]:
@@ -168,7 +168,7 @@ def write_table(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweeps", nargs="+", help="finished `metarl sweep` output directories")
+    parser.add_argument("sweeps", nargs="*", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/maml_rl")
     parser.add_argument(
         "--timing",
@@ -189,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         help="with --keep: leave out the kept rows of these sweeps (e.g. rows whose settings were replaced)",
     )
     args = parser.parse_args(argv)
+    if not args.sweeps and not args.keep:
+        parser.error("give finished sweep directories, or --keep TABLE.json to rebuild from its rows")
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
     for row in rows:
         row["machine"] = machine()
     if args.keep:
         rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]
-    command = "python -m metarl.rl_table " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.tables.maml_rl " + " ".join(sys.argv[1:] if argv is None else argv)
     write_table(rows, Path(args.out), command, timing)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0

@@ -9,7 +9,7 @@ through several views (its embedding is their mean): shifts by up to ``--shift``
 them turned and scaled by every ``--angles`` × ``--scales`` pair; ``--affine-sets`` compares
 several sets of turns and scalings in one call.
 
-    python -m metarl.fewshot.omniglot_eval runs/omniglot_table/protonet_aug-5w1s-s{0,1,2} \\
+    python -m experiments.tables.omniglot_eval runs/omniglot_table/protonet_aug-5w1s-s{0,1,2} \\
         --runs val --shift 0 2 --affine-sets 'a=0 s=1' 'a=-10,0,10 s=1' --ensemble
 """
 
@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.bench.adapt import machine
 from metarl.evaluation import mean_ci95
 from metarl.fewshot.omniglot import split_characters
 from metarl.fewshot.omniglot_runs import (
@@ -37,6 +36,7 @@ from metarl.fewshot.omniglot_runs import (
     within_alphabet_runs,
 )
 from metarl.fewshot.protonet import IDENTITY_VIEW
+from metarl.runtime import machine
 
 Affine = Sequence[tuple[float, float]]
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             print(json.dumps({k: row[k] for k in shown}), flush=True)
     if args.out:
-        command = "python -m metarl.fewshot.omniglot_eval " + shlex.join(
+        command = "python -m experiments.tables.omniglot_eval " + shlex.join(
             sys.argv[1:] if argv is None else argv
         )
         write_results(Path(args.out), args.title, command, results)

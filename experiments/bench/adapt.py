@@ -25,8 +25,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +37,7 @@ from torch.func import functional_call
 
 from metarl.adaptation import meta_backward, meta_objective, task_objective
 from metarl.nn import MLP, Conv4
+from metarl.runtime import machine
 
 
 def _proc_status(key: str) -> int:
@@ -235,18 +234,6 @@ def bench_model(name: str, repeats: int, warmup: int, device: torch.device) -> d
     for ref, key in (("higher", "speedup_vs_higher"), ("autograd_loop", "speedup_vs_loop")):
         result[key] = out[ref]["ms"] / out[best]["ms"] if out[ref] else None
     return result
-
-
-def machine() -> str:
-    model = platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-            + "".join(f", GPU {name}" for name in gpus))
 
 
 def main(argv: list[str] | None = None) -> int:

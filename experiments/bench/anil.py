@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.bench.adapt import machine, time_ms
+from experiments.bench.adapt import time_ms
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
 from metarl.fewshot.omniglot_tasks import ClassificationBatch, OmniglotDistribution
 from metarl.nn import Conv4, FunctionalModel
+from metarl.runtime import machine
 
 
 class SyntheticEpisodes:
@@ -135,3 +136,7 @@ def write_report(r: dict[str, Any], out: Path, command: str) -> None:
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m envs.bench --out experiments/results/envs [--seconds 3] [--names ml1 bandit]
+    python -m experiments.bench.envs --out experiments/results/envs [--seconds 3] [--names ml1 bandit]
 
 writes ``envs.md`` (a table, the command that made it and the machine) and ``envs.json`` beside it
 (the same figures). The rate counts ``step()`` calls only: resets and task switches are excluded.
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import envs
+from metarl.runtime import cpu_model
 
 
 def _spread(tasks: list[Any]) -> list[Any]:
@@ -83,20 +84,12 @@ def measure_env_rates(
     return [_measure_one(name, seconds, seed) for name in (names or envs.names())]
 
 
-def machine() -> dict[str, Any]:
+def host_info() -> dict[str, Any]:
     """The CPU model, core count and software versions the figures were taken on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import gymnasium
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "gymnasium": gymnasium.__version__,
@@ -126,7 +119,7 @@ def _markdown(rows: list[dict[str, Any]], command: str, host: dict[str, Any]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m envs.bench", description=__doc__.split("\n")[0]
+        prog="python -m experiments.bench.envs", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--out", default="experiments/results/envs", help="output path without suffix"
@@ -139,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    command = "python -m envs.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.bench.envs " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = measure_env_rates(args.names, args.seconds, args.seed)
-    host = machine()
+    host = host_info()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(_markdown(rows, command, host))

@@ -1,6 +1,6 @@
 """The ensembles scored on the 20 official one-shot runs, gathered for the Omniglot table.
 
-``python -m metarl.fewshot.omniglot_eval`` writes one table per evaluation
+``python -m experiments.tables.omniglot_eval`` writes one table per evaluation
 (``experiments/results/omniglot_ensemble*.{md,json}``). Each official-run table has a twin on the
 validation alphabet (``omniglot_ensemble_val*``) on which its ensemble was chosen. This module reads
 the official-run tables in the order they were scored, pairs each ensemble with its validation

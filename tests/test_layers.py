@@ -1,0 +1,62 @@
+"""The import floors of the project: ``envs`` < ``metarl`` < ``agents``, and the study scripts
+of ``experiments/`` above them all (the library never imports them)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package -> top-level packages of this project it must not import
+FORBIDDEN = {
+    "envs": ("metarl", "agents", "experiments"),
+    "metarl": ("agents", "experiments"),
+    "agents": ("experiments",),
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_library_imports_only_downwards(package):
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, name in _imports(path)
+        if name.split(".")[0] in FORBIDDEN[package]
+    ]
+    assert bad == []
+
+
+def test_metarl_list_loads_no_study_script():
+    code = (
+        "import contextlib, io, sys\n"
+        "from metarl.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['list', 'agents']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'experiments'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_outside_a_checkout_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from metarl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "adapt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "experiments/bench/adapt.py" in err and "repository root" in err
