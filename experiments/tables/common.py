@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import json
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from metarl.sweep import grid_cells, label_of
+
+REFERENCES = Path(__file__).resolve().parents[1] / "references.toml"
+
+
+def references() -> dict[str, Any]:
+    """The published figures of ``experiments/references.toml``, each with its source."""
+    with open(REFERENCES, "rb") as f:
+        return tomllib.load(f)
 
 
 def load_sweep(sweep_dir: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, several_machines
+from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references, several_machines
 from metarl.config import load_toml
 from metarl.runtime import machine
 from metarl.sweep import aggregate
@@ -59,8 +59,12 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "agents.pearl:PEARL": ("PEARL", "Bayesian (probabilistic context)"),
 }
 
-# Meta-World paper (arXiv 1910.10897), table 1: meta-test success rate (%) on ML10.
-ML10_PUBLISHED = {"MAML-TRPO": 31.6, "RL²": 35.8, "PEARL": 13.0}
+# Meta-World paper (arXiv 1910.10897), table 1: meta-test success rate (%) on ML10, from
+# experiments/references.toml (learner -> its key there).
+ML10_PUBLISHED = {
+    learner: references()["ml10"][key]["success_test"]
+    for learner, key in (("MAML-TRPO", "maml_trpo"), ("RL²", "rl2_ppo"), ("PEARL", "pearl"))
+}
 
 METRIC_ORDER = ("loss", "accuracy", "coverage90", "return", "success")
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from experiments.bench.trpo import timing_table
-from experiments.tables.common import fmt_iqm, kept_rows, load_sweep
+from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references
 from metarl.runtime import machine
 
 
@@ -71,23 +71,8 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# What the papers report for the rows of this table. The MAML paper (Finn et al. 2017) and the
-# Meta-World paper (Yu et al. 2019) give these results as plots only; none states the plotted
-# values in its text, so no number is quoted for them here.
-PUBLISHED = (
-    "navigation-2d: MAML paper figure 4 (goals in the unit square, horizon 100, 20 trajectories per "
-    "inner step, evaluated with up to 4 steps of 40 trajectories, step size 0.1 then 0.05): MAML's "
-    "return rises sharply after one gradient step and ends near the oracle's, well above the "
-    "pretrained and random policies, which barely improve. Plot only.",
-    "halfcheetah-vel / halfcheetah-dir: MAML paper figure 5 (horizon 200, 20 rollouts per step, "
-    "meta-batch 40, up to 500 meta-iterations): MAML improves within one step and beats the "
-    "pretrained policy; the caption bounds the random policy's velocity-task return below −200. "
-    "Plot only.",
-    "ml1 reach: Meta-World paper figure 4 (50 training and 50 held-out goals, horizon 500, 10 "
-    "seeds; MAML with meta-batch 20, 10 rollouts per task, inner lr 1e-4, 1 inner step): the text "
-    "says RL² generalises best and PEARL worst. Plot only. For ML10 / ML45 its table 1 gives "
-    "meta-test success MAML 31.6% / 39.9%, RL² 35.8% / 33.3%, PEARL 13.0% / 22.0%.",
-)
+# What the papers report for the rows of this table, with sources: experiments/references.toml.
+PUBLISHED = tuple(references()["maml_rl_table"]["published"])
 
 
 def _timing_section(timing: dict[str, Any], source: str) -> list[str]:

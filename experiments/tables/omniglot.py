@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.tables.common import references
 from experiments.tables.omniglot_cells import (
     ALL_METHODS,
     AUGMENTED_PROTONET,
@@ -46,42 +47,19 @@ from metarl.config import count_at_least
 from metarl.runtime import machine
 from metarl.stopping import StoppablePool
 
-PUBLISHED = {  # full background set (1,200 characters), conv4; see the sources in the markdown
-    "maml": (98.7, 99.9, 95.8, 98.9),
-    "fomaml": (98.3, 99.2, 89.4, 97.9),
-    "metasgd": (99.53, 99.93, 95.93, 98.97),
-    "anil": (None, None, 96.2, 98.0),
-    "reptile": (95.39, 98.90, 88.14, 96.65),
-    "protonet": (98.8, 99.7, 96.0, 98.9),
-    "matchingnet": (98.1, 98.9, 93.8, 98.5),
+# Published accuracies (full background set, conv4) and official-run error rates, with their
+# sources: experiments/references.toml.
+_REFERENCES = references()
+PUBLISHED = {
+    method: tuple(entry["accuracy"].get(f"{ways}w{shots}s") for ways, shots in CELLS)
+    for method, entry in _REFERENCES["omniglot"].items()
 }
-SOURCES = {
-    "maml": "Finn et al. 2017, table 1",
-    "fomaml": "Finn et al. 2017 / Nichol et al. 2018",
-    "metasgd": "Li et al. 2017",
-    "anil": "Raghu et al. 2020",
-    "reptile": "Nichol et al. 2018",
-    "protonet": "Snell et al. 2017, table 1",
-    "matchingnet": "Vinyals et al. 2016",
-}
+SOURCES = {method: entry["source"] for method, entry in _REFERENCES["omniglot"].items()}
 for _method in AUGMENTED_PROTONET:  # the same learner, published without augmentation
     PUBLISHED[_method] = PUBLISHED["protonet"]
     SOURCES[_method] = "ProtoNets, " + SOURCES["protonet"]
-
-
-# Published error rates on the 20 official within-alphabet runs: (model, background set, error %,
-# source). The Lake et al. 2019 minimal-set figures come from a reproduction of its table 1, not
-# from the paper itself; the table says so.
-OFFICIAL_REFERENCE = (
-    ("people", "–", 4.5, "Lake et al. 2015, Science"),
-    ("Bayesian program learning", "30 alphabets", 3.3, "Lake et al. 2015"),
-    ("Bayesian program learning", "5 alphabets (two sets)", "4.3 / 4.0", "Lake et al. 2015"),
-    ("Bayesian program learning", "minimal", 4.2, "Lake et al. 2019, table 1 (as reproduced)"),
-    ("deep Siamese convnet (Koch et al.)", "30 alphabets", 8.0, "Lake et al. 2015"),
-    ("deep convnet", "30 alphabets", 13.5, "Lake et al. 2015"),
-    ("deep convnet", "5 alphabets (two sets)", "24.0 / 22.3", "Lake et al. 2015"),
-    ("Prototypical Networks", "30 alphabets", 13.7, "Lake et al. 2019, table 1 (as reproduced)"),
-    ("Prototypical Networks", "minimal", 30.1, "Lake et al. 2019, table 1 (as reproduced)"),
+OFFICIAL_REFERENCE = tuple(
+    (r["model"], r["background"], r["error"], r["source"]) for r in _REFERENCES["omniglot_official_runs"]
 )
 
 
