@@ -1,0 +1,48 @@
+"""experiments/rl_curves.py reads held-out curves and diagnostics from run directories."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.rl_curves import main, summarize
+
+
+def _run(root, seed, evals, kl):
+    run = root / f"base-s{seed}"
+    run.mkdir(parents=True)
+    run.joinpath("config.toml").write_text(
+        '[run]\nagent = "agents.maml_trpo:MAMLTRPO"\nnum_iterations = 500\n\n'
+        '[tasks]\nname = "halfcheetah-vel"\n'
+    )
+    rows = []
+    for iteration in range(1, 5):
+        row = {"iteration": iteration, "train/env_steps": 1000.0, "adapt/inner_kl": kl,
+               "adapt/return_gain": 2.0 * seed, "train/accepted": 1.0}
+        if iteration in evals:
+            row |= {f"eval/return_step{k}": v for k, v in enumerate(evals[iteration])}
+        rows.append(row)
+    run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.joinpath("machines.jsonl").write_text(json.dumps({"iteration": 0, "machine": f"box{seed}"}) + "\n")
+
+
+def test_last_common_evaluation_is_averaged_over_seeds_with_diagnostics(tmp_path):
+    sweep = tmp_path / "maml-trpo-cheetah-vel"
+    _run(sweep, 0, {2: [-200.0, -190.0], 4: [-150.0, -100.0]}, kl=0.1)
+    _run(sweep, 1, {2: [-210.0, -180.0], 4: [-130.0, -90.0]}, kl=0.3)
+    row = summarize(sweep, {"halfcheetah-vel": {"maml_trpo": {"return_pre": -135.0, "iterations": 500}}})
+    assert row["iterations"] == [4, 4] and row["env_steps"] == [4000.0, 4000.0]
+    assert row["last_eval"]["return"]["iteration"] == 4
+    assert row["last_eval"]["return"]["steps"] == {0: -140.0, 1: -95.0}
+    assert row["diagnostics"]["adapt/inner_kl"] == 0.2  # mean of the last iterations of both seeds
+    assert row["reference"]["return_pre"] == -135.0 and row["machines"] == ["box0", "box1"]
+
+
+def test_writes_table_json_and_plot(tmp_path):
+    sweep = tmp_path / "maml-trpo-cheetah-vel"
+    _run(sweep, 0, {2: [-200.0, -190.0]}, kl=0.1)
+    out = tmp_path / "curves"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| halfcheetah-vel | maml_trpo | 1 | 4 (500) |" in text
+    assert (tmp_path / "curves_maml-trpo-cheetah-vel.png").stat().st_size > 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["seeds"] == 1
