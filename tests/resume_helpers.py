@@ -66,3 +66,15 @@ def signal_midway(
     for d in dirs:
         _wait(proc, d, lambda d=d: _lines(d / "metrics.jsonl") >= 2, deadline)
     os.kill(proc.pid, signum)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line holds ``text`` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return found

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from resume_helpers import kill_after_checkpoint, signal_midway
+from resume_helpers import kill_after_checkpoint, processes_mentioning, signal_midway
 
 from metarl.cli import main
 from metarl.evaluation import iqm, mean_ci95
@@ -236,51 +236,6 @@ def test_meta_pg_configs_keep_their_defaults_and_the_shared_checks():
             config(episodes_per_task=0)
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs of live processes whose command line holds ``text`` (Linux /proc)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:  # the process ended while we looked
-            continue
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
-def test_omniglot_table_stopped_by_sigterm_checkpoints_its_cell_leaves_no_worker_and_resumes(tmp_path):
-    """A kill of the table command reaches its worker process: the cell stops after a whole
-    iteration with a checkpoint there, no worker keeps training, and the same command resumes."""
-    import json
-    import re
-    import signal
-
-    from metarl.logger import load_checkpoint
-
-    root = tmp_path / "runs"
-    command = [sys.executable, "-m", "experiments.tables.omniglot", "--methods", "protonet", "--settings", "5w1s",
-               "--seeds", "1", "--iterations", "60", "--workers", "1", "--root", str(root),
-               "--cells", str(tmp_path / "cells"), "--out", str(tmp_path / "omniglot")]
-    for item in ("tasks.channels=4", "tasks.num_test_tasks=2", "run.log_every=1", "run.checkpoint_every=10"):
-        command += ["--set", item]
-    run_dir = root / "protonet-5w1s-s0"
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    signal_midway(proc, run_dir, signal.SIGTERM)
-    stderr = proc.communicate(timeout=600)[1]
-    assert proc.returncode == 143, stderr
-    said = re.search(r"checkpoints saved for protonet 5w1s seed=0 at iteration (\d+)", stderr)
-    assert said and "Traceback" not in stderr and "run the same command again" in stderr
-    iteration = int(said.group(1))
-    assert 0 < iteration < 60, "the cell must be stopped midway for this test to mean anything"
-    assert load_checkpoint(run_dir / "checkpoint.pt")["iteration"] == iteration
-    assert not _processes_mentioning(str(root)), "a worker outlived the command"
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    logged = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 61))
-
-
 def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
     """Ctrl-C on `metarl sweep` (the signal reaches the parent; it forwards it once to each worker):
     both seeds stop after a whole iteration with a checkpoint there, and the same command resumes."""
@@ -304,7 +259,7 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
         assert said, stderr
         assert 0 < int(said.group(1)) < 3000, "the seeds must be stopped midway for this test to mean anything"
         assert load_checkpoint(out / f"base-s{seed}" / "checkpoint.pt")["iteration"] == int(said.group(1))
-    assert not _processes_mentioning(str(out)), "a worker outlived the command"
+    assert not processes_mentioning(str(out)), "a worker outlived the command"
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     for seed in (0, 1):
@@ -351,7 +306,7 @@ def test_a_second_signal_stops_a_pool_command_at_once_with_its_exit_status_and_n
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr, stderr
     assert "SIGTERM again: stopped at once" in stderr and "run the same command again" in stderr
-    assert not _processes_mentioning(marker), "a worker outlived the command"
+    assert not processes_mentioning(marker), "a worker outlived the command"
 
 
 def test_a_pool_worker_told_to_stop_before_its_run_began_stops_after_one_iteration(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ gradient of the all-at-once meta-loss, in the core and in every gradient learner
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -167,21 +166,3 @@ def test_backward_chunk_is_checked():
         dataclasses.replace(GradientLearnerConfig(), backward_chunk=-1)
 
 
-@pytest.mark.slow  # times higher's per-task loop too: tens of seconds on 2 busy cores
-def test_bench_adapt_reports_every_path_against_higher_in_one_run(tmp_path, capsys):
-    from experiments.bench.adapt import main
-
-    out = tmp_path / "bench_adapt"
-    assert (
-        main(["--models", "sinusoid_mlp", "--repeats", "1", "--warmup", "0", "--out", str(out)])
-        == 0
-    )
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sinusoid_mlp"]
-    impls = result["implementations"]
-    assert {"metarl_vmap", "metarl_loop", "metarl_loop_one_backward", "autograd_loop"} <= set(impls)
-    for name in ("metarl_loop", "metarl_loop_one_backward"):
-        assert impls[name]["ms"] > 0
-        if impls["higher"] is not None:
-            assert impls[name]["ms_over_higher"] == impls[name]["ms"] / impls["higher"]["ms"]
-    table = out.with_suffix(".md").read_text()
-    assert "| sinusoid_mlp | metarl_loop |" in table and "memory / higher" in table

@@ -1,0 +1,143 @@
+"""The MAML-RL and sinusoid tables (experiments/tables/maml_rl.py, sinusoid.py) and metarl bench trpo."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metarl.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "run.num_iterations=2",
+    "run.log_every=1",
+    "run.checkpoint_every=1",
+    "tasks.horizon=10",
+    "tasks.num_test=3",
+    "agent.meta_batch_size=2",
+    "agent.episodes_per_task=2",
+    "agent.hidden_sizes=[8, 8]",
+    "agent.backend='serial'",
+    "agent.eval_episodes_per_task=2",
+    "agent.eval_adapt_steps=1",
+]
+
+
+def metarl(*args: str) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
+    from experiments.tables.maml_rl import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    args = ["sweep", "experiments/maml_trpo_nav2d.toml", "--seeds", "2", "--workers", "1", "--out", str(tmp_path / "s")]
+    for s in TINY:
+        args += ["--set", s]
+    metarl(*args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table")]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    (row,) = table["rows"]
+    cell = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]["base"]
+    assert row["return"] == cell["return"] and row["num_seeds"] == 2 and row["num_tasks"] == 3
+    timings = [json.loads(line) for s in (0, 1) for line in (tmp_path / "s" / f"base-s{s}" / "timing.jsonl").read_text().splitlines()]
+    sampling = np.mean([t["time/sampling_s"] for t in timings])
+    optimisation = np.mean([t["time/optimization_s"] for t in timings])
+    assert row["timing"]["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
+    assert "| return |" in (tmp_path / "table.md").read_text()
+    # The row names the whole sweep command, baseline options included, so it can be re-run as is.
+    assert row["command"].startswith("metarl sweep experiments/maml_trpo_nav2d.toml --seeds 2 --workers 1")
+
+
+def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, monkeypatch):
+    from experiments.tables.maml_rl import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "trpo_timing"
+    last = metarl("bench", "trpo", "--task", "navigation-2d", "--iterations", "3", "--meta-batch-size", "2",
+                  "--episodes-per-task", "2", "--workers", "1", "--fisher", "gauss-newton", "hessian",
+                  "--hvp-subsample", "0.5", "--out", str(out)).strip().splitlines()[-1]
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert [(s["fisher"], s["hvp_subsample"]) for s in document["settings"]] == [
+        ("gauss-newton", 0.5), ("hessian", 0.5)]
+    for setting in document["settings"]:
+        timed = setting["per_iteration"][1:]  # the first builds workers and is left out
+        assert setting["iterations_timed"] == 2 == len(timed)
+        sampling = np.mean([r["sampling_s"] for r in timed])
+        optimisation = np.mean([r["optimization_s"] for r in timed])
+        assert setting["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
+        # The parts are disjoint pieces of the optimisation time (each rounded to 1 ms).
+        assert 0 < sum(setting["parts_s"].values()) <= optimisation + 0.003
+        key = f"{setting['fisher']}/{setting['hvp_subsample']}"
+        assert json.loads(last)["ratios"][key] == pytest.approx(setting["optimization_over_sampling"], abs=1e-4)
+        assert json.loads(last)["accepted"][key] == setting["accepted_fraction"]
+        accepted = [r["accepted"] for r in setting["per_iteration"]]
+        assert setting["accepted_fraction"] == pytest.approx(np.mean(accepted))
+    assert f"**{document['settings'][0]['optimization_over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
+    # rl_table carries the measurement into the MAML-RL table.
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"title": "t", "cells": {}, "commands": {}}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"), "--timing",
+                         str(out.with_suffix(".json"))]) == 0
+    assert json.loads((tmp_path / "table.json").read_text())["trpo_timing"][0]["settings"] == document["settings"]
+    assert f"{document['settings'][1]['optimization_over_sampling']:.3f}" in (tmp_path / "table.md").read_text()
+
+
+def test_rl_table_keeps_earlier_rows_with_their_machine(tmp_path, monkeypatch):
+    from experiments.tables.maml_rl import main as rl_table
+
+    monkeypatch.chdir(ROOT)
+    metric = {"iqm": [-40.0, -20.0], "lo": [-45.0, -25.0], "hi": [-35.0, -15.0]}
+    old_row = {"sweep": "old_sweep", "cell": "base", "num_seeds": 3, "adaptation_steps": [0, 1],
+               "return": metric, "success": None, "baselines": {}, "timing": {}, "num_tasks": 40,
+               "command": "metarl run old.toml"}
+    replaced = {**old_row, "sweep": "t"}  # the sweep given again below replaces this one
+    (tmp_path / "old.json").write_text(json.dumps({"machine": "machine A", "rows": [old_row, replaced]}))
+    (tmp_path / "s").mkdir()
+    cell = {"num_seeds": 2, "adaptation_steps": [0, 1], "return": metric}
+    (tmp_path / "s" / "sweep.json").write_text(
+        json.dumps({"title": "t", "cells": {"base": cell}, "commands": {"base": "metarl run new.toml"}}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"), "--keep", str(tmp_path / "old.json")]) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["sweep"], r["command"]) for r in rows] == [("old_sweep", "metarl run old.toml"),
+                                                          ("t", "metarl run new.toml")]
+    assert rows[0]["machine"] == "machine A" and rows[1]["machine"] != "machine A"
+    assert "| machine A | `metarl run old.toml` |" in (tmp_path / "table.md").read_text()
+
+
+def test_sweep_and_sinusoid_table_threads_reach_each_run_and_bad_counts_are_refused(tmp_path, monkeypatch):
+    """``--threads`` is the torch thread count of every run (1 by default, one run per core);
+    a count below 1 is refused before anything trains."""
+    import torch
+
+    from experiments.tables import sinusoid as sinusoid_table
+    from metarl.sweep import run_one
+
+    monkeypatch.chdir(ROOT)
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    document = run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None, 2)
+    assert calls == [2] and document["summary"]["iteration"] == 2
+    run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None)  # reused, default 1
+    assert calls == [2, 1]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad in (["--threads", "0"], ["--workers", "-1"]):
+        with pytest.raises(AssertionError, match="threads must be at least 1"):
+            metarl("sweep", "experiments/maml_trpo_nav2d.toml", "--out", str(tmp_path / "bad"), *bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
+    for bad in (["--threads", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            sinusoid_table.main([*bad, "--root", str(tmp_path / "sin"), "--out", str(tmp_path / "sin")])
+    assert not (tmp_path / "sin").exists()
