@@ -88,6 +88,9 @@ class MAMLPPO:
     """
 
     Config = MAMLPPOConfig
+    family = "gradient"
+    adaptation_unit = "policy-gradient step"
+    scores_tasks_independently = False
 
     def __init__(self, config: MAMLPPOConfig, distribution: TaskDistribution, seed: int) -> None:
         tune_allocator()  # large activations are reused instead of re-faulted every update
@@ -107,6 +110,11 @@ class MAMLPPO:
         return meta_pg.pg_batch(
             trajectories, self.baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
         )
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks``; returns ``train/*`` and ``time/*`` metrics."""

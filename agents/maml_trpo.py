@@ -114,6 +114,9 @@ class MAMLTRPO:
     """
 
     Config = MAMLTRPOConfig
+    family = "gradient"
+    adaptation_unit = "policy-gradient step"
+    scores_tasks_independently = False
 
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
         tune_allocator()  # large activations are reused instead of re-faulted every update
@@ -134,6 +137,11 @@ class MAMLTRPO:
         return meta_pg.pg_batch(
             trajectories, self.baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
         )
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks``; returns ``train/*`` and ``time/*`` metrics."""

@@ -65,6 +65,9 @@ class MetaImitation:
     """
 
     Config = MetaImitationConfig
+    family = "gradient"
+    adaptation_unit = "policy-gradient step"
+    scores_tasks_independently = False
 
     def __init__(
         self, config: MetaImitationConfig, distribution: TaskDistribution, seed: int
@@ -219,6 +222,11 @@ class MetaImitation:
         self.bc_initialised = True
 
     # ------------------------------------------------------------------ training
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration; returns ``train/*`` and ``time/*`` metrics."""

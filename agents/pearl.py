@@ -80,6 +80,9 @@ class PEARL:
     """
 
     Config = PEARLConfig
+    family = "Bayesian"
+    adaptation_unit = "episode"
+    scores_tasks_independently = False
 
     def __init__(self, config: PEARLConfig, distribution: TaskDistribution, seed: int) -> None:
         space = distribution.action_space
@@ -317,6 +320,11 @@ class PEARL:
             for k, target in self.q_target.items():
                 target.lerp_(self.nets["q"][k], cfg.tau)
         return losses
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """Collects on the first ``num_collect_tasks`` of ``tasks``, then ``num_train_steps`` gradient steps."""

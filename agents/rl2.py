@@ -236,6 +236,9 @@ class RL2:
     """
 
     Config = RL2Config
+    family = "model-based"
+    adaptation_unit = "episode"
+    scores_tasks_independently = False
 
     def __init__(self, config: RL2Config, distribution: TaskDistribution, seed: int) -> None:
         self.config = config
@@ -263,6 +266,11 @@ class RL2:
         if self.device.type == "cpu":
             return self.policy
         return copy.deepcopy(self.policy).cpu()
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One iteration: a trial per task, then PPO; returns ``train/*`` and ``time/*`` metrics."""
@@ -375,6 +383,16 @@ class RL2:
         self.value_moments.load_state_dict(state["value_moments"])
         self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
         self.calls, self.seed = int(state["calls"]), int(state["seed"])
+
+    def adapt(self, task: Task, data: Trials) -> torch.Tensor:
+        """RL² adapts in its recurrent state: the GRU state ``[hidden]`` after reading one trial
+        ``data`` (a :class:`~metarl.recurrent.Trials` of one task, its live steps in order) from
+        a fresh state; the parameters do not change."""
+        inputs = data.inputs[0][data.mask[0].bool()]  # [L, input_dim]: the steps taken, in order
+        with torch.no_grad():
+            hidden = self.policy.initial_state(1)
+            _, h = self.policy.gru(inputs[None].to(self.device), hidden[None])
+        return h[0, 0]
 
     def close(self) -> None:
         """Closes the environments."""

@@ -158,6 +158,9 @@ class TaskGenerator:
     """
 
     Config = TaskGeneratorConfig
+    family = "gradient"
+    adaptation_unit = "policy-gradient step"
+    scores_tasks_independently = False
 
     def __init__(
         self, config: TaskGeneratorConfig, distribution: TaskDistribution, seed: int
@@ -267,6 +270,11 @@ class TaskGenerator:
         return {"train/disc_loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ agent API
+
+    @property
+    def meta_batch_size(self) -> int:
+        """One task per step: the generator proposes the rest of its batch itself."""
+        return 1
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks`` with a ``generated_fraction`` of them replaced by G's."""

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metarl.agent import Agent
 from metarl.config import ConfigError, apply_overrides, build, load_toml
 from metarl.diagnostics import InnerStepWatch
 from metarl.logger import (
@@ -160,7 +161,7 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def _make_agent(agent_cls: type, cfg: Any, distribution: Any, seed: int, agent_path: str, task_name: str) -> Any:
+def _make_agent(agent_cls: type, cfg: Any, distribution: Any, seed: int, agent_path: str, task_name: str) -> Agent:
     """The agent, or a one-line error when it cannot work on the distribution (e.g. an RL agent
     given a few-shot distribution: it looks for what the distribution does not have)."""
     try:
@@ -324,7 +325,7 @@ class Experiment:
         logger = MetricsLogger(self.run_dir, resume_from=self.iteration)
         if self.iteration < cfg.num_iterations:
             self._record_machine()
-        meta_batch = int(getattr(self.agent_cfg, "meta_batch_size", 1))
+        meta_batch = self.agent.meta_batch_size
         watch = InnerStepWatch()
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
                    desc=Path(self.run_dir).name, mininterval=1.0, dynamic_ncols=True)
@@ -381,9 +382,7 @@ class Experiment:
     def close(self) -> None:
         """Releases what the agent holds (e.g. rollout worker processes) and the run directory."""
         try:
-            close = getattr(self.agent, "close", None)
-            if close is not None:
-                close()
+            self.agent.close()
         finally:
             if self._release is not None:
                 self._release()  # once: a finalizer runs at most once

@@ -84,6 +84,12 @@ def resolve_agent(path: str) -> type[Any]:
     cls = getattr(module, cls_name, None)
     if cls is None or not hasattr(cls, "Config"):
         raise ConfigError(f"{module_name} has no agent class {cls_name!r} with a Config; see `metarl list`")
+    from metarl.agent import check_agent
+
+    try:
+        check_agent(cls)
+    except TypeError as e:
+        raise ConfigError(f"{e}; see metarl/agent.py") from None
     return cls
 
 

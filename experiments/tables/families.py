@@ -88,26 +88,39 @@ def _benchmark(config: dict[str, Any]) -> str:
     return name
 
 
-def _episodes_per_step(config: dict[str, Any], learner: str) -> int | None:
+def _unit(config: dict[str, Any]) -> str:
+    """The agent's unit of adaptation (``metarl.agent``); ``gradient step`` for an agent that
+    cannot be imported any more."""
+    from metarl.config import ConfigError
+    from metarl.registry import resolve_agent
+
+    try:
+        return resolve_agent(config["run"]["agent"]).adaptation_unit
+    except ConfigError:
+        return "gradient step"
+
+
+def _episodes_per_step(config: dict[str, Any]) -> int | None:
     """Episodes of task experience one adaptation step stands for (RL only; None otherwise)."""
-    if learner in ("RL²", "PEARL"):
+    unit = _unit(config)
+    if unit == "episode":
         return 1
-    if learner in ("MAML-TRPO", "MAML-PPO"):
+    if unit == "policy-gradient step":
         agent = config.get("agent", {})
         return int(agent.get("eval_episodes_per_task", agent.get("episodes_per_task", 1)))
     return None
 
 
-def _experience(config: dict[str, Any], learner: str, step: int) -> str:
-    agent = config.get("agent", {})
-    if learner in ("RL²", "PEARL"):
+def _experience(config: dict[str, Any], step: int) -> str:
+    agent, unit = config.get("agent", {}), _unit(config)
+    if unit == "episode":
         return f"{step} episode(s)"
-    if learner in ("MAML-TRPO", "MAML-PPO"):
+    if unit == "policy-gradient step":
         episodes = agent.get("eval_episodes_per_task", agent.get("episodes_per_task", "?"))
         return f"{step} step(s) × {episodes} episodes"
-    if learner == "MANN":
+    if unit == "memory read":
         return "support set read" if step else "empty memory"
-    if learner in ("ProtoNets", "Matching Nets"):
+    if unit == "support set":
         return "support set"
     return f"{step} step(s)"
 
@@ -138,8 +151,8 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "num_seeds": cell["num_seeds"],
                 "iterations": config["run"]["num_iterations"],
                 "adaptation_steps": steps,
-                "experience_last": _experience(config, learner, steps[-1]),
-                "episodes_per_step": _episodes_per_step(config, learner),
+                "experience_last": _experience(config, steps[-1]),
+                "episodes_per_step": _episodes_per_step(config),
                 "metrics": metrics,
                 "command": document.get("sweep_command") or document["commands"][label],
             }
@@ -206,7 +219,7 @@ def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[s
                 "iterations": group[0]["iterations"],
                 "adaptation_steps": steps,
                 "after_only": len(steps) == 1,
-                "experience_last": _experience(config, learner, steps[-1]),
+                "experience_last": _experience(config, steps[-1]),
                 "episodes_per_step": None,
                 "metrics": {"accuracy": stats},
                 "command": seed_command([c["command"] for c in group], seeds),

@@ -287,7 +287,7 @@ def score_held_out(
     same model (``iteration``), ``seed``, task count and ``chunk``. After each saved chunk,
     ``stop_requested()`` returning a signal name raises :class:`ScoringStopped`.
     """
-    if partial is None or not getattr(agent, "scores_tasks_independently", False):
+    if partial is None or not agent.scores_tasks_independently:
         return _evaluate(agent, tasks, seed)
     from metarl.logger import atomic_write_bytes
     from metarl.stopping import ScoringStopped

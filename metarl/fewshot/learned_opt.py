@@ -205,6 +205,9 @@ class LearnedOptimizerLearner:
     """
 
     Config = LearnedOptimizerConfig
+    family = "optimization"
+    adaptation_unit = "gradient step"
+    scores_tasks_independently = False
 
     def __init__(self, config: LearnedOptimizerConfig, distribution: Any, seed: int):
         self.config = config
@@ -237,6 +240,11 @@ class LearnedOptimizerLearner:
         )
         cfg = self.config
         return CoordinateLSTM(params, cfg.inner_lr, cfg.preprocess_p, cfg.loss_input)
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks``; returns ``train/*`` metrics."""
@@ -347,3 +355,6 @@ class LearnedOptimizerLearner:
                 v.copy_(state["rule_params"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
+
+    def close(self) -> None:
+        """Holds no worker processes or files: nothing to release."""

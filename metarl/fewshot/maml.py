@@ -132,6 +132,8 @@ class GradientLearner:
     """
 
     Config = GradientLearnerConfig
+    family = "gradient"
+    adaptation_unit = "gradient step"
     # ``evaluate`` scores each task on its own, with no randomness of its own, so held-out tasks
     # whose episodes the tasks fix (Omniglot's) can be scored a chunk at a time, each chunk saved
     # (``experiments.tables.omniglot_cells.score_held_out``), with the values of one call on them all.
@@ -167,6 +169,11 @@ class GradientLearner:
     @property
     def inner_rate(self) -> float | Params:
         return self.lrs if self.lrs is not None else self.config.inner_lr
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks``; returns ``train/*`` metrics."""
@@ -336,3 +343,6 @@ class GradientLearner:
                     v.copy_(state["lrs"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
+
+    def close(self) -> None:
+        """Holds no worker processes or files: nothing to release."""

@@ -124,6 +124,9 @@ class MemoryAugmentedNetwork:
     """
 
     Config = MANNConfig
+    family = "model-based"
+    adaptation_unit = "memory read"
+    scores_tasks_independently = False
 
     def __init__(self, config: MANNConfig, distribution: Any, seed: int):
         self.config = config
@@ -209,6 +212,11 @@ class MemoryAugmentedNetwork:
                 state, support_f, self._labels(support_y)
             )
         return self.network.answer(state, query_f), support_out
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One Adam step on the episodes of ``tasks``; returns ``train/*`` metrics."""
@@ -328,3 +336,6 @@ class MemoryAugmentedNetwork:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
+
+    def close(self) -> None:
+        """Holds no worker processes or files: nothing to release."""

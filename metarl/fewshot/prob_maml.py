@@ -104,6 +104,9 @@ class ProbabilisticMAML:
     """
 
     Config = ProbabilisticMAMLConfig
+    family = "Bayesian"
+    adaptation_unit = "gradient step"
+    scores_tasks_independently = False
 
     def __init__(self, config: ProbabilisticMAMLConfig, distribution: Any, seed: int):
         self.config = config
@@ -229,6 +232,11 @@ class ProbabilisticMAML:
             self.batch,
         )
         return (terms[:, 0] + terms[:, 3]).mean(), terms
+
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
 
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration on ``tasks``; returns ``train/*`` metrics."""
@@ -421,3 +429,6 @@ class ProbabilisticMAML:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
+
+    def close(self) -> None:
+        """Holds no worker processes or files: nothing to release."""

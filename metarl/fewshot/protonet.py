@@ -119,6 +119,9 @@ class MetricLearner:
     """
 
     score_fn: ScoreFn  # no Config here: only the concrete learners below are agents
+    family = "metric"
+    adaptation_unit = "support set"
+    scores_tasks_independently = False
 
     def __init__(self, config: MetricLearnerConfig, distribution: Any, seed: int):
         self.config = config
@@ -221,6 +224,11 @@ class MetricLearner:
             accs.append((logits.argmax(-1) == query.y[i]).to(torch.float32).mean())
         return torch.stack(losses), torch.stack(accs)
 
+    @property
+    def meta_batch_size(self) -> int:
+        """Tasks sampled for each :meth:`step`."""
+        return int(self.config.meta_batch_size)
+
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One training step on the episodes ``tasks``; returns ``train/*`` metrics."""
         cfg = self.config
@@ -287,6 +295,25 @@ class MetricLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_steps = int(state["num_steps"])
         self.rng.bit_generator.state = state["rng"]
+
+    def adapt(self, task: Task, data: Any) -> dict[str, torch.Tensor]:
+        """What a metric learner adapts to a task: nothing but its support set, embedded.
+
+        Args:
+            task: the episode (unused: the support set is the task).
+            data: ``(x [S, 1, H, W], y [S])``, the support set of one task.
+
+        Returns:
+            ``{"support": [S, D] embeddings, "support_y": [S] labels}``, what :meth:`scores`
+            compares queries with; no parameter changes.
+        """
+        x, y = data
+        with torch.no_grad():
+            support = self.model(self.params, x.to(self.device))
+        return {"support": support, "support_y": y.to(self.device)}
+
+    def close(self) -> None:
+        """Holds no worker processes or files: nothing to release."""
 
 
 class PrototypicalNetwork(MetricLearner):

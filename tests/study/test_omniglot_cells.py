@@ -104,7 +104,8 @@ def test_held_out_scores_saved_in_chunks_equal_one_call_and_resume_after_a_stop(
 def test_scoring_of_a_learner_that_is_not_per_task_is_one_call_with_nothing_saved(tmp_path):
     from experiments.tables import omniglot_cells as table
 
-    class OneCall:  # a learner whose scores may depend on the other tasks (no attribute)
+    class OneCall:  # a learner whose scores may depend on the other tasks
+        scores_tasks_independently = False
         calls = []
 
         def evaluate(self, tasks, rng):
