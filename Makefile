@@ -29,7 +29,7 @@ test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check metarl envs agents tests
+	$(VENV)/bin/ruff check metarl envs agents experiments tests
 	$(VENV)/bin/mypy metarl
 
 bench: $(VENV)/.dev

@@ -96,20 +96,6 @@ class EvalConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table, e.g. a wrapped agent's own settings
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
 def _make_run_dir(run_dir: Path) -> None:
     """Creates a run directory, or a one-line error when the path cannot hold one."""
     try:
@@ -124,13 +110,12 @@ def _make_run_dir(run_dir: Path) -> None:
 
 
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
-    """Writes a two-level document (sections of scalars and lists) as TOML."""
-    parts = []
-    for section, table in document.items():
-        parts.append(f"[{section}]")
-        parts.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-        parts.append("")
-    return "\n".join(parts)
+    """Writes a config document (sections of values; ``None`` means "the default" and is left
+    out) as TOML, with ``tomli_w``."""
+    import tomli_w
+
+    return tomli_w.dumps({section: {k: v for k, v in table.items() if v is not None}
+                          for section, table in document.items()})
 
 
 def _plain(value: Any) -> Any:
