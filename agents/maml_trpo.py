@@ -27,7 +27,6 @@ Profile one iteration: ``python -m agents.maml_trpo --profile`` (see :func:`prof
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -38,14 +37,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from envs.base import Task, TaskDistribution
+from envs.base import TaskDistribution
 from metarl import meta_pg, trust_region
-from metarl.adaptation import Params
-from metarl.baselines import make_baseline
-from metarl.meta_pg import InnerLoop, MetaBatch, PGBatch
+from metarl.agent import Params
+from metarl.meta_pg import MetaBatch, PGBatch
+from metarl.meta_pg_agent import MetaPolicyGradient
 from metarl.meta_pg_config import MetaPGConfig
-from metarl.runtime import check_device, on_device, tune_allocator
-from metarl.types import Trajectories
+from metarl.runtime import check_device
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ class TrustRegionTerms(NamedTuple):
     """``v [D] -> (H + damping I) v`` with ``H`` the mean KL's Hessian through the inner step."""
 
 
-class MAMLTRPO:
+class MAMLTRPO(MetaPolicyGradient):
     """MAML with a TRPO meta-update; see the module docstring.
 
     Args:
@@ -114,61 +112,10 @@ class MAMLTRPO:
     """
 
     Config = MAMLTRPOConfig
-    family = "gradient"
-    adaptation_unit = "policy-gradient step"
-    scores_tasks_independently = False
 
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
-        tune_allocator()  # large activations are reused instead of re-faulted every update
-        self.config = config
-        self.distribution = distribution
-        self.policy = meta_pg.make_agent_policy(config, distribution)
-        self.device = torch.device(config.device)
-        self.params: Params = {
-            k: v.to(self.device) for k, v in self.policy.init_params(seed).items()
-        }
-        self.inner = InnerLoop(self.policy, config.inner_lr, config.first_order)
-        self.baseline = make_baseline(config.baseline, self.policy.obs_dim, seed)
-        self.seed = seed
-        self.sampler = meta_pg.make_agent_sampler(config, distribution, seed)
-
-    def _advantages(self, trajectories: Trajectories) -> PGBatch:
-        cfg = self.config
-        return meta_pg.pg_batch(
-            trajectories, self.baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
-        )
-
-    @property
-    def meta_batch_size(self) -> int:
-        """Tasks sampled for each :meth:`step`."""
-        return int(self.config.meta_batch_size)
-
-    def step(self, tasks: list[Task]) -> dict[str, float]:
-        """One meta-iteration on ``tasks``; returns ``train/*`` and ``time/*`` metrics."""
-        start = time.perf_counter()
-        batch = meta_pg.collect(
-            self.sampler,
-            self.inner,
-            self.params,
-            tasks,
-            self.config.episodes_per_task,
-            self.config.adapt_steps,
-            self._advantages,
-            self.device,
-        )
-        # Per-task post-update returns [N], for wrappers that choose tasks (the task generator).
-        self.last_post_returns = batch.trajectories[-1].episode_returns().mean(1)
-        update_start = time.perf_counter()
-        metrics = meta_pg.trajectory_metrics(batch)
-        metrics |= meta_pg.adaptation_metrics(self.policy, self.params, batch)
-        metrics |= self._update(batch)
-        metrics["time/update_s"] = time.perf_counter() - update_start
-        total = time.perf_counter() - start
-        metrics["time/sampling_s"] = batch.sampling_s
-        metrics["time/optimization_s"] = total - batch.sampling_s
-        metrics["time/inner_s"] = metrics["time/optimization_s"] - metrics["time/update_s"]
-        metrics["time/env_steps_per_s"] = metrics["train/env_steps"] / max(batch.sampling_s, 1e-9)
-        return metrics
+        # θ as plain tensors on the update's device: the TRPO step writes them itself.
+        super().__init__(config, distribution, seed, device=config.device, trainable=False)
 
     def trust_region_terms(self, batch: MetaBatch) -> TrustRegionTerms:
         """The surrogate, its meta-gradient and the KL Hessian-vector product at the parameters.
@@ -261,49 +208,6 @@ class MAMLTRPO:
             "train/step_fraction": 0.0,
         }
 
-    def adapt(self, task: Task, trajectories: Trajectories, params: Params | None = None) -> Params:
-        """One inner step on one task's ``trajectories`` (``[1, E, T, ...]``) from ``params`` (θ by default)."""
-        del task  # the data carries everything the inner step needs
-        start = self.params if params is None else {k: v.to(self.device) for k, v in params.items()}
-        batch = on_device(self._advantages(trajectories), self.device)
-        adapted = meta_pg.inner_step(
-            self.inner._replace(first_order=True), start, batch, shared=True
-        )
-        return {k: v[0].detach().cpu() for k, v in adapted.items()}
-
-    def evaluate(
-        self,
-        tasks: list[Task],
-        rng: np.random.Generator,
-        distribution: TaskDistribution | None = None,
-    ) -> dict[str, Any]:
-        """Return and success per held-out task after 0..``eval_adapt_steps`` inner steps.
-
-        ``distribution`` replaces the training family's environments (e.g. the same family under
-        robustness wrappers, :class:`envs.wrappers.Perturbed`).
-        """
-        cfg = self.config
-        baseline = copy.deepcopy(self.baseline)
-
-        def advantages(t: Trajectories) -> PGBatch:
-            return meta_pg.pg_batch(
-                t, baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
-            )
-
-        family = self.distribution if distribution is None else distribution
-        sampler = meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng))
-        with sampler:
-            return meta_pg.evaluate_adaptation(
-                sampler,
-                self.inner,
-                self.params,
-                list(tasks),
-                cfg.eval_adapt_steps,
-                cfg.eval_episodes_per_task,
-                advantages,
-                self.device,
-            )
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
@@ -315,10 +219,6 @@ class MAMLTRPO:
         self.params = {k: v.to(self.device).clone() for k, v in state["params"].items()}
         self.sampler.load_state_dict(state["sampler"])
         self.baseline.load_state_dict(state["baseline"])
-
-    def close(self) -> None:
-        """Stops the rollout workers."""
-        self.sampler.close()
 
 
 def profile(

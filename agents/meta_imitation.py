@@ -43,20 +43,22 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from agents.maml_ppo import clipped_objective
 from agents.meta_imitation_config import MetaImitationConfig
 from envs.base import Task, TaskDistribution
 from metarl import demos, discriminator, imitation_baselines, meta_pg
 from metarl.adaptation import Params, adapt
-from metarl.baselines import make_baseline
 from metarl.discriminator import DiscData, Discriminator
-from metarl.meta_pg import InnerLoop, PGBatch
-from metarl.runtime import tune_allocator
+from metarl.meta_pg import PGBatch, clipped_objective
+from metarl.meta_pg_agent import MetaPolicyGradient, step_timing
 from metarl.types import Trajectories
 
 
-class MetaImitation:
+class MetaImitation(MetaPolicyGradient):
     """Meta-adversarial imitation; see the module docstring.
+
+    The policy side (θ, the first-order inner loop, advantages, sampler, timing) is the shared
+    :class:`~metarl.meta_pg_agent.MetaPolicyGradient`; the inner step adapts the discriminator
+    first and takes its policy-gradient step on D's reward, so this agent writes its own loop.
 
     Args:
         config: the agent's settings.
@@ -65,24 +67,18 @@ class MetaImitation:
     """
 
     Config = MetaImitationConfig
-    family = "gradient"
-    adaptation_unit = "policy-gradient step"
-    scores_tasks_independently = False
 
     def __init__(
         self, config: MetaImitationConfig, distribution: TaskDistribution, seed: int
     ) -> None:
-        tune_allocator()
-        self.config, self.distribution, self.seed = config, distribution, seed
+        super().__init__(config, distribution, seed, first_order=True)
         space = distribution.action_space
         self.action_low = torch.as_tensor(space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(space.high, dtype=torch.float32)
-        self.policy = meta_pg.make_agent_policy(config, distribution)
         second = self.policy.obs_dim if config.state_only else self.policy.act_dim
         self.disc = Discriminator(
             self.policy.obs_dim + second + 1, config.disc_hidden_sizes, config.disc_activation
         )
-        self.params = {k: v.requires_grad_() for k, v in self.policy.init_params(seed).items()}
         self.disc_params = {
             k: v.requires_grad_() for k, v in self.disc.init_params(seed + 1).items()
         }
@@ -90,14 +86,9 @@ class MetaImitation:
         self.disc_optimizer = torch.optim.Adam(
             list(self.disc_params.values()), lr=config.disc_outer_lr
         )
-        self.inner = InnerLoop(self.policy, config.inner_lr, first_order=True)
-        self.baseline = make_baseline(config.baseline, self.policy.obs_dim, seed)
-        self.sampler = meta_pg.make_agent_sampler(config, distribution, seed)
         self.horizon = self.sampler.horizon
         self.num_demo_calls = 0
         self.bc_initialised = False
-
-    # ------------------------------------------------------------------ data
 
     def demonstrations(self, tasks: list[Task], num: int) -> Trajectories:
         """``num`` fresh expert episodes per task (new reset seeds at every call)."""
@@ -146,12 +137,6 @@ class MetaImitation:
         detached = {k: v.detach() for k, v in disc_params.items()}
         r = vmap(one)(detached, t.obs, self._second(t), t.mask, t.terminated)
         return t._replace(rewards=r)
-
-    def _advantages(self, t: Trajectories, baseline: Any = None) -> PGBatch:
-        cfg = self.config
-        return meta_pg.pg_batch(
-            t, baseline or self.baseline, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages
-        )
 
     def _adapt_once(
         self,
@@ -223,11 +208,6 @@ class MetaImitation:
 
     # ------------------------------------------------------------------ training
 
-    @property
-    def meta_batch_size(self) -> int:
-        """Tasks sampled for each :meth:`step`."""
-        return int(self.config.meta_batch_size)
-
     def step(self, tasks: list[Task]) -> dict[str, float]:
         """One meta-iteration; returns ``train/*`` and ``time/*`` metrics."""
         cfg, start = self.config, time.perf_counter()
@@ -269,10 +249,8 @@ class MetaImitation:
             "train/post_return": float(post.episode_returns().mean()),
             "train/disc_return_post": float(post_scored.episode_returns().mean()),
             "train/env_steps": env_steps,
-            "time/sampling_s": sampling,
-            "time/optimization_s": time.perf_counter() - start - sampling,
-            "time/env_steps_per_s": env_steps / max(sampling, 1e-9),
         }
+        metrics |= step_timing(start, sampling, env_steps)
         for name, t in (("pre", first_traj), ("post", post)):
             if not torch.isnan(t.success).all():
                 metrics[f"train/success_{name}"] = float(torch.nanmean(t.success))
@@ -469,10 +447,6 @@ class MetaImitation:
         self.baseline.load_state_dict(state["baseline"])
         self.num_demo_calls = int(state["num_demo_calls"])
         self.bc_initialised = bool(state.get("bc_initialised", False))
-
-    def close(self) -> None:
-        """Stops the rollout workers."""
-        self.sampler.close()
 
 
 def _episodes(t: Trajectories, start: int, stop: int | None) -> Trajectories:

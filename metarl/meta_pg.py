@@ -363,3 +363,24 @@ def make_agent_policy(cfg: Any, distribution: Any) -> Any:
     if isinstance(distribution.action_space, gym.spaces.Box):
         kwargs["init_log_std"] = cfg.init_log_std
     return make_policy(distribution.observation_space, distribution.action_space, **kwargs)
+
+
+def clipped_objective(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, batch: PGBatch, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate and the fraction of alive steps whose ratio was clipped.
+
+    Args:
+        log_probs: ``[N, E, T]`` under the current post-update parameters.
+        old_log_probs: ``[N, E, T]`` under the sampling parameters.
+        batch: the post-update batch (advantages and mask ``[N, E, T]``).
+        clip_range: ε.
+
+    Returns:
+        ``(objective, clip_fraction)``, scalars; the objective is a mean over tasks.
+    """
+    ratio = torch.exp(log_probs - old_log_probs)
+    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    objective = torch.minimum(ratio * batch.advantages, clipped * batch.advantages)
+    fraction = task_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype), batch.mask)
+    return task_mean(objective, batch.mask), fraction.detach()

@@ -60,3 +60,26 @@ def test_bench_outside_a_checkout_is_a_one_line_error(tmp_path, monkeypatch, cap
     assert main(["bench", "adapt"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "experiments/bench/adapt.py" in err and "repository root" in err
+
+
+def _defines_agent(path: Path) -> bool:
+    """Whether a module defines a class with a ``Config`` attribute (an agent)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                targets = item.targets if isinstance(item, ast.Assign) else []
+                if any(isinstance(t, ast.Name) and t.id == "Config" for t in targets):
+                    return True
+    return False
+
+
+def test_no_agent_imports_another_agent():
+    agents = {p.stem for p in (ROOT / "agents").glob("*.py") if _defines_agent(p)}
+    assert {"maml_trpo", "maml_ppo", "meta_imitation", "pearl", "rl2"} <= agents
+    bad = [
+        f"agents/{path.name}:{line} imports {name}"
+        for path in sorted((ROOT / "agents").glob("*.py"))
+        for line, name in _imports(path)
+        if name.startswith("agents.") and name.split(".")[1] in agents and name.split(".")[1] != path.stem
+    ]
+    assert bad == []
