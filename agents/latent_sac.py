@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from metarl.policies import FunctionalMLP, init_mlp
-from metarl.types import Trajectories
+from metarl.types import Params, Trajectories
 
-Params = dict[str, torch.Tensor]
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 _LOG_2PI = math.log(2.0 * math.pi)
 

@@ -44,7 +44,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-Params = dict[str, torch.Tensor]
+from metarl.types import Params
+
 LossFn = Callable[[Params, Any], torch.Tensor]
 LearningRate = float | Mapping[str, torch.Tensor]
 

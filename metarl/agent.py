@@ -25,10 +25,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-Params = dict[str, torch.Tensor]
-"""Parameters of a functional model, by name (run with ``torch.func.functional_call``)."""
+from metarl.types import Params
+
+__all__ = ["FAMILIES", "UNITS", "Agent", "EvalResult", "Params", "check_agent"]
 
 EvalResult = dict[str, Any]
 """What :meth:`Agent.evaluate` returns: ``adaptation_steps`` (a list of ints, step 0 being before

@@ -52,8 +52,8 @@ def _kept(experiment: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from metarl.errors import NonFiniteLossError
     from metarl.experiment import Experiment
-    from metarl.fewshot.maml import NonFiniteLossError
     from metarl.rollout.sampler import WorkerError
     from metarl.stopping import TrainingStopped
 

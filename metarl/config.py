@@ -13,11 +13,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from metarl.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message says which and what is valid."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

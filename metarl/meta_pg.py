@@ -228,7 +228,7 @@ def mean_kl(policy: Any, old: Params, new: Params, batch: PGBatch) -> torch.Tens
 
 def check_finite(name: str, value: torch.Tensor, hint: str) -> None:
     """Raises :class:`NonFiniteLossError` naming ``name`` if ``value`` holds a NaN or an Inf."""
-    from metarl.fewshot.maml import NonFiniteLossError
+    from metarl.errors import NonFiniteLossError
 
     if not bool(torch.isfinite(value).all()):
         raise NonFiniteLossError(

@@ -6,8 +6,8 @@
 params)`` (MAML-TRPO, MAML-PPO). :func:`crosscheck` runs ``metaworld.evaluation.
 metalearning_evaluation`` with it on a benchmark's test split.
 
-Meta-World's ``evaluation`` counts success per task name over all sub-environments of that name
-(DESIGN.md section 5, trap 2), so its figure can exceed ours; metarl's own evaluation
+Meta-World's ``evaluation`` (3.1.1) counts success per task name over all sub-environments of that
+name (an agent that succeeds in 1 of 10 counts 1.0), so its figure can exceed ours; metarl's own evaluation
 (``metarl eval``) counts success once per goal and episode. Use this to compare the two, not as
 the headline number.
 

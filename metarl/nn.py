@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-Params = dict[str, torch.Tensor]
+from metarl.types import Params
 
 
 class MLP(nn.Module):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Params = dict[str, torch.Tensor]
+from metarl.types import Params
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 _LOG_2PI = math.log(2.0 * math.pi)

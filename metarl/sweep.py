@@ -5,7 +5,7 @@
 
 Every run trains and is evaluated on held-out tasks like ``metarl run``; the sweep then pools the
 per-task scores of all seeds of a grid cell and reports, for each adaptation step, the
-interquartile mean with a 95% bootstrap interval (DESIGN.md section 4). It writes
+interquartile mean with a 95% bootstrap interval. It writes
 ``OUT/sweep.json``, ``OUT/sweep.md`` and one PNG curve per metric. Finished runs (with
 ``eval.json``) are reused and interrupted ones resumed, so a stopped sweep picks up where it was.
 """

@@ -6,6 +6,10 @@ from typing import NamedTuple
 
 import torch
 
+Params = dict[str, torch.Tensor]
+"""Parameters of a functional model by name, run with ``torch.func.functional_call``; the one
+definition every module imports."""
+
 
 class Trajectories(NamedTuple):
     """Fixed-horizon rollouts of several tasks, ready to be vmapped over the task axis.

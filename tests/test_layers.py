@@ -83,3 +83,42 @@ def test_no_agent_imports_another_agent():
         if name.startswith("agents.") and name.split(".")[1] in agents and name.split(".")[1] != path.stem
     ]
     assert bad == []
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Project modules imported at module level (``if TYPE_CHECKING:`` blocks included)."""
+    found: set[str] = set()
+    nodes = list(ast.parse(path.read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If):
+            nodes += node.body + node.orelse
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_no_import_cycle():
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in FORBIDDEN
+        for path in (ROOT / package).rglob("*.py")
+    }
+    graph = {name: _module_level_imports(path) & set(modules) - {name} for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(name):] + [name]))
+        if name in done:
+            return
+        for other in sorted(graph[name]):
+            if not name.startswith(other + "."):  # a module importing its own package is no cycle
+                visit(other, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

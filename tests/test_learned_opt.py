@@ -15,6 +15,7 @@ import torch
 from tiny_models import mse, task_data, tiny_mlp
 
 from metarl.adaptation import adapt, meta_objective
+from metarl.errors import NonFiniteLossError
 from metarl.fewshot.learned_opt import (
     CoordinateLSTM,
     LearnedOptimizerConfig,
@@ -22,7 +23,6 @@ from metarl.fewshot.learned_opt import (
     init_rule_params,
     preprocess,
 )
-from metarl.fewshot.maml import NonFiniteLossError
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
 from metarl.fewshot.sinusoid import SinusoidDistribution
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.fewshot.maml import NonFiniteLossError
+from metarl.errors import NonFiniteLossError
 from metarl.fewshot.mann import MANNConfig, MemoryAugmentedNetwork, offset_labels
 from metarl.fewshot.mann_memory import cosine_read, least_used, lru_write, update_usage
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution

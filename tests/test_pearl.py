@@ -28,7 +28,7 @@ from agents.pearl import PEARL, PEARLConfig
 from metarl import meta_pg
 from metarl.cli import main
 from metarl.config import ConfigError, build
-from metarl.fewshot.maml import NonFiniteLossError
+from metarl.errors import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig, NonFiniteLossError
+from metarl.errors import NonFiniteLossError
+from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
 from metarl.fewshot.omniglot_tasks import OmniglotDistribution
 from metarl.fewshot.predictive import categorical_scores, gaussian_mixture_scores, neg_log_prior
 from metarl.fewshot.prob_maml import ProbabilisticMAML, ProbabilisticMAMLConfig

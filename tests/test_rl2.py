@@ -1,3 +1,4 @@
+# Over 400 lines: RL²'s trial runner, recurrent policy, PPO update and resume share their small fixtures.
 """RL²: the recurrent trial runner, GAE over trials, the PPO agent and its configs."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from agents.rl2 import RL2, RL2Config, trial_gae
 from envs.base import EpisodeClock, Task, TaskDistribution
 from metarl.cli import main
 from metarl.config import build, load_toml
-from metarl.fewshot.maml import NonFiniteLossError
+from metarl.errors import NonFiniteLossError
 from metarl.recurrent import RecurrentPolicy, TrialRunner, pack
 from metarl.rollout.worker import EpisodeError, EpisodeSpec, episode_seeds
 

@@ -39,7 +39,8 @@ from metarl.adaptation import (
     task_objective,
 )
 from metarl.config import require_at_least
-from metarl.fewshot.maml import EpisodicConfig, NonFiniteLossError, trainable_params
+from metarl.errors import NonFiniteLossError
+from metarl.fewshot.maml import EpisodicConfig, trainable_params
 from metarl.runtime import on_device, task_batching
 
 LSTMState = tuple[tuple[torch.Tensor, torch.Tensor], ...]

@@ -37,16 +37,13 @@ from metarl.adaptation import (
     task_objective,
 )
 from metarl.config import require_at_least
+from metarl.errors import NonFiniteLossError
 from metarl.runtime import check_device, on_device, task_batching
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "reptile", "pretrained")
 # Held-out tasks evaluated together under vmap: 8 Omniglot 20-way episodes (2,560 images with
 # their 15 queries per class) keep a conv4 adaptation near 1 GiB of activations.
 VMAP_EVAL_CHUNK = 8
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf; parameters were left as they were before the step."""
 
 
 @dataclass(frozen=True)

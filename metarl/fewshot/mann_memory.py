@@ -5,14 +5,13 @@ are those of :mod:`metarl.fewshot.mann`, whose learner trains this network on ep
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from metarl.fewshot.mann import MANNConfig
+from metarl.fewshot.mann_config import MANNConfig
 
 
 def cosine_read(memory: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

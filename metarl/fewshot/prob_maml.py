@@ -1,3 +1,4 @@
+# Over 400 lines: the model's equations, its MAP inner loop and Laplace predictive, and full state round-tripping; its config is already in prob_maml_config.py.
 """Probabilistic MAML: a meta-learned diagonal Gaussian prior, MAP adaptation, predictive uncertainty.
 
 Model. Every parameter tensor has a prior ``N(μ, diag σ²)``: ``μ`` is the initialisation (the
@@ -69,7 +70,8 @@ from torch.func import grad, vmap
 
 from envs.base import Task
 from metarl.adaptation import Params, adapt, map_tasks, meta_backward, task_index
-from metarl.fewshot.maml import NonFiniteLossError, trainable_params
+from metarl.errors import NonFiniteLossError
+from metarl.fewshot.maml import trainable_params
 from metarl.fewshot.predictive import (
     categorical_scores,
     gaussian_mixture_scores,

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from envs.base import Task
 from metarl.adaptation import Params
 from metarl.config import require_at_least
+from metarl.errors import NonFiniteLossError
 from metarl.fewshot.episodes import affine_images
-from metarl.fewshot.maml import NonFiniteLossError
 from metarl.runtime import check_device, on_device
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -16,9 +16,7 @@ import torch
 
 from envs.base import Task, TaskDistribution
 from metarl.rollout.worker import Batch, EpisodeSpec, flat_dim
-from metarl.types import Trajectories
-
-Params = dict[str, torch.Tensor]
+from metarl.types import Params, Trajectories
 
 
 class WorkerError(RuntimeError):
