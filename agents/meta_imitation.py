@@ -1,3 +1,4 @@
+# Over 400 lines: the adversarial inner loop (discriminator first, then the policy step on its reward), the evaluation against its BC and GAIL baselines and the demonstrations; the policy-gradient loop it shares is metarl/meta_pg_agent.py, the config meta_imitation_config.py.
 """Meta-adversarial imitation: a policy G and a discriminator D, both meta-learned to adapt fast.
 
 The objective is ``min_θ max_φ Σ_i L(G_θ_i, D_φ_i)`` with ``θ_i, φ_i`` adapted to task ``i``

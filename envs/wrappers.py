@@ -1,3 +1,4 @@
+# Over 400 lines: the robustness wrappers (observation and action noise, external forces, dynamics shifts, non-stationary tasks) form one family of small classes that share their validation helpers; split apart they would import each other.
 """Robustness wrappers, composable with every family: non-stationary tasks, noise, pushes, dynamics.
 
 Each wrapper is a ``gymnasium.Wrapper``. All of its randomness comes from its own generator,

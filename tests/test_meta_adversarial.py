@@ -1,3 +1,4 @@
+# Over 400 lines: the two meta-adversarial agents' tests against hand arithmetic share their tiny fixtures; the table's tests are in tests/study/.
 """Meta-adversarial imitation: the discriminator's loss, reward and absorbing states by hand, the
 first-order outer update of D by hand, demonstrations from the analytic expert, and learning."""
 

@@ -1,3 +1,4 @@
+# Over 400 lines: the loader, splits, episodes and official runs read one set of synthetic archives built at the top; the table's tests are in tests/study/.
 """Omniglot loader, splits, episodes and official one-shot runs.
 
 Loader behaviour is checked on small archives built here with PIL in the real layouts; the

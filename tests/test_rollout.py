@@ -1,3 +1,4 @@
+# Over 400 lines: one backend contract tested on the serial, process and Ray samplers with shared fixtures; the cases are listed once and run on each.
 """The sampler on toy task families whose trajectories are known in advance.
 
 The toy environment is a 1-D point ``x += 0.1 * a`` whose task fixes when it terminates,

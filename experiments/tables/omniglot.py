@@ -1,3 +1,4 @@
+# Over 400 lines: the Omniglot table's command line (training plan, parking, rebuilding from cells) and its markdown; the cells themselves are in omniglot_cells.py, the figure in omniglot_plot.py.
 """Builds ``experiments/results/omniglot.{md,json}``: every learner, 5/20-way, 1/5-shot, several seeds.
 
     python -m experiments.tables.omniglot --iterations 2000 --seeds 3 --workers 2

@@ -1,3 +1,4 @@
+# Over 400 lines: training, resuming and scoring one Omniglot cell with its checkpoints and chunked held-out scores are one bookkeeping unit; the table and its figure are elsewhere.
 """The cells of the Omniglot table: one trained model each (method, N-way, K-shot, seed, iterations).
 
 ``run_cell`` trains (or resumes) one model and scores it on the held-out episodes and, for one-shot
