@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 
 from metarl.agent import FAMILIES, UNITS, Agent, check_agent
 from metarl.config import field_docs
@@ -69,3 +71,38 @@ def test_agent_built_from_its_default_config_is_an_agent(path, shared_data_dir):
     finally:
         agent.close()
         agent.close()  # idempotent
+
+
+def test_rl2_adapts_in_the_gru_state_it_reaches_step_by_step():
+    """RL²'s adapt is the hidden state after its live steps, equal to stepping the GRU by hand."""
+    import envs
+    from agents.rl2 import RL2, RL2Config
+
+    dist = envs.make("navigation-2d", horizon=5)
+    agent = RL2(RL2Config(meta_batch_size=1, num_minibatches=1, episodes_per_trial=2, hidden_size=8), dist, seed=0)
+    task = dist.sample(1, np.random.default_rng(0))[0]
+    trials = agent.runner.run(agent.policy, [task], 2, seed=0)
+    hidden = agent.adapt(task, trials)
+    h = agent.policy.initial_state(1)
+    with torch.no_grad():
+        for e in range(trials.mask.shape[1]):
+            for t in range(trials.mask.shape[2]):
+                if trials.mask[0, e, t]:
+                    _, h = agent.policy.step(trials.inputs[0, e, t][None], h)
+    agent.close()
+    assert hidden.shape == (8,)
+    torch.testing.assert_close(hidden, h[0])
+
+
+def test_metric_learner_adapts_by_keeping_its_support_set(shared_data_dir):
+    from metarl.fewshot.protonet import PrototypicalNetwork
+
+    params = {k: v for k, v in OMNIGLOT.items() if k != "name"}
+    dist = make_distribution("omniglot", data_dir=str(shared_data_dir), **params)
+    learner = PrototypicalNetwork(PrototypicalNetwork.Config(), dist, 0)
+    x, y = torch.rand(10, 1, 28, 28), torch.arange(5).repeat_interleave(2)
+    kept = learner.adapt(None, (x, y))
+    query = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(
+        learner.class_scores(kept["support_x"], kept["support_y"], query), learner.class_scores(x, y, query)
+    )

@@ -297,20 +297,22 @@ class MetricLearner:
         self.rng.bit_generator.state = state["rng"]
 
     def adapt(self, task: Task, data: Any) -> dict[str, torch.Tensor]:
-        """What a metric learner adapts to a task: nothing but its support set, embedded.
+        """What a metric learner adapts to a task: nothing but the support set it keeps.
+
+        Scoring embeds the support with the queries in one pass (batch norm sees the whole
+        episode, :meth:`logits`, :meth:`class_scores`), so the support images are kept as they
+        are rather than embedded alone.
 
         Args:
             task: the episode (unused: the support set is the task).
             data: ``(x [S, 1, H, W], y [S])``, the support set of one task.
 
         Returns:
-            ``{"support": [S, D] embeddings, "support_y": [S] labels}``, what :meth:`scores`
-            compares queries with; no parameter changes.
+            ``{"support_x": [S, 1, H, W], "support_y": [S]}`` on the learner's device; pass them
+            to :meth:`class_scores` with the queries. The parameters do not change.
         """
         x, y = data
-        with torch.no_grad():
-            support = self.model(self.params, x.to(self.device))
-        return {"support": support, "support_y": y.to(self.device)}
+        return {"support_x": x.to(self.device), "support_y": y.to(self.device)}
 
     def close(self) -> None:
         """Holds no worker processes or files: nothing to release."""
