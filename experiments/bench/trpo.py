@@ -38,7 +38,7 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
     import envs
 
     trpo = importlib.import_module("agents.maml_trpo")
-    settings = {"backend": "process", "num_workers": 2} | overrides
+    settings = {"backend": "process", "num_workers": 2, "cg_iters": 10} | overrides
     config = trpo.MAMLTRPOConfig(**settings)
     distribution = envs.make(task)
     agent = trpo.MAMLTRPO(config, distribution, seed=0)
@@ -133,7 +133,41 @@ def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
         "",
     ]
     lines += timing_table(results["settings"])
+    lines += allowance_lines(results["settings"])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> list[str]:
+    """What the target leaves each curvature product, against what one took (per setting).
+
+    Conjugate gradient makes at most ``cg_iters`` products plus one for the step length; the
+    target's budget is ``target × sampling`` minus the other parts of the optimisation.
+    """
+    lines = [
+        "",
+        f"Per curvature product: what one took (CG seconds over at most cg_iters + 1 products) "
+        f"against what the {target:.2f} target leaves it ({target:.2f} × sampling, less the inner "
+        "steps, the gradient and the line search, over the same number of products).",
+        "",
+        "| fisher | hvp_subsample | s / product | allowed s / product | factor short |",
+        "|---|---|---|---|---|",
+    ]
+    for s in settings:
+        p, products = s["parts_s"], s["config"].get("cg_iters", 10) + 1
+        took = p["cg"] / products
+        budget = target * s["sampling_s"] - (p["inner"] + p["gradient"] + p["line_search"])
+        allowed = budget / products
+        rest = (target * s["sampling_s"] - budget) / (target * s["sampling_s"])
+        short = (
+            f"none left: the other parts alone take {rest:.1f}× the target"
+            if allowed <= 0
+            else f"{took / allowed:.1f}×"
+        )
+        lines.append(
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {took:.3f} | "
+            f"{max(allowed, 0.0):.3f} | {short} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
