@@ -225,6 +225,39 @@ def test_discrete_actions_reach_the_env_with_the_space_offset():
     )
 
 
+class _ThreadCountingDistribution(ToyDistribution):
+    """Records torch's intra-op thread count at every env step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def make_env(self, task: Task) -> gym.Env:
+        env = super().make_env(task)
+        step, seen = env.step, self.seen
+
+        def counting_step(action):
+            seen.add(torch.get_num_threads())
+            return step(action)
+
+        env.step = counting_step
+        return env
+
+
+def test_serial_sampling_runs_on_one_thread_and_restores_the_setting():
+    dist = _ThreadCountingDistribution()
+    policy, params = _policy_and_params(dist)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with make_sampler(dist) as sampler:
+            sampler.sample(policy, params, [toy_task(length=3)], episodes_per_task=2)
+        assert dist.seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _constant_action_params(policy, value: float):
     """Parameters whose action is ``value`` whatever the observation (noise scaled to nothing)."""
     params = {k: torch.zeros_like(v) for k, v in policy.init_params(0).items()}

@@ -48,26 +48,34 @@ def _random_actions(space: gym.Space, num: int, rng: np.random.Generator) -> lis
     return list(rng.uniform(space.low, space.high, (num, *space.shape)).astype(space.dtype))
 
 
-def raw_env_rate(distribution: TaskDistribution, task: Task, horizon: int, seconds: float) -> float:
-    """Env steps/s of one environment in this process with pre-drawn random actions.
+def raw_env_rate(
+    distribution: TaskDistribution, task: Task, horizon: int, seconds: float, num_envs: int = 1
+) -> float:
+    """Env steps/s of ``num_envs`` environments stepped in turn in this process with pre-drawn
+    random actions (one environment: the single-env rate; as many as a worker holds: the same
+    stepping with that many environments' state competing for the caches).
 
     Episodes are reset at termination, truncation or the horizon, as the sampler does.
     """
-    env = distribution.make_env(task)
+    envs_ = [distribution.make_env(task) for _ in range(num_envs)]
     actions = _random_actions(distribution.action_space, 4096, np.random.default_rng(0))
-    env.reset(seed=0)
-    steps, t, episode = 0, 0, 0
+    for i, env in enumerate(envs_):
+        env.reset(seed=i)
+    t = [0] * num_envs
+    steps, episode = 0, num_envs
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for _ in range(256):
-            _, _, terminated, truncated, _ = env.step(actions[steps % len(actions)])
-            steps, t = steps + 1, t + 1
-            if terminated or truncated or t >= horizon:
-                episode += 1
-                env.reset(seed=episode)
-                t = 0
+        for _ in range(max(1, 256 // num_envs)):
+            for i, env in enumerate(envs_):
+                _, _, terminated, truncated, _ = env.step(actions[steps % len(actions)])
+                steps, t[i] = steps + 1, t[i] + 1
+                if terminated or truncated or t[i] >= horizon:
+                    episode += 1
+                    env.reset(seed=episode)
+                    t[i] = 0
     elapsed = time.perf_counter() - start
-    env.close()
+    for env in envs_:
+        env.close()
     return steps / elapsed
 
 
@@ -112,8 +120,9 @@ def sampler_rate(
     seconds: float,
     policy: Any,
     params: dict,
-) -> float:
-    """Env steps/s of the sampler: ``num_workers`` tasks, ``envs_per_worker`` episodes each, per call."""
+) -> tuple[float, float]:
+    """Env steps/s of the sampler (``num_workers`` tasks, ``envs_per_worker`` episodes each, per
+    call) and the calling process's CPU seconds per wall second over the same calls."""
     tasks = distribution.sample(num_workers, np.random.default_rng(0))
     with make_sampler(
         distribution,
@@ -124,10 +133,11 @@ def sampler_rate(
     ) as sampler:
         sampler.sample(policy, params, tasks, envs_per_worker)  # builds the environments
         steps = 0.0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             steps += float(sampler.sample(policy, params, tasks, envs_per_worker).mask.sum())
-        return steps / (time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        return steps / wall, (time.process_time() - cpu_start) / wall
 
 
 def bench_sampler(
@@ -166,7 +176,8 @@ def bench_sampler(
     cores = len(os.sched_getaffinity(0))
     task = dist.sample(1, np.random.default_rng(1))[0]
     raw = raw_env_rate(dist, task, horizon, seconds / 2)
-    rate = sampler_rate(
+    raw_many = raw_env_rate(dist, task, horizon, seconds / 2, num_envs=envs_per_worker)
+    rate, parent_cpu = sampler_rate(
         dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params
     )
     result: dict[str, Any] = {
@@ -179,6 +190,9 @@ def bench_sampler(
         "steps_per_s": rate,
         "raw_steps_per_s": raw,
         "efficiency": rate / (raw * min(num_workers, cores)),
+        "raw_many_steps_per_s": raw_many,
+        "efficiency_vs_many": rate / (raw_many * min(num_workers, cores)),
+        "parent_cpu_share": parent_cpu,
     }
     if with_baseline:
         num_envs = min(num_workers * envs_per_worker, baseline_max_envs)

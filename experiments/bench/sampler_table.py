@@ -14,6 +14,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,24 @@ def profile_serial(label: str, envs_per_worker: int) -> dict[str, float]:
         lambda file, fn: fn == "step" and file.startswith(package) and "wrappers" not in file
     )
     policy_s = cumulative(lambda file, fn: fn == "act" and file.endswith("policies.py"))
-    return {"total_s": total, "env_step_share": env_step / total, "policy_share": policy_s / total,
-            "other_share": max(0.0, 1 - (env_step + policy_s) / total)}
+
+    def worker(name: str) -> float:
+        return cumulative(lambda file, fn: fn == name and file.endswith("rollout/worker.py"))
+
+    # _step_all holds every env.step plus the loop around it; _begin holds the episode starts
+    # (environment resets, seeding, drawing the episode's action noise); _act holds the policy.
+    parts = {
+        "env_step": env_step,
+        "policy": policy_s,
+        "act_rest": worker("_act") - policy_s,
+        "step_loop": worker("_step_all") - env_step,
+        "record": worker("_record"),
+        "episode_starts": worker("_begin"),
+        "assembly": cumulative(lambda file, fn: fn == "_assemble" and file.endswith("sampler.py")),
+    }
+    shares = {f"{k}_share": max(0.0, v) / total for k, v in parts.items()}
+    return {"total_s": total, **shares, "policy_share": policy_s / total,
+            "other_share": max(0.0, 1 - sum(max(0.0, v) for v in parts.values()) / total)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
         profiles[label] = profile_serial(label, args.envs_per_worker)
-    command = "python -m experiments.bench.sampler_table " + " ".join(argv or [])
+    command = "python -m experiments.bench.sampler_table " + " ".join(sys.argv[1:] if argv is None else argv)
     document = {"command": command.strip(), "machine": machine(), "rows": rows, "serial_profile": profiles}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
@@ -106,18 +123,36 @@ def _markdown(doc: dict[str, Any]) -> str:
              "Env steps/s with a 64-64 MLP policy, full episodes to the horizon; raw = one env stepped "
              "with random actions in one process, same run; efficiency = steps/s ÷ (raw × min(workers, "
              "cores)); the baseline is gymnasium's AsyncVectorEnv (one process per env) with one torch "
-             "policy forward per step.", "",
-             "| env | backend | workers × envs | steps/s | raw steps/s | efficiency | AsyncVectorEnv steps/s (envs) | speedup vs AsyncVectorEnv |",
-             "|---|---|---|---|---|---|---|---|"]
+             "policy forward per step. Raw × envs: as many environments as a worker holds, stepped in "
+             "turn with random actions in one process (their state competes for the caches, as in the "
+             "sampler); efficiency × envs is against that rate.", "",
+             "| env | backend | workers × envs | steps/s | raw steps/s | efficiency | raw × envs steps/s | "
+             "efficiency × envs | AsyncVectorEnv steps/s (envs) | speedup vs AsyncVectorEnv |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
+        many = (f"{r['raw_many_steps_per_s']:,.0f} | {r['efficiency_vs_many']:.2f}"
+                if "raw_many_steps_per_s" in r else "n/a | n/a")
         lines.append(f"| {r['env']} | {r['backend']} | {r['num_workers']} × {r['envs_per_worker']} | "
-                     f"{r['steps_per_s']:,.0f} | {r['raw_steps_per_s']:,.0f} | {r['efficiency']:.2f} | "
+                     f"{r['steps_per_s']:,.0f} | {r['raw_steps_per_s']:,.0f} | {r['efficiency']:.2f} | {many} | "
                      f"{r.get('gym_async_steps_per_s', float('nan')):,.0f} ({r.get('gym_async_num_envs', '-')}) | "
                      f"{r.get('speedup_vs_gym_async', float('nan')):.2f}× |")
-    lines += ["", "Where one serial sampling call spends its time (cProfile, profiler overhead included):", "",
-              "| env | env.step | policy forward | bookkeeping and rest |", "|---|---|---|---|"]
+    lines += ["", "Parent CPU: the process and Ray backends' calling process, its CPU seconds over the wall "
+              "seconds of the same sampling calls (the share of one core it takes from the workers).", "",
+              "| env | backend | parent CPU / wall |", "|---|---|---|"]
+    for r in doc["rows"]:
+        if r["backend"] != "serial" and "parent_cpu_share" in r:
+            lines.append(f"| {r['env']} | {r['backend']} | {r['parent_cpu_share']:.3f} |")
+    lines += ["", "Where one serial sampling call spends its time (cProfile, profiler overhead included): "
+              "env.step (the environment itself, the same code the raw rate runs), the policy forward, "
+              "the rest of choosing actions (gathering observations, clipping), the loop calling "
+              "env.step, recording the step, episode starts (resets, seeds, action noise), "
+              "assembling the tensors, and what is left.", "",
+              "| env | env.step | policy forward | act rest | step loop | record | episode starts | "
+              "assembly | rest |", "|---|---|---|---|---|---|---|---|---|"]
     for label, p in doc["serial_profile"].items():
-        lines.append(f"| {label} | {p['env_step_share']:.0%} | {p['policy_share']:.0%} | {p['other_share']:.0%} |")
+        cells = [p.get(f"{k}_share") for k in ("env_step", "policy", "act_rest", "step_loop", "record",
+                                               "episode_starts", "assembly", "other")]
+        lines.append(f"| {label} | " + " | ".join("n/a" if c is None else f"{c:.1%}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
