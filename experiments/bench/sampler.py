@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import time
 from functools import partial
@@ -77,6 +78,47 @@ def raw_env_rate(
     for env in envs_:
         env.close()
     return steps / elapsed
+
+
+def _raw_rate_child(
+    distribution: TaskDistribution,
+    task: Task,
+    horizon: int,
+    seconds: float,
+    num_envs: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    barrier.wait()
+    results.put(raw_env_rate(distribution, task, horizon, seconds, num_envs))
+
+
+def raw_parallel_rate(
+    distribution: TaskDistribution,
+    task: Task,
+    horizon: int,
+    seconds: float,
+    num_envs: int,
+    num_processes: int,
+) -> float:
+    """Summed env steps/s of ``num_processes`` processes each running :func:`raw_env_rate` over
+    ``num_envs`` environments at the same time (started together at a barrier): what parallel
+    stepping with no policy and no communication reaches on this machine's cores together."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(num_processes), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_raw_rate_child,
+            args=(distribution, task, horizon, seconds, num_envs, barrier, results),
+        )
+        for _ in range(num_processes)
+    ]
+    for p in procs:
+        p.start()
+    rates = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return float(sum(rates))
 
 
 def gym_async_rate(
@@ -177,6 +219,12 @@ def bench_sampler(
     task = dist.sample(1, np.random.default_rng(1))[0]
     raw = raw_env_rate(dist, task, horizon, seconds / 2)
     raw_many = raw_env_rate(dist, task, horizon, seconds / 2, num_envs=envs_per_worker)
+    parallel = min(num_workers, cores)
+    raw_parallel = (
+        raw_many
+        if parallel == 1
+        else raw_parallel_rate(dist, task, horizon, seconds / 2, envs_per_worker, parallel)
+    )
     rate, parent_cpu = sampler_rate(
         dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params
     )
@@ -192,6 +240,8 @@ def bench_sampler(
         "efficiency": rate / (raw * min(num_workers, cores)),
         "raw_many_steps_per_s": raw_many,
         "efficiency_vs_many": rate / (raw_many * min(num_workers, cores)),
+        "raw_parallel_steps_per_s": raw_parallel,
+        "efficiency_vs_parallel": rate / raw_parallel,
         "parent_cpu_share": parent_cpu,
     }
     if with_baseline:

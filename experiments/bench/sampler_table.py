@@ -125,13 +125,19 @@ def _markdown(doc: dict[str, Any]) -> str:
              "cores)); the baseline is gymnasium's AsyncVectorEnv (one process per env) with one torch "
              "policy forward per step. Raw × envs: as many environments as a worker holds, stepped in "
              "turn with random actions in one process (their state competes for the caches, as in the "
-             "sampler); efficiency × envs is against that rate.", "",
+             "sampler); efficiency × envs is against that rate times min(workers, cores). Raw in "
+             "parallel: min(workers, cores) processes doing the same at the same time, their rates "
+             "summed (what the cores reach together with no policy and no communication); efficiency "
+             "in parallel is against it.", "",
              "| env | backend | workers × envs | steps/s | raw steps/s | efficiency | raw × envs steps/s | "
-             "efficiency × envs | AsyncVectorEnv steps/s (envs) | speedup vs AsyncVectorEnv |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "efficiency × envs | raw in parallel steps/s | efficiency in parallel | "
+             "AsyncVectorEnv steps/s (envs) | speedup vs AsyncVectorEnv |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         many = (f"{r['raw_many_steps_per_s']:,.0f} | {r['efficiency_vs_many']:.2f}"
                 if "raw_many_steps_per_s" in r else "n/a | n/a")
+        many += (f" | {r['raw_parallel_steps_per_s']:,.0f} | {r['efficiency_vs_parallel']:.2f}"
+                 if "raw_parallel_steps_per_s" in r else " | n/a | n/a")
         lines.append(f"| {r['env']} | {r['backend']} | {r['num_workers']} × {r['envs_per_worker']} | "
                      f"{r['steps_per_s']:,.0f} | {r['raw_steps_per_s']:,.0f} | {r['efficiency']:.2f} | {many} | "
                      f"{r.get('gym_async_steps_per_s', float('nan')):,.0f} ({r.get('gym_async_num_envs', '-')}) | "
