@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl.policies import FunctionalMLP, init_mlp
+from metarl.nn import FunctionalMLP, init_mlp
 from metarl.types import Params, Trajectories
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0

@@ -65,7 +65,7 @@ from agents.latent_sac import (
 from agents.pearl_config import PEARLConfig
 from envs.base import Task, TaskDistribution
 from metarl import meta_pg
-from metarl.policies import FunctionalMLP, init_mlp
+from metarl.nn import FunctionalMLP, init_mlp
 from metarl.types import Trajectories
 
 _NAN_HINT = "lower the learning rates or reward_scale, or check the environment's rewards"

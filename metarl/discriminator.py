@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from metarl.policies import FunctionalMLP, Params, init_mlp
+from metarl.nn import FunctionalMLP, init_mlp
+from metarl.types import Params
 
 
 class DiscData(NamedTuple):

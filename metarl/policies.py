@@ -21,70 +21,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from metarl.nn import FunctionalMLP, init_mlp
 from metarl.types import Params
 
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 _LOG_2PI = math.log(2.0 * math.pi)
-# Matrix products on CPU pick kernels by the number of rows, and rows in a ragged tail can be
-# summed in another order. Padding the batch to a multiple of this keeps every row on one path.
-# 8 sufficed on AMD EPYC; on Intel AVX-512 with MKL a batch of 8 rows takes another kernel than
-# 16 or more (tested in tests/test_policies.py on every machine the suite runs on).
-_ROW_BLOCK = 16
 _UNIFORM_EPS = 1e-6
-
-
-def _init_mlp(sizes: list[int], seed: int, output_scale: float) -> Params:
-    """Glorot-uniform weights and zero biases; the output layer is scaled by ``output_scale``."""
-    generator = torch.Generator().manual_seed(seed)
-    params: Params = {}
-    num_layers = len(sizes) - 1
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        name = "out" if i == num_layers - 1 else f"fc{i}"
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        weight = (torch.rand(fan_out, fan_in, generator=generator) * 2.0 - 1.0) * bound
-        if name == "out":
-            weight = weight * output_scale
-        params[f"{name}.weight"] = weight
-        params[f"{name}.bias"] = torch.zeros(fan_out)
-    return params
-
-
-def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Pads a ``[B, D]`` batch with zero rows to a multiple of ``_ROW_BLOCK``; returns it and ``B``."""
-    num_rows = x.shape[0]
-    pad = (-num_rows) % _ROW_BLOCK
-    if x.dim() == 2 and pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    return x, num_rows
-
-
-class _MLP:
-    """Architecture of a multilayer perceptron run on a parameter dict."""
-
-    def __init__(self, sizes: list[int], activation: str) -> None:
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"activation={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
-            )
-        if any(s <= 0 for s in sizes):
-            raise ValueError(f"layer sizes must be positive, got {sizes}")
-        self.sizes = list(sizes)
-        self.activation = activation
-
-    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in]`` -> ``[..., out]``."""
-        act = _ACTIVATIONS[self.activation]
-        num_hidden = len(self.sizes) - 2
-        for i in range(num_hidden):
-            x = act(F.linear(x, params[f"fc{i}.weight"], params[f"fc{i}.bias"]))
-        return F.linear(x, params["out.weight"], params["out.bias"])
-
-    def rows(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Like calling it, but each row of a ``[B, in]`` batch is independent of the others bit for bit."""
-        padded, num_rows = _pad_rows(x)
-        return self(params, padded)[:num_rows]
 
 
 class GaussianMLPPolicy:
@@ -116,12 +58,12 @@ class GaussianMLPPolicy:
         self.act_dim = int(act_dim)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.init_log_std = float(init_log_std)
-        self.mlp = _MLP([self.obs_dim, *self.hidden_sizes, self.act_dim], activation)
+        self.mlp = FunctionalMLP([self.obs_dim, *self.hidden_sizes, self.act_dim], activation)
         self.noise_shape: tuple[int, ...] = (self.act_dim,)
 
     def init_params(self, seed: int) -> Params:
         """Fresh parameters, a deterministic function of ``seed``."""
-        params = _init_mlp(self.mlp.sizes, seed, output_scale=0.01)
+        params = init_mlp(self.mlp.sizes, seed, output_scale=0.01)
         params["log_std"] = torch.full((self.act_dim,), self.init_log_std)
         return params
 
@@ -206,12 +148,12 @@ class CategoricalMLPPolicy:
         self.obs_dim = int(obs_dim)
         self.num_actions = int(num_actions)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        self.mlp = _MLP([self.obs_dim, *self.hidden_sizes, self.num_actions], activation)
+        self.mlp = FunctionalMLP([self.obs_dim, *self.hidden_sizes, self.num_actions], activation)
         self.noise_shape: tuple[int, ...] = (self.num_actions,)
 
     def init_params(self, seed: int) -> Params:
         """Fresh parameters, a deterministic function of ``seed``."""
-        return _init_mlp(self.mlp.sizes, seed, output_scale=0.01)
+        return init_mlp(self.mlp.sizes, seed, output_scale=0.01)
 
     def distribution_params(self, params: Params, obs: torch.Tensor) -> torch.Tensor:
         """``obs [..., obs_dim]`` -> normalised log-probabilities ``[..., num_actions]``."""
@@ -288,6 +230,3 @@ def make_policy(observation_space: gym.Space, action_space: gym.Space, **kwargs:
     )
 
 
-# Public names for other functional networks built the same way (the discriminator).
-FunctionalMLP = _MLP
-init_mlp = _init_mlp

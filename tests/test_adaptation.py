@@ -22,14 +22,14 @@ def meta_loss_of(model, params, steps, lr=0.3):
 def test_maml_meta_gradient_matches_central_finite_differences(steps):
     model, params = tiny_mlp()
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    (grad_w,) = torch.autograd.grad(meta_loss_of(model, leaves, steps), [leaves["net.0.weight"]])
+    (grad_w,) = torch.autograd.grad(meta_loss_of(model, leaves, steps), [leaves["fc0.weight"]])
     eps = 1e-6
     numeric = torch.zeros_like(grad_w)
     for i in range(grad_w.numel()):
         plus = {k: v.clone() for k, v in params.items()}
         minus = {k: v.clone() for k, v in params.items()}
-        plus["net.0.weight"].view(-1)[i] += eps
-        minus["net.0.weight"].view(-1)[i] -= eps
+        plus["fc0.weight"].view(-1)[i] += eps
+        minus["fc0.weight"].view(-1)[i] -= eps
         numeric.view(-1)[i] = (meta_loss_of(model, plus, steps) - meta_loss_of(model, minus, steps)) / (2 * eps)
     torch.testing.assert_close(grad_w, numeric, rtol=1e-6, atol=1e-8)
 
@@ -90,7 +90,7 @@ def test_metasgd_inner_rates_receive_gradients_and_change():
 def test_anil_changes_only_the_named_head():
     model, params = tiny_mlp()
     head = model.head_names(params)
-    assert head == ["net.2.weight", "net.2.bias"]
+    assert head == ["out.weight", "out.bias"]
     xs, ys = task_data(0, num_tasks=1)
     out = adapt(mse(model), params, (xs[0], ys[0]), steps=3, lr=0.5, names=head)
     for k in params:

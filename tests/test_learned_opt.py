@@ -85,7 +85,7 @@ def test_rule_initialised_to_sgd_equals_the_sgd_adaptation(scale, grad_weight):
     other = adapt(
         loss_fn, params, support, 4, update=CoordinateLSTM(rule_params(lstm_output=1.0), scale)
     )
-    assert not torch.equal(other["net.0.weight"], sgd["net.0.weight"])
+    assert not torch.equal(other["fc0.weight"], sgd["fc0.weight"])
 
 
 def test_rule_step_equals_torch_lstm_run_on_each_coordinate():
@@ -131,7 +131,7 @@ def test_rule_state_is_carried_across_steps():
         1,
         update=rule,
     )
-    assert not torch.allclose(two["net.0.weight"], restarted["net.0.weight"])
+    assert not torch.allclose(two["fc0.weight"], restarted["fc0.weight"])
 
 
 def test_rule_under_vmap_equals_a_loop_in_value_and_meta_gradient():

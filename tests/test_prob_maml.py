@@ -156,8 +156,8 @@ def test_fisher_diagonal_of_a_linear_model_is_twice_the_sum_of_squared_inputs():
     data = RegressionBatch(x, torch.zeros(3, 1))
     eps = torch.randn((20000, 3, 1), generator=torch.Generator().manual_seed(0))
     fisher = learner._fisher_diagonal(learner.adapt(None, data, 0), data, eps)
-    assert fisher["net.0.weight"].item() == pytest.approx(2 * (0.25 + 1 + 4), rel=0.05)
-    assert fisher["net.0.bias"].item() == pytest.approx(2 * 3, rel=0.05)
+    assert fisher["out.weight"].item() == pytest.approx(2 * (0.25 + 1 + 4), rel=0.05)
+    assert fisher["out.bias"].item() == pytest.approx(2 * 3, rel=0.05)
 
 
 def test_loop_and_vmap_batching_give_the_same_step_samples_and_fisher():
@@ -308,7 +308,7 @@ def test_checkpoint_round_trip_gives_identical_next_metrics():
 def test_non_finite_meta_loss_raises_before_parameters_change():
     learner = ProbabilisticMAML(_config(), TinySinusoid(), 0)
     with torch.no_grad():
-        learner.params["net.2.bias"].fill_(float("nan"))
+        learner.params["out.bias"].fill_(float("nan"))
     before = {k: v.detach().clone() for k, v in {**learner.params, **learner.log_std}.items()}
     tasks = learner.distribution.sample(3, np.random.default_rng(0))
     with pytest.raises(NonFiniteLossError, match="parameters unchanged"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,12 @@ def test_sweep_and_sinusoid_table_threads_reach_each_run_and_bad_counts_are_refu
 
     monkeypatch.chdir(ROOT)
     calls: list[int] = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+
+    def record(count: int) -> None:  # the run's own setting; the serial sampler's are its own
+        if sys._getframe(1).f_globals["__name__"] == "metarl.sweep":
+            calls.append(count)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
     document = run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None, 2)
     assert calls == [2] and document["summary"]["iteration"] == 2
     run_one("experiments/maml_trpo_nav2d.toml", TINY, str(tmp_path / "run"), None)  # reused, default 1
