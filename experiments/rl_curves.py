@@ -102,7 +102,20 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
         "last_eval": last_eval, "diagnostics": diagnostics, "curves": curve,
         "reference": {k: v for k, v in reference.items() if not isinstance(v, dict)},
         "machines": sorted({m for run in runs for m in run["machines"]}),
+        "sweep_command": sweep_command(sweep),
     }
+
+
+def sweep_command(sweep: Path) -> str | None:
+    """The command that made (and, run again, continues) the sweep, from its ``sweep.json``;
+    None until the sweep has finished once."""
+    path = sweep / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("sweep_command")
+    except json.JSONDecodeError:
+        return None
 
 
 def plot(row: dict[str, Any], path: Path) -> Path:
@@ -167,7 +180,8 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
     ]
     for row in rows:
         d = row["diagnostics"]
-        continue_cmd = f"`metarl sweep ... --out {row['sweep']}` (see docs/reproducing.md)"
+        continue_cmd = (f"`{row['sweep_command']}`" if row.get("sweep_command")
+                        else f"`metarl sweep ... --out {row['sweep']}` (see docs/reproducing.md)")
         for metric, last in sorted(row["last_eval"].items()):
             steps = last["steps"]
             ref = row["reference"]
