@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
+import multiprocessing.queues
 import os
 import signal
 import sys
@@ -129,16 +131,19 @@ def _recorder(received: list[str]) -> Callable[[int, object], None]:
     return handler
 
 
-def _init_worker() -> None:
+def _init_worker(pids: multiprocessing.queues.SimpleQueue[int]) -> None:
     """Runs first in each pool worker. Its own process group keeps a Ctrl-C in the terminal from
     reaching it directly (the parent forwards it, once); a signal between runs marks the worker as
-    stopping (a second one interrupts it); and on Linux it receives SIGTERM if the parent dies."""
+    stopping (a second one interrupts it); and on Linux it receives SIGTERM if the parent dies.
+    Last, once its handlers are in place, it puts its pid in ``pids``, the parent's list of the
+    workers to forward a signal to."""
     os.setpgrp()
     _in_worker.append(True)
     for s in STOP_SIGNALS:
         signal.signal(s, _recorder(_worker_stopping))
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    pids.put(os.getpid())
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -196,8 +201,8 @@ class StoppablePool:
                 file=sys.stderr,
                 flush=True,
             )
-        for pid in list(getattr(self._pool, "_processes", None) or {}):  # the workers alive now
-            with contextlib.suppress(ProcessLookupError):
+        for pid in self._live_workers():
+            with contextlib.suppress(ProcessLookupError):  # one that exited since
                 os.kill(pid, signum)
         if len(self.received) == 2:  # the second signal: the workers stop at once, and so do we
             print(
@@ -209,8 +214,21 @@ class StoppablePool:
             )
             raise SystemExit(128 + signum)  # an exit status, without a traceback
 
+    def _live_workers(self) -> list[int]:
+        """The pids of this pool's workers alive now: those that registered themselves (a worker
+        started to replace another registers too) and are still running children of this
+        process. A child not yet reaped keeps its pid, so no other process is signalled."""
+        while not self._pid_queue.empty():
+            self._worker_pids.add(self._pid_queue.get())
+        self._worker_pids &= {child.pid for child in multiprocessing.active_children()}
+        return sorted(self._worker_pids)
+
     def __enter__(self) -> StoppablePool:
-        self._pool = ProcessPoolExecutor(self.workers, initializer=_init_worker)
+        self._pid_queue: multiprocessing.queues.SimpleQueue[int] = multiprocessing.SimpleQueue()
+        self._worker_pids: set[int] = set()
+        self._pool = ProcessPoolExecutor(
+            self.workers, initializer=_init_worker, initargs=(self._pid_queue,)
+        )
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
@@ -222,3 +240,4 @@ class StoppablePool:
         finally:
             for s, h in (self._previous or {}).items():
                 signal.signal(s, h)
+            self._pid_queue.close()

@@ -346,3 +346,32 @@ def test_a_signal_a_pool_worker_caught_outside_a_run_keeps_its_queued_jobs_from_
     assert stopping._worker_stopping == ["SIGTERM"]
     with pytest.raises(stopping.NotStarted):
         stopping._call(print, "never")
+
+
+def _pid_of_worker() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _exit_worker() -> None:
+    import os
+
+    os._exit(3)
+
+
+def test_a_pool_forwards_signals_to_the_workers_that_registered_and_skips_one_that_exited():
+    """The workers a pool signals are those its initializer registered and that are still its
+    children: a job's worker is among them, and once that worker has exited it no longer is,
+    without any error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from metarl.stopping import StoppablePool
+
+    with StoppablePool(1) as pool:
+        pid = pool.result(pool.submit(_pid_of_worker), "pid")
+        assert pool._live_workers() == [pid]
+        with pytest.raises(BrokenProcessPool):
+            pool.result(pool.submit(_exit_worker), "exit")
+        pool._pool.shutdown(wait=True)  # returns once the broken pool has reaped its workers
+        assert pid not in pool._live_workers()
