@@ -222,7 +222,7 @@ def omniglot_rows(cells_dir: Path, ways: int = 5, shots: int = 1) -> list[dict[s
                 "experience_last": _experience(config, steps[-1]),
                 "episodes_per_step": None,
                 "metrics": {"accuracy": stats},
-                "command": seed_command([c["command"] for c in group], seeds),
+                "command": seed_command([c["run"] for c in group], seeds),
                 "machine": "; ".join(cell_machines(group)),
             }
         )

@@ -9,7 +9,8 @@ evaluation (600 fixed test episodes) and, for the 20-way 1-shot model (ProtoNets
 the error on the 20 official one-shot runs of the Omniglot challenge. ProtoNets trains one 60-way
 model per K and tests it at 5 and 20 ways; the others train one model per (N, K), as in their papers.
 Finished runs are reused, so a killed sweep picks up where it stopped; so are the committed cells
-of ``--cells`` whose command is the one a job would run. ``--park`` copies the unfinished runs
+of ``--cells`` whose run computes what a job's would (the same config, resolved, and seed; the
+device and the checkpoint and log intervals may differ). ``--park`` copies the unfinished runs
 under ``--root`` into ``--cells``/unfinished, to be committed: a clone without those runs resumes
 each from its parked copy, and a finished cell's parked copy is removed.
 """
@@ -95,6 +96,7 @@ def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
                     "accuracy": _cell(scores),
                     "published": PUBLISHED[method][index],
                     "commands": [r["command"] for r in cells],
+                    "runs": [r["run"] for r in cells],  # for the markdown; not in the JSON
                 }
             )
         runs = sorted(
@@ -111,6 +113,7 @@ def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
                     "seeds": [r["seed"] for r in runs],
                     "error": _cell(errors),
                     "commands": [r["command"] for r in runs],
+                    "runs": [r["run"] for r in runs],
                 }
             )
     return rows, official
@@ -151,7 +154,7 @@ def _accuracy_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {row['method']} | {row['ways']}-way {row['shots']}-shot | {len(row['seeds'])} | "
             f"{row['iterations']} | {row['step']} | {_fmt(row['accuracy'])} | {pub} | "
-            f"`{seed_command(row['commands'], row['seeds'])}` |"
+            f"`{seed_command(row['runs'], row['seeds'])}` |"
         )
     return lines
 
@@ -166,7 +169,7 @@ def _official_lines(official: list[dict[str, Any]]) -> list[str]:
     for row in official:
         lines.append(
             f"| {row['method']} | {row['model']} | {_fmt(row['error'])} | {row['protocol']} | "
-            f"`{seed_command(row['commands'], row['seeds'])}` |"
+            f"`{seed_command(row['runs'], row['seeds'])}` |"
         )
     lines += [
         "",
@@ -176,6 +179,11 @@ def _official_lines(official: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|",
     ]
     return lines + [f"| {m} | {b} | {e} | {src} |" for m, b, e, src in OFFICIAL_REFERENCE]
+
+
+def _stored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the JSON holds them: each seed's command as text, without its parsed run."""
+    return [{k: v for k, v in row.items() if k != "runs"} for row in rows]
 
 
 def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -189,8 +197,8 @@ def write_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         "num_seeds": max((len(r["seeds"]) for r in rows), default=0),
         "num_test_tasks": 600,
         "table_command": args.table_command,
-        "rows": rows,
-        "official_runs": official,
+        "rows": _stored(rows),
+        "official_runs": _stored(official),
         "official_runs_reference": OFFICIAL_REFERENCE,
         "official_runs_ensembles": ensembles,
         "cell_machines": cell_machines(results),

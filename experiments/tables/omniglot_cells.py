@@ -5,12 +5,16 @@
 models, on the 20 official runs; its result is a JSON file under ``experiments/results/
 omniglot_cells`` whose command reproduces it. ``experiments.tables.omniglot`` schedules the cells
 and builds the table from them; ``experiments.tables.families`` reads the families' cells.
+
+A cell read or trained here carries its run as a structured value under ``"run"`` (a
+:class:`~experiments.tables.run_identity.RunSpec`, parsed once from the stored command when the
+cell is read; not written to the cell's file): its device, checkpoint interval and identity (what
+the run computes) come from it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.tables.run_identity import RunSpec
 from metarl.runtime import machine
 
 METHODS = (
@@ -52,7 +57,7 @@ def cell_machines(results: list[dict[str, Any]]) -> dict[str, int]:
     """Each machine the cells were trained on (with the device they used), and how many."""
     out: dict[str, int] = {}
     for r in results:
-        device = device_of(r["command"])
+        device = r["run"].device
         key = f"{r.get('machine', 'unknown machine')}, " + (
             "cpu" if device == "cpu" else f"agent.device={device}"
         )
@@ -74,26 +79,13 @@ def cell_overrides(method: str, ways: int, shots: int, seed: int, iterations: in
     return out
 
 
+def cell_run(method: str, overrides: list[str]) -> RunSpec:
+    """The training run of one cell of ``method`` with these ``--set`` overrides."""
+    return RunSpec.of(f"experiments/omniglot_{method}.toml", overrides)
+
+
 def cell_command(method: str, overrides: list[str]) -> str:
-    return f"metarl run experiments/omniglot_{method}.toml " + " ".join(
-        f"--set {o}" for o in overrides
-    )
-
-
-_DEVICE = re.compile(r" --set agent\.device=(\S+)")
-
-
-def device_of(command: str) -> str:
-    """The ``agent.device`` a cell's command sets (``cpu`` when it sets none)."""
-    found = _DEVICE.search(command)
-    return found.group(1) if found else "cpu"
-
-
-def device_free(command: str) -> str:
-    """A cell's command without its ``agent.device`` override: the device changes where a run
-    computes, not what it computes, so a cell trained on a GPU and one trained on CPUs are seeds of
-    one experiment."""
-    return _DEVICE.sub("", command)
+    return cell_run(method, overrides).command()
 
 
 def trained_runs(method: str) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -134,20 +126,21 @@ def _finished(
     run_dir: Path,
     cells_dir: str | None,
 ) -> dict[str, Any] | None:
-    """The cell's result if it was scored before: committed in ``cells_dir`` with the same
-    command (on any device), or left in ``run_dir`` by a finished run of the same length."""
+    """The cell's result if it was scored before: committed in ``cells_dir`` with a run of the
+    same identity (the same experiment and seed, on any device, checkpointed at any interval), or
+    left in ``run_dir`` by a finished run of the same length."""
     if cells_dir is not None:  # trained earlier or on another machine
         name = cell_name(
             {"method": method, "ways": ways, "shots": shots, "seed": seed, "iterations": iterations}
         )
         saved = Path(cells_dir) / name
         if saved.exists():
-            cell: dict[str, Any] = json.loads(saved.read_text())
-            if device_free(cell["command"]) == device_free(cell_command(method, overrides)):
+            cell = read_cell(saved)
+            if cell["run"].identity() == cell_run(method, overrides).identity():
                 return cell
     done = run_dir / "table.json"
     if done.exists():
-        previous: dict[str, Any] = json.loads(done.read_text())
+        previous = read_cell(done)
         if previous["iterations"] == iterations:
             return previous
     return None
@@ -392,6 +385,7 @@ def run_cell(
 
     torch.set_num_threads(threads)
     overrides = cell_overrides(method, ways, shots, seed, iterations) + list(extra)
+    run = cell_run(method, overrides)
     run_dir = cell_dir(root, method, ways, shots, seed)
     finished = _finished(method, ways, shots, seed, iterations, overrides, run_dir, cells_dir)
     if finished is not None:
@@ -413,7 +407,7 @@ def run_cell(
         "shots": shots,
         "seed": seed,
         "iterations": iterations,
-        "command": cell_command(method, overrides),
+        "command": run.command(),
         # wall time of the iterations trained by this call (all of them unless it resumed a run)
         "train_s": time.perf_counter() - start,
         "train_s_iterations": iterations - first,
@@ -434,7 +428,13 @@ def run_cell(
         Path(cells_dir).mkdir(parents=True, exist_ok=True)
         (Path(cells_dir) / cell_name(result)).write_text(json.dumps(result) + "\n")
         shutil.rmtree(parked_dir(cells_dir, run_dir), ignore_errors=True)  # now a cell
-    return result
+    return {**result, "run": run}
+
+
+def read_cell(path: Path) -> dict[str, Any]:
+    """One cell's stored result, with its run under ``"run"``, parsed from its command."""
+    cell: dict[str, Any] = json.loads(path.read_text())
+    return {**cell, "run": RunSpec.parse(cell["command"])}
 
 
 def cell_name(result: dict[str, Any]) -> str:
@@ -448,7 +448,7 @@ def load_cells(cells_dir: str | Path) -> list[dict[str, Any]]:
     folder = Path(cells_dir)
     if not folder.is_dir():
         return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [read_cell(p) for p in sorted(folder.glob("*.json"))]
 
 
 def merge_cells(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -464,35 +464,26 @@ def merge_cells(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for (m, w, k, _), r in keyed.items() if r["iterations"] == longest[(m, w, k)]]
 
 
-def seed_command(commands: list[str], seeds: list[int]) -> str:
+def seed_command(runs: list[RunSpec], seeds: list[int]) -> str:
     """One command for a row's seeds (in braces). Where the seeds ran on different devices, or
     checkpointed at different intervals (neither changes what a run computes), the command is given
     without that override and a trailing shell comment names the value each seed ran with."""
-    braces = "run.seed={" + ",".join(map(str, seeds)) + "}"
-    base = commands[0]
+    base = runs[0]
     notes = []
-    devices = [device_of(c) for c in commands]
+    devices = [r.device for r in runs]
     if len(set(devices)) > 1:
-        base = device_free(base)
+        base = base.without("agent.device")
         notes.append(_per_seed(
             seeds, devices,
             lambda d: "no agent.device (CPU)" if d == "cpu" else f"--set agent.device={d}"))
-    intervals = [_checkpoint_every_of(c) for c in commands]
+    intervals = [r.checkpoint_every for r in runs]
     if len(set(intervals)) > 1:
-        base = _CHECKPOINT.sub("", base)
+        base = base.without("run.checkpoint_every")
         notes.append(_per_seed(
             seeds, intervals,
             lambda v: "no run.checkpoint_every" if v is None else f"--set run.checkpoint_every={v}"))
-    command = base.replace(f"run.seed={seeds[0]}", braces)
+    command = base.setting("run.seed", "{" + ",".join(map(str, seeds)) + "}").command()
     return command + (f"  # {'; '.join(notes)}" if notes else "")
-
-
-_CHECKPOINT = re.compile(r" --set run\.checkpoint_every=(\S+)")
-
-
-def _checkpoint_every_of(command: str) -> str | None:
-    found = _CHECKPOINT.search(command)
-    return found.group(1) if found else None
 
 
 def _per_seed(seeds: list[int], values: list[Any], describe: Callable[[Any], str]) -> str:

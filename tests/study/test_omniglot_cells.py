@@ -191,35 +191,65 @@ def test_a_parked_unfinished_run_resumes_in_a_clone_without_it_and_matches_an_un
     assert resumed["accuracy"] == unbroken["accuracy"]
 
 
-def test_seed_command_names_the_device_of_each_seed():
+def _seed_command(commands: list[str], seeds: list[int]) -> str:
+    """seed_command of cells stored with these commands."""
     from experiments.tables.omniglot_cells import seed_command
+    from experiments.tables.run_identity import RunSpec
 
+    return seed_command([RunSpec.parse(c) for c in commands], seeds)
+
+
+def test_seed_command_names_the_device_of_each_seed():
     base = "metarl run experiments/omniglot_maml.toml --set run.seed={}"
     gpu = base + " --set agent.device=cuda --set run.checkpoint_every=100"
     cpu = base + " --set run.checkpoint_every=100"
-    same = seed_command([gpu.format(0), gpu.format(1)], [0, 1])
+    same = _seed_command([gpu.format(0), gpu.format(1)], [0, 1])
     assert same == gpu.replace("{}", "{0,1}")
-    mixed = seed_command([gpu.format(0), cpu.format(1), cpu.format(2)], [0, 1, 2])
+    mixed = _seed_command([gpu.format(0), cpu.format(1), cpu.format(2)], [0, 1, 2])
     assert mixed == (cpu.replace("{}", "{0,1,2}")
                      + "  # seed 0 with --set agent.device=cuda; seeds 1,2 with no agent.device (CPU)")
 
 
 def test_seed_command_names_the_checkpoint_interval_of_each_seed():
-    from experiments.tables.omniglot_cells import seed_command
-
     base = "metarl run experiments/omniglot_maml.toml --set run.seed={} --set tasks.num_ways=20"
     every = " --set run.checkpoint_every={}"
     gpu = base + " --set agent.device=cuda"
     commands = [(gpu + every).format(0, 100), (base + every).format(1, 20),
                 (base + every).format(2, 20)]
-    assert seed_command(commands, [0, 1, 2]) == (
+    assert _seed_command(commands, [0, 1, 2]) == (
         "metarl run experiments/omniglot_maml.toml --set run.seed={0,1,2} --set tasks.num_ways=20"
         "  # seed 0 with --set agent.device=cuda; seeds 1,2 with no agent.device (CPU)"
         "; seed 0 with --set run.checkpoint_every=100; seeds 1,2 with --set run.checkpoint_every=20")
     # one seed without the override, the others with it
-    mixed = seed_command([base.format(3), (base + every).format(4, 20)], [3, 4])
+    mixed = _seed_command([base.format(3), (base + every).format(4, 20)], [3, 4])
     assert mixed == (base.replace("{}", "{3,4}") + "  # seed 3 with no run.checkpoint_every; "
                      "seed 4 with --set run.checkpoint_every=20")
     # the same interval everywhere stays in the command
-    same = seed_command([(base + every).format(0, 20), (base + every).format(1, 20)], [0, 1])
+    same = _seed_command([(base + every).format(0, 20), (base + every).format(1, 20)], [0, 1])
     assert same == (base + every).format("{0,1}", 20)
+
+
+def test_a_cells_identity_is_what_its_run_computes_not_where_or_how_often_it_saves():
+    """Two cells differing only in device (or checkpoint and log intervals) are one experiment;
+    a model or algorithm key, the seed or the config file makes another."""
+    from experiments.tables.omniglot_cells import cell_overrides, cell_run
+    from experiments.tables.run_identity import RunSpec
+
+    overrides = cell_overrides("maml", 5, 1, 0, 600)
+    cpu = cell_run("maml", overrides + ["run.checkpoint_every=100"])
+    gpu = cell_run("maml", overrides + ["agent.device=cuda", "run.checkpoint_every=20", "run.log_every=5"])
+    assert (cpu.device, gpu.device, cpu.checkpoint_every, gpu.checkpoint_every) == ("cpu", "cuda", "100", "20")
+    assert cpu.identity() == gpu.identity()
+    assert cpu.identity().seed == 0
+    # an override written another way, or in another order, resolves to the same config
+    assert cell_run("maml", ["agent.inner_lr=0.40", *reversed(overrides)]).identity() == cell_run(
+        "maml", [*overrides, "agent.inner_lr=0.4"]).identity()
+    wider = cell_run("maml", overrides + ["tasks.channels=32"])
+    assert wider.identity() != cpu.identity() and wider.identity().seed == cpu.identity().seed
+    other_seed = cell_run("maml", cell_overrides("maml", 5, 1, 1, 600))
+    assert other_seed.identity() != cpu.identity()
+    assert other_seed.identity().experiment() == cell_run("maml", overrides).identity().experiment()
+    assert cell_run("fomaml", overrides).identity() != cell_run("maml", overrides).identity()
+    # a stored command parses back to the run that wrote it
+    assert RunSpec.parse(gpu.command()) == gpu and gpu.command().startswith(
+        "metarl run experiments/omniglot_maml.toml --set run.seed=0 ")

@@ -68,7 +68,8 @@ def test_omniglot_table_adds_the_ensembles_beside_it_to_its_markdown_json_and_fi
 
     cells = tmp_path / "cells"
     cells.mkdir()
-    cell = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 10, "command": "c",
+    cell = {"method": "protonet", "ways": 5, "shots": 1, "seed": 0, "iterations": 10,
+            "command": "metarl run experiments/omniglot_protonet.toml --set run.seed=0",
             "train_s": 1.0, "machine": "m", "accuracy": {"5": {"step": 0, "per_task": [90.0, 100.0]}},
             "official": {"mean_error": 12.0, "error_per_run": [10.0, 14.0], "protocol": "p"}}
     (cells / cell_name(cell)).write_text(json.dumps(cell))

@@ -165,10 +165,14 @@ def test_omniglot_table_reuses_a_committed_cell_only_for_the_same_command(tmp_pa
     monkeypatch.setattr("metarl.experiment.Experiment", NoTraining)
     same = table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
                           ["agent.device=cuda"], str(cells))
-    assert same == saved and not trained
+    stored = {k: v for k, v in same.items() if k != "run"}  # the cell with its parsed run
+    assert stored == saved and same["run"].command() == saved["command"] and not trained
     # the same experiment on another device is the same cell: a GPU seed counts for a CPU sweep
     on_cpu = table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"), [], str(cells))
-    assert on_cpu == saved and not trained
+    assert on_cpu == same and not trained
+    # so is one checkpointed at another interval
+    assert table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
+                          ["run.checkpoint_every=3"], str(cells)) == same and not trained
     with pytest.raises(RuntimeError, match="would train"):  # another command: not reused
         table.run_cell("protonet", 5, 1, (5, 20), 0, 7, str(tmp_path / "runs"),
                        ["agent.outer_lr=0.01"], str(cells))
