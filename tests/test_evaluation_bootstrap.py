@@ -1,4 +1,4 @@
-"""The IQM and the bootstrap intervals of metarl.evaluation (scipy.stats.bootstrap underneath),
+"""The IQM and the bootstrap intervals of metarl.stats (scipy.stats.bootstrap underneath),
 checked against results worked out independently of the code under test."""
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from metarl.evaluation import (
+from metarl.stats import (
     _cvar_along,
     _iqm_along,
     bootstrap_ci,
