@@ -71,12 +71,12 @@ class FunctionalMLP:
         _check_mlp(sizes, activation)
         self.sizes = list(sizes)
         self.activation = activation
-        self._names = mlp_layer_names(len(self.sizes) - 1)
+        # Parameter keys built once: the policy forward runs at every environment step.
+        self._keys = [(f"{n}.weight", f"{n}.bias") for n in mlp_layer_names(len(self.sizes) - 1)]
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """``[..., in]`` -> ``[..., out]``."""
-        layers = [(params[f"{n}.weight"], params[f"{n}.bias"]) for n in self._names]
-        return mlp_forward(layers, x, self.activation)
+        return mlp_forward([(params[w], params[b]) for w, b in self._keys], x, self.activation)
 
     def rows(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Like calling it, but each row of a ``[B, in]`` batch is independent of the others bit
