@@ -1,7 +1,7 @@
 """The ``metarl`` command line.
 
     metarl run CONFIG [--set section.key=value ...] [--out RUN_DIR]
-    metarl run --resume RUN_DIR
+    metarl run --resume RUN_DIR [--set run.num_iterations=N ...]
     metarl eval RUN_DIR
     metarl list [agents|envs]
     metarl bench adapt|sampler|envs|trpo|anil ...   (from a checkout: experiments/bench/)
@@ -51,6 +51,17 @@ def _kept(experiment: Any) -> str:
     return f"the checkpoint of iteration {experiment.checkpointed} is kept"
 
 
+def _continued(run_dir: str, overrides: list[str] | None) -> dict[str, Any] | None:
+    """The resolved config ``metarl run --resume RUN_DIR --set ...`` asks for (``None``: no --set)."""
+    from metarl.config import apply_overrides, load_toml
+    from metarl.experiment import resolve_document
+
+    config = Path(run_dir) / "config.toml"
+    if not overrides or not config.is_file():
+        return None  # Experiment.resume says what is wrong with the directory
+    return resolve_document(apply_overrides(load_toml(config), overrides))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from metarl.errors import NonFiniteLossError
     from metarl.experiment import Experiment
@@ -58,9 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metarl.stopping import TrainingStopped
 
     if args.resume:
-        if args.config or args.set:
-            raise ConfigError("--resume takes only the run directory; its config.toml is reused as it was")
-        experiment = Experiment.resume(args.resume)
+        if args.config:
+            raise ConfigError("--resume takes the run directory, not a config: its config.toml is reused "
+                              "(--set may change run.num_iterations, the log intervals and [eval])")
+        experiment = Experiment.resume(args.resume, update=_continued(args.resume, args.set))
     elif args.config:
         experiment = Experiment.create(args.config, args.set, args.out)
     else:

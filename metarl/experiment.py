@@ -146,6 +146,75 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    run: RunConfig
+    eval: EvalConfig
+    agent_cls: type
+    agent: Any
+    document: dict[str, Any]
+
+
+def _resolve(document: dict[str, Any]) -> _Resolved:
+    """Checks a config document and fills in every default, without building anything."""
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    run_cfg = build(RunConfig, dict(document.get("run", {})), "run")
+    eval_cfg = build(EvalConfig, dict(document.get("eval", {})), "eval")
+    tasks = dict(document.get("tasks", {}))
+    if "name" not in tasks:
+        raise ConfigError("[tasks] needs name = '...' (a task distribution; see `metarl list envs`)")
+    agent_cls = resolve_agent(run_cfg.agent)
+    agent_cfg = build(agent_cls.Config, dict(document.get("agent", {})), "agent")
+    tasks = {"name": tasks.pop("name"), **tasks}
+    resolved = {"run": asdict(run_cfg), "tasks": tasks, "agent": asdict(agent_cfg), "eval": asdict(eval_cfg)}
+    return _Resolved(run_cfg, eval_cfg, agent_cls, agent_cfg, resolved)
+
+
+def resolve_document(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (a config as loaded, overrides applied) with every default filled in, as a
+    run directory's ``config.toml`` records it; the agent is not built.
+
+    Raises:
+        ConfigError: an unknown section, key or value.
+    """
+    return _resolve(document).document
+
+
+def continued_document(recorded: dict[str, Any], requested: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The config a run trained with ``recorded`` continues with when ``requested`` is asked for:
+    ``recorded`` with ``requested``'s free keys (:data:`FREE_RUN_KEYS`, :data:`FREE_SECTIONS`).
+    Both are resolved documents.
+
+    Raises:
+        ConfigError: ``requested`` changes the model or the algorithm (naming the keys).
+    """
+    changed = config_changes(recorded, requested)
+    if changed:
+        values = ", ".join(
+            f"{key} {_value(recorded, key)!r} -> {_value(requested, key)!r}" for key in changed[:4]
+        )
+        raise ConfigError(
+            f"{run_dir} was trained with other settings than those asked for ({values}); ask for the "
+            f"settings it was started with, or pick another --out for a new run (only "
+            f"run.{', run.'.join(FREE_RUN_KEYS)} and [eval] may change when a run continues)"
+        )
+    document = {section: dict(table) for section, table in recorded.items()}
+    for key in FREE_RUN_KEYS:
+        if key in requested.get("run", {}):
+            document["run"][key] = requested["run"][key]
+    for section in FREE_SECTIONS:
+        if section in requested:
+            document[section] = dict(requested[section])
+    return document
+
+
+def _value(document: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return document.get(section, {}).get(key)
+
+
 def _make_agent(agent_cls: type, cfg: Any, distribution: Any, seed: int, agent_path: str, task_name: str) -> Agent:
     """The agent, or a one-line error when it cannot work on the distribution (e.g. an RL agent
     given a few-shot distribution: it looks for what the distribution does not have)."""
@@ -165,31 +234,19 @@ class Experiment:
     """
 
     def __init__(self, document: dict[str, Any], run_dir: Path):
-        unknown = sorted(set(document) - set(SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
         self.run_dir = Path(run_dir)
-        self.run_cfg = build(RunConfig, dict(document.get("run", {})), "run")
-        self.eval_cfg = build(EvalConfig, dict(document.get("eval", {})), "eval")
-        tasks = dict(document.get("tasks", {}))
-        if "name" not in tasks:
-            raise ConfigError("[tasks] needs name = '...' (a task distribution; see `metarl list envs`)")
+        parts = _resolve(document)
+        self.run_cfg, self.eval_cfg, self.agent_cfg = parts.run, parts.eval, parts.agent
+        tasks = dict(parts.document["tasks"])
         self.task_name = tasks.pop("name")
         self.distribution = make_distribution(self.task_name, **tasks)
-        agent_cls = resolve_agent(self.run_cfg.agent)
-        self.agent_cfg = build(agent_cls.Config, dict(document.get("agent", {})), "agent")
-        self.agent = _make_agent(agent_cls, self.agent_cfg, self.distribution, self.run_cfg.seed,
+        self.agent = _make_agent(parts.agent_cls, self.agent_cfg, self.distribution, self.run_cfg.seed,
                                  self.run_cfg.agent, self.task_name)
         self.rng = np.random.default_rng([self.run_cfg.seed, 0])
         self.iteration = 0
         self.checkpointed: int | None = None  # the iteration of the latest checkpoint, if any
         self._release: weakref.finalize | None = None  # gives up the run directory (close, or garbage)
-        self.document = {
-            "run": asdict(self.run_cfg),
-            "tasks": {"name": self.task_name, **tasks},
-            "agent": asdict(self.agent_cfg),
-            "eval": asdict(self.eval_cfg),
-        }
+        self.document = parts.document
 
     @classmethod
     def create(cls, config_path: str | Path, overrides: list[str] | None = None, out: str | Path | None = None) -> Experiment:
@@ -214,21 +271,32 @@ class Experiment:
         return experiment
 
     @classmethod
-    def resume(cls, run_dir: str | Path, load: str = "checkpoint.pt") -> Experiment:
+    def resume(
+        cls, run_dir: str | Path, load: str = "checkpoint.pt", update: dict[str, Any] | None = None
+    ) -> Experiment:
         """Reopens a run directory at its latest checkpoint (or from scratch if it saved none).
 
-        The calling process then owns the directory until :meth:`close` (or its exit).
+        ``update`` (a resolved config document, see :func:`resolve_document`) gives new values of
+        the keys that may change when a run continues (``run.num_iterations`` to train further,
+        the log and checkpoint intervals, ``[eval]``); ``config.toml`` records them once the
+        checkpoint has loaded. The calling process then owns the directory until :meth:`close`
+        (or its exit).
 
         Raises:
             ConfigError: not a run directory; another process owns it; the checkpoint cannot be
-                read, or ``config.toml`` changed the model or algorithm since it was saved.
+                read; ``config.toml`` or ``update`` changes the model or algorithm since it was
+                saved; ``run.num_iterations`` is below the checkpoint's iteration.
         """
         run_dir = Path(run_dir)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.toml); start one with `metarl run CONFIG`")
         lock = lock_run_dir(run_dir)  # before building the agent: a second owner stops at once
         try:
-            experiment = cls(load_toml(run_dir / "config.toml"), run_dir)
+            recorded = load_toml(run_dir / "config.toml")
+            document = recorded
+            if update is not None:
+                document = continued_document(resolve_document(recorded), update, run_dir)
+            experiment = cls(document, run_dir)
         except BaseException:
             unlock_run_dir(lock)
             raise
@@ -236,6 +304,13 @@ class Experiment:
         try:
             if (run_dir / load).exists():
                 experiment.load_state(load_checkpoint(run_dir / load), run_dir / load)
+            if experiment.iteration > experiment.run_cfg.num_iterations:
+                raise ConfigError(
+                    f"{run_dir} has trained {experiment.iteration} iterations, more than "
+                    f"run.num_iterations={experiment.run_cfg.num_iterations}; ask for at least {experiment.iteration}"
+                )
+            if _plain(experiment.document) != _plain(resolve_document(recorded)):
+                (run_dir / "config.toml").write_text(dump_toml(experiment.document))
         except BaseException:
             experiment.close()
             raise

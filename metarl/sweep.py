@@ -7,7 +7,10 @@ Every run trains and is evaluated on held-out tasks like ``metarl run``; the swe
 per-task scores of all seeds of a grid cell and reports, for each adaptation step, the
 interquartile mean with a 95% bootstrap interval. It writes
 ``OUT/sweep.json``, ``OUT/sweep.md`` and one PNG curve per metric. Finished runs (with
-``eval.json``) are reused and interrupted ones resumed, so a stopped sweep picks up where it was.
+``eval.json``) are reused and interrupted ones resumed, so a stopped sweep picks up where it was;
+asked for more ``run.num_iterations`` than they have, finished runs train further and are
+evaluated again (the earlier ``eval.json`` kept as ``eval.iterK.json``). A run directory trained
+with other model or algorithm settings than those asked for stops the sweep before it starts.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl.config import ConfigError
+from metarl.config import ConfigError, apply_overrides, load_toml
 from metarl.evaluation import bootstrap_ci, cvar, iqm
 from metarl.stopping import StoppablePool
 
@@ -53,22 +56,56 @@ def run_one(
     ``eval.json`` document."""
     import torch
 
-    from metarl.experiment import Experiment
+    from metarl.experiment import Experiment, resolve_document
 
     torch.set_num_threads(threads)
     path = Path(run_dir)
     done = path / "eval.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    experiment = (
-        Experiment.resume(path) if (path / "config.toml").exists() else Experiment.create(config, overrides, path)
-    )
+    requested = continuation(config, overrides, path)
+    if requested is None:
+        experiment = Experiment.create(config, overrides, path)
+    else:
+        if done.exists():
+            recorded = resolve_document(load_toml(path / "config.toml"))
+            asked, had = requested["run"]["num_iterations"], recorded["run"]["num_iterations"]
+            if asked == had and json.dumps(requested["eval"], sort_keys=True) == json.dumps(recorded["eval"], sort_keys=True):
+                return json.loads(done.read_text())
+            if asked < had:
+                raise ConfigError(f"{path} has trained {had} iterations, more than run.num_iterations={asked}; "
+                                  f"ask for at least {had}")
+            # trained further or evaluated otherwise: the earlier evaluation is kept beside
+            done.rename(_free_name(path / f"eval.iter{had}.json"))
+        experiment = Experiment.resume(path, update=requested)
     try:
         experiment.run(progress=False)
         experiment.evaluate(baselines)
     finally:
         experiment.close()
     return json.loads(done.read_text())
+
+
+def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, Any] | None:
+    """The resolved config ``run_dir`` continues with, when it already holds a run (``None`` when
+    not): what ``config`` with ``overrides`` asks for, once checked against the run's own config.
+
+    Raises:
+        ConfigError: the run was trained with other model or algorithm settings (naming them).
+    """
+    from metarl.experiment import continued_document, resolve_document
+
+    if not (run_dir / "config.toml").exists():
+        return None
+    requested = resolve_document(apply_overrides(load_toml(config), overrides))
+    continued_document(resolve_document(load_toml(run_dir / "config.toml")), requested, run_dir)
+    return requested
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path`` with a counter before its suffix if that name is taken."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
+    return candidate
 
 
 def _pool_map(
@@ -294,6 +331,8 @@ def sweep(
         for seed in range(seeds)
     ]
     index = [label_of(cell) for cell in cells for _ in range(seeds)]
+    for job in jobs:  # a run directory trained with other settings stops the sweep before it starts
+        continuation(job[0], job[1], Path(job[2]))
     workers = workers or min(len(jobs), os.cpu_count() or 1)
 
     def on_done(i: int, document: dict[str, Any]) -> None:

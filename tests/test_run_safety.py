@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from resume_helpers import wait_for
-from test_experiment import ROOT, metarl, small_run
+from test_experiment import ROOT, SMALL, metarl, small_run
 
 from metarl.config import load_toml
 from metarl.experiment import dump_toml
@@ -384,3 +384,61 @@ def test_the_readme_sampling_snippet_runs_as_a_script(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "torch.Size([4, 20, 100, 2])" in done.stdout
+
+
+# ------------------------------------------------------------------ training a run further
+
+
+def test_resume_with_set_trains_further_and_matches_a_run_trained_straight_through(tmp_path):
+    metarl(*small_run(tmp_path / "full", "run.num_iterations=60"))
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=60")
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert load_toml(run / "config.toml")["run"]["num_iterations"] == 60
+
+
+def test_resume_with_set_refuses_model_keys_and_fewer_iterations_than_trained(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=40"))
+    before = {name: (run / name).read_bytes() for name in ("config.toml", "metrics.jsonl", "checkpoint.pt")}
+    _one_line_error(metarl("run", "--resume", str(run), "--set", "agent.outer_lr=0.5", check=False),
+                    "agent.outer_lr", "another --out")
+    _one_line_error(metarl("run", "--resume", str(run), "--set", "run.num_iterations=30", check=False),
+                    "trained 40 iterations", "at least 40")
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def _sweep(out: Path, *extra: str, check: bool = True):
+    args = ["sweep", "experiments/sinusoid_maml.toml", "--seeds", "1", "--workers", "1", "--out", str(out)]
+    for item in [*SMALL, "run.eval_at_end=true", "eval.num_tasks=4", *extra]:
+        args += ["--set", item]
+    return metarl(*args, check=check)
+
+
+def test_the_same_sweep_asking_more_iterations_trains_its_runs_further_keeping_the_first_evaluation(tmp_path):
+    _sweep(tmp_path / "straight", "run.num_iterations=60")
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=40")
+    run = out / "base-s0"
+    first = (run / "eval.json").read_text()
+    _sweep(out, "run.num_iterations=40")  # the same command reuses the finished run untouched
+    assert (run / "eval.json").read_text() == first and _iterations(run / "metrics.jsonl")[-1] == 40
+    _sweep(out, "run.num_iterations=60")
+    assert (run / "eval.iter40.json").read_text() == first
+    straight = tmp_path / "straight" / "base-s0"
+    assert (run / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    scores = [{k: v for k, v in json.loads((d / "eval.json").read_text())["summary"].items() if k != "plots"}
+              for d in (run, straight)]
+    assert scores[0] == scores[1] and "loss_mean" in scores[0]
+
+
+def test_a_sweep_over_runs_trained_with_other_settings_stops_before_touching_them(tmp_path):
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=20")
+    run = out / "base-s0"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    _one_line_error(_sweep(out, "run.num_iterations=40", "agent.outer_lr=0.5", check=False),
+                    "agent.outer_lr", "another --out")
+    _one_line_error(_sweep(out, "run.num_iterations=10", check=False), "trained 20 iterations")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
