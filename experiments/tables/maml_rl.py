@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from experiments.bench.trpo import timing_table
+from experiments.rl_curves import benchmark_of
 from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references
 from metarl.runtime import machine
+from metarl.stats import bootstrap_difference_ci
 
 
 def _timing(run_dirs: list[Path]) -> dict[str, float]:
@@ -66,9 +69,46 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "timing": _timing(runs),
                 "num_tasks": config.get("summary", {}).get("num_tasks"),
                 "command": document.get("sweep_command") or document["commands"][label],
+                "gain": {metric: gain(runs, metric) for metric in ("return", "success")},
+                "published": published_after(runs[0]) if runs else None,
             }
         )
     return rows
+
+
+def gain(runs: list[Path], metric: str) -> dict[str, float] | None:
+    """Held-out ``metric`` after one adaptation step minus before, over tasks × seeds: the mean
+    difference and its paired 95% bootstrap interval (each task scored before and after), from
+    every run's ``eval.json``; ``None`` without runs or when they did not score ``metric``."""
+    pre, post = [], []
+    if not runs or not all((run / "eval.json").exists() for run in runs):
+        return None
+    for run in runs:
+        table = json.loads((run / "eval.json").read_text())["per_task"].get(metric)
+        if table is None:
+            return None
+        scores = np.asarray(table, dtype=float)  # [tasks, adaptation steps]
+        pre.append(scores[:, 0])
+        post.append(scores[:, 1])
+    a, b = np.concatenate(post), np.concatenate(pre)
+    lo, hi = bootstrap_difference_ci(a, b, np.mean)
+    return {"mean": float(a.mean() - b.mean()), "lo": lo, "hi": hi, "num": int(a.size)}
+
+
+def published_after(run: Path) -> dict[str, Any] | None:
+    """The published held-out return after one step for the run's benchmark and algorithm (the
+    MAML-TRPO curve stands for MAML-PPO where only it is published), from references.toml."""
+    config = tomllib.loads((run / "config.toml").read_text())
+    benchmark, algorithm = benchmark_of(config)
+    family, _, env = benchmark.partition(".")
+    entries = references().get(family, {})
+    entries = entries.get(env, {}) if env else entries
+    entry = entries.get(algorithm) or entries.get("maml_trpo")
+    if not isinstance(entry, dict) or "return_post" not in entry:
+        return None
+    return {"return_post": entry["return_post"], "range": entry.get("return_post_range"),
+            "iterations": entry.get("iterations"), "source": entry.get("source"), "how": entry.get("how"),
+            "algorithm": algorithm if algorithm in entries else "maml_trpo"}
 
 
 # What the papers report for the rows of this table, with sources: experiments/references.toml.
@@ -88,6 +128,23 @@ def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
         "",
     ]
     return lines + timing_table(timing["settings"])
+
+
+def _fmt_gain(g: dict[str, float] | None) -> str:
+    return "–" if not g else f"{g['mean']:+.3g} [{g['lo']:+.3g}, {g['hi']:+.3g}]"
+
+
+def _fmt_published(row: dict[str, Any], metric: str) -> str:
+    """The published value after one step and how far the row's mean after one step is from it
+    (from its range where the value was read off a plot)."""
+    ref = row.get("published")
+    if not ref or metric != "return" or row[metric] is None:
+        return "–"
+    ours = row[metric]["mean"][1] if "mean" in row[metric] else row[metric]["iqm"][1]
+    low, high = ref["range"] or (ref["return_post"], ref["return_post"])
+    off = 0.0 if low <= ours <= high else (ours - high if ours > high else ours - low)
+    where = "within its range" if off == 0 else f"{off:+.3g} from its range [{low:.3g}, {high:.3g}]"
+    return f"{ref['return_post']:.3g} ({ref['iterations']}); ours {where}"
 
 
 def write_table(
@@ -119,8 +176,9 @@ def write_table(
         f"Table written by `{command}` on {document['machine']}; each row names the machine it ran on.",
         "",
         "| sweep | seeds × tasks | iterations | metric | before adaptation | after 1 step | after last step | "
+        "gain after 1 step, mean [95% CI] | published after 1 step (its); our mean against it | "
         "scratch baseline | multi-task fine-tuned | sampling s/it | optimisation s/it (ratio) | machine | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t = row["timing"]
@@ -142,7 +200,8 @@ def write_table(
             lines.append(
                 f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
                 f"{t.get('iterations', '–')} | {metric} | {fmt_iqm(row[metric], 0)} | {fmt_iqm(row[metric], 1)} | "
-                f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | {base[0]} | {base[1]} | "
+                f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | "
+                f"{_fmt_gain((row.get('gain') or {}).get(metric))} | {_fmt_published(row, metric)} | {base[0]} | {base[1]} | "
                 f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
     lines += ["", "## Published reference points", ""] + [f"- {p}" for p in PUBLISHED]

@@ -56,6 +56,12 @@ def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
     optimisation = np.mean([t["time/optimization_s"] for t in timings])
     assert row["timing"]["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
     assert "| return |" in (tmp_path / "table.md").read_text()
+    # The adaptation gain: mean over tasks × seeds of (after one step - before), from each eval.json.
+    scores = np.concatenate([np.asarray(json.loads((tmp_path / "s" / f"base-s{s}" / "eval.json").read_text())
+                                        ["per_task"]["return"]) for s in (0, 1)])
+    g = row["gain"]["return"]
+    assert g["num"] == 6 and g["mean"] == pytest.approx(float(np.mean(scores[:, 1] - scores[:, 0])))
+    assert g["lo"] <= g["mean"] <= g["hi"] and row["gain"]["success"] is None
     # The row names the whole sweep command, baseline options included, so it can be re-run as is.
     assert row["command"].startswith("metarl sweep experiments/maml_trpo_nav2d.toml --seeds 2 --workers 1")
 
@@ -147,3 +153,16 @@ def test_sweep_and_sinusoid_table_threads_reach_each_run_and_bad_counts_are_refu
         with pytest.raises(SystemExit):
             sinusoid_table.main([*bad, "--root", str(tmp_path / "sin"), "--out", str(tmp_path / "sin")])
     assert not (tmp_path / "sin").exists()
+
+
+def test_rl_table_says_how_far_the_mean_after_one_step_is_from_the_published_range():
+    from experiments.tables.maml_rl import _fmt_published
+
+    ref = {"return_post": -75.0, "range": [-80.0, -70.0], "iterations": 500}
+    row = {"published": ref, "return": {"mean": [-200.0, -150.0], "iqm": [0.0, 0.0]}}
+    assert _fmt_published(row, "return") == "-75 (500); ours -70 from its range [-80, -70]"
+    row["return"]["mean"][1] = -72.0
+    assert _fmt_published(row, "return").endswith("ours within its range")
+    row["return"]["mean"][1] = -60.0
+    assert "+10 from its range" in _fmt_published(row, "return")
+    assert _fmt_published(row, "success") == "–" and _fmt_published({**row, "published": None}, "return") == "–"
