@@ -138,11 +138,19 @@ def plot(row: dict[str, Any], path: Path) -> Path:
             colors[step] = line.get_color()
             ax.fill_between(its, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
         ref = row["reference"]
-        at = ref.get("iterations", row["budget_iterations"])
+        at = reference_iteration(ref, per_iteration, row["budget_iterations"])
         for key, step in ((f"{metric}_pre", 0), (f"{metric}_post", 1)):
             if key in ref:
                 ax.scatter([at], [ref[key]], marker="*", s=150, zorder=5, color=colors.get(step),
                            edgecolors="black", label=f"published, after {step} step(s)")
+        curve = ref.get(f"{metric}_post_curve")
+        if curve and np.isfinite(per_iteration) and per_iteration > 0:
+            span = 2 * max(max(row["iterations"]), row["budget_iterations"])  # the points near ours
+            points = [(steps / per_iteration, v) for steps, v in curve if steps / per_iteration <= span]
+            if points:
+                ax.plot([x for x, _ in points], [v for _, v in points], ls="--", marker="*", ms=7,
+                        color="black", lw=0.8, label="published log, adapted")
+                at = max(at, max(x for x, _ in points))
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel(f"held-out {metric}")
         ax.set_xlim(0, max(at, max(row["iterations"])) * 1.05)
@@ -158,6 +166,17 @@ def plot(row: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reference_iteration(ref: dict[str, Any], per_iteration: float, default: int) -> float:
+    """Where a published value sits on the meta-iteration axis: its ``iterations``, or its
+    ``env_steps`` at this benchmark's environment steps per iteration (the papers' iterations
+    hold other numbers of steps than ours)."""
+    if "iterations" in ref:
+        return float(ref["iterations"])
+    if "env_steps" in ref and np.isfinite(per_iteration) and per_iteration > 0:
+        return float(ref["env_steps"]) / per_iteration
+    return float(default)
 
 
 def fmt(value: float | None) -> str:
@@ -187,6 +206,10 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
             ref = row["reference"]
             published = (f"{fmt(ref.get(f'{metric}_pre'))} → {fmt(ref.get(f'{metric}_post'))}"
                          if f"{metric}_pre" in ref or f"{metric}_post" in ref else "–")
+            if published != "–":
+                where = (f"{ref['iterations']} its" if "iterations" in ref
+                         else f"{ref['env_steps'] / 1e6:.1f}M steps" if "env_steps" in ref else "")
+                published += f" ({where}, {ref.get('how', '')})" if where else ""
             lines.append(
                 f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
                 f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "

@@ -46,3 +46,13 @@ def test_writes_table_json_and_plot(tmp_path):
     assert "| halfcheetah-vel | maml_trpo | 1 | 4 (500) |" in text
     assert (tmp_path / "curves_maml-trpo-cheetah-vel.png").stat().st_size > 0
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["seeds"] == 1
+
+
+def test_a_published_value_given_in_environment_steps_sits_at_our_iteration_with_as_many_steps():
+    from experiments.rl_curves import reference_iteration
+
+    # 5M steps at 200,000 steps per meta-iteration (20 tasks x 10 episodes x 500 steps, pre and post)
+    assert reference_iteration({"env_steps": 5.0e6}, 200_000.0, 300) == 25.0
+    assert reference_iteration({"iterations": 500, "env_steps": 1.0}, 200_000.0, 300) == 500.0
+    assert reference_iteration({}, 200_000.0, 300) == 300.0
+    assert reference_iteration({"env_steps": 5.0e6}, float("nan"), 300) == 300.0
