@@ -42,7 +42,7 @@ def probe(run_dir: Path, num_goals: int, episodes: int | None, seed: int) -> dic
         experiment = Experiment(document, Path(scratch))
         try:
             experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            agent = experiment.agent
+            agent: Any = experiment.agent  # a meta-policy-gradient agent (metarl.meta_pg_agent)
             cfg = experiment.agent_cfg
             tasks = sorted(experiment.distribution.test_tasks(), key=lambda t: t["velocity"])
             picked = [tasks[i] for i in np.linspace(0, len(tasks) - 1, num_goals).round().astype(int)]
