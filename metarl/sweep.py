@@ -8,7 +8,8 @@ per-task scores of all seeds of a grid cell and reports, for each adaptation ste
 interquartile mean with a 95% bootstrap interval. It writes
 ``OUT/sweep.json``, ``OUT/sweep.md`` and one PNG curve per metric. Finished runs (with
 ``eval.json``) are reused and interrupted ones resumed, so a stopped sweep picks up where it was;
-asked for more ``run.num_iterations`` than they have, finished runs train further and are
+a sweep stopped by a signal still reports the runs that had finished. Asked for more
+``run.num_iterations`` than they have, finished runs train further and are
 evaluated again (the earlier ``eval.json`` kept as ``eval.iterK.json``). A run directory trained
 with other model or algorithm settings than those asked for stops the sweep before it starts.
 """
@@ -115,10 +116,12 @@ def _pool_map(
     on_done: Callable[[int, dict], None],
     on_fail: Callable[[int, BaseException], None],
     threads: int = 1,
-) -> list[dict | None]:
+) -> tuple[list[dict | None], BaseException | None]:
     """Runs every job (each with ``threads`` CPU threads); a failed run is reported through
-    ``on_fail`` and leaves ``None``, so the others still finish and count."""
+    ``on_fail`` and leaves ``None``, so the others still finish and count. Also returns what a
+    stop signal left (``None`` if none came): the runs it stopped leave ``None`` too."""
     results: list[dict | None] = [None] * len(jobs)
+    stopped: BaseException | None = None
     if backend == "ray":
         try:
             import ray
@@ -153,11 +156,9 @@ def _pool_map(
                 if results[i] is not None:  # None: stopped by Ctrl-C or kill
                     on_done(i, results[i])  # type: ignore[arg-type]
         stopped = pool.stop_report(sum(r is not None for r in results))
-        if stopped is not None:
-            raise stopped
     else:
         raise ConfigError(f"--backend must be 'process' or 'ray', got {backend!r}")
-    return results
+    return results, stopped
 
 
 def aggregate(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,7 +348,7 @@ def sweep(
         failures[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         print(f"[{i + 1}/{len(jobs)}] {name} FAILED: {failures[name]}", flush=True)
 
-    documents = _pool_map(jobs, workers, backend, on_done, on_fail, threads)
+    documents, stopped = _pool_map(jobs, workers, backend, on_done, on_fail, threads)
     by_cell: dict[str, list[dict[str, Any]]] = {}
     for label, document in zip(index, documents, strict=True):
         if document is not None:
@@ -361,6 +362,8 @@ def sweep(
             if label_of(cell) in aggregated
         }
         write_report(aggregated, commands, root, Path(config).stem, sweep_command)
+    if stopped is not None:  # the report above holds the seeds that had finished
+        raise stopped
     if failures:
         raise _failed(failures, len(jobs), root if aggregated else None)
     return {"out": str(root), "cells": aggregated}

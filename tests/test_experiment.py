@@ -267,6 +267,31 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
         assert logged == list(range(1, 3001))
 
 
+def test_a_sweep_stopped_after_some_seeds_finished_reports_those_and_the_command_finishes_the_rest(tmp_path):
+    """One worker: seed 0 trains to the end, then SIGTERM arrives while seed 1 trains. The sweep
+    exits 143, its sweep.json holds seed 0 alone (its scores equal to seed 0's eval.json) and the
+    command that, run again, finishes seed 1 and pools both."""
+    import signal
+
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", "2",
+               "--workers", "1", "--out", str(out)]
+    for item in [*SMALL, "run.log_every=1", "run.num_iterations=2000", "run.eval_at_end=true", "eval.num_tasks=4"]:
+        command += ["--set", item]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signal_midway(proc, out / "base-s1", signal.SIGTERM)
+    stderr = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 143, stderr
+    report = json.loads((out / "sweep.json").read_text())
+    first = json.loads((out / "base-s0" / "eval.json").read_text())
+    assert report["cells"]["base"]["num_seeds"] == 1 and not (out / "base-s1" / "eval.json").exists()
+    assert report["cells"]["base"]["loss"]["mean"] == pytest.approx(first["summary"]["loss"]["mean"])
+    assert report["sweep_command"].split("--seeds 2")[0].endswith("sweep experiments/sinusoid_maml.toml ")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "sweep.json").read_text())["cells"]["base"]["num_seeds"] == 2
+
+
 POOL_JOB_SCRIPT = """
 import sys, time
 from metarl.stopping import StoppablePool
