@@ -44,6 +44,8 @@ class FamilySpec:
         model_fields: names of ``MjModel`` arrays whose nominal values the env stores.
         box: the nominal box of each (scalar or vector) task field, ``{field: (low, high)}``,
             where the family supports task generators (:meth:`MujocoFamily.parameter_box`).
+        extra_obs: values appended to gymnasium's observation (``obs_dim`` counts them), e.g.
+            the torso's centre of mass of the MAML paper's HalfCheetah; ``extra_obs_dim`` of them.
     """
 
     name: str
@@ -59,6 +61,8 @@ class FamilySpec:
     apply_task: Callable[[Any, Task, dict[str, np.ndarray]], None] | None = None
     model_fields: tuple[str, ...] = field(default_factory=tuple)
     box: dict[str, tuple[list[float], list[float]]] | None = None
+    extra_obs: Callable[[Any], np.ndarray] | None = None
+    extra_obs_dim: int = 0
 
 
 class MujocoTaskEnv(gym.Env):
@@ -84,10 +88,11 @@ class MujocoTaskEnv(gym.Env):
         self.action_space = gym.spaces.Box(
             low.astype(np.float32), high.astype(np.float32), dtype=np.float32
         )
-        if self.sim.observation_space.shape != (spec.obs_dim,) or low.shape != (spec.act_dim,):
+        inner_dim = spec.obs_dim - spec.extra_obs_dim
+        if self.sim.observation_space.shape != (inner_dim,) or low.shape != (spec.act_dim,):
             raise RuntimeError(
                 f"{spec.name}: built model has obs {self.sim.observation_space.shape} and action {low.shape}, "
-                f"spec says ({spec.obs_dim},) and ({spec.act_dim},); update the spec for this gymnasium version"
+                f"spec says ({inner_dim},) and ({spec.act_dim},); update the spec for this gymnasium version"
             )
         self.set_task(task)
 
@@ -117,7 +122,12 @@ class MujocoTaskEnv(gym.Env):
         super().reset(seed=seed)
         obs, _ = self.sim.reset(seed=seed)
         self.clock.start()
-        return obs.astype(np.float32), {}
+        return self._observe(obs), {}
+
+    def _observe(self, obs: np.ndarray) -> np.ndarray:
+        if self.spec_.extra_obs is not None:
+            obs = np.concatenate([obs, self.spec_.extra_obs(self.sim)])
+        return obs.astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         self.clock.check()
@@ -127,7 +137,7 @@ class MujocoTaskEnv(gym.Env):
         inner = (float(inner_reward), bool(inner_terminated), inner_info)
         reward, terminated, info = self.spec_.reward(self.sim, before, action, self.task, inner)
         truncated = self.clock.tick(terminated)
-        return obs.astype(np.float32), float(reward), bool(terminated), truncated, info
+        return self._observe(obs), float(reward), bool(terminated), truncated, info
 
 
 class MujocoFamily(TaskDistribution):

@@ -16,12 +16,22 @@ Rewards, each computed from the MuJoCo state (``dt = frame_skip * timestep = 0.0
   ``r = -||p_xy' - g||_1 - 0.1 * ||a||^2 - 5e-4 * ||clip(cfrc_ext, -1, 1)||^2``, never terminates;
   the observation includes the torso x, y (as ProMP's does).
 
-Observations are gymnasium's v5 ones (HalfCheetah 17, Ant 105, Ant with x, y 107), which differ
-from the old mujoco-py versions only in layout. Horizon 200 throughout (MAML, ProMP).
+Observations are gymnasium's v5 ones (HalfCheetah 17, Ant 105, Ant with x, y 107). Horizon 200
+throughout (MAML, ProMP).
+
+The MAML paper's HalfCheetah (rllab's, in cbfinn/maml_rl) differs from gymnasium's v5 in two
+ways that matter: it takes one MuJoCo step of 0.01 s per action (gymnasium: 5, ``dt = 0.05``),
+so its 200-step episodes last 2 s against 10 s here; and its observation ends with the torso's
+centre of mass (x, y, z), whose x is the distance run. ``frame_skip = 1`` and
+``observation = "maml"`` give both (the ``[tasks]`` keys of ``halfcheetah-vel`` and
+``halfcheetah-dir``). Left as they are: rllab reads the velocity as the torso's centre-of-mass
+velocity, here the root's displacement over the step (as pytorch-maml-rl and garage), and rllab
+resets with N(0, 0.01) noise on the joint positions where gymnasium draws U(-0.1, 0.1).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -38,10 +48,16 @@ ANT_DIR_SURVIVE = 1.0
 ANT_GOAL_RADIUS = 3.0
 
 
-def _halfcheetah() -> Any:
+def _halfcheetah(frame_skip: int = 5) -> Any:
     from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-    return HalfCheetahEnv()
+    return HalfCheetahEnv(frame_skip=frame_skip)
+
+
+def _torso_com(sim: Any) -> np.ndarray:
+    """The centre of mass of the torso's subtree (the whole cheetah), x, y, z: the last three
+    observation entries of the MAML paper's HalfCheetah (rllab ``get_body_com("torso")``)."""
+    return sim.data.subtree_com[sim.model.body("torso").id].copy()
 
 
 def _ant(with_xy: bool) -> Any:
@@ -238,11 +254,35 @@ ANT_GOAL = FamilySpec(
 )
 
 
+def _cheetah_variant(spec: FamilySpec, frame_skip: int, observation: str) -> FamilySpec:
+    """``spec`` simulated ``frame_skip`` MuJoCo steps of 0.01 s per env step, observing
+    gymnasium's v5 vector (``"gymnasium"``) or the MAML paper's (``"maml"``: with the torso's
+    centre of mass appended, whose x grows with the distance run)."""
+    if isinstance(frame_skip, bool) or not isinstance(frame_skip, int) or frame_skip < 1:
+        raise ValueError(f"{spec.name}: frame_skip must be a whole number >= 1, got {frame_skip!r}")
+    if observation not in ("gymnasium", "maml"):
+        raise ValueError(f"{spec.name}: observation must be 'gymnasium' or 'maml', got {observation!r}")
+    extra = observation == "maml"
+    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=17 + 3 * extra,
+                   extra_obs=_torso_com if extra else None, extra_obs_dim=3 * extra)
+
+
 def halfcheetah_vel(
-    horizon: int = 200, num_train: int = 100, num_test: int = 40, split_seed: int = 0
+    horizon: int = 200,
+    num_train: int = 100,
+    num_test: int = 40,
+    split_seed: int = 0,
+    frame_skip: int = 5,
+    observation: str = "gymnasium",
 ) -> MujocoFamily:
-    """HalfCheetah target velocity; task field ``velocity`` (float)."""
-    return MujocoFamily(HALFCHEETAH_VEL, horizon, num_train, num_test, split_seed)
+    """HalfCheetah target velocity; task field ``velocity`` (float).
+
+    ``frame_skip = 1, observation = "maml"`` is the MAML paper's environment (rllab's
+    HalfCheetah: one 0.01 s MuJoCo step per action, so 200 steps are 2 s; the torso's centre of
+    mass observed); the defaults are gymnasium's HalfCheetah-v5 (0.05 s per action, 10 s).
+    """
+    spec = _cheetah_variant(HALFCHEETAH_VEL, frame_skip, observation)
+    return MujocoFamily(spec, horizon, num_train, num_test, split_seed)
 
 
 def halfcheetah_vel_mass(
@@ -252,9 +292,10 @@ def halfcheetah_vel_mass(
     return MujocoFamily(HALFCHEETAH_VEL_MASS, horizon, num_train, num_test, split_seed)
 
 
-def halfcheetah_dir(horizon: int = 200) -> MujocoFamily:
-    """HalfCheetah forward/backward; task field ``direction`` (-1.0 or 1.0); train = test = both."""
-    return MujocoFamily(HALFCHEETAH_DIR, horizon)
+def halfcheetah_dir(horizon: int = 200, frame_skip: int = 5, observation: str = "gymnasium") -> MujocoFamily:
+    """HalfCheetah forward/backward; task field ``direction`` (-1.0 or 1.0); train = test = both.
+    ``frame_skip`` and ``observation`` as in :func:`halfcheetah_vel`."""
+    return MujocoFamily(_cheetah_variant(HALFCHEETAH_DIR, frame_skip, observation), horizon)
 
 
 def ant_dir(horizon: int = 200) -> MujocoFamily:

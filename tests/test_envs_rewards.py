@@ -203,3 +203,37 @@ def test_halfcheetah_vel_mass_scales_every_body_from_nominal_values():
     assert heavy["velocity"] == 1.0 and family.parameter_box()["mass_scale"] == ([0.75], [1.25])
     with pytest.raises(ValueError, match="declares no parameter box"):
         envs.make("halfcheetah-vel").parameter_box()
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_halfcheetah_in_the_maml_papers_setting_steps_0_01_s_and_observes_the_torso_centre_of_mass(name):
+    """frame_skip=1, observation="maml": one 0.01 s MuJoCo step per action (rllab's
+    half_cheetah.xml has timestep 0.01 and no frame_skip), the reward's velocity over that step,
+    and 20 observed values: gymnasium's 17 then the torso subtree's centre of mass, which, the
+    torso being the root body, moves with qpos[0] along x."""
+    dist = envs.make(name, frame_skip=1, observation="maml")
+    task = dist.test_tasks()[0]
+    env = dist.make_env(task)
+    obs, _ = env.reset(seed=0)
+    sim = env.unwrapped.sim
+    assert dist.observation_space.shape == obs.shape == (20,) and env.unwrapped.dt == pytest.approx(0.01)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        x_before, com_before = sim.data.qpos[0], obs[17:].astype(np.float64)
+        action = rng.uniform(-1, 1, size=6)
+        obs, reward, *_ = env.step(action)
+        v = (sim.data.qpos[0] - x_before) / 0.01
+        forward = -abs(v - task["velocity"]) if name == "halfcheetah-vel" else task["direction"] * v
+        assert reward == pytest.approx(forward - 0.05 * np.sum(action**2), rel=1e-9, abs=1e-9)
+        assert np.allclose(obs[:17], np.concatenate([sim.data.qpos[1:], sim.data.qvel]).astype(np.float32))
+        mass = sim.model.body_mass[1:]  # every body but the world: the torso's subtree
+        com = (mass[:, None] * sim.data.xipos[1:]).sum(0) / mass.sum()
+        assert np.allclose(obs[17:], com.astype(np.float32), atol=1e-6)
+    assert obs[17] - com_before[0] != 0.0
+
+
+def test_halfcheetah_options_are_refused_with_what_to_give():
+    with pytest.raises(ValueError, match="frame_skip must be a whole number >= 1"):
+        envs.make("halfcheetah-vel", frame_skip=0)
+    with pytest.raises(ValueError, match="observation must be 'gymnasium' or 'maml'"):
+        envs.make("halfcheetah-dir", observation="rllab")
