@@ -131,17 +131,20 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     """The ``section.key`` names whose values differ between the config a checkpoint was trained
     with and the current one, among those that change the model or the algorithm (the agent class,
     the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS` and
-    :data:`FREE_SECTIONS` may change. A key the checkpoint did not record (a field added to the
-    code since) is not compared."""
+    :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
+    field added to the code since) is not compared; [tasks] holds the keys as given, so one given
+    now and not then (or then and not now) is a change."""
     changed = []
     for section, table in recorded.items():
         if section in FREE_SECTIONS or not isinstance(table, dict):
             continue
         now = current.get(section, {})
         for key in sorted(set(table) | set(now)):
-            if section == "run" and key in FREE_RUN_KEYS or key not in table:
+            if section == "run" and key in FREE_RUN_KEYS:
                 continue
-            if key not in now or _plain(table[key]) != _plain(now[key]):
+            if key not in table and section != "tasks":  # a field the code gained since: its default
+                continue
+            if key not in now or key not in table or _plain(table[key]) != _plain(now[key]):
                 changed.append(f"{section}.{key}")
     return changed
 

@@ -176,7 +176,7 @@ def test_resume_rebuilds_tensorboard_scalars_when_the_run_directory_has_none(tmp
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [("agent", "outer_lr", 0.002), ("agent", "method", "fomaml"), ("run", "seed", 1),
-     ("tasks", "num_test_tasks", 21)],
+     ("tasks", "num_test_tasks", 21), ("tasks", "test_seed", 7)],  # test_seed: a key not given at first
 )
 def test_resume_and_eval_refuse_a_config_that_changes_the_model_or_algorithm(tmp_path, section, key, value):
     run = tmp_path / "r"
