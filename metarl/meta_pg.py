@@ -299,11 +299,13 @@ def evaluate_adaptation(
     episodes_per_task: int,
     advantages: Callable[[Trajectories], PGBatch],
     device: torch.device | str | None = None,
+    later_lr: float | None = None,
 ) -> dict[str, Any]:
     """Mean return and success of each task before adaptation and after each of ``num_steps`` steps.
 
     Step ``k``'s episodes are sampled with the parameters after ``k`` inner steps, and step
     ``k + 1`` adapts on them. Adaptation runs on ``device`` (``params``' device; ``None``: CPU).
+    ``later_lr`` replaces ``inner.lr`` for the steps after the first.
 
     Returns:
         ``{"adaptation_steps": [0..num_steps], "return": [N, num_steps + 1],
@@ -319,10 +321,11 @@ def evaluate_adaptation(
         successes.append(_mean_success(traj.success))
         if step < num_steps:
             start = params if adapted is None else adapted
+            rule = inner if adapted is None or later_lr is None else inner._replace(lr=later_lr)
             adapted = {
                 k: v.detach()
                 for k, v in inner_step(
-                    inner, start, on_device(advantages(traj), device), adapted is None
+                    rule, start, on_device(advantages(traj), device), adapted is None
                 ).items()
             }
     reported = [s for s in successes if s is not None]

@@ -154,6 +154,7 @@ class MetaPolicyGradient:
                 cfg.eval_episodes_per_task,
                 advantages,
                 self.device,
+                cfg.eval_later_lr or None,
             )
 
     def close(self) -> None:

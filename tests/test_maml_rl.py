@@ -209,6 +209,38 @@ def test_evaluate_and_adapt_shapes():
         agent.close()
 
 
+def test_evaluation_steps_after_the_first_take_eval_later_lr(monkeypatch):
+    """The MAML paper scores later steps with half the step size: with eval_later_lr the first
+    evaluation step uses inner_lr and each later one eval_later_lr (seen at the inner step);
+    0 or inner_lr itself gives the scores of the default, and the first step never changes."""
+    distribution = envs.make("navigation-2d", horizon=10, num_test=3)
+    base = dict(meta_batch_size=2, episodes_per_task=2, hidden_sizes=(8,), eval_adapt_steps=3,
+                eval_episodes_per_task=2, inner_lr=0.1)
+    used: list[float] = []
+    real = meta_pg.inner_step
+
+    def recording(inner, *args, **kwargs):
+        used.append(inner.lr)
+        return real(inner, *args, **kwargs)
+
+    results = {}
+    for later in (0.0, 0.1, 0.03):
+        agent = MAMLTRPO(MAMLTRPOConfig(**base, eval_later_lr=later), distribution, 0)
+        try:
+            monkeypatch.setattr(meta_pg, "inner_step", recording)
+            used.clear()
+            results[later] = agent.evaluate(distribution.test_tasks(), np.random.default_rng(0))["return"]
+            monkeypatch.setattr(meta_pg, "inner_step", real)
+        finally:
+            agent.close()
+        assert used == [0.1, later or 0.1, later or 0.1]
+    assert np.array_equal(results[0.0], results[0.1])
+    assert np.array_equal(results[0.03][:, :2], results[0.0][:, :2])
+    assert not np.array_equal(results[0.03][:, 2:], results[0.0][:, 2:])
+    with pytest.raises(ValueError, match="eval_later_lr must be >= 0"):
+        MAMLTRPOConfig(eval_later_lr=-0.05)
+
+
 def test_bad_settings_fail_early_with_the_value():
     with pytest.raises(ValueError, match="max_kl"):
         MAMLTRPOConfig(max_kl=0.0)
