@@ -67,6 +67,11 @@ class MetaImitationConfig(MetaPGConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.eval_later_lr:
+            raise ValueError(
+                f"eval_later_lr={self.eval_later_lr}: meta-imitation evaluates with its own inner "
+                "steps and does not use it; leave it at 0"
+            )
         require_at_least(
             self,
             (

@@ -56,7 +56,11 @@ def _halfcheetah(frame_skip: int = 5) -> Any:
 
 def _torso_com(sim: Any) -> np.ndarray:
     """The centre of mass of the torso's subtree (the whole cheetah), x, y, z: the last three
-    observation entries of the MAML paper's HalfCheetah (rllab ``get_body_com("torso")``)."""
+    observation entries of the MAML paper's HalfCheetah (rllab ``get_body_com("torso")``).
+
+    Read after gymnasium's step, which does not recompute it: it is the value at the start of
+    the last MuJoCo step (one action old with ``frame_skip = 1``), as pytorch-maml-rl and garage
+    observe it; rllab recomputed it after the step."""
     return sim.data.subtree_com[sim.model.body("torso").id].copy()
 
 

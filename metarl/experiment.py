@@ -52,6 +52,8 @@ SECTIONS = ("run", "tasks", "agent", "eval")
 # algorithm (how long to train, how often to log and save, how to evaluate).
 FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end", "eval_every")
 FREE_SECTIONS = ("eval",)
+# [agent] keys that only change how a run is evaluated (held-out adaptation steps and episodes).
+FREE_AGENT_KEYS = ("eval_adapt_steps", "eval_episodes_per_task", "eval_later_lr")
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_FREE_KEYS = {("run", k) for k in FREE_RUN_KEYS} | {("agent", k) for k in FREE_AGENT_KEYS}
+
+
+def evaluation_settings(document: dict[str, Any]) -> dict[str, Any]:
+    """What a run's held-out evaluation depends on besides the model: the iterations it was
+    trained for, ``[eval]`` and the evaluation keys of ``[agent]`` (a resolved document)."""
+    agent = document.get("agent", {})
+    return _plain({"num_iterations": document["run"]["num_iterations"], "eval": document.get("eval", {}),
+                   "agent": {k: agent.get(k) for k in FREE_AGENT_KEYS if k in agent}})
+
+
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The ``section.key`` names whose values differ between the config a checkpoint was trained
     with and the current one, among those that change the model or the algorithm (the agent class,
-    the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS` and
-    :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
+    the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS`,
+    :data:`FREE_AGENT_KEYS` and :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
     field added to the code since) is not compared; [tasks] holds the keys as given, so one given
     now and not then (or then and not now) is a change."""
     changed = []
@@ -140,7 +153,7 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
             continue
         now = current.get(section, {})
         for key in sorted(set(table) | set(now)):
-            if section == "run" and key in FREE_RUN_KEYS:
+            if (section, key) in _FREE_KEYS:
                 continue
             if key not in table and section != "tasks":  # a field the code gained since: its default
                 continue
@@ -196,27 +209,52 @@ def continued_document(recorded: dict[str, Any], requested: dict[str, Any], run_
     changed = config_changes(recorded, requested)
     if changed:
         values = ", ".join(
-            f"{key} {_value(recorded, key)!r} -> {_value(requested, key)!r}" for key in changed[:4]
+            f"{key} {_value(recorded, key)} -> {_value(requested, key)}" for key in changed[:4]
         )
         raise ConfigError(
             f"{run_dir} was trained with other settings than those asked for ({values}); ask for the "
             f"settings it was started with, or pick another --out for a new run (only "
-            f"run.{', run.'.join(FREE_RUN_KEYS)} and [eval] may change when a run continues)"
+            f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS)} and [eval] "
+            "may change when a run continues)"
         )
     document = {section: dict(table) for section, table in recorded.items()}
-    for key in FREE_RUN_KEYS:
-        if key in requested.get("run", {}):
-            document["run"][key] = requested["run"][key]
+    for section, key in sorted(_FREE_KEYS):
+        if key in requested.get(section, {}) and section in document:
+            document[section][key] = requested[section][key]
     for section in FREE_SECTIONS:
         if section in requested:
             document[section] = dict(requested[section])
     return document
 
 
-def _value(document: dict[str, Any], dotted: str) -> Any:
+def _value(document: dict[str, Any], dotted: str) -> str:
     section, key = dotted.split(".", 1)
-    return document.get(section, {}).get(key)
+    table = document.get(section, {})
+    return repr(table[key]) if key in table else "(unset)"
 
+
+def _set_aside_evaluation(run_dir: Path, recorded: dict[str, Any], document: dict[str, Any]) -> None:
+    """Renames ``eval.json`` to ``eval.iterK.json`` (K: the iteration it scored) when the run now
+    trains further or is evaluated otherwise, so the earlier evaluation is kept, not overwritten."""
+    done = run_dir / "eval.json"
+    if not done.exists():
+        return
+    try:
+        scored = int(json.loads(done.read_text())["summary"]["iteration"])
+    except (ValueError, KeyError, TypeError):
+        scored = int(recorded["run"]["num_iterations"])
+    if scored == document["run"]["num_iterations"] and evaluation_settings(recorded) == evaluation_settings(document):
+        return
+    target, n = run_dir / f"eval.iter{scored}.json", 1
+    while target.exists():
+        target, n = run_dir / f"eval.iter{scored}.{n}.json", n + 1
+    done.rename(target)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 def _make_agent(agent_cls: type, cfg: Any, distribution: Any, seed: int, agent_path: str, task_name: str) -> Agent:
     """The agent, or a one-line error when it cannot work on the distribution (e.g. an RL agent
@@ -312,8 +350,11 @@ class Experiment:
                     f"{run_dir} has trained {experiment.iteration} iterations, more than "
                     f"run.num_iterations={experiment.run_cfg.num_iterations}; ask for at least {experiment.iteration}"
                 )
-            if _plain(experiment.document) != _plain(resolve_document(recorded)):
-                (run_dir / "config.toml").write_text(dump_toml(experiment.document))
+            before = resolve_document(recorded)
+            if update is not None:
+                _set_aside_evaluation(run_dir, before, experiment.document)
+            if _plain(experiment.document) != _plain(before):
+                _write_atomically(run_dir / "config.toml", dump_toml(experiment.document))
         except BaseException:
             experiment.close()
             raise

@@ -48,8 +48,8 @@ class MetaPGConfig:
     eval_episodes_per_task: int = 20
     """Episodes per held-out task for each evaluation step."""
     eval_later_lr: float = 0.0
-    """Step size of the evaluation's inner steps after the first (0: ``inner_lr``). The MAML
-    paper halves it (0.1, then 0.05) when it scores more steps than it trained with."""
+    """Step size of every evaluation inner step after the first (0: ``inner_lr``). The MAML
+    paper scores steps 2 and 3 with half its step size (0.1, then 0.05)."""
 
     def __post_init__(self) -> None:
         positive = (

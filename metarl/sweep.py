@@ -57,7 +57,7 @@ def run_one(
     ``eval.json`` document."""
     import torch
 
-    from metarl.experiment import Experiment, resolve_document
+    from metarl.experiment import Experiment
 
     torch.set_num_threads(threads)
     path = Path(run_dir)
@@ -66,16 +66,10 @@ def run_one(
     if requested is None:
         experiment = Experiment.create(config, overrides, path)
     else:
-        if done.exists():
-            recorded = resolve_document(load_toml(path / "config.toml"))
-            asked, had = requested["run"]["num_iterations"], recorded["run"]["num_iterations"]
-            if asked == had and json.dumps(requested["eval"], sort_keys=True) == json.dumps(recorded["eval"], sort_keys=True):
-                return json.loads(done.read_text())
-            if asked < had:
-                raise ConfigError(f"{path} has trained {had} iterations, more than run.num_iterations={asked}; "
-                                  f"ask for at least {had}")
-            # trained further or evaluated otherwise: the earlier evaluation is kept beside
-            done.rename(_free_name(path / f"eval.iter{had}.json"))
+        if done.exists() and _evaluated_as_asked(path, requested):
+            return json.loads(done.read_text())
+        # resumes under the run directory's lock; an evaluation taken at another iteration or
+        # with other evaluation settings is kept beside as eval.iterK.json (Experiment.resume)
         experiment = Experiment.resume(path, update=requested)
     try:
         experiment.run(progress=False)
@@ -90,23 +84,38 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
     not): what ``config`` with ``overrides`` asks for, once checked against the run's own config.
 
     Raises:
-        ConfigError: the run was trained with other model or algorithm settings (naming them).
+        ConfigError: the run was trained with other model or algorithm settings (naming them), or
+            for more iterations than asked.
     """
     from metarl.experiment import continued_document, resolve_document
+    from metarl.logger import load_checkpoint
 
     if not (run_dir / "config.toml").exists():
         return None
     requested = resolve_document(apply_overrides(load_toml(config), overrides))
-    continued_document(resolve_document(load_toml(run_dir / "config.toml")), requested, run_dir)
+    recorded = resolve_document(load_toml(run_dir / "config.toml"))
+    continued_document(recorded, requested, run_dir)
+    asked = requested["run"]["num_iterations"]
+    if asked < recorded["run"]["num_iterations"] and (run_dir / "checkpoint.pt").exists():
+        trained = int(load_checkpoint(run_dir / "checkpoint.pt")["iteration"])
+        if trained > asked:
+            raise ConfigError(f"{run_dir} has trained {trained} iterations, more than run.num_iterations={asked}; "
+                              f"ask for at least {trained}")
     return requested
 
 
-def _free_name(path: Path) -> Path:
-    """``path``, or ``path`` with a counter before its suffix if that name is taken."""
-    candidate, n = path, 1
-    while candidate.exists():
-        candidate, n = path.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
-    return candidate
+def _evaluated_as_asked(run_dir: Path, requested: dict[str, Any]) -> bool:
+    """Whether the run's ``eval.json`` scored the iteration asked for, with the evaluation settings
+    asked for."""
+    from metarl.experiment import evaluation_settings, resolve_document
+
+    recorded = resolve_document(load_toml(run_dir / "config.toml"))
+    try:
+        summary = json.loads((run_dir / "eval.json").read_text())["summary"]
+        scored = int(summary.get("iteration", recorded["run"]["num_iterations"]))  # older files lack it
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return scored == requested["run"]["num_iterations"] and evaluation_settings(recorded) == evaluation_settings(requested)
 
 
 def _pool_map(

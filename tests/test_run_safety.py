@@ -442,3 +442,31 @@ def test_a_sweep_over_runs_trained_with_other_settings_stops_before_touching_the
                     "agent.outer_lr", "another --out")
     _one_line_error(_sweep(out, "run.num_iterations=10", check=False), "trained 20 iterations")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_an_evaluation_from_another_iteration_is_never_reused_and_always_kept(tmp_path):
+    """`metarl run --resume --set run.num_iterations=60` on a finished, evaluated 40-iteration run
+    keeps that evaluation as eval.iter40.json; stopped before its end (no eval_at_end), the run
+    holds no eval.json of iteration 60, so a sweep asking for 60 trains on rather than reusing one."""
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=40")
+    run = out / "base-s0"
+    first = (run / "eval.json").read_text()
+    metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=60",
+           "--set", "run.eval_at_end=false")
+    assert (run / "eval.iter40.json").read_text() == first and not (run / "eval.json").exists()
+    _sweep(out, "run.num_iterations=60")
+    assert json.loads((run / "eval.json").read_text())["summary"]["iteration"] == 60
+
+
+def test_changing_only_how_a_finished_run_is_scored_scores_it_again_without_training(tmp_path):
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=20")
+    run = out / "base-s0"
+    metrics, checkpoint = (run / "metrics.jsonl").read_text(), (run / "checkpoint.pt").read_bytes()
+    _sweep(out, "run.num_iterations=20", "eval.seed=7")
+    assert (run / "eval.iter20.json").exists() and (run / "metrics.jsonl").read_text() == metrics
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    assert load_toml(run / "config.toml")["eval"]["seed"] == 7
+    scores = [json.loads((run / name).read_text())["summary"]["loss"]["mean"] for name in ("eval.iter20.json", "eval.json")]
+    assert scores[0] != scores[1]  # other held-out tasks were scored
