@@ -94,8 +94,11 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
     family, _, env = benchmark.partition(".")
     reference = references.get(family, {}).get(env, {}) if env else references.get(family, {})
     reference = reference.get(algorithm if algorithm in reference else "maml_trpo", {})
+    tasks = config["tasks"]
+    variant = ", ".join(f"{k} {tasks[k]}" for k in ("frame_skip", "observation") if k in tasks)
     return {
-        "sweep": str(sweep), "benchmark": benchmark, "algorithm": algorithm, "seeds": len(runs),
+        "sweep": str(sweep), "benchmark": benchmark + (f" ({variant})" if variant else ""),
+        "algorithm": algorithm, "seeds": len(runs),
         "iterations": iterations, "budget_iterations": config["run"]["num_iterations"],
         "env_steps_per_iteration": per_iteration,
         "env_steps": [it * per_iteration for it in iterations],
