@@ -55,7 +55,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     document = load_sweep(sweep_dir)
     rows = []
     for label, cell in document["cells"].items():
-        runs = sorted(sweep_dir.glob(f"{label}-s*"))
+        runs = sorted(r for r in sweep_dir.glob(f"{label}-s*") if (r / "eval.json").exists())  # finished seeds
         config = json.loads((runs[0] / "eval.json").read_text()) if runs else {}
         rows.append(
             {
