@@ -79,7 +79,12 @@ class LinearFeatureBaseline:
             bad = ~torch.isfinite(weights).all(dim=(1, 2))
             if not bad.any():
                 break
-            solved = torch.linalg.solve(gram[bad] + reg * eye, rhs[bad])
+            # Cholesky: the regularised Gram matrix is symmetric positive definite; LU
+            # (torch.linalg.solve) fails inside some oneMKL builds on these ill-conditioned
+            # matrices (Ant's zero contact features) with an invalid-pivot error.
+            factor, info = torch.linalg.cholesky_ex(gram[bad] + reg * eye)
+            solved = torch.cholesky_solve(rhs[bad], factor)
+            solved[info != 0] = float("nan")  # not positive definite at this ridge: try a larger one
             weights[bad] = solved
             reg *= 10.0
         return weights.squeeze(-1)

@@ -152,3 +152,24 @@ def test_linear_baseline_matches_numpy_ridge_solution():
     x, y = np.array(rows), returns[0].double().numpy().reshape(-1)
     expected = np.linalg.solve(x.T @ x + 1e-2 * np.eye(x.shape[1]), x.T @ y)
     np.testing.assert_allclose(weights, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_linear_baseline_fits_observations_with_constant_zero_entries_as_a_ridge_solve():
+    """Ant-like observations: most entries always 0 (contact forces), the rest clipped at 10, so
+    X^T X is singular and badly conditioned; the fit is still the ridge solution
+    (X^T X + 1e-5 I) w = X^T y, computed here with numpy."""
+    rng = np.random.default_rng(0)
+    obs = np.zeros((2, 4, 50, 30))
+    obs[..., :6] = np.clip(rng.normal(0, 8, size=(2, 4, 50, 6)), -10, 10)
+    mask = np.ones((2, 4, 50))
+    mask[1, :, 35:] = 0.0  # episodes of the second task end early
+    returns = rng.normal(size=(2, 4, 50))
+    weights = LinearFeatureBaseline().fit(torch.tensor(obs, dtype=torch.float32),
+                                          torch.tensor(returns), torch.tensor(mask))
+    features = linear_features(torch.tensor(obs, dtype=torch.float32)).numpy()
+    for task in range(2):
+        x = (features[task] * mask[task][..., None]).reshape(-1, features.shape[-1])
+        y = (returns[task] * mask[task]).reshape(-1)
+        expected = np.linalg.solve(x.T @ x + 1e-5 * np.eye(x.shape[1]), x.T @ y)
+        assert np.isfinite(weights[task].numpy()).all()
+        np.testing.assert_allclose(x @ weights[task].numpy(), x @ expected, rtol=1e-6, atol=1e-6)
