@@ -267,7 +267,7 @@ def _cheetah_variant(spec: FamilySpec, frame_skip: int, observation: str) -> Fam
     if observation not in ("gymnasium", "maml"):
         raise ValueError(f"{spec.name}: observation must be 'gymnasium' or 'maml', got {observation!r}")
     extra = observation == "maml"
-    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=17 + 3 * extra,
+    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=spec.obs_dim + 3 * extra,
                    extra_obs=_torso_com if extra else None, extra_obs_dim=3 * extra)
 
 

@@ -55,6 +55,16 @@ def benchmark_of(config: dict[str, Any]) -> tuple[str, str]:
     return name, {"rl2": "rl2_ppo"}.get(agent, agent)
 
 
+def reference_for(config: dict[str, Any], references: dict[str, Any]) -> dict[str, Any]:
+    """The published entry of references.toml for a run's benchmark and algorithm (the
+    MAML-TRPO entry stands for an algorithm with none of its own); ``{}`` when there is none."""
+    benchmark, algorithm = benchmark_of(config)
+    family, _, env = benchmark.partition(".")
+    entries = references.get(family, {}).get(env, {}) if env else references.get(family, {})
+    entry = entries.get(algorithm if algorithm in entries else "maml_trpo", {})
+    return entry if isinstance(entry, dict) else {}
+
+
 def curves(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per metric and adaptation step: the evaluation iterations and the per-seed values there."""
     out: dict[str, dict[int, dict[int, list[float]]]] = {}
@@ -91,9 +101,7 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
     recent = [r for run in runs for r in run["rows"][-10:]]
     diagnostics = {k: float(np.mean([r[k] for r in recent if k in r])) for k in DIAGNOSTICS
                    if any(k in r for r in recent)}
-    family, _, env = benchmark.partition(".")
-    reference = references.get(family, {}).get(env, {}) if env else references.get(family, {})
-    reference = reference.get(algorithm if algorithm in reference else "maml_trpo", {})
+    reference = reference_for(config, references)
     tasks = config["tasks"]
     variant = ", ".join(f"{k} {tasks[k]}" for k in ("frame_skip", "observation") if k in tasks)
     return {

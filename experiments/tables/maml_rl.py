@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from experiments.bench.trpo import timing_table
-from experiments.rl_curves import benchmark_of
+from experiments.rl_curves import reference_for
 from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references
 from metarl.runtime import machine
 from metarl.stats import bootstrap_difference_ci
@@ -99,16 +99,11 @@ def published_after(run: Path) -> dict[str, Any] | None:
     """The published held-out return after one step for the run's benchmark and algorithm (the
     MAML-TRPO curve stands for MAML-PPO where only it is published), from references.toml."""
     config = tomllib.loads((run / "config.toml").read_text())
-    benchmark, algorithm = benchmark_of(config)
-    family, _, env = benchmark.partition(".")
-    entries = references().get(family, {})
-    entries = entries.get(env, {}) if env else entries
-    entry = entries.get(algorithm) or entries.get("maml_trpo")
-    if not isinstance(entry, dict) or "return_post" not in entry:
+    entry = reference_for(config, references())
+    if "return_post" not in entry:
         return None
     return {"return_post": entry["return_post"], "range": entry.get("return_post_range"),
-            "iterations": entry.get("iterations"), "source": entry.get("source"), "how": entry.get("how"),
-            "algorithm": algorithm if algorithm in entries else "maml_trpo"}
+            "iterations": entry.get("iterations"), "source": entry.get("source"), "how": entry.get("how")}
 
 
 # What the papers report for the rows of this table, with sources: experiments/references.toml.
