@@ -54,6 +54,11 @@ FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end
 FREE_SECTIONS = ("eval",)
 # [agent] keys that only change how a run is evaluated (held-out adaptation steps and episodes).
 FREE_AGENT_KEYS = ("eval_adapt_steps", "eval_episodes_per_task", "eval_later_lr")
+# [agent] keys that only say where the work runs, so a run may continue on another machine: every
+# episode is seeded from (seed, call, task, episode) whichever backend, worker or slot runs it, and
+# a checkpoint holds its tensors on the CPU. The numbers agree up to the devices' floating-point
+# rounding; each run's machines.jsonl records where every stretch of it ran.
+PLACEMENT_AGENT_KEYS = ("backend", "num_workers", "envs_per_worker", "device")
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_FREE_KEYS = {("run", k) for k in FREE_RUN_KEYS} | {("agent", k) for k in FREE_AGENT_KEYS}
+_FREE_KEYS = (
+    {("run", k) for k in FREE_RUN_KEYS}
+    | {("agent", k) for k in FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS}
+)
 
 
 def evaluation_settings(document: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +152,7 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     """The ``section.key`` names whose values differ between the config a checkpoint was trained
     with and the current one, among those that change the model or the algorithm (the agent class,
     the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS`,
-    :data:`FREE_AGENT_KEYS` and :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
+    :data:`FREE_AGENT_KEYS`, :data:`PLACEMENT_AGENT_KEYS` and :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
     field added to the code since) is not compared; [tasks] holds the keys as given, so one given
     now and not then (or then and not now) is a change."""
     changed = []
@@ -214,7 +222,8 @@ def continued_document(recorded: dict[str, Any], requested: dict[str, Any], run_
         raise ConfigError(
             f"{run_dir} was trained with other settings than those asked for ({values}); ask for the "
             f"settings it was started with, or pick another --out for a new run (only "
-            f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS)} and [eval] "
+            f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS)} "
+            "and [eval] "
             "may change when a run continues)"
         )
     document = {section: dict(table) for section, table in recorded.items()}
@@ -386,7 +395,8 @@ class Experiment:
                 raise CheckpointError(
                     f"config.toml of {self.run_dir} differs from the config {source} was trained with in "
                     f"{', '.join(changed)}; put back the checkpoint's values or start a new run (only "
-                    f"run.{', run.'.join(FREE_RUN_KEYS)} and [eval] may change on resume)"
+                    f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS)} "
+                    "and [eval] may change on resume)"
                 )
         try:
             self.agent.load_state_dict(state["agent"])

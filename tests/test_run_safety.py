@@ -398,6 +398,23 @@ def test_resume_with_set_trains_further_and_matches_a_run_trained_straight_throu
     assert load_toml(run / "config.toml")["run"]["num_iterations"] == 60
 
 
+def test_a_run_continues_on_another_backend_and_worker_count_with_the_same_numbers(tmp_path):
+    """Placement keys (backend, num_workers, envs_per_worker, device) may change when a run continues
+    on another machine: episodes are seeded per (call, task, episode), not per worker."""
+    tiny = ["run.log_every=1", "run.checkpoint_every=1", "run.eval_at_end=false", "tasks.horizon=10",
+            "agent.meta_batch_size=3", "agent.episodes_per_task=2", "agent.backend=serial"]
+    args = ["run", "experiments/maml_trpo_nav2d.toml", "--no-progress"]
+    sets = [x for item in tiny for x in ("--set", item)]
+    metarl(*args, "--out", str(tmp_path / "full"), *sets, "--set", "run.num_iterations=3")
+    run = tmp_path / "r"
+    metarl(*args, "--out", str(run), *sets, "--set", "run.num_iterations=2")
+    metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=3",
+           "--set", "agent.backend=process", "--set", "agent.num_workers=2", "--set", "agent.envs_per_worker=1")
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    agent = load_toml(run / "config.toml")["agent"]
+    assert (agent["backend"], agent["num_workers"], agent["envs_per_worker"]) == ("process", 2, 1)
+
+
 def test_resume_with_set_refuses_model_keys_and_fewer_iterations_than_trained(tmp_path):
     run = tmp_path / "r"
     metarl(*small_run(run, "run.num_iterations=40"))
