@@ -224,10 +224,15 @@ class StoppablePool:
         return sorted(self._worker_pids)
 
     def __enter__(self) -> StoppablePool:
-        self._pid_queue: multiprocessing.queues.SimpleQueue[int] = multiprocessing.SimpleQueue()
+        # A process forked after the parent initialised CUDA cannot use it (a sweep of runs with
+        # device = "cuda" reads the GPU's name first): start the workers fresh then.
+        import torch
+
+        context = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else None)
+        self._pid_queue: multiprocessing.queues.SimpleQueue[int] = context.SimpleQueue()
         self._worker_pids: set[int] = set()
         self._pool = ProcessPoolExecutor(
-            self.workers, initializer=_init_worker, initargs=(self._pid_queue,)
+            self.workers, mp_context=context, initializer=_init_worker, initargs=(self._pid_queue,)
         )
         self._previous = None
         if threading.current_thread() is threading.main_thread():

@@ -400,3 +400,26 @@ def test_a_pool_forwards_signals_to_the_workers_that_registered_and_skips_one_th
             pool.result(pool.submit(_exit_worker), "exit")
         pool._pool.shutdown(wait=True)  # returns once the broken pool has reaped its workers
         assert pid not in pool._live_workers()
+
+
+def _start_method_of_worker() -> str:
+    import multiprocessing
+
+    return multiprocessing.get_start_method()
+
+
+def test_a_pool_starts_its_workers_fresh_once_the_parent_has_initialised_cuda(monkeypatch, tmp_path):
+    """A worker forked after the parent initialised CUDA cannot use it ("Cannot re-initialize CUDA
+    in forked subprocess", what a sweep of device = "cuda" runs met): the pool then spawns them,
+    and a sweep still runs its seeds."""
+    import torch
+
+    from metarl.stopping import StoppablePool
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with StoppablePool(1) as pool:
+        assert pool._pool._mp_context.get_start_method() == "spawn"
+        assert pool.result(pool.submit(_start_method_of_worker), "method") == "spawn"
+    out = metarl("sweep", "experiments/sinusoid_maml.toml", "--seeds", "2", "--workers", "2", "--out", str(tmp_path),
+                 *[x for item in (*SMALL, "run.num_iterations=20") for x in ("--set", item)])
+    assert json.loads((tmp_path / "sweep.json").read_text())["cells"]["base"]["num_seeds"] == 2, out
