@@ -224,11 +224,12 @@ class StoppablePool:
         return sorted(self._worker_pids)
 
     def __enter__(self) -> StoppablePool:
-        # A process forked after the parent initialised CUDA cannot use it (a sweep of runs with
-        # device = "cuda" reads the GPU's name first): start the workers fresh then.
+        # A process forked after the parent touched CUDA cannot use it, and asking whether there is
+        # a GPU (torch.cuda.is_available, as a run's device check does) already counts: on a
+        # machine with a GPU the workers start fresh.
         import torch
 
-        context = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else None)
+        context = multiprocessing.get_context("spawn" if torch.cuda.is_available() else None)
         self._pid_queue: multiprocessing.queues.SimpleQueue[int] = context.SimpleQueue()
         self._worker_pids: set[int] = set()
         self._pool = ProcessPoolExecutor(

@@ -408,15 +408,15 @@ def _start_method_of_worker() -> str:
     return multiprocessing.get_start_method()
 
 
-def test_a_pool_starts_its_workers_fresh_once_the_parent_has_initialised_cuda(monkeypatch, tmp_path):
-    """A worker forked after the parent initialised CUDA cannot use it ("Cannot re-initialize CUDA
-    in forked subprocess", what a sweep of device = "cuda" runs met): the pool then spawns them,
-    and a sweep still runs its seeds."""
+def test_a_pool_starts_its_workers_fresh_on_a_machine_with_cuda(monkeypatch, tmp_path):
+    """A worker forked after the parent asked for the GPU cannot use it ("Cannot re-initialize CUDA
+    in forked subprocess", what a sweep of device = "cuda" runs met): on a machine with CUDA the
+    pool spawns them, and a sweep still runs its seeds."""
     import torch
 
     from metarl.stopping import StoppablePool
 
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with StoppablePool(1) as pool:
         assert pool._pool._mp_context.get_start_method() == "spawn"
         assert pool.result(pool.submit(_start_method_of_worker), "method") == "spawn"
