@@ -206,6 +206,17 @@ def resolve_document(document: dict[str, Any]) -> dict[str, Any]:
     return _resolve(document).document
 
 
+def placed(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` (a run's config.toml as loaded) with ``requested``'s placement keys
+    (:data:`PLACEMENT_AGENT_KEYS`), so that a run trained on a GPU resolves on a machine without
+    one when it is asked to continue there (``device = "cpu"``)."""
+    document = {section: dict(table) if isinstance(table, dict) else table for section, table in recorded.items()}
+    asked = requested.get("agent", {})
+    if isinstance(document.get("agent"), dict):
+        document["agent"].update({k: asked[k] for k in PLACEMENT_AGENT_KEYS if k in asked})
+    return document
+
+
 def continued_document(recorded: dict[str, Any], requested: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The config a run trained with ``recorded`` continues with when ``requested`` is asked for:
     ``recorded`` with ``requested``'s free keys (:data:`FREE_RUN_KEYS`, :data:`FREE_SECTIONS`).
@@ -345,7 +356,7 @@ class Experiment:
             recorded = load_toml(run_dir / "config.toml")
             document = recorded
             if update is not None:
-                document = continued_document(resolve_document(recorded), update, run_dir)
+                document = continued_document(resolve_document(placed(recorded, update)), update, run_dir)
             experiment = cls(document, run_dir)
         except BaseException:
             unlock_run_dir(lock)
@@ -359,10 +370,12 @@ class Experiment:
                     f"{run_dir} has trained {experiment.iteration} iterations, more than "
                     f"run.num_iterations={experiment.run_cfg.num_iterations}; ask for at least {experiment.iteration}"
                 )
-            before = resolve_document(recorded)
+            before = resolve_document(placed(recorded, experiment.document))
             if update is not None:
                 _set_aside_evaluation(run_dir, before, experiment.document)
-            if _plain(experiment.document) != _plain(before):
+            moved = any(_plain(v) != _plain(experiment.document["agent"].get(k))
+                        for k, v in recorded.get("agent", {}).items() if k in PLACEMENT_AGENT_KEYS)
+            if moved or _plain(experiment.document) != _plain(before):
                 _write_atomically(run_dir / "config.toml", dump_toml(experiment.document))
         except BaseException:
             experiment.close()

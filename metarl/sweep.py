@@ -87,13 +87,13 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
         ConfigError: the run was trained with other model or algorithm settings (naming them), or
             for more iterations than asked.
     """
-    from metarl.experiment import continued_document, resolve_document
+    from metarl.experiment import continued_document, placed, resolve_document
     from metarl.logger import load_checkpoint
 
     if not (run_dir / "config.toml").exists():
         return None
     requested = resolve_document(apply_overrides(load_toml(config), overrides))
-    recorded = resolve_document(load_toml(run_dir / "config.toml"))
+    recorded = resolve_document(placed(load_toml(run_dir / "config.toml"), requested))
     continued_document(recorded, requested, run_dir)
     asked = requested["run"]["num_iterations"]
     if asked < recorded["run"]["num_iterations"] and (run_dir / "checkpoint.pt").exists():
@@ -107,9 +107,9 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
 def _evaluated_as_asked(run_dir: Path, requested: dict[str, Any]) -> bool:
     """Whether the run's ``eval.json`` scored the iteration asked for, with the evaluation settings
     asked for."""
-    from metarl.experiment import evaluation_settings, resolve_document
+    from metarl.experiment import evaluation_settings, placed, resolve_document
 
-    recorded = resolve_document(load_toml(run_dir / "config.toml"))
+    recorded = resolve_document(placed(load_toml(run_dir / "config.toml"), requested))
     try:
         summary = json.loads((run_dir / "eval.json").read_text())["summary"]
         scored = int(summary.get("iteration", recorded["run"]["num_iterations"]))  # older files lack it

@@ -408,11 +408,13 @@ def test_a_run_continues_on_another_backend_and_worker_count_with_the_same_numbe
     metarl(*args, "--out", str(tmp_path / "full"), *sets, "--set", "run.num_iterations=3")
     run = tmp_path / "r"
     metarl(*args, "--out", str(run), *sets, "--set", "run.num_iterations=2")
-    metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=3",
+    _edit_config(run, agent__device="cuda")  # as if trained on a GPU: it continues here on the CPU
+    _one_line_error(metarl("run", "--resume", str(run), "--no-progress", check=False), "device='cuda'", "device='cpu'")
+    metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=3", "--set", "agent.device=cpu",
            "--set", "agent.backend=process", "--set", "agent.num_workers=2", "--set", "agent.envs_per_worker=1")
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
     agent = load_toml(run / "config.toml")["agent"]
-    assert (agent["backend"], agent["num_workers"], agent["envs_per_worker"]) == ("process", 2, 1)
+    assert (agent["backend"], agent["num_workers"], agent["envs_per_worker"], agent["device"]) == ("process", 2, 1, "cpu")
 
 
 def test_resume_with_set_refuses_model_keys_and_fewer_iterations_than_trained(tmp_path):
