@@ -435,6 +435,19 @@ def _sweep(out: Path, *extra: str, check: bool = True):
     return metarl(*args, check=check)
 
 
+def test_a_sweep_continues_runs_recorded_on_a_gpu_on_this_machine(tmp_path):
+    """A sweep's runs trained on a GPU machine (config.toml says device = "cuda") continue under the
+    same command on a CPU machine: the sweep's own config places them, and records it."""
+    _sweep(tmp_path / "straight", "run.num_iterations=60")
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=40", "run.eval_at_end=false")
+    run = out / "base-s0"
+    _edit_config(run, agent__device="cuda")
+    _sweep(out, "run.num_iterations=60")
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "base-s0" / "metrics.jsonl").read_text()
+    assert load_toml(run / "config.toml")["agent"]["device"] == "cpu"
+
+
 def test_the_same_sweep_asking_more_iterations_trains_its_runs_further_keeping_the_first_evaluation(tmp_path):
     _sweep(tmp_path / "straight", "run.num_iterations=60")
     out = tmp_path / "sweep"
