@@ -28,6 +28,14 @@ from pathlib import Path
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The parent passes its first stop signal on to the workers as a request of its own (SIGUSR1 for a
+# SIGTERM, SIGUSR2 for a SIGINT), which a worker that got the signal directly as well (``pkill -f``
+# matches forked workers too) does not count twice: two counted signals would stop its run at
+# once, losing the iterations since its last checkpoint. The parent's second signal reaches them
+# as AT_ONCE. A worker counts the stop signals sent to it directly apart: a second one stops it
+# at once too.
+FORWARDED = {signal.SIGINT: signal.SIGUSR2, signal.SIGTERM: signal.SIGUSR1}
+AT_ONCE = signal.SIGHUP
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 
 # In a pool worker: the stop signal received outside a training run, or the one that stopped a
@@ -109,7 +117,10 @@ def stop_signals() -> Iterator[list[str]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {s: signal.signal(s, _recorder(received)) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, _recorder(received, [])) for s in STOP_SIGNALS}
+    if _in_worker:
+        previous.update({s: signal.signal(s, _request_recorder(received)) for s in FORWARDED.values()})
+        previous[AT_ONCE] = signal.signal(AT_ONCE, _at_once)
     try:
         yield received
     finally:
@@ -119,14 +130,34 @@ def stop_signals() -> Iterator[list[str]]:
             _worker_stopping.append(received[0])
 
 
-def _recorder(received: list[str]) -> Callable[[int, object], None]:
-    """A signal handler that records the first stop signal's name in ``received``, and at the
-    second interrupts at once, without waiting for the iteration to end."""
+def _recorder(received: list[str], direct: list[str]) -> Callable[[int, object], None]:
+    """A signal handler that records the first stop signal's name in ``received`` (unless a stop
+    is recorded there already), and at the second signal sent to this process (``direct`` holds
+    those) interrupts at once, without waiting for the iteration to end."""
 
     def handler(signum: int, frame: object) -> None:
-        if received:
+        if direct:
             raise KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
+        direct.append(signal.Signals(signum).name)
+        if not received:
+            received.append(direct[0])
+
+    return handler
+
+
+def _at_once(signum: int, frame: object) -> None:
+    """A worker's handler of :data:`AT_ONCE`: the parent got a second stop signal."""
+    raise KeyboardInterrupt
+
+
+def _request_recorder(received: list[str]) -> Callable[[int, object], None]:
+    """A worker's handler of the parent's stop request (:data:`FORWARDED`): records the parent's
+    signal unless a stop signal is recorded already."""
+    names = {forwarded: original.name for original, forwarded in FORWARDED.items()}
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(names[signum])
 
     return handler
 
@@ -140,7 +171,10 @@ def _init_worker(pids: multiprocessing.queues.SimpleQueue[int]) -> None:
     os.setpgrp()
     _in_worker.append(True)
     for s in STOP_SIGNALS:
-        signal.signal(s, _recorder(_worker_stopping))
+        signal.signal(s, _recorder(_worker_stopping, []))
+    for s in FORWARDED.values():
+        signal.signal(s, _request_recorder(_worker_stopping))
+    signal.signal(AT_ONCE, _at_once)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
     pids.put(os.getpid())
@@ -170,6 +204,7 @@ class StoppablePool:
         # "LABEL at iteration N" of each run stopped with a checkpoint ("LABEL while scoring (...)"
         # for one stopped between two saves of its held-out scores)
         self.stopped: list[str] = []
+        self._stopped_by: list[str] = []  # the signal that stopped each of those
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(_call, fn, *args)
@@ -181,15 +216,18 @@ class StoppablePool:
             return future.result()
         except TrainingStopped as stopped:
             self.stopped.append(f"{label} {stopped.where()}")
+            self._stopped_by.append(stopped.signal_name)
         except (NotStarted, CancelledError):
             pass
         return None
 
     def stop_report(self, finished: int) -> PoolStopped | None:
-        """After the jobs: what a stop signal left (None if none came), to print or raise."""
-        if not self.received:
+        """After the jobs: what a stop signal left (None if none came), to print or raise. A
+        signal sent to a worker alone (not through this process) stopped its run all the same:
+        that is reported too, so that no stopped run passes for a finished command."""
+        if not self.received and not self._stopped_by:
             return None
-        return PoolStopped(self.received[0], finished, self.stopped)
+        return PoolStopped((self.received or self._stopped_by)[0], finished, self.stopped)
 
     def _forward(self, signum: int, frame: object) -> None:
         self.received.append(signal.Signals(signum).name)
@@ -201,9 +239,10 @@ class StoppablePool:
                 file=sys.stderr,
                 flush=True,
             )
+        passed_on = FORWARDED[signal.Signals(signum)] if len(self.received) == 1 else AT_ONCE
         for pid in self._live_workers():
             with contextlib.suppress(ProcessLookupError):  # one that exited since
-                os.kill(pid, signum)
+                os.kill(pid, passed_on)
         if len(self.received) == 2:  # the second signal: the workers stop at once, and so do we
             print(
                 f"{self.received[1]} again: stopped at once; each run keeps its last saved checkpoint "

@@ -267,6 +267,64 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
         assert logged == list(range(1, 3001))
 
 
+def test_a_sweep_whose_workers_get_the_signal_too_still_stops_each_after_its_iteration(tmp_path):
+    """`pkill -TERM -f "metarl sweep ..."` reaches the parent and its forked workers, which share its
+    command line: a worker then gets the signal directly and the parent's request as well, and
+    must count them once (two would stop it at once, without a checkpoint at its iteration)."""
+    import os
+    import re
+    import signal
+
+    from metarl.logger import load_checkpoint
+
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", "2",
+               "--workers", "2", "--out", str(out)]
+    for item in [*SMALL, "run.log_every=1", "run.num_iterations=3000", "run.checkpoint_every=5000"]:
+        command += ["--set", item]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signal_midway(proc, [out / "base-s0", out / "base-s1"], 0)  # 0: only waits until both train
+    everyone = [proc.pid] + [pid for pid in processes_mentioning(str(out)) if pid != proc.pid]
+    assert len(everyone) >= 3, "the workers must share the parent's command line for this test to mean anything"
+    for pid in everyone:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "again: stopped at once" not in stderr, stderr
+    for seed in (0, 1):
+        said = re.search(rf"base-s{seed} at iteration (\d+)", stderr)
+        assert said, stderr
+        assert load_checkpoint(out / f"base-s{seed}" / "checkpoint.pt")["iteration"] == int(said.group(1))
+
+
+def test_a_sweep_whose_worker_alone_was_stopped_says_so_and_does_not_pass_for_finished(tmp_path):
+    """A signal sent to one worker alone stops its run after the iteration, with a checkpoint
+    there; the sweep then exits with that signal's status and names the stopped run, instead of
+    reporting success over the seeds that did finish."""
+    import os
+    import re
+    import signal
+
+    from metarl.logger import load_checkpoint
+
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", "1",
+               "--workers", "1", "--out", str(out)]
+    for item in [*SMALL, "run.log_every=1", "run.num_iterations=100000", "run.checkpoint_every=500000"]:
+        command += ["--set", item]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signal_midway(proc, out / "base-s0", 0)  # 0: only waits until it trains
+    workers = [pid for pid in processes_mentioning(str(out)) if pid != proc.pid]
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGTERM)
+    stderr = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 143, stderr
+    said = re.search(r"base-s0 at iteration (\d+)", stderr)
+    assert said and "run the same command again" in stderr, stderr
+    assert load_checkpoint(out / "base-s0" / "checkpoint.pt")["iteration"] == int(said.group(1))
+
+
 def test_a_sweep_stopped_after_some_seeds_finished_reports_those_and_the_command_finishes_the_rest(tmp_path):
     """One worker: seed 0 trains to the end, then SIGTERM arrives while seed 1 trains. The sweep
     exits 143, its sweep.json holds seed 0 alone (its scores equal to seed 0's eval.json) and the
