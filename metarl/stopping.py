@@ -91,15 +91,23 @@ class ScoringStopped(TrainingStopped):
 class NotStarted(KeyboardInterrupt):
     """A pool job refused because its worker had been told to stop before the job began."""
 
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"not started: stop requested by {signal_name}")
+
+    def __reduce__(self) -> tuple:  # crosses from a pool worker to its parent
+        return type(self), (self.signal_name,)
+
 
 class PoolStopped(KeyboardInterrupt):
     """Several runs in a pool were stopped by a signal; each saved a checkpoint or never began."""
 
-    def __init__(self, signal_name: str, finished: int, stopped: list[str]):
+    def __init__(self, signal_name: str, finished: int, stopped: list[str], not_started: int = 0):
         self.signal_name, self.exit_code = signal_name, 128 + int(signal.Signals[signal_name])
         super().__init__(
             f"stopped by {signal_name}: {finished} runs finished; "
             + (f"checkpoints saved for {', '.join(stopped)}; " if stopped else "")
+            + (f"{not_started} runs not started; " if not_started else "")
             + "run the same command again to resume"
         )
 
@@ -117,10 +125,13 @@ def stop_signals() -> Iterator[list[str]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {s: signal.signal(s, _recorder(received, [])) for s in STOP_SIGNALS}
+    direct: list[str] = []  # SIGINT and SIGTERM count together: a Ctrl-C, then a kill, stops at once
+    previous = {s: signal.signal(s, _recorder(received, direct)) for s in STOP_SIGNALS}
     if _in_worker:
         previous.update({s: signal.signal(s, _request_recorder(received)) for s in FORWARDED.values()})
         previous[AT_ONCE] = signal.signal(AT_ONCE, _at_once)
+        if _worker_stopping and not received:  # came between the copy above and the handlers
+            received.append(_worker_stopping[0])
     try:
         yield received
     finally:
@@ -170,8 +181,9 @@ def _init_worker(pids: multiprocessing.queues.SimpleQueue[int]) -> None:
     workers to forward a signal to."""
     os.setpgrp()
     _in_worker.append(True)
+    direct: list[str] = []
     for s in STOP_SIGNALS:
-        signal.signal(s, _recorder(_worker_stopping, []))
+        signal.signal(s, _recorder(_worker_stopping, direct))
     for s in FORWARDED.values():
         signal.signal(s, _request_recorder(_worker_stopping))
     signal.signal(AT_ONCE, _at_once)
@@ -183,7 +195,7 @@ def _init_worker(pids: multiprocessing.queues.SimpleQueue[int]) -> None:
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
     """A pool job: ``fn(*args)`` unless the worker was told to stop; a stopped run stops the worker."""
     if _worker_stopping:
-        raise NotStarted(f"not started: stop requested by {_worker_stopping[0]}")
+        raise NotStarted(_worker_stopping[0])
     try:
         return fn(*args)
     except TrainingStopped as stopped:
@@ -204,7 +216,8 @@ class StoppablePool:
         # "LABEL at iteration N" of each run stopped with a checkpoint ("LABEL while scoring (...)"
         # for one stopped between two saves of its held-out scores)
         self.stopped: list[str] = []
-        self._stopped_by: list[str] = []  # the signal that stopped each of those
+        self._stopped_by: list[str] = []  # the signal that stopped each of those, or kept one from starting
+        self._not_started = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(_call, fn, *args)
@@ -217,8 +230,14 @@ class StoppablePool:
         except TrainingStopped as stopped:
             self.stopped.append(f"{label} {stopped.where()}")
             self._stopped_by.append(stopped.signal_name)
-        except (NotStarted, CancelledError):
+        except NotStarted as refused:
+            self._not_started += 1
+            self._stopped_by.append(refused.signal_name)
+        except CancelledError:
             pass
+        except KeyboardInterrupt:  # a worker stopped at once (a second signal sent to it)
+            self.stopped.append(f"{label} at once (its last checkpoint kept)")
+            self._stopped_by.append("SIGTERM")
         return None
 
     def stop_report(self, finished: int) -> PoolStopped | None:
@@ -227,7 +246,7 @@ class StoppablePool:
         that is reported too, so that no stopped run passes for a finished command."""
         if not self.received and not self._stopped_by:
             return None
-        return PoolStopped((self.received or self._stopped_by)[0], finished, self.stopped)
+        return PoolStopped((self.received or self._stopped_by)[0], finished, self.stopped, self._not_started)
 
     def _forward(self, signum: int, frame: object) -> None:
         self.received.append(signal.Signals(signum).name)

@@ -271,6 +271,10 @@ def test_a_sweep_whose_workers_get_the_signal_too_still_stops_each_after_its_ite
     """`pkill -TERM -f "metarl sweep ..."` reaches the parent and its forked workers, which share its
     command line: a worker then gets the signal directly and the parent's request as well, and
     must count them once (two would stop it at once, without a checkpoint at its iteration)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a machine with CUDA the pool spawns its workers: they do not share the parent's command line")
     import os
     import re
     import signal
@@ -302,6 +306,10 @@ def test_a_sweep_whose_worker_alone_was_stopped_says_so_and_does_not_pass_for_fi
     """A signal sent to one worker alone stops its run after the iteration, with a checkpoint
     there; the sweep then exits with that signal's status and names the stopped run, instead of
     reporting success over the seeds that did finish."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a machine with CUDA the pool spawns its workers: they do not share the parent's command line")
     import os
     import re
     import signal
@@ -429,6 +437,40 @@ def test_a_signal_a_pool_worker_caught_outside_a_run_keeps_its_queued_jobs_from_
     assert stopping._worker_stopping == ["SIGTERM"]
     with pytest.raises(stopping.NotStarted):
         stopping._call(print, "never")
+
+
+def test_a_ctrl_c_then_a_kill_interrupts_at_once():
+    """SIGINT and SIGTERM count together: the second stop signal of either kind interrupts."""
+    import os
+    import signal
+
+    from metarl import stopping
+
+    with pytest.raises(KeyboardInterrupt), stopping.stop_signals() as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert received == ["SIGINT"]
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+
+
+def _signal_own_worker() -> str:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)  # outside a run: the worker takes no further job
+    return "scored"
+
+
+def test_runs_a_worker_signalled_between_runs_never_started_are_reported_not_passed_over():
+    from metarl.stopping import StoppablePool
+
+    with StoppablePool(1) as pool:
+        first = pool.result(pool.submit(_signal_own_worker), "first")
+        second = pool.result(pool.submit(_pid_of_worker), "second")
+    report = pool.stop_report(finished=1)
+    assert (first, second) == ("scored", None)
+    assert report is not None and report.exit_code == 143 and "1 runs not started" in str(report), report
 
 
 def _pid_of_worker() -> int:
