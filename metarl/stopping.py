@@ -168,7 +168,7 @@ def _request_recorder(received: list[str]) -> Callable[[int, object], None]:
 
     def handler(signum: int, frame: object) -> None:
         if not received:
-            received.append(names[signum])
+            received.append(names[signal.Signals(signum)])
 
     return handler
 
