@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,56 @@ from metarl.runtime import machine
 from metarl.stats import bootstrap_difference_ci
 
 
-def _timing(run_dirs: list[Path]) -> dict[str, float]:
+def _machine_of(run: Path) -> Callable[[int], str | None]:
+    """Which machine trained a run's iteration: from its machines.jsonl (each line: the machine
+    from that iteration on); None where the run records no machines."""
+    path = run / "machines.jsonl"
+    stretches = sorted(
+        (int(entry["iteration"]), str(entry["machine"]))
+        for entry in (json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []))
+    )
+
+    def machine_at(iteration: int) -> str | None:
+        found = None
+        for start, name in stretches:
+            if start < iteration:
+                found = name
+        return found
+
+    return machine_at
+
+
+def machines_of(run_dirs: list[Path]) -> dict[str, int]:
+    """Iterations trained on each machine, over the runs (from their timing and machines logs)."""
+    counts: dict[str, int] = {}
+    for run in run_dirs:
+        machine_at = _machine_of(run)
+        lines = (run / "timing.jsonl").read_text().splitlines() if (run / "timing.jsonl").exists() else []
+        for line in lines:
+            name = machine_at(int(json.loads(line)["iteration"]))
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _timing(run_dirs: list[Path]) -> dict[str, Any]:
+    """Mean sampling and optimisation seconds per iteration, over the iterations trained on the
+    machine that trained most of them (named in ``machine``; runs that record no machines count
+    whole)."""
+    main = next(iter(machines_of(run_dirs)), None)
     sampling, optimisation, iterations = [], [], 0
     for run in run_dirs:
+        machine_at = _machine_of(run)
         lines = (
             (run / "timing.jsonl").read_text().splitlines()
             if (run / "timing.jsonl").exists()
             else []
         )
         rows = [json.loads(line) for line in lines]
+        iterations = max(iterations, max((r["iteration"] for r in rows), default=0))
+        rows = [r for r in rows if main is None or machine_at(int(r["iteration"])) in (main, None)]
         sampling += [r["time/sampling_s"] for r in rows if "time/sampling_s" in r]
         optimisation += [r["time/optimization_s"] for r in rows if "time/optimization_s" in r]
-        iterations = max(iterations, max((r["iteration"] for r in rows), default=0))
     if not sampling or not optimisation:
         return {}
     s, o = float(np.mean(sampling)), float(np.mean(optimisation))
@@ -47,6 +86,7 @@ def _timing(run_dirs: list[Path]) -> dict[str, float]:
         "optimization_s": o,
         "optimization_over_sampling": o / s,
         "iterations": iterations,
+        **({"machine": main} if main else {}),
     }
 
 
@@ -67,6 +107,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "success": cell.get("success"),
                 "baselines": cell.get("baselines", {}),
                 "timing": _timing(runs),
+                "machines": machines_of(runs),
                 "num_tasks": config.get("summary", {}).get("num_tasks"),
                 "command": document.get("sweep_command") or document["commands"][label],
                 "gain": {metric: gain(runs, metric) for metric in ("return", "success")},
@@ -162,7 +203,9 @@ def write_table(
         "",
         "Held-out tasks of each family; IQM over tasks × seeds with a 95% bootstrap interval in brackets. "
         "Baselines (stable-baselines3) train on each held-out task with the environment steps the "
-        "meta-learner used there. Timing: mean seconds per training iteration over all seeds. The "
+        "meta-learner used there. Timing: mean seconds per training iteration over all seeds, on the "
+        "machine that trained most iterations (the first in the machine column, which names every "
+        "machine a row trained on). The "
         "iterations column counts the meta-iterations trained; the MAML paper trains up to 500, so a row "
         "far below that is an early point of the paper's setting, not its converged figure. A "
         "MAML-PPO row without baselines shares its held-out tasks, evaluation settings and step "
@@ -232,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give finished sweep directories, or --keep TABLE.json to rebuild from its rows")
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
     for row in rows:
-        row["machine"] = machine()
+        trained = row.pop("machines")
+        row["machine"] = (
+            "; ".join(f"{name} ({count} iterations)" for name, count in trained.items()) if len(trained) > 1
+            else next(iter(trained), machine())
+        )
     if args.keep:
         rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]

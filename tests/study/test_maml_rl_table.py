@@ -166,3 +166,22 @@ def test_rl_table_says_how_far_the_mean_after_one_step_is_from_the_published_ran
     row["return"]["mean"][1] = -60.0
     assert "+10 from its range" in _fmt_published(row, "return")
     assert _fmt_published(row, "success") == "–" and _fmt_published({**row, "published": None}, "return") == "–"
+
+
+def test_a_row_names_every_machine_its_runs_trained_on_and_times_the_main_one(tmp_path):
+    """Iterations 1-3 on machine A, 4-5 on B (machines.jsonl: each line holds from the iteration
+    after the one it names): B's timing is left out of the means, and both machines are counted."""
+    from experiments.tables.maml_rl import _timing, machines_of
+
+    run = tmp_path / "base-s0"
+    run.mkdir()
+    (run / "machines.jsonl").write_text(
+        '{"iteration": 0, "machine": "A"}\n{"iteration": 3, "machine": "B"}\n')
+    sampling = [2.0, 4.0, 6.0, 100.0, 100.0]
+    (run / "timing.jsonl").write_text("".join(
+        json.dumps({"iteration": i + 1, "time/sampling_s": s, "time/optimization_s": s / 2}) + "\n"
+        for i, s in enumerate(sampling)))
+    assert machines_of([run]) == {"A": 3, "B": 2}
+    timing = _timing([run])
+    assert timing["machine"] == "A" and timing["iterations"] == 5
+    assert timing["sampling_s"] == pytest.approx(4.0) and timing["optimization_over_sampling"] == pytest.approx(0.5)
