@@ -212,6 +212,14 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
         d = row["diagnostics"]
         continue_cmd = (f"`{row['sweep_command']}`" if row.get("sweep_command")
                         else f"`metarl sweep ... --out {row['sweep']}` (see docs/reproducing.md)")
+        if not row["last_eval"]:  # too young for its first held-out point: its progress alone
+            lines.append(
+                f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
+                f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
+                f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} | – | no held-out point yet | – | – | – | – | "
+                f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | {fmt(d.get('train/accepted'))} | "
+                f"– | {'; '.join(row['machines'])} | {continue_cmd} |"
+            )
         for metric, last in sorted(row["last_eval"].items()):
             steps = last["steps"]
             ref = row["reference"]
@@ -227,7 +235,7 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
                 f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} | {metric} | {last['iteration']} | "
                 f"{fmt(steps.get(0))} | {fmt(steps.get(1))} | {fmt(steps[max(steps)])} (step {max(steps)}) | {published} | "
                 f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | {fmt(d.get('train/accepted'))} | "
-                f"[png]({Path(row['plot']).name}) | {'; '.join(row['machines'])} | {continue_cmd} |"
+                f"{'[png](' + Path(row['plot']).name + ')' if row['plot'] else 'no held-out point yet'} | {'; '.join(row['machines'])} | {continue_cmd} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -243,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for sweep in args.dirs:
         row = summarize(sweep, references)
-        row["plot"] = str(plot(row, args.out.parent / f"{args.out.name}_{sweep.name}.png"))
+        # a sweep too young for its first held-out point has no curve to draw yet
+        row["plot"] = str(plot(row, args.out.parent / f"{args.out.name}_{sweep.name}.png")) if row["curves"] else None
         rows.append(row)
     command = "python -m experiments.rl_curves " + " ".join(str(d) for d in args.dirs) + f" --out {args.out}"
     here = machine()
     args.out.with_suffix(".md").write_text(table(rows, command, here))
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": here, "rows": rows}, indent=1))
-    print(f"wrote {args.out}.md, {args.out}.json and {len(rows)} plot(s)")
+    print(f"wrote {args.out}.md, {args.out}.json and {sum(bool(r['plot']) for r in rows)} plot(s)")
     return 0
 
 
