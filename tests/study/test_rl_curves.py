@@ -56,3 +56,14 @@ def test_a_published_value_given_in_environment_steps_sits_at_our_iteration_with
     assert reference_iteration({"iterations": 500, "env_steps": 1.0}, 200_000.0, 300) == 500.0
     assert reference_iteration({}, 200_000.0, 300) == 300.0
     assert reference_iteration({"env_steps": 5.0e6}, float("nan"), 300) == 300.0
+
+
+def test_a_sweep_before_its_first_held_out_point_is_listed_with_its_progress_and_no_plot(tmp_path):
+    young = tmp_path / "maml-trpo-cheetah-dir"
+    _run(young, 0, {}, kl=0.1)
+    out = tmp_path / "curves"
+    assert main([str(young), "--out", str(out)]) == 0
+    line = next(x for x in out.with_suffix(".md").read_text().splitlines() if x.startswith("| halfcheetah-vel"))
+    assert "no held-out point yet" in line and "| 4 (500) | 0.0M |" in line
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["plot"] is None
+    assert not list(tmp_path.glob("curves_*.png"))
