@@ -138,6 +138,9 @@ _FREE_KEYS = (
     {("run", k) for k in FREE_RUN_KEYS}
     | {("agent", k) for k in FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS}
 )
+_FREE_KEYS_TEXT = (
+    f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS)} and [eval]"
+)
 
 
 def evaluation_settings(document: dict[str, Any]) -> dict[str, Any]:
@@ -233,9 +236,7 @@ def continued_document(recorded: dict[str, Any], requested: dict[str, Any], run_
         raise ConfigError(
             f"{run_dir} was trained with other settings than those asked for ({values}); ask for the "
             f"settings it was started with, or pick another --out for a new run (only "
-            f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS)} "
-            "and [eval] "
-            "may change when a run continues)"
+            f"{_FREE_KEYS_TEXT} may change when a run continues)"
         )
     document = {section: dict(table) for section, table in recorded.items()}
     for section, key in sorted(_FREE_KEYS):
@@ -408,8 +409,7 @@ class Experiment:
                 raise CheckpointError(
                     f"config.toml of {self.run_dir} differs from the config {source} was trained with in "
                     f"{', '.join(changed)}; put back the checkpoint's values or start a new run (only "
-                    f"run.{', run.'.join(FREE_RUN_KEYS)}, agent.{', agent.'.join(FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS)} "
-                    "and [eval] may change on resume)"
+                    f"{_FREE_KEYS_TEXT} may change on resume)"
                 )
         try:
             self.agent.load_state_dict(state["agent"])

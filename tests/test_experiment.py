@@ -267,14 +267,30 @@ def test_sweep_stopped_by_sigint_checkpoints_every_seed_and_resumes(tmp_path):
         assert logged == list(range(1, 3001))
 
 
-def test_a_sweep_whose_workers_get_the_signal_too_still_stops_each_after_its_iteration(tmp_path):
-    """`pkill -TERM -f "metarl sweep ..."` reaches the parent and its forked workers, which share its
-    command line: a worker then gets the signal directly and the parent's request as well, and
-    must count them once (two would stop it at once, without a checkpoint at its iteration)."""
+def _needs_forked_workers() -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("on a machine with CUDA the pool spawns its workers: they do not share the parent's command line")
+
+
+def _training_sweep(out: Path, seeds: int, iterations: int) -> subprocess.Popen:
+    """A sinusoid sweep of ``seeds`` runs, one worker each, checkpointing only at its end, returned
+    once every run is training."""
+    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", str(seeds),
+               "--workers", str(seeds), "--out", str(out)]
+    for item in [*SMALL, "run.log_every=1", f"run.num_iterations={iterations}", f"run.checkpoint_every={5 * iterations}"]:
+        command += ["--set", item]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signal_midway(proc, [out / f"base-s{seed}" for seed in range(seeds)], 0)  # 0: only waits until they train
+    return proc
+
+
+def test_a_sweep_whose_workers_get_the_signal_too_still_stops_each_after_its_iteration(tmp_path):
+    """`pkill -TERM -f "metarl sweep ..."` reaches the parent and its forked workers, which share its
+    command line: a worker then gets the signal directly and the parent's request as well, and
+    must count them once (two would stop it at once, without a checkpoint at its iteration)."""
+    _needs_forked_workers()
     import os
     import re
     import signal
@@ -282,12 +298,7 @@ def test_a_sweep_whose_workers_get_the_signal_too_still_stops_each_after_its_ite
     from metarl.logger import load_checkpoint
 
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", "2",
-               "--workers", "2", "--out", str(out)]
-    for item in [*SMALL, "run.log_every=1", "run.num_iterations=3000", "run.checkpoint_every=5000"]:
-        command += ["--set", item]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    signal_midway(proc, [out / "base-s0", out / "base-s1"], 0)  # 0: only waits until both train
+    proc = _training_sweep(out, seeds=2, iterations=3000)
     everyone = [proc.pid] + [pid for pid in processes_mentioning(str(out)) if pid != proc.pid]
     assert len(everyone) >= 3, "the workers must share the parent's command line for this test to mean anything"
     for pid in everyone:
@@ -306,10 +317,7 @@ def test_a_sweep_whose_worker_alone_was_stopped_says_so_and_does_not_pass_for_fi
     """A signal sent to one worker alone stops its run after the iteration, with a checkpoint
     there; the sweep then exits with that signal's status and names the stopped run, instead of
     reporting success over the seeds that did finish."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("on a machine with CUDA the pool spawns its workers: they do not share the parent's command line")
+    _needs_forked_workers()
     import os
     import re
     import signal
@@ -317,12 +325,7 @@ def test_a_sweep_whose_worker_alone_was_stopped_says_so_and_does_not_pass_for_fi
     from metarl.logger import load_checkpoint
 
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "metarl.cli", "sweep", "experiments/sinusoid_maml.toml", "--seeds", "1",
-               "--workers", "1", "--out", str(out)]
-    for item in [*SMALL, "run.log_every=1", "run.num_iterations=100000", "run.checkpoint_every=500000"]:
-        command += ["--set", item]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    signal_midway(proc, out / "base-s0", 0)  # 0: only waits until it trains
+    proc = _training_sweep(out, seeds=1, iterations=100000)
     workers = [pid for pid in processes_mentioning(str(out)) if pid != proc.pid]
     assert len(workers) == 1, workers
     os.kill(workers[0], signal.SIGTERM)
