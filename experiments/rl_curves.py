@@ -212,14 +212,14 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
         d = row["diagnostics"]
         continue_cmd = (f"`{row['sweep_command']}`" if row.get("sweep_command")
                         else f"`metarl sweep ... --out {row['sweep']}` (see docs/reproducing.md)")
+        progress = (f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
+                    f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
+                    f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} |")
+        diagnostics = (f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | "
+                       f"{fmt(d.get('train/accepted'))} |")
+        tail = f"{'; '.join(row['machines'])} | {continue_cmd} |"
         if not row["last_eval"]:  # too young for its first held-out point: its progress alone
-            lines.append(
-                f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
-                f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
-                f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} | – | no held-out point yet | – | – | – | – | "
-                f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | {fmt(d.get('train/accepted'))} | "
-                f"– | {'; '.join(row['machines'])} | {continue_cmd} |"
-            )
+            lines.append(f"{progress} – | no held-out point yet | – | – | – | – | {diagnostics} – | {tail}")
         for metric, last in sorted(row["last_eval"].items()):
             steps = last["steps"]
             ref = row["reference"]
@@ -230,12 +230,9 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
                          else f"{ref['env_steps'] / 1e6:.1f}M steps" if "env_steps" in ref else "")
                 published += f" ({where}, {ref.get('how', '')})" if where else ""
             lines.append(
-                f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
-                f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
-                f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} | {metric} | {last['iteration']} | "
+                f"{progress} {metric} | {last['iteration']} | "
                 f"{fmt(steps.get(0))} | {fmt(steps.get(1))} | {fmt(steps[max(steps)])} (step {max(steps)}) | {published} | "
-                f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | {fmt(d.get('train/accepted'))} | "
-                f"{'[png](' + Path(row['plot']).name + ')' if row['plot'] else 'no held-out point yet'} | {'; '.join(row['machines'])} | {continue_cmd} |"
+                f"{diagnostics} [png]({Path(row['plot']).name}) | {tail}"
             )
     return "\n".join(lines) + "\n"
 

@@ -60,11 +60,9 @@ def machines_of(run_dirs: list[Path]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def _timing(run_dirs: list[Path]) -> dict[str, Any]:
-    """Mean sampling and optimisation seconds per iteration, over the iterations trained on the
-    machine that trained most of them (named in ``machine``; runs that record no machines count
-    whole)."""
-    main = next(iter(machines_of(run_dirs)), None)
+def _timing(run_dirs: list[Path], main: str | None) -> dict[str, Any]:
+    """Mean sampling and optimisation seconds per iteration, over the iterations trained on
+    ``main``, the machine that trained most of them (runs that record no machines count whole)."""
     sampling, optimisation, iterations = [], [], 0
     for run in run_dirs:
         machine_at = _machine_of(run)
@@ -97,6 +95,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     for label, cell in document["cells"].items():
         runs = sorted(r for r in sweep_dir.glob(f"{label}-s*") if (r / "eval.json").exists())  # finished seeds
         config = json.loads((runs[0] / "eval.json").read_text()) if runs else {}
+        machines = machines_of(runs)
         rows.append(
             {
                 "sweep": document["title"],
@@ -106,8 +105,8 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "return": cell.get("return"),
                 "success": cell.get("success"),
                 "baselines": cell.get("baselines", {}),
-                "timing": _timing(runs),
-                "machines": machines_of(runs),
+                "timing": _timing(runs, next(iter(machines), None)),
+                "machines": machines,
                 "num_tasks": config.get("summary", {}).get("num_tasks"),
                 "command": document.get("sweep_command") or document["commands"][label],
                 "gain": {metric: gain(runs, metric) for metric in ("return", "success")},

@@ -182,6 +182,6 @@ def test_a_row_names_every_machine_its_runs_trained_on_and_times_the_main_one(tm
         json.dumps({"iteration": i + 1, "time/sampling_s": s, "time/optimization_s": s / 2}) + "\n"
         for i, s in enumerate(sampling)))
     assert machines_of([run]) == {"A": 3, "B": 2}
-    timing = _timing([run])
+    timing = _timing([run], next(iter(machines_of([run]))))
     assert timing["machine"] == "A" and timing["iterations"] == 5
     assert timing["sampling_s"] == pytest.approx(4.0) and timing["optimization_over_sampling"] == pytest.approx(0.5)
