@@ -27,7 +27,7 @@ from metarl.trust_region import (
     conjugate_gradient,
     flatten,
     kl_hvp,
-    linearize,
+    linearize_steps,
     surrogate,
     surrogate_gradient,
     unflatten,
@@ -89,7 +89,8 @@ def _tiny_problem(num_steps: int = 2, seed: int = 0):
 def test_meta_gradient_through_two_inner_steps_matches_central_differences():
     policy, params, pre, post = _tiny_problem()
     inner = InnerLoop(policy, 0.5, first_order=False)
-    adapted, grad_vjps, _ = linearize(inner, params, pre, num_curvature=3)
+    lin = linearize_steps(inner, params, pre)
+    adapted, grad_vjps = lin.adapted, lin.vjps
     old_log_probs = meta_pg.post_log_probs(policy, adapted, post)
     _, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
 
@@ -112,7 +113,7 @@ def test_meta_gradient_through_two_inner_steps_matches_central_differences():
         adapted,
         old_log_probs,
         post,
-        linearize(inner._replace(first_order=True), params, pre, 3)[1],
+        linearize_steps(inner._replace(first_order=True), params, pre).vjps,
     )[1]
     assert not torch.allclose(first_order_grad, grad, rtol=1e-3), (
         "second-order terms must matter here"
@@ -132,7 +133,8 @@ def test_conjugate_gradient_solves_a_random_spd_system():
 def test_kl_hessian_vector_product_matches_the_explicit_hessian(num_steps):
     policy, params, pre, post = _tiny_problem(num_steps, seed=1)
     inner = InnerLoop(policy, 0.5, first_order=False)
-    adapted, _, curvature_vjps = linearize(inner, params, pre, num_curvature=3)
+    lin = linearize_steps(inner, params, pre)
+    adapted, curvature_vjps = lin.adapted, lin.vjps
     old = {k: v.detach() for k, v in adapted.items()}
 
     def mean_kl(vector: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def test_gauss_newton_products_equal_the_explicit_kl_hessian(kind, num_steps):
     policy = POLICIES[kind]()
     params, pre, post = _problem(policy, num_steps, seed=1)
     inner = InnerLoop(policy, 0.5, first_order=False)
-    lin = linearize_steps(inner, params, pre, num_curvature=3)
+    lin = linearize_steps(inner, params, pre)
     old = {k: v.detach() for k, v in lin.adapted.items()}
 
     def mean_kl(vector: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,9 @@ def test_gauss_newton_products_equal_the_double_backward_ones(first_order, num_c
     policy = POLICIES["gaussian"]()
     params, pre, post = _problem(policy, num_steps=2, seed=2)
     inner = InnerLoop(policy, 0.5, first_order=first_order)
-    lin = linearize_steps(inner, params, pre, num_curvature)
+    lin = linearize_steps(inner, params, pre)
     sub = PGBatch(*(t[:, :num_curvature] for t in post))
-    hvp = kl_hvp(policy, lin.adapted, sub, lin.curvature_vjps, damping=0.1)
+    hvp = kl_hvp(policy, lin.adapted, sub, lin.vjps, damping=0.1)
     gen = torch.Generator().manual_seed(0)
     for inner_jacobian in ("vjp", "jvp"):
         fvp = kl_fvp(policy, inner, lin, sub, damping=0.1, inner_jacobian=inner_jacobian)
@@ -132,6 +132,48 @@ def test_maml_trpo_takes_the_same_step_with_either_fisher():
     torch.testing.assert_close(gauss_newton[1], hessian[1], rtol=1e-4, atol=1e-7)
     error = (gauss_newton[2] - hessian[2]).norm() / hessian[2].norm()
     assert error < 1e-3, float(error)
+
+
+@pytest.mark.parametrize("fisher", ["gauss-newton", "hessian"])
+def test_subsampled_curvature_is_the_kl_hessian_of_the_steps_taken_on_fewer_post_episodes(fisher):
+    """``hvp_subsample = 0.5``: autograd's explicit Hessian of the mean KL, with the inner step
+    on all pre-update episodes and the KL on the first half of the post-update ones. (Taking the
+    inner step's Jacobian on half the pre-update episodes too gives another matrix: a noisier
+    curvature that overestimated the KL of the step it chose on halfcheetah-dir.)"""
+    distribution = envs.make("navigation-2d", horizon=6, num_test=3)
+    config = MAMLTRPOConfig(
+        meta_batch_size=2, episodes_per_task=4, hidden_sizes=(3,), activation="tanh",
+        cg_damping=0.0, backend="serial", fisher=fisher, hvp_subsample=0.5,
+    )
+    agent = MAMLTRPO(config, distribution, seed=0)
+    try:
+        tasks = distribution.sample(2, np.random.default_rng(0))
+        batch = meta_pg.collect(
+            agent.sampler, agent.inner, agent.params, tasks, 4, 1, agent._advantages, agent.device
+        )
+        terms = agent.trust_region_terms(batch)
+    finally:
+        agent.close()
+    old = {k: v.detach().double() for k, v in terms.adapted.items()}
+    inner = agent.inner._replace(first_order=False)
+    pre = [PGBatch(*(t.double() for t in b)) for b in batch.pre]
+    half = PGBatch(*(t[:, :2].double() for t in batch.post))
+    params = {k: v.detach().double() for k, v in agent.params.items()}
+
+    def mean_kl(vector: torch.Tensor, episodes: int = 4) -> torch.Tensor:
+        steps = [PGBatch(*(t[:, :episodes] for t in b)) for b in pre]
+        new = meta_pg.adapt_tasks(inner, unflatten(vector, params), steps)
+        return meta_pg.mean_kl(agent.policy, old, new, half)
+
+    flat = flatten(list(params.values()))
+    hessian = torch.autograd.functional.hessian(mean_kl, flat)
+    thinned = torch.autograd.functional.hessian(lambda v: mean_kl(v, episodes=2), flat)
+    eye = torch.eye(flat.numel())
+    products = torch.stack([terms.hvp(e) for e in eye], dim=1).double()
+    scale = hessian.abs().max()
+    assert scale > 1e-4
+    torch.testing.assert_close(products, hessian, rtol=1e-4, atol=1e-5 * scale)
+    assert (thinned - hessian).abs().max() > 0.1 * scale, "the test must tell the two apart"
 
 
 def test_fisher_setting_is_checked():
