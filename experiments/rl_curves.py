@@ -101,6 +101,10 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
     recent = [r for run in runs for r in run["rows"][-10:]]
     diagnostics = {k: float(np.mean([r[k] for r in recent if k in r])) for k in DIAGNOSTICS
                    if any(k in r for r in recent)}
+    max_kl = config.get("agent", {}).get("max_kl")
+    accepted = [r["train/kl"] for r in recent if r.get("train/accepted") == 1.0 and "train/kl" in r]
+    if max_kl and accepted:  # the share of the trust region an accepted step used
+        diagnostics["trust_region_used"] = float(np.mean(accepted)) / float(max_kl)
     reference = reference_for(config, references)
     tasks = config["tasks"]
     variant = ", ".join(f"{k} {tasks[k]}" for k in ("frame_skip", "observation") if k in tasks)
@@ -202,11 +206,13 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
         "(`run.eval_every`), averaged over seeds, before adaptation (step 0), after one step and after the "
         "last. Diagnostics: the mean of the last 10 logged iterations of every seed (`adapt/inner_kl`: KL "
         "between the pre- and post-update policies; `adapt/return_gain`: training tasks' post- minus "
-        "pre-update return; `train/accepted`: TRPO line-search acceptance). Published values are in "
+        "pre-update return; `train/accepted`: TRPO line-search acceptance; KL used: an accepted TRPO step's "
+        "KL over `max_kl`, which backtracking from a step whose predicted KL is `max_kl` puts between 0.64 "
+        "and 1 when the curvature is right). Published values are in "
         "`experiments/references.toml`, with how each was read.", "",
         f"Written by `{command}` on {machine}.", "",
-        "| benchmark | agent | seeds | iterations (budget) | env steps | held-out metric | eval at | step 0 | step 1 | last step | published (before → after) | inner KL | train gain | TRPO accepted | plot | trained on | continue with |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | agent | seeds | iterations (budget) | env steps | held-out metric | eval at | step 0 | step 1 | last step | published (before → after) | inner KL | train gain | TRPO accepted | KL used | plot | trained on | continue with |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         d = row["diagnostics"]
@@ -216,7 +222,7 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
                     f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
                     f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} |")
         diagnostics = (f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | "
-                       f"{fmt(d.get('train/accepted'))} |")
+                       f"{fmt(d.get('train/accepted'))} | {fmt(d.get('trust_region_used'))} |")
         tail = f"{'; '.join(row['machines'])} | {continue_cmd} |"
         if not row["last_eval"]:  # too young for its first held-out point: its progress alone
             lines.append(f"{progress} – | no held-out point yet | – | – | – | – | {diagnostics} – | {tail}")

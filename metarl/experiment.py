@@ -5,7 +5,7 @@ A run directory holds::
     config.toml       the resolved config (after --set overrides)
     metrics.jsonl     one line per logged iteration (seed-determined values only)
     timing.jsonl      wall-time figures (iterations/s, env steps/s)
-    machines.jsonl    which machine trained from which iteration on
+    machines.jsonl    which machine (and code commit) trained from which iteration on
     tb/               TensorBoard events
     checkpoint.pt     the latest checkpoint, written atomically, with the config it was trained with
     checkpoint.prev.pt  the checkpoint before it (to restore if the latest cannot be read)
@@ -431,9 +431,9 @@ class Experiment:
     def _record_machine(self) -> None:
         """Appends to ``machines.jsonl`` which machine trains from this iteration on (a run resumed
         elsewhere, e.g. from a run directory kept in a repository, names each machine)."""
-        from metarl.runtime import machine
+        from metarl.runtime import code_version, machine
 
-        line = {"iteration": self.iteration, "machine": machine(),
+        line = {"iteration": self.iteration, "machine": machine(), "code": code_version(),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         with open(self.run_dir / "machines.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,3 +99,26 @@ def machine() -> str:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
             + "".join(f", GPU {name}" for name in gpus))
+
+
+def code_version() -> str:
+    """The commit of the source tree this ``metarl`` is imported from, ``+modified`` when tracked
+    files differ from it, or ``"unknown"`` outside a git checkout (e.g. an installed wheel).
+
+    Recorded beside the machine in a run's ``machines.jsonl``, so a run continued under other
+    code says so.
+    """
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        modified = git("status", "--porcelain", "--untracked-files=no", "--", "metarl", "envs", "agents")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+modified" if modified else "")

@@ -396,6 +396,12 @@ def test_resume_with_set_trains_further_and_matches_a_run_trained_straight_throu
     metarl("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=60")
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
     assert load_toml(run / "config.toml")["run"]["num_iterations"] == 60
+    # machines.jsonl: where and under which commit each stretch trained (iterations 0 and 40)
+    stretches = [json.loads(line) for line in _lines(run / "machines.jsonl")]
+    assert [s["iteration"] for s in stretches] == [0, 40]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else "unknown"
+    assert all(s["code"].removesuffix("+modified") == expected for s in stretches), stretches
 
 
 def test_a_run_continues_on_another_backend_and_worker_count_with_the_same_numbers(tmp_path):

@@ -187,14 +187,17 @@ def write_table(
     out: Path,
     command: str,
     trpo_timing: list[tuple[dict[str, Any], str]] | None = None,
+    notes: list[str] | None = None,
 ) -> None:
-    """``out.json`` and ``out.md``; ``trpo_timing`` holds (``metarl bench trpo`` result, its file)."""
+    """``out.json`` and ``out.md``; ``trpo_timing`` holds (``metarl bench trpo`` result, its file),
+    ``notes`` lines for a "Notes" section (what a reader must know about some rows)."""
     document = {
         "benchmark": "MAML-RL held-out adaptation",
         "machine": machine(),
         "command": command,
         "rows": rows,
         "trpo_timing": [t for t, _ in trpo_timing or []],
+        "notes": list(notes or []),
     }
     out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
@@ -241,6 +244,8 @@ def write_table(
                 f"{_fmt_gain((row.get('gain') or {}).get(metric))} | {_fmt_published(row, metric)} | {base[0]} | {base[1]} | "
                 f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Published reference points", ""] + [f"- {p}" for p in PUBLISHED]
     for timing_result, source in trpo_timing or []:
         lines += _timing_section(timing_result, source)
@@ -269,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SWEEP",
         help="with --keep: leave out the kept rows of these sweeps (e.g. rows whose settings were replaced)",
     )
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the table's Notes section (repeat for several)",
+    )
     args = parser.parse_args(argv)
     if not args.sweeps and not args.keep:
         parser.error("give finished sweep directories, or --keep TABLE.json to rebuild from its rows")
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]
     command = "python -m experiments.tables.maml_rl " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table(rows, Path(args.out), command, timing)
+    write_table(rows, Path(args.out), command, timing, args.note)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0
 

@@ -46,8 +46,11 @@ def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
         args += ["--set", s]
     metarl(*args)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table")]) == 0
+        assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"),
+                         "--note", "first note", "--note", "second note"]) == 0
     table = json.loads((tmp_path / "table.json").read_text())
+    assert table["notes"] == ["first note", "second note"]
+    assert "## Notes\n\n- first note\n- second note\n" in (tmp_path / "table.md").read_text()
     (row,) = table["rows"]
     cell = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]["base"]
     assert row["return"] == cell["return"] and row["num_seeds"] == 2 and row["num_tasks"] == 3

@@ -12,12 +12,13 @@ def _run(root, seed, evals, kl):
     run.mkdir(parents=True)
     run.joinpath("config.toml").write_text(
         '[run]\nagent = "agents.maml_trpo:MAMLTRPO"\nnum_iterations = 500\n\n'
-        '[tasks]\nname = "halfcheetah-vel"\n'
+        '[tasks]\nname = "halfcheetah-vel"\n\n[agent]\nmax_kl = 0.02\n'
     )
     rows = []
     for iteration in range(1, 5):
         row = {"iteration": iteration, "train/env_steps": 1000.0, "adapt/inner_kl": kl,
-               "adapt/return_gain": 2.0 * seed, "train/accepted": 1.0}
+               "adapt/return_gain": 2.0 * seed, "train/accepted": float(iteration != 3),
+               "train/kl": 0.01 + 0.004 * seed if iteration != 3 else 0.0}
         if iteration in evals:
             row |= {f"eval/return_step{k}": v for k, v in enumerate(evals[iteration])}
         rows.append(row)
@@ -34,6 +35,8 @@ def test_last_common_evaluation_is_averaged_over_seeds_with_diagnostics(tmp_path
     assert row["last_eval"]["return"]["iteration"] == 4
     assert row["last_eval"]["return"]["steps"] == {0: -140.0, 1: -95.0}
     assert row["diagnostics"]["adapt/inner_kl"] == 0.2  # mean of the last iterations of both seeds
+    # accepted steps only (a rejected one has KL 0): KL 0.01 and 0.014 against max_kl 0.02
+    assert abs(row["diagnostics"]["trust_region_used"] - 0.6) < 1e-12
     assert row["reference"]["return_pre"] == -135.0 and row["machines"] == ["box0", "box1"]
 
 
