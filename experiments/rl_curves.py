@@ -207,8 +207,8 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
         "last. Diagnostics: the mean of the last 10 logged iterations of every seed (`adapt/inner_kl`: KL "
         "between the pre- and post-update policies; `adapt/return_gain`: training tasks' post- minus "
         "pre-update return; `train/accepted`: TRPO line-search acceptance; KL used: an accepted TRPO step's "
-        "KL over `max_kl`, which backtracking from a step whose predicted KL is `max_kl` puts between 0.64 "
-        "and 1 when the curvature is right). Published values are in "
+        "KL over `max_kl`: about 1 when the curvature model is right and the full step is taken, about 0.64 "
+        "after one backtrack at ratio 0.8; far below that, the curvature overestimates the KL). Published values are in "
         "`experiments/references.toml`, with how each was read.", "",
         f"Written by `{command}` on {machine}.", "",
         "| benchmark | agent | seeds | iterations (budget) | env steps | held-out metric | eval at | step 0 | step 1 | last step | published (before → after) | inner KL | train gain | TRPO accepted | KL used | plot | trained on | continue with |",

@@ -102,8 +102,9 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The commit of the source tree this ``metarl`` is imported from, ``+modified`` when tracked
-    files differ from it, or ``"unknown"`` outside a git checkout (e.g. an installed wheel).
+    """The commit of the git checkout this ``metarl`` is imported from, ``+modified`` when tracked
+    files under ``metarl/``, ``envs/`` or ``agents/`` differ from it; ``"unknown"`` when the
+    package does not sit at the top of a checkout (an installed wheel) or git cannot answer.
 
     Recorded beside the machine in a run's ``machines.jsonl``, so a run continued under other
     code says so.
@@ -111,12 +112,15 @@ def code_version() -> str:
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
+                              capture_output=True, text=True, timeout=5)
         if done.returncode != 0:
             raise OSError(done.stderr.strip())
         return done.stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown"  # e.g. installed into a virtual environment inside some checkout
         commit = git("rev-parse", "HEAD")
         modified = git("status", "--porcelain", "--untracked-files=no", "--", "metarl", "envs", "agents")
     except (OSError, subprocess.SubprocessError):
