@@ -98,7 +98,6 @@ def test_gauss_newton_products_equal_the_double_backward_ones(first_order, num_c
 
 def _terms(fisher: str):
     """One MAML-TRPO batch on 2D navigation, its trust-region terms, and the CG direction."""
-    distribution = envs.make("navigation-2d", horizon=10, num_test=3)
     config = MAMLTRPOConfig(
         meta_batch_size=3,
         episodes_per_task=8,
@@ -108,16 +107,24 @@ def _terms(fisher: str):
         backend="serial",
         fisher=fisher,
     )
+    _, _, terms = _agent_terms(config, horizon=10)
+    direction = conjugate_gradient(terms.hvp, terms.grad, config.cg_iters)
+    v = torch.randn(terms.grad.shape, generator=torch.Generator().manual_seed(1))
+    return terms, terms.hvp(v), direction
+
+
+def _agent_terms(config: MAMLTRPOConfig, horizon: int):
+    """A MAML-TRPO agent's one batch on 2D navigation and its trust-region terms there:
+    ``(agent, batch, terms)`` (the agent's workers already stopped)."""
+    distribution = envs.make("navigation-2d", horizon=horizon, num_test=3)
     agent = MAMLTRPO(config, distribution, seed=0)
     try:
-        tasks = distribution.sample(3, np.random.default_rng(0))
+        tasks = distribution.sample(config.meta_batch_size, np.random.default_rng(0))
         batch = meta_pg.collect(
-            agent.sampler, agent.inner, agent.params, tasks, 8, 1, agent._advantages, agent.device
+            agent.sampler, agent.inner, agent.params, tasks, config.episodes_per_task, 1,
+            agent._advantages, agent.device,
         )
-        terms = agent.trust_region_terms(batch)
-        direction = conjugate_gradient(terms.hvp, terms.grad, config.cg_iters)
-        v = torch.randn(terms.grad.shape, generator=torch.Generator().manual_seed(1))
-        return terms, terms.hvp(v), direction
+        return agent, batch, agent.trust_region_terms(batch)
     finally:
         agent.close()
 
@@ -140,20 +147,11 @@ def test_subsampled_curvature_is_the_kl_hessian_of_the_steps_taken_on_fewer_post
     on all pre-update episodes and the KL on the first half of the post-update ones. (Taking the
     inner step's Jacobian on half the pre-update episodes too gives another matrix: a noisier
     curvature that overestimated the KL of the step it chose on halfcheetah-dir.)"""
-    distribution = envs.make("navigation-2d", horizon=6, num_test=3)
     config = MAMLTRPOConfig(
         meta_batch_size=2, episodes_per_task=4, hidden_sizes=(3,), activation="tanh",
         cg_damping=0.0, backend="serial", fisher=fisher, hvp_subsample=0.5,
     )
-    agent = MAMLTRPO(config, distribution, seed=0)
-    try:
-        tasks = distribution.sample(2, np.random.default_rng(0))
-        batch = meta_pg.collect(
-            agent.sampler, agent.inner, agent.params, tasks, 4, 1, agent._advantages, agent.device
-        )
-        terms = agent.trust_region_terms(batch)
-    finally:
-        agent.close()
+    agent, batch, terms = _agent_terms(config, horizon=6)
     old = {k: v.detach().double() for k, v in terms.adapted.items()}
     inner = agent.inner._replace(first_order=False)
     pre = [PGBatch(*(t.double() for t in b)) for b in batch.pre]
