@@ -87,18 +87,24 @@ def task_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pg_batch(
-    trajectories: Trajectories, baseline: Baseline, gamma: float, lam: float, normalized: bool
+    trajectories: Trajectories,
+    baseline: Baseline,
+    gamma: float,
+    lam: float,
+    normalized: bool,
+    bootstrap: bool = True,
 ) -> PGBatch:
     """Advantages from a baseline fit on ``trajectories`` (per task for the linear baseline).
 
     The baseline is regressed on Monte-Carlo returns; GAE bootstraps a truncated episode with the
-    baseline's value of its last ``next_obs`` and a terminated one with 0. With ``normalized``,
-    each task's advantages are standardised over its alive steps.
+    baseline's value of its last ``next_obs`` (0 without ``bootstrap``) and a terminated one with
+    0. With ``normalized``, each task's advantages are standardised over its alive steps.
     """
     t = trajectories
     returns = discounted_returns(t.rewards, t.mask, t.terminated, gamma)
     values, next_values = baseline.fit_values(t.obs, t.next_obs, returns, t.mask)
-    advantages = gae(t.rewards, values, t.mask, t.terminated, gamma, lam, next_values)
+    tail = next_values if bootstrap else None
+    advantages = gae(t.rewards, values, t.mask, t.terminated, gamma, lam, tail)
     if normalized:
         advantages = vmap(normalize)(advantages, t.mask)
     return PGBatch(t.obs, t.actions, advantages.detach(), t.mask)
@@ -362,7 +368,11 @@ def make_agent_policy(cfg: Any, distribution: Any) -> Any:
 
     from metarl.policies import make_policy
 
-    kwargs: dict[str, Any] = {"hidden_sizes": cfg.hidden_sizes, "activation": cfg.activation}
+    kwargs: dict[str, Any] = {
+        "hidden_sizes": cfg.hidden_sizes,
+        "activation": cfg.activation,
+        "output_init_scale": cfg.output_init_scale,
+    }
     if isinstance(distribution.action_space, gym.spaces.Box):
         kwargs["init_log_std"] = cfg.init_log_std
     return make_policy(distribution.observation_space, distribution.action_space, **kwargs)

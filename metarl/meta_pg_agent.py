@@ -86,6 +86,7 @@ class MetaPolicyGradient:
             cfg.gamma,
             cfg.gae_lambda,
             cfg.normalize_advantages,
+            cfg.bootstrap_truncated,
         )
 
     def _update(self, batch: MetaBatch) -> dict[str, float]:

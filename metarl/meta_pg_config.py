@@ -35,6 +35,12 @@ class MetaPGConfig:
     """Hidden activation of the policy."""
     init_log_std: float = 0.0
     """Initial log standard deviation of a Gaussian policy."""
+    output_init_scale: float = 0.01
+    """Factor on the policy's output-layer initial weights (0.01: near-zero first actions, as
+    ProMP and garage; 1.0: plain Glorot, as the MAML paper's rllab policy)."""
+    bootstrap_truncated: bool = True
+    """Add the baseline's value of an episode's last observation at the horizon (False: 0, as
+    rllab's and the MAML paper's sampler)."""
     backend: Literal["serial", "process", "ray"] = "serial"
     """Rollout backend."""
     num_workers: int = 1
@@ -81,3 +87,7 @@ class MetaPGConfig:
             )
         if not math.isfinite(self.init_log_std):
             raise ValueError(f"init_log_std must be finite, got {self.init_log_std}")
+        if not (self.output_init_scale > 0 and math.isfinite(self.output_init_scale)):
+            raise ValueError(
+                f"output_init_scale must be a positive factor (0.01 or 1.0), got {self.output_init_scale}"
+            )

@@ -41,6 +41,9 @@ class GaussianMLPPolicy:
         hidden_sizes: widths of the hidden layers.
         activation: ``"relu"`` or ``"tanh"``.
         init_log_std: initial value of every entry of ``log_std``.
+        output_init_scale: factor on the output layer's Glorot-uniform initial weights (0.01:
+            near-zero first actions, as ProMP and garage; 1.0: plain Glorot, as the MAML paper's
+            rllab policy).
     """
 
     discrete = False
@@ -53,17 +56,19 @@ class GaussianMLPPolicy:
         hidden_sizes: tuple[int, ...] = (100, 100),
         activation: str = "relu",
         init_log_std: float = 0.0,
+        output_init_scale: float = 0.01,
     ) -> None:
         self.obs_dim = int(obs_dim)
         self.act_dim = int(act_dim)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.init_log_std = float(init_log_std)
+        self.output_init_scale = float(output_init_scale)
         self.mlp = FunctionalMLP([self.obs_dim, *self.hidden_sizes, self.act_dim], activation)
         self.noise_shape: tuple[int, ...] = (self.act_dim,)
 
     def init_params(self, seed: int) -> Params:
         """Fresh parameters, a deterministic function of ``seed``."""
-        params = init_mlp(self.mlp.sizes, seed, output_scale=0.01)
+        params = init_mlp(self.mlp.sizes, seed, output_scale=self.output_init_scale)
         params["log_std"] = torch.full((self.act_dim,), self.init_log_std)
         return params
 
@@ -133,6 +138,7 @@ class CategoricalMLPPolicy:
         num_actions: number of discrete actions.
         hidden_sizes: widths of the hidden layers.
         activation: ``"relu"`` or ``"tanh"``.
+        output_init_scale: factor on the output layer's Glorot-uniform initial weights.
     """
 
     discrete = True
@@ -144,16 +150,18 @@ class CategoricalMLPPolicy:
         num_actions: int,
         hidden_sizes: tuple[int, ...] = (100, 100),
         activation: str = "relu",
+        output_init_scale: float = 0.01,
     ) -> None:
         self.obs_dim = int(obs_dim)
         self.num_actions = int(num_actions)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.output_init_scale = float(output_init_scale)
         self.mlp = FunctionalMLP([self.obs_dim, *self.hidden_sizes, self.num_actions], activation)
         self.noise_shape: tuple[int, ...] = (self.num_actions,)
 
     def init_params(self, seed: int) -> Params:
         """Fresh parameters, a deterministic function of ``seed``."""
-        return init_mlp(self.mlp.sizes, seed, output_scale=0.01)
+        return init_mlp(self.mlp.sizes, seed, output_scale=self.output_init_scale)
 
     def distribution_params(self, params: Params, obs: torch.Tensor) -> torch.Tensor:
         """``obs [..., obs_dim]`` -> normalised log-probabilities ``[..., num_actions]``."""
@@ -213,7 +221,8 @@ def make_policy(observation_space: gym.Space, action_space: gym.Space, **kwargs:
     Args:
         observation_space: a ``Box`` (flattened to ``obs_dim``).
         action_space: a ``Box`` or a ``Discrete``.
-        **kwargs: passed to the policy (``hidden_sizes``, ``activation``, ``init_log_std``).
+        **kwargs: passed to the policy (``hidden_sizes``, ``activation``, ``output_init_scale``,
+            ``init_log_std``).
     """
     if not isinstance(observation_space, gym.spaces.Box):
         raise TypeError(

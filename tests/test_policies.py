@@ -169,6 +169,17 @@ def test_init_params_seeded_and_policies_pickle():
     assert len(pickle.dumps(policy)) < 2000
 
 
+@pytest.mark.parametrize("make", [GaussianMLPPolicy, CategoricalMLPPolicy])
+def test_output_init_scale_scales_only_the_output_layer(make):
+    # Glorot-uniform: |w| <= sqrt(6 / (fan_in + fan_out)); 1.0 fills that range, 0.01 a hundredth.
+    small, plain = make(4, 3, hidden_sizes=(50,)), make(4, 3, hidden_sizes=(50,), output_init_scale=1.0)
+    a, b = small.init_params(0), plain.init_params(0)
+    torch.testing.assert_close(a["fc0.weight"], b["fc0.weight"])
+    torch.testing.assert_close(100.0 * a["out.weight"], b["out.weight"])
+    bound = (6.0 / (50 + 3)) ** 0.5
+    assert 0.8 * bound < b["out.weight"].abs().max() <= bound
+
+
 def test_make_policy_chooses_by_space():
     obs_space = gym.spaces.Box(-1, 1, (3, 2), np.float32)
     gaussian = make_policy(obs_space, gym.spaces.Box(-1, 1, (2,), np.float32), hidden_sizes=(8,))

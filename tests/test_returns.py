@@ -173,3 +173,27 @@ def test_linear_baseline_fits_observations_with_constant_zero_entries_as_a_ridge
         expected = np.linalg.solve(x.T @ x + 1e-5 * np.eye(x.shape[1]), x.T @ y)
         assert np.isfinite(weights[task].numpy()).all()
         np.testing.assert_allclose(x @ weights[task].numpy(), x @ expected, rtol=1e-6, atol=1e-6)
+
+
+class _ConstantBaseline:
+    """Values 0 at every step and 5 after it, whatever the data."""
+
+    def fit_values(self, obs, next_obs, returns, mask):
+        return torch.zeros_like(returns), torch.full_like(returns, 5.0)
+
+
+def test_pg_batch_bootstraps_the_horizon_only_when_asked():
+    from metarl.meta_pg import pg_batch
+    from metarl.types import Trajectories
+
+    shape = (1, 1, 3)  # one task, one episode of three steps, truncated at the horizon
+    zeros = torch.zeros(shape)
+    t = Trajectories(
+        torch.zeros(*shape, 2), torch.zeros(*shape, 1), torch.ones(shape), zeros,
+        torch.ones(shape), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(*shape, 2), zeros,
+    )  # fmt: skip
+    # gamma 0.5, lambda 1, values 0: the Monte-Carlo return, plus 0.5^(3 - t) * 5 with bootstrap.
+    plain = pg_batch(t, _ConstantBaseline(), 0.5, 1.0, normalized=False, bootstrap=False)
+    torch.testing.assert_close(plain.advantages[0, 0], torch.tensor([1.75, 1.5, 1.0]))
+    boot = pg_batch(t, _ConstantBaseline(), 0.5, 1.0, normalized=False)
+    torch.testing.assert_close(boot.advantages[0, 0], torch.tensor([2.375, 2.75, 3.5]))
