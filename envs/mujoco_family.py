@@ -44,8 +44,9 @@ class FamilySpec:
         model_fields: names of ``MjModel`` arrays whose nominal values the env stores.
         box: the nominal box of each (scalar or vector) task field, ``{field: (low, high)}``,
             where the family supports task generators (:meth:`MujocoFamily.parameter_box`).
-        extra_obs: values appended to gymnasium's observation (``obs_dim`` counts them), e.g.
-            the torso's centre of mass of the MAML paper's HalfCheetah; ``extra_obs_dim`` of them.
+        extra_obs: ``(sim, task) -> values`` appended to gymnasium's observation (``obs_dim``
+            counts them), e.g. the torso's centre of mass of the MAML paper's HalfCheetah;
+            ``extra_obs_dim`` of them.
     """
 
     name: str
@@ -61,7 +62,7 @@ class FamilySpec:
     apply_task: Callable[[Any, Task, dict[str, np.ndarray]], None] | None = None
     model_fields: tuple[str, ...] = field(default_factory=tuple)
     box: dict[str, tuple[list[float], list[float]]] | None = None
-    extra_obs: Callable[[Any], np.ndarray] | None = None
+    extra_obs: Callable[[Any, Task], np.ndarray] | None = None
     extra_obs_dim: int = 0
 
 
@@ -126,7 +127,7 @@ class MujocoTaskEnv(gym.Env):
 
     def _observe(self, obs: np.ndarray) -> np.ndarray:
         if self.spec_.extra_obs is not None:
-            obs = np.concatenate([obs, self.spec_.extra_obs(self.sim)])
+            obs = np.concatenate([obs, self.spec_.extra_obs(self.sim, self.task)])
         return obs.astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:

@@ -54,7 +54,7 @@ def _halfcheetah(frame_skip: int = 5) -> Any:
     return HalfCheetahEnv(frame_skip=frame_skip)
 
 
-def _torso_com(sim: Any) -> np.ndarray:
+def _torso_com(sim: Any, task: Task) -> np.ndarray:
     """The centre of mass of the torso's subtree (the whole cheetah), x, y, z: the last three
     observation entries of the MAML paper's HalfCheetah (rllab ``get_body_com("torso")``).
 
@@ -62,6 +62,11 @@ def _torso_com(sim: Any) -> np.ndarray:
     the last MuJoCo step (one action old with ``frame_skip = 1``), as pytorch-maml-rl and garage
     observe it; rllab recomputed it after the step."""
     return sim.data.subtree_com[sim.model.body("torso").id].copy()
+
+
+def _torso_com_and_task(sim: Any, task: Task) -> np.ndarray:
+    """:func:`_torso_com`, then the task's parameters: what the MAML paper's oracle is told."""
+    return np.concatenate([_torso_com(sim, task), task.vector()])
 
 
 def _ant(with_xy: bool) -> Any:
@@ -260,15 +265,19 @@ ANT_GOAL = FamilySpec(
 
 def _cheetah_variant(spec: FamilySpec, frame_skip: int, observation: str) -> FamilySpec:
     """``spec`` simulated ``frame_skip`` MuJoCo steps of 0.01 s per env step, observing
-    gymnasium's v5 vector (``"gymnasium"``) or the MAML paper's (``"maml"``: with the torso's
-    centre of mass appended, whose x grows with the distance run)."""
+    gymnasium's v5 vector (``"gymnasium"``), the MAML paper's (``"maml"``: with the torso's
+    centre of mass appended, whose x grows with the distance run), or the MAML paper's followed by
+    the task's parameters (``"maml-oracle"``: the paper's oracle, a policy told the task)."""
     if isinstance(frame_skip, bool) or not isinstance(frame_skip, int) or frame_skip < 1:
         raise ValueError(f"{spec.name}: frame_skip must be a whole number >= 1, got {frame_skip!r}")
-    if observation not in ("gymnasium", "maml"):
-        raise ValueError(f"{spec.name}: observation must be 'gymnasium' or 'maml', got {observation!r}")
-    extra = observation == "maml"
-    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=spec.obs_dim + 3 * extra,
-                   extra_obs=_torso_com if extra else None, extra_obs_dim=3 * extra)
+    extras = {"gymnasium": (None, 0), "maml": (_torso_com, 3), "maml-oracle": (_torso_com_and_task, 4)}
+    if observation not in extras:
+        raise ValueError(
+            f"{spec.name}: observation must be one of {', '.join(map(repr, extras))}, got {observation!r}"
+        )
+    extra, dim = extras[observation]
+    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=spec.obs_dim + dim,
+                   extra_obs=extra, extra_obs_dim=dim)
 
 
 def halfcheetah_vel(

@@ -232,8 +232,22 @@ def test_halfcheetah_in_the_maml_papers_setting_steps_0_01_s_and_observes_the_to
     assert obs[17] - com_before[0] != 0.0
 
 
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_halfcheetah_oracle_observation_appends_the_task_to_the_maml_one(name):
+    maml, oracle = (envs.make(name, frame_skip=1, observation=o) for o in ("maml", "maml-oracle"))
+    assert oracle.observation_space.shape == (21,)
+    for task in oracle.test_tasks()[:2]:
+        value = task["velocity"] if name == "halfcheetah-vel" else task["direction"]
+        seen, told = maml.make_env(task), oracle.make_env(task)
+        a, _ = seen.reset(seed=3)
+        b, _ = told.reset(seed=3)
+        for action in np.random.default_rng(0).uniform(-1, 1, size=(5, 6)):
+            np.testing.assert_array_equal(b, np.append(a, np.float32(value)))
+            a, b = seen.step(action)[0], told.step(action)[0]
+
+
 def test_halfcheetah_options_are_refused_with_what_to_give():
     with pytest.raises(ValueError, match="frame_skip must be a whole number >= 1"):
         envs.make("halfcheetah-vel", frame_skip=0)
-    with pytest.raises(ValueError, match="observation must be 'gymnasium' or 'maml'"):
+    with pytest.raises(ValueError, match="observation must be one of 'gymnasium', 'maml', 'maml-oracle'"):
         envs.make("halfcheetah-dir", observation="rllab")
