@@ -57,11 +57,16 @@ def benchmark_of(config: dict[str, Any]) -> tuple[str, str]:
 
 def reference_for(config: dict[str, Any], references: dict[str, Any]) -> dict[str, Any]:
     """The published entry of references.toml for a run's benchmark and algorithm (the
-    MAML-TRPO entry stands for an algorithm with none of its own); ``{}`` when there is none."""
+    MAML-TRPO entry stands for an algorithm with none of its own; a run told the task, with an
+    ``*-oracle`` observation, is compared with the paper's oracle); ``{}`` when there is none."""
     benchmark, algorithm = benchmark_of(config)
     family, _, env = benchmark.partition(".")
     entries = references.get(family, {}).get(env, {}) if env else references.get(family, {})
-    entry = entries.get(algorithm if algorithm in entries else "maml_trpo", {})
+    if str(config["tasks"].get("observation", "")).endswith("oracle"):
+        algorithm = "oracle"
+    elif algorithm not in entries:
+        algorithm = "maml_trpo"
+    entry = entries.get(algorithm, {})
     return entry if isinstance(entry, dict) else {}
 
 
