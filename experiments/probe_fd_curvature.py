@@ -56,14 +56,15 @@ def finite_difference_hvp(agent: Any, batch: Any, old: Any, epsilon: float, damp
     return hvp
 
 
-def step_outcome(agent: Any, batch: Any, old: Any, old_log_probs: Any, step: torch.Tensor) -> dict[str, float]:
-    """The KL and surrogate gain of the full step ``θ + step`` (no backtracking)."""
+def step_outcome(
+    agent: Any, batch: Any, old: Any, old_log_probs: Any, before: float, step: torch.Tensor
+) -> dict[str, float]:
+    """The KL and surrogate gain over ``before`` of the full step ``θ + step`` (no backtracking)."""
     steps = trust_region.unflatten(step, agent.params)
     candidate = {k: v + steps[k] for k, v in agent.params.items()}
     with torch.no_grad():
         adapted = meta_pg.adapt_tasks(agent.inner._replace(first_order=True), candidate, batch.pre)
         value = float(trust_region.surrogate(agent.policy, adapted, old_log_probs, batch.post))
-        before = float(trust_region.surrogate(agent.policy, old, old_log_probs, batch.post))
         kl = float(meta_pg.mean_kl(agent.policy, old, adapted, batch.post))
     return {"kl": kl, "surrogate_gain": value - before}
 
@@ -81,7 +82,7 @@ def probe(run_dir: Path, seed: int) -> dict[str, Any]:
             tasks = experiment.distribution.sample(cfg.meta_batch_size, np.random.default_rng(seed))
             batch = meta_pg.collect(agent.sampler, agent.inner, agent.params, tasks, cfg.episodes_per_task,
                                     cfg.adapt_steps, agent._advantages)
-            old, old_log_probs, _, grad, exact = agent.trust_region_terms(batch)
+            old, old_log_probs, surrogate, grad, exact = agent.trust_region_terms(batch)
             old = {k: v.detach() for k, v in old.items()}
             theta_norm = float(trust_region.flatten(list(agent.params.values())).norm())
             epsilon = 1.0 / theta_norm
@@ -97,7 +98,7 @@ def probe(run_dir: Path, seed: int) -> dict[str, Any]:
                 directions[name] = (direction, step)
                 result[name] = {"direction_norm": float(direction.norm()), "step_norm": float(step.norm()),
                                 "predicted_kl": cfg.max_kl,
-                                **step_outcome(agent, batch, old, old_log_probs, step)}
+                                **step_outcome(agent, batch, old, old_log_probs, float(surrogate), step)}
             for name, vector in (("gradient", grad), ("exact_direction", directions["exact"][0])):
                 a, b = exact(vector), finite(vector)
                 result[f"relative_difference_at_{name}"] = float((a - b).norm() / a.norm())
