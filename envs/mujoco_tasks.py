@@ -25,8 +25,9 @@ so its 200-step episodes last 2 s against 10 s here; and its observation ends wi
 centre of mass (x, y, z), whose x is the distance run. ``frame_skip = 1`` and
 ``observation = "maml"`` give both (the ``[tasks]`` keys of ``halfcheetah-vel`` and
 ``halfcheetah-dir``). Left as they are: rllab reads the velocity as the torso's centre-of-mass
-velocity, here the root's displacement over the step (as pytorch-maml-rl and garage), and rllab
-resets with N(0, 0.01) noise on the joint positions where gymnasium draws U(-0.1, 0.1).
+velocity, here the root's displacement over the step (as pytorch-maml-rl and garage). rllab
+resets with N(0, 0.01²) noise on the joint positions where gymnasium draws U(-0.1, 0.1);
+``reset_noise = "rllab"`` resets as rllab.
 """
 
 from __future__ import annotations
@@ -48,10 +49,23 @@ ANT_DIR_SURVIVE = 1.0
 ANT_GOAL_RADIUS = 3.0
 
 
-def _halfcheetah(frame_skip: int = 5) -> Any:
+def _halfcheetah(frame_skip: int = 5, reset_noise: str = "gymnasium") -> Any:
     from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-    return HalfCheetahEnv(frame_skip=frame_skip)
+    if reset_noise == "gymnasium":
+        return HalfCheetahEnv(frame_skip=frame_skip)
+
+    class RllabResetHalfCheetah(HalfCheetahEnv):
+        """Resets as rllab's MujocoEnv: joint positions plus N(0, 0.01²) noise (gymnasium:
+        U(-0.1, 0.1)), velocities plus N(0, 0.1²) (as gymnasium)."""
+
+        def reset_model(self) -> np.ndarray:
+            qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
+            qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
+            self.set_state(qpos, qvel)
+            return self._get_obs()
+
+    return RllabResetHalfCheetah(frame_skip=frame_skip)
 
 
 def _torso_com(sim: Any, task: Task) -> np.ndarray:
@@ -263,20 +277,28 @@ ANT_GOAL = FamilySpec(
 )
 
 
-def _cheetah_variant(spec: FamilySpec, frame_skip: int, observation: str) -> FamilySpec:
+RESET_NOISE = ("gymnasium", "rllab")
+
+
+def _cheetah_variant(spec: FamilySpec, frame_skip: int, observation: str, reset_noise: str) -> FamilySpec:
     """``spec`` simulated ``frame_skip`` MuJoCo steps of 0.01 s per env step, observing
     gymnasium's v5 vector (``"gymnasium"``), the MAML paper's (``"maml"``: with the torso's
     centre of mass appended, whose x grows with the distance run), or the MAML paper's followed by
-    the task's parameters (``"maml-oracle"``: the paper's oracle, a policy told the task)."""
+    the task's parameters (``"maml-oracle"``: the paper's oracle, a policy told the task); reset
+    with gymnasium's noise on the joint positions, U(-0.1, 0.1), or rllab's, N(0, 0.01²)."""
     if isinstance(frame_skip, bool) or not isinstance(frame_skip, int) or frame_skip < 1:
         raise ValueError(f"{spec.name}: frame_skip must be a whole number >= 1, got {frame_skip!r}")
+    if reset_noise not in RESET_NOISE:
+        raise ValueError(
+            f"{spec.name}: reset_noise must be one of {', '.join(map(repr, RESET_NOISE))}, got {reset_noise!r}"
+        )
     extras = {"gymnasium": (None, 0), "maml": (_torso_com, 3), "maml-oracle": (_torso_com_and_task, 4)}
     if observation not in extras:
         raise ValueError(
             f"{spec.name}: observation must be one of {', '.join(map(repr, extras))}, got {observation!r}"
         )
     extra, dim = extras[observation]
-    return replace(spec, make_sim=partial(_halfcheetah, frame_skip), obs_dim=spec.obs_dim + dim,
+    return replace(spec, make_sim=partial(_halfcheetah, frame_skip, reset_noise), obs_dim=spec.obs_dim + dim,
                    extra_obs=extra, extra_obs_dim=dim)
 
 
@@ -287,14 +309,17 @@ def halfcheetah_vel(
     split_seed: int = 0,
     frame_skip: int = 5,
     observation: str = "gymnasium",
+    reset_noise: str = "gymnasium",
 ) -> MujocoFamily:
     """HalfCheetah target velocity; task field ``velocity`` (float).
 
     ``frame_skip = 1, observation = "maml"`` is the MAML paper's environment (rllab's
     HalfCheetah: one 0.01 s MuJoCo step per action, so 200 steps are 2 s; the torso's centre of
     mass observed); the defaults are gymnasium's HalfCheetah-v5 (0.05 s per action, 10 s).
+    ``reset_noise = "rllab"`` draws the initial joint positions as rllab does, N(0, 0.01²) about
+    the nominal pose, where gymnasium draws U(-0.1, 0.1).
     """
-    spec = _cheetah_variant(HALFCHEETAH_VEL, frame_skip, observation)
+    spec = _cheetah_variant(HALFCHEETAH_VEL, frame_skip, observation, reset_noise)
     return MujocoFamily(spec, horizon, num_train, num_test, split_seed)
 
 
@@ -305,10 +330,12 @@ def halfcheetah_vel_mass(
     return MujocoFamily(HALFCHEETAH_VEL_MASS, horizon, num_train, num_test, split_seed)
 
 
-def halfcheetah_dir(horizon: int = 200, frame_skip: int = 5, observation: str = "gymnasium") -> MujocoFamily:
+def halfcheetah_dir(
+    horizon: int = 200, frame_skip: int = 5, observation: str = "gymnasium", reset_noise: str = "gymnasium"
+) -> MujocoFamily:
     """HalfCheetah forward/backward; task field ``direction`` (-1.0 or 1.0); train = test = both.
-    ``frame_skip`` and ``observation`` as in :func:`halfcheetah_vel`."""
-    return MujocoFamily(_cheetah_variant(HALFCHEETAH_DIR, frame_skip, observation), horizon)
+    ``frame_skip``, ``observation`` and ``reset_noise`` as in :func:`halfcheetah_vel`."""
+    return MujocoFamily(_cheetah_variant(HALFCHEETAH_DIR, frame_skip, observation, reset_noise), horizon)
 
 
 def ant_dir(horizon: int = 200) -> MujocoFamily:

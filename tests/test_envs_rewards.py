@@ -246,8 +246,33 @@ def test_halfcheetah_oracle_observation_appends_the_task_to_the_maml_one(name):
             a, b = seen.step(action)[0], told.step(action)[0]
 
 
+@pytest.mark.parametrize("noise, qpos_std", [("gymnasium", 0.1 / np.sqrt(3)), ("rllab", 0.01)])
+def test_halfcheetah_reset_noise_draws_the_initial_pose_as_named(noise, qpos_std):
+    """Joint positions about the nominal pose: gymnasium U(-0.1, 0.1) (std 0.1/sqrt(3)), rllab's
+    MujocoEnv N(0, 0.01²); velocities N(0, 0.1²) in both. The observation is the drawn state."""
+    env = envs.make("halfcheetah-dir", frame_skip=1, observation="maml", reset_noise=noise)
+    env = env.make_env(env.test_tasks()[0])
+    sim = env.unwrapped.sim
+    qpos, qvel = [], []
+    for seed in range(300):
+        obs, _ = env.reset(seed=seed)
+        qpos.append(sim.data.qpos - sim.init_qpos)
+        qvel.append(sim.data.qvel - sim.init_qvel)
+        np.testing.assert_allclose(obs[:17], np.concatenate([sim.data.qpos[1:], sim.data.qvel]), atol=1e-6)
+    qpos, qvel = np.array(qpos), np.array(qvel)
+    assert qpos.std() == pytest.approx(qpos_std, rel=0.1)
+    assert qvel.std() == pytest.approx(0.1, rel=0.1)
+    if noise == "gymnasium":
+        assert np.abs(qpos).max() <= 0.1
+    a, _ = env.reset(seed=7)
+    b, _ = env.reset(seed=7)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_halfcheetah_options_are_refused_with_what_to_give():
     with pytest.raises(ValueError, match="frame_skip must be a whole number >= 1"):
         envs.make("halfcheetah-vel", frame_skip=0)
     with pytest.raises(ValueError, match="observation must be one of 'gymnasium', 'maml', 'maml-oracle'"):
         envs.make("halfcheetah-dir", observation="rllab")
+    with pytest.raises(ValueError, match="reset_noise must be one of 'gymnasium', 'rllab'"):
+        envs.make("halfcheetah-vel", reset_noise="rllab-ish")

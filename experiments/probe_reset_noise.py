@@ -1,0 +1,68 @@
+"""Does a trained MAML agent adapt better when the cheetah starts as rllab's did?
+
+    python -m experiments.probe_reset_noise experiments/rl_runs/maml-trpo-cheetah-dir/base-s0 [...]
+
+The MAML paper's HalfCheetah (rllab's MujocoEnv) resets the joint positions with N(0, 0.01²) noise
+about the nominal pose; gymnasium draws U(-0.1, 0.1), six times the spread. Each run's checkpoint
+is evaluated with its own protocol on its held-out tasks, once with ``tasks.reset_noise`` as it
+was trained and once with each other value, over ``--repeats`` evaluation seeds; the held-out
+return after each adaptation step is printed per run and noise, with its spread over the
+repeats. The run directories are only read. One JSON object is the last line printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envs.mujoco_tasks import RESET_NOISE
+from metarl.config import load_toml
+from metarl.experiment import Experiment
+from metarl.logger import load_checkpoint
+from metarl.registry import make_distribution
+
+
+def evaluate(run_dir: Path, reset_noise: str, seeds: list[int]) -> list[list[float]]:
+    """Held-out mean return after each adaptation step, one row per evaluation seed."""
+    document = load_toml(run_dir / "config.toml")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        experiment = Experiment(document, Path(scratch))
+        try:
+            experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
+            tasks = {k: v for k, v in document["tasks"].items() if k != "name"}
+            family = make_distribution(experiment.task_name, **{**tasks, "reset_noise": reset_noise})
+            for seed in seeds:
+                result = experiment.agent.evaluate(experiment.held_out_tasks(), np.random.default_rng(seed), family)
+                rows.append([float(x) for x in np.asarray(result["return"], dtype=float).mean(0)])
+        finally:
+            experiment.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("--repeats", type=int, default=5, help="evaluation seeds per run and noise")
+    args = parser.parse_args(argv)
+    seeds = list(range(1000, 1000 + args.repeats))
+    out: dict[str, Any] = {"seeds": seeds, "runs": {}}
+    for run_dir in args.run_dirs:
+        trained = load_toml(run_dir / "config.toml")["tasks"].get("reset_noise", "gymnasium")
+        out["runs"][str(run_dir)] = per_noise = {"trained_with": trained}
+        for noise in RESET_NOISE:
+            rows = np.array(evaluate(run_dir, noise, seeds))
+            per_noise[noise] = {"mean": rows.mean(0).tolist(), "sd": rows.std(0, ddof=1).tolist()}
+            cells = "  ".join(f"{m:7.1f} ± {s:5.1f}" for m, s in zip(rows.mean(0), rows.std(0, ddof=1), strict=True))
+            print(f"{run_dir} (trained with {trained}) reset {noise:9s}: steps 0.. {cells}", flush=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
