@@ -27,19 +27,24 @@ from metarl.logger import load_checkpoint
 from metarl.registry import make_distribution
 
 
-def evaluate(run_dir: Path, reset_noise: str, seeds: list[int]) -> list[list[float]]:
-    """Held-out mean return after each adaptation step, one row per evaluation seed."""
+def evaluate(run_dir: Path, seeds: list[int]) -> dict[str, list[list[float]]]:
+    """Per reset noise, the held-out mean return after each adaptation step, one row per
+    evaluation seed; the checkpoint is loaded once."""
     document = load_toml(run_dir / "config.toml")
-    rows = []
+    tasks = {k: v for k, v in document["tasks"].items() if k != "name"}
+    rows: dict[str, list[list[float]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         experiment = Experiment(document, Path(scratch))
         try:
             experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            tasks = {k: v for k, v in document["tasks"].items() if k != "name"}
-            family = make_distribution(experiment.task_name, **{**tasks, "reset_noise": reset_noise})
-            for seed in seeds:
-                result = experiment.agent.evaluate(experiment.held_out_tasks(), np.random.default_rng(seed), family)
-                rows.append([float(x) for x in np.asarray(result["return"], dtype=float).mean(0)])
+            for noise in RESET_NOISE:
+                family = make_distribution(experiment.task_name, **{**tasks, "reset_noise": noise})
+                rows[noise] = [
+                    [float(x) for x in np.asarray(result["return"], dtype=float).mean(0)]
+                    for result in (experiment.agent.evaluate(experiment.held_out_tasks(),
+                                                             np.random.default_rng(seed), family)
+                                   for seed in seeds)
+                ]
         finally:
             experiment.close()
     return rows
@@ -55,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in args.run_dirs:
         trained = load_toml(run_dir / "config.toml")["tasks"].get("reset_noise", "gymnasium")
         out["runs"][str(run_dir)] = per_noise = {"trained_with": trained}
-        for noise in RESET_NOISE:
-            rows = np.array(evaluate(run_dir, noise, seeds))
+        for noise, table in evaluate(run_dir, seeds).items():
+            rows = np.array(table)
             per_noise[noise] = {"mean": rows.mean(0).tolist(), "sd": rows.std(0, ddof=1).tolist()}
             cells = "  ".join(f"{m:7.1f} ± {s:5.1f}" for m, s in zip(rows.mean(0), rows.std(0, ddof=1), strict=True))
             print(f"{run_dir} (trained with {trained}) reset {noise:9s}: steps 0.. {cells}", flush=True)
