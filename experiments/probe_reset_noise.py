@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--repeats", type=int, default=5, help="evaluation seeds per run and noise")
     args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error(f"--repeats must be at least 2 (the spread over evaluation seeds needs two), got {args.repeats}")
     seeds = list(range(1000, 1000 + args.repeats))
     out: dict[str, Any] = {"seeds": seeds, "runs": {}}
     for run_dir in args.run_dirs:
