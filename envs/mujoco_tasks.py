@@ -103,11 +103,9 @@ def _cheetah_reward(
     sim: Any, before: np.ndarray, action: np.ndarray, task: Task, inner: tuple
 ) -> tuple[float, bool, dict]:
     velocity = (sim.data.qpos[0] - before[0]) / sim.dt
-    ctrl_cost = CHEETAH_CTRL * float(np.sum(action**2))
-    if "velocity" in task.keys():
-        forward = -abs(velocity - task["velocity"])
-    else:
-        forward = task["direction"] * velocity
+    ctrl_cost = CHEETAH_CTRL * float(np.add.reduce(action * action))  # np.sum(action**2), less overhead
+    goal = task.get("velocity")
+    forward = -abs(velocity - goal) if goal is not None else task["direction"] * velocity
     info = {
         "x_velocity": float(velocity),
         "reward_forward": float(forward),
@@ -204,6 +202,7 @@ HALFCHEETAH_VEL = FamilySpec(
     _cheetah_reward,
     _cheetah_x,
     {"velocity": "U[0, 2]", "reward": "-|v_x - velocity| - 0.05 ||a||^2"},
+    own_reward=True,
 )
 HALFCHEETAH_VEL_MASS = FamilySpec(
     "halfcheetah-vel-mass",
@@ -222,6 +221,7 @@ HALFCHEETAH_VEL_MASS = FamilySpec(
     apply_task=_apply_mass,
     model_fields=("body_mass", "body_inertia"),
     box={"velocity": ([0.0], [2.0]), "mass_scale": ([0.75], [1.25])},
+    own_reward=True,
 )
 HALFCHEETAH_DIR = FamilySpec(
     "halfcheetah-dir",
@@ -234,6 +234,7 @@ HALFCHEETAH_DIR = FamilySpec(
     _cheetah_x,
     {"direction": "-1 or +1", "reward": "direction * v_x - 0.05 ||a||^2"},
     fixed_tasks=_SIGNS,
+    own_reward=True,
 )
 ANT_DIR = FamilySpec(
     "ant-dir",
@@ -246,6 +247,7 @@ ANT_DIR = FamilySpec(
     _torso_xy,
     {"direction": "-1 or +1", "reward": "direction * v_x - 0.5 ||a||^2 - contact + 1"},
     fixed_tasks=_SIGNS,
+    own_reward=True,
 )
 ANT_DIR_2D = FamilySpec(
     "ant-dir-2d",
@@ -260,6 +262,7 @@ ANT_DIR_2D = FamilySpec(
         "direction": "unit vector, normalised N(0, I_2)",
         "reward": "direction . v_xy - 0.5 ||a||^2 - contact + 1",
     },
+    own_reward=True,
 )
 ANT_GOAL = FamilySpec(
     "ant-goal",
@@ -274,6 +277,7 @@ ANT_GOAL = FamilySpec(
         "goal": "uniform in the disc of radius 3",
         "reward": "-||p_xy - goal||_1 - 0.1 ||a||^2 - contact",
     },
+    own_reward=True,
 )
 
 

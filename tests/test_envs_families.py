@@ -109,3 +109,43 @@ def test_sb3_ppo_trains_on_one_task(name):
     model.learn(total_timesteps=256)
     action, _ = model.predict(env.reset(seed=0)[0], deterministic=True)
     assert env.action_space.contains(action.astype(np.float32))
+
+
+OWN_REWARD = [
+    ("halfcheetah-vel", {"frame_skip": 1, "observation": "maml"}),
+    ("halfcheetah-vel", {}),
+    ("halfcheetah-dir", {"frame_skip": 1, "observation": "maml-oracle", "reset_noise": "rllab"}),
+    ("halfcheetah-vel-mass", {}),
+    ("ant-dir", {}),
+    ("ant-dir-2d", {}),
+    ("ant-goal", {}),
+]
+
+
+@pytest.mark.parametrize("name, params", OWN_REWARD)
+def test_own_reward_step_matches_gymnasium_step(name, params):
+    """A family whose reward is its own skips gymnasium's reward code; the reference is the same
+    family stepped through gymnasium's full ``step``: every observation, reward, termination and
+    info entry must be identical, across episode boundaries and with actions out of bounds."""
+    from dataclasses import replace
+
+    from envs.mujoco_family import MujocoTaskEnv
+
+    dist = envs.make(name, horizon=40, **params)
+    assert dist.spec.own_reward
+    task = dist.sample(1, np.random.default_rng(3))[0]
+    lean = dist.make_env(task)
+    full = MujocoTaskEnv(replace(dist.spec, own_reward=False), task, 40)
+    actions = np.random.default_rng(4).uniform(-1.5, 1.5, size=(100, lean.action_space.shape[0]))
+    for env in (lean, full):
+        env.reset(seed=5)
+    for i, action in enumerate(actions):
+        a, b = lean.step(action), full.step(action)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:4] == b[1:4]
+        assert a[4].keys() == b[4].keys()
+        for key in a[4]:
+            np.testing.assert_array_equal(a[4][key], b[4][key])
+        if a[2] or a[3]:
+            for env in (lean, full):
+                env.reset(seed=i)
