@@ -13,6 +13,9 @@ Built on ``metaworld`` 3.1.1 directly, avoiding the traps of its gym registratio
   and per seed, and its pickled task data lives in the distribution (so a pickled distribution
   carries it to worker processes). Each env instance builds each Sawyer class at most once and
   re-points it with ``set_task``.
+- Meta-World's ``touching_object`` (the grasp test behind several tasks' rewards and infos) walks
+  ``data.contact`` in Python, a fifth of a push-v3 step; each Sawyer env here runs
+  :func:`_touching_object`, the same test on the contact arrays (same sums, same order).
 - Success is counted per episode: ``info["success"]`` is 1.0 from the first step at which the
   Sawyer env reported success until the episode ends (the running "any success so far"); its
   value at the last step is the episode's success, also given there as
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 import gymnasium as gym
@@ -101,7 +105,26 @@ def _observation_space() -> gym.spaces.Box:
 def _make_sim(env_name: str) -> Any:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    return ALL_V3_ENVIRONMENTS[env_name]()
+    sim = ALL_V3_ENVIRONMENTS[env_name]()
+    sim.touching_object = MethodType(_touching_object, sim)
+    return sim
+
+
+def _touching_object(sim: Any, object_geom_id: int) -> bool:
+    """``SawyerXYZEnv.touching_object`` (metaworld 3.1.1) on the contact arrays: whether both
+    gripper pads push on the object, i.e. the constraint forces of each pad's contacts with it sum
+    to more than 0. The same contacts summed in the same order, so the same answer bit for bit."""
+    data = sim.data
+    contact, forces = data.contact, data.efc_force
+    geom1, geom2 = contact.geom1, contact.geom2
+    with_object = (geom1 == object_geom_id) | (geom2 == object_geom_id)
+
+    def force(pad: str) -> Any:
+        pad_id = data.geom(pad).id
+        rows = contact.efc_address[with_object & ((geom1 == pad_id) | (geom2 == pad_id))]
+        return sum(forces[row] for row in rows)
+
+    return bool(0 < force("leftpad_geom") and 0 < force("rightpad_geom"))
 
 
 class MetaWorldEnv(gym.Env):

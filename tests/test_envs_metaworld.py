@@ -184,3 +184,28 @@ def test_expert_solves_held_out_goals_with_hidden_goal(env_name):
         _run_expert(dist, task)[0][-1]["episode_success"] for task in dist.test_tasks()[:10]
     ]
     assert sum(successes) >= 9, successes
+
+
+@pytest.mark.parametrize("env_name", ["push-v3", "pick-place-v3"])
+def test_touching_object_matches_metaworlds_own(env_name):
+    """The array version of the grasp test installed on every Sawyer env answers as
+    Meta-World's own loop over contacts, on the states of an expert episode (which grasps)."""
+    from metaworld.sawyer_xyz_env import SawyerXYZEnv
+
+    dist = envs.make("ml1", env_name=env_name, horizon=150)
+    task = dist.train_tasks()[0]
+    env = dist.make_env(task)
+    act = expert_policy(task)
+    obs, _ = env.reset(seed=0)
+    sim = env.unwrapped._sim
+    assert sim.touching_object.__func__ is not SawyerXYZEnv.touching_object
+    answers = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the expert's "constants may be too high"
+        for _ in range(150):
+            obs, *_ = env.step(act(obs))
+            for geom in (sim._get_id_main_object(), sim.data.geom("leftpad_geom").id):
+                ours = sim.touching_object(geom)
+                assert ours == bool(SawyerXYZEnv.touching_object(sim, geom))
+                answers.append(ours)
+    assert any(answers) and not all(answers)
