@@ -16,6 +16,10 @@ Built on ``metaworld`` 3.1.1 directly, avoiding the traps of its gym registratio
 - Meta-World's ``touching_object`` (the grasp test behind several tasks' rewards and infos) walks
   ``data.contact`` in Python, a fifth of a push-v3 step; each Sawyer env here runs
   :func:`_touching_object`, the same test on the contact arrays (same sums, same order).
+- Its object observations call scipy's ``Rotation.from_matrix`` on MuJoCo's orientation matrices,
+  whose validity checks take a sixth of a push-v3 step; the env modules built here call it with
+  ``assume_valid=True`` (:class:`_RotationOfValidMatrix`), the same quaternion for a rotation
+  matrix, which MuJoCo's are to rounding.
 - Success is counted per episode: ``info["success"]`` is 1.0 from the first step at which the
   Sawyer env reported success until the episode ends (the running "any success so far"); its
   value at the last step is the episode's success, also given there as
@@ -31,7 +35,9 @@ Meta-World's scripted policy.
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import sys
 from collections.abc import Callable
 from types import MethodType
 from typing import Any
@@ -107,7 +113,32 @@ def _make_sim(env_name: str) -> Any:
 
     sim = ALL_V3_ENVIRONMENTS[env_name]()
     sim.touching_object = MethodType(_touching_object, sim)
+    module = sys.modules[type(sim).__module__]
+    scipy_rotation = _RotationOfValidMatrix.scipy_rotation()
+    if scipy_rotation is not None and getattr(module, "Rotation", None) is scipy_rotation:
+        module.Rotation = _RotationOfValidMatrix
     return sim
+
+
+class _RotationOfValidMatrix:
+    """Stands in for scipy's ``Rotation`` in metaworld's env modules, which only ever call
+    ``Rotation.from_matrix(xmat).as_quat()``: the same call with ``assume_valid=True`` (scipy
+    1.17 and later), which skips the orthogonality checks and gives the same quaternion for a
+    rotation matrix (tested on expert episodes); with an older scipy nothing is replaced."""
+
+    @staticmethod
+    def scipy_rotation() -> Any:
+        from scipy.spatial.transform import Rotation
+
+        if "assume_valid" not in inspect.signature(Rotation.from_matrix).parameters:
+            return None
+        return Rotation
+
+    @staticmethod
+    def from_matrix(matrix: Any) -> Any:
+        from scipy.spatial.transform import Rotation
+
+        return Rotation.from_matrix(matrix, assume_valid=True)
 
 
 def _touching_object(sim: Any, object_geom_id: int) -> bool:

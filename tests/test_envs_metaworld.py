@@ -209,3 +209,36 @@ def test_touching_object_matches_metaworlds_own(env_name):
                 assert ours == bool(SawyerXYZEnv.touching_object(sim, geom))
                 answers.append(ours)
     assert any(answers) and not all(answers)
+
+
+@pytest.mark.parametrize("env_name", ["push-v3", "reach-v3", "door-open-v3"])
+def test_object_quaternions_match_scipys_checked_conversion(env_name):
+    """The env modules built here convert MuJoCo's orientation matrices with assume_valid=True;
+    the reference is scipy's default (checked) conversion of the same states of an expert episode."""
+    import sys
+
+    from scipy.spatial.transform import Rotation
+
+    dist = envs.make("ml1", env_name=env_name, horizon=100)
+    task = dist.train_tasks()[0]
+    env = dist.make_env(task)
+    act = expert_policy(task)
+    sim = env.unwrapped._sim
+    module = sys.modules[type(sim).__module__]
+    fast = module.Rotation
+    assert fast is not Rotation
+    obs, _ = env.reset(seed=0)
+    quats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the expert's "constants may be too high"
+        for _ in range(100):
+            obs, *_ = env.step(act(obs))
+            ours = sim._get_quat_objects()
+            module.Rotation = Rotation
+            try:
+                reference = sim._get_quat_objects()
+            finally:
+                module.Rotation = fast
+            np.testing.assert_array_equal(ours, reference)
+            quats.append(ours)
+    assert np.ptp(np.array(quats), axis=0).max() > 1e-3  # the objects turned: not one matrix
