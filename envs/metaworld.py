@@ -13,13 +13,14 @@ Built on ``metaworld`` 3.1.1 directly, avoiding the traps of its gym registratio
   and per seed, and its pickled task data lives in the distribution (so a pickled distribution
   carries it to worker processes). Each env instance builds each Sawyer class at most once and
   re-points it with ``set_task``.
-- Meta-World's ``touching_object`` (the grasp test behind several tasks' rewards and infos) walks
-  ``data.contact`` in Python, a fifth of a push-v3 step; each Sawyer env here runs
-  :func:`_touching_object`, the same test on the contact arrays (same sums, same order).
+- Meta-World's ``touching_object`` (the grasp test behind ``info["grasp_success"]``) walks
+  ``data.contact`` in Python, a fifth of a push-v3 step; every Sawyer class built here runs
+  :func:`_touching_object` instead, the same test on the contact arrays (same sums, same order).
 - Its object observations call scipy's ``Rotation.from_matrix`` on MuJoCo's orientation matrices,
-  whose validity checks take a sixth of a push-v3 step; the env modules built here call it with
-  ``assume_valid=True`` (:class:`_RotationOfValidMatrix`), the same quaternion for a rotation
-  matrix, which MuJoCo's are to rounding.
+  whose validity checks take a sixth of a push-v3 step; once a Sawyer class is built here, its
+  module (for the whole process) calls it with ``assume_valid=True`` on finite matrices
+  (:class:`_RotationOfValidMatrix`): the same quaternion for a rotation matrix, which MuJoCo's
+  are to rounding.
 - Success is counted per episode: ``info["success"]`` is 1.0 from the first step at which the
   Sawyer env reported success until the episode ends (the running "any success so far"); its
   value at the last step is the episode's success, also given there as
@@ -39,7 +40,6 @@ import inspect
 import pickle
 import sys
 from collections.abc import Callable
-from types import MethodType
 from typing import Any
 
 import gymnasium as gym
@@ -112,7 +112,7 @@ def _make_sim(env_name: str) -> Any:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     sim = ALL_V3_ENVIRONMENTS[env_name]()
-    sim.touching_object = MethodType(_touching_object, sim)
+    type(sim).touching_object = _touching_object
     module = sys.modules[type(sim).__module__]
     scipy_rotation = _RotationOfValidMatrix.scipy_rotation()
     if scipy_rotation is not None and getattr(module, "Rotation", None) is scipy_rotation:
@@ -138,7 +138,8 @@ class _RotationOfValidMatrix:
     def from_matrix(matrix: Any) -> Any:
         from scipy.spatial.transform import Rotation
 
-        return Rotation.from_matrix(matrix, assume_valid=True)
+        # A blown-up state (NaN, inf) keeps scipy's checked conversion, which raises on it.
+        return Rotation.from_matrix(matrix, assume_valid=bool(np.isfinite(matrix).all()))
 
 
 def _touching_object(sim: Any, object_geom_id: int) -> bool:

@@ -49,8 +49,8 @@ class FamilySpec:
             ``extra_obs_dim`` of them.
         own_reward: the reward and termination use nothing of gymnasium's step, so a step runs
             only its physics and observation (``do_simulation``, ``_get_obs``): the same state
-            and observation without gymnasium's reward, info and render hooks, about a fifth of
-            a HalfCheetah step's time. ``reward`` then receives ``(0.0, False, {})`` as ``inner``.
+            and observation without gymnasium's reward and info code. ``reward`` then receives
+            ``(0.0, False, {})`` as ``inner``.
     """
 
     name: str
@@ -69,9 +69,6 @@ class FamilySpec:
     extra_obs: Callable[[Any, Task], np.ndarray] | None = None
     extra_obs_dim: int = 0
     own_reward: bool = False
-
-
-NO_INNER: tuple[float, bool, dict] = (0.0, False, {})
 
 
 class MujocoTaskEnv(gym.Env):
@@ -144,7 +141,7 @@ class MujocoTaskEnv(gym.Env):
         before = np.array(self.spec_.position(self.sim), dtype=np.float64)
         if self.spec_.own_reward:
             self.sim.do_simulation(action, self.sim.frame_skip)
-            obs, inner = self.sim._get_obs(), NO_INNER
+            obs, inner = self.sim._get_obs(), (0.0, False, {})
         else:
             obs, inner_reward, inner_terminated, _, inner_info = self.sim.step(action)
             inner = (float(inner_reward), bool(inner_terminated), inner_info)

@@ -104,8 +104,10 @@ def _cheetah_reward(
 ) -> tuple[float, bool, dict]:
     velocity = (sim.data.qpos[0] - before[0]) / sim.dt
     ctrl_cost = CHEETAH_CTRL * float(np.add.reduce(action * action))  # np.sum(action**2), less overhead
-    goal = task.get("velocity")
-    forward = -abs(velocity - goal) if goal is not None else task["direction"] * velocity
+    if "velocity" in task.keys():
+        forward = -abs(velocity - task["velocity"])
+    else:
+        forward = task["direction"] * velocity
     info = {
         "x_velocity": float(velocity),
         "reward_forward": float(forward),
