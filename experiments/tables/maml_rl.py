@@ -136,14 +136,20 @@ def gain(runs: list[Path], metric: str) -> dict[str, float] | None:
 
 
 def published_after(run: Path) -> dict[str, Any] | None:
-    """The published held-out return after one step for the run's benchmark and algorithm (the
-    MAML-TRPO curve stands for MAML-PPO where only it is published), from references.toml."""
+    """The published held-out return (or success) after one step for the run's benchmark and
+    algorithm (the MAML-TRPO curve stands for MAML-PPO where only it is published), where it was
+    reached (``iterations`` or ``env_steps``), from references.toml."""
     config = tomllib.loads((run / "config.toml").read_text())
     entry = reference_for(config, references())
-    if "return_post" not in entry:
+    if "return_post" not in entry and "success_post" not in entry:
         return None
-    return {"return_post": entry["return_post"], "range": entry.get("return_post_range"),
-            "iterations": entry.get("iterations"), "source": entry.get("source"), "how": entry.get("how")}
+    out = {"iterations": entry.get("iterations"), "env_steps": entry.get("env_steps"),
+           "source": entry.get("source"), "how": entry.get("how")}
+    if "return_post" in entry:
+        out |= {"return_post": entry["return_post"], "range": entry.get("return_post_range")}
+    if "success_post" in entry:
+        out |= {"success_post": entry["success_post"], "success_range": entry.get("success_post_range")}
+    return out
 
 
 # What the papers report for the rows of this table, with sources: experiments/references.toml.
@@ -173,13 +179,15 @@ def _fmt_published(row: dict[str, Any], metric: str) -> str:
     """The published value after one step and how far the row's mean after one step is from it
     (from its range where the value was read off a plot)."""
     ref = row.get("published")
-    if not ref or metric != "return" or row[metric] is None:
+    if not ref or f"{metric}_post" not in ref or row[metric] is None:
         return "–"
+    value = ref[f"{metric}_post"]
     ours = row[metric]["mean"][1] if "mean" in row[metric] else row[metric]["iqm"][1]
-    low, high = ref["range"] or (ref["return_post"], ref["return_post"])
+    low, high = ref.get("range" if metric == "return" else f"{metric}_range") or (value, value)
     off = 0.0 if low <= ours <= high else (ours - high if ours > high else ours - low)
     where = "within its range" if off == 0 else f"{off:+.3g} from its range [{low:.3g}, {high:.3g}]"
-    return f"{ref['return_post']:.3g} ({ref['iterations']}); ours {where}"
+    at = ref.get("iterations") or (f"{ref['env_steps'] / 1e6:.3g}M steps" if ref.get("env_steps") else "?")
+    return f"{value:.3g} ({at}); ours {where}"
 
 
 def write_table(
@@ -216,7 +224,7 @@ def write_table(
         f"Table written by `{command}` on {document['machine']}; each row names the machine it ran on.",
         "",
         "| sweep | seeds × tasks | iterations | metric | before adaptation | after 1 step | after last step | "
-        "gain after 1 step, mean [95% CI] | published after 1 step (its); our mean against it | "
+        "gain after 1 step, mean [95% CI] | published after 1 step (at iterations or steps); our mean against it | "
         "scratch baseline | multi-task fine-tuned | sampling s/it | optimisation s/it (ratio) | machine | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

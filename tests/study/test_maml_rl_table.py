@@ -169,6 +169,10 @@ def test_rl_table_says_how_far_the_mean_after_one_step_is_from_the_published_ran
     row["return"]["mean"][1] = -60.0
     assert "+10 from its range" in _fmt_published(row, "return")
     assert _fmt_published(row, "success") == "–" and _fmt_published({**row, "published": None}, "return") == "–"
+    # A success logged at a step count (no iterations): 0 at 5M steps, ours 0.25 above it.
+    row = {"published": {"success_post": 0.0, "env_steps": 5.0e6}, "success": {"mean": [0.1, 0.25]}}
+    assert _fmt_published(row, "success") == "0 (5M steps); ours +0.25 from its range [0, 0]"
+    assert _fmt_published({**row, "return": {"mean": [1.0, 2.0]}}, "return") == "–"
 
 
 def test_a_row_names_every_machine_its_runs_trained_on_and_times_the_main_one(tmp_path):
