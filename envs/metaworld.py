@@ -111,9 +111,10 @@ def _observation_space() -> gym.spaces.Box:
 def _make_sim(env_name: str) -> Any:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-    sim = ALL_V3_ENVIRONMENTS[env_name]()
-    type(sim).touching_object = _touching_object
-    module = sys.modules[type(sim).__module__]
+    sim: Any = ALL_V3_ENVIRONMENTS[env_name]()
+    cls: Any = type(sim)
+    cls.touching_object = _touching_object
+    module: Any = sys.modules[cls.__module__]
     scipy_rotation = _RotationOfValidMatrix.scipy_rotation()
     if scipy_rotation is not None and getattr(module, "Rotation", None) is scipy_rotation:
         module.Rotation = _RotationOfValidMatrix

@@ -4,7 +4,7 @@
     metarl run --resume RUN_DIR [--set run.num_iterations=N ...]
     metarl eval RUN_DIR
     metarl list [agents|envs]
-    metarl bench adapt|sampler|envs|trpo|anil ...   (from a checkout: experiments/bench/)
+    metarl bench adapt|sampler|envs|env_paths|trpo|anil ...   (from a checkout: experiments/bench/)
     metarl demo
 
 Configuration mistakes (and a run directory owned by another process, or a checkpoint that
@@ -170,7 +170,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("adapt", "sampler", "envs", "trpo", "anil")
+BENCHMARKS = ("adapt", "sampler", "envs", "env_paths", "trpo", "anil")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
