@@ -36,6 +36,7 @@ Meta-World's scripted policy.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import pickle
 import sys
@@ -128,7 +129,9 @@ class _RotationOfValidMatrix:
     rotation matrix (tested on expert episodes); with an older scipy nothing is replaced."""
 
     @staticmethod
+    @functools.cache
     def scipy_rotation() -> Any:
+        """scipy's ``Rotation`` if its ``from_matrix`` takes ``assume_valid``, else None (once)."""
         from scipy.spatial.transform import Rotation
 
         if "assume_valid" not in inspect.signature(Rotation.from_matrix).parameters:
@@ -137,10 +140,9 @@ class _RotationOfValidMatrix:
 
     @staticmethod
     def from_matrix(matrix: Any) -> Any:
-        from scipy.spatial.transform import Rotation
-
         # A blown-up state (NaN, inf) keeps scipy's checked conversion, which raises on it.
-        return Rotation.from_matrix(matrix, assume_valid=bool(np.isfinite(matrix).all()))
+        rotation = _RotationOfValidMatrix.scipy_rotation()
+        return rotation.from_matrix(matrix, assume_valid=bool(np.isfinite(matrix).all()))
 
 
 def _touching_object(sim: Any, object_geom_id: int) -> bool:
