@@ -170,7 +170,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("adapt", "sampler", "envs", "env_paths", "trpo", "anil")
+BENCHMARKS = ("adapt", "sampler", "envs", "env_paths", "trpo", "anil", "rl2_update")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

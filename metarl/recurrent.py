@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.base import Task, TaskDistribution
+from metarl.gru import gru_sequence
 from metarl.rollout.worker import EpisodeError, EpisodeSpec, episode_seeds, flat_dim
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -179,7 +180,7 @@ class RecurrentPolicy(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole trials from a fresh state: ``[B, L, input_dim]`` -> ``(head [B, L, act_dim], values [B, L])``."""
-        out, _ = self.gru(inputs)
+        out = gru_sequence(self.gru, inputs)
         return self.head(out), self.value(out)[..., 0]
 
     def sample_noise(self, rng: np.random.Generator, num_steps: int) -> np.ndarray:
