@@ -22,13 +22,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import envs
-from metarl.runtime import machine
+from experiments.bench import save_results
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "halfcheetah-vel (frame_skip 1, observation maml)": (
@@ -138,13 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for label in args.cases:
         rows.append(measure(label, args.steps, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    command = "metarl bench env_paths " + " ".join(sys.argv[1:] if argv is None else argv)
-    document = {"command": command.strip(), "machine": machine(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    out.with_suffix(".md").write_text(_markdown(document))
-    print(json.dumps({"rows": len(rows), "identical": all(r["identical"] for r in rows), "out": str(out)}))
+    save_results(args.out, "metarl bench env_paths", argv, {"rows": rows}, _markdown)
+    print(json.dumps({"rows": len(rows), "identical": all(r["identical"] for r in rows), "out": args.out}))
     return 0 if all(r["identical"] for r in rows) else 1
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import torch
 
 from agents.rl2 import PPOBatch, RL2Config, ppo_loss
+from experiments.bench import save_results
 from metarl.recurrent import RecurrentPolicy
-from metarl.runtime import machine
 
 
 class _NNGRUPolicy(RecurrentPolicy):
@@ -112,14 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     row = measure(args.trials, args.length, args.hidden, args.repeats)
     print(json.dumps(row), flush=True)
-    command = "metarl bench rl2_update " + " ".join(sys.argv[1:] if argv is None else argv)
-    document = {"command": command.strip(), "machine": machine(), "row": row}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    out.with_suffix(".md").write_text(_markdown(document))
+    save_results(args.out, "metarl bench rl2_update", argv, {"row": row}, _markdown)
     agree = row["max_relative_grad_diff"] < 1e-3
-    print(json.dumps({"ratio": round(row["ratio"], 3), "gradients_agree": agree, "out": str(out)}))
+    print(json.dumps({"ratio": round(row["ratio"], 3), "gradients_agree": agree, "out": args.out}))
     return 0 if agree else 1
 
 

@@ -14,13 +14,12 @@ import argparse
 import cProfile
 import json
 import pstats
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from metarl.runtime import machine
+from experiments.bench import save_results
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "navigation-2d": {},
@@ -109,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
         profiles[label] = profile_serial(label, args.envs_per_worker)
-    command = "python -m experiments.bench.sampler_table " + " ".join(sys.argv[1:] if argv is None else argv)
-    document = {"command": command.strip(), "machine": machine(), "rows": rows, "serial_profile": profiles}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    out.with_suffix(".md").write_text(_markdown(document))
-    print(json.dumps({"rows": len(rows), "out": str(out)}))
+    fields = {"rows": rows, "serial_profile": profiles}
+    save_results(args.out, "python -m experiments.bench.sampler_table", argv, fields, _markdown)
+    print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0
 
 
