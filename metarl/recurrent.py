@@ -301,6 +301,7 @@ class TrialRunner:
             prev_done=np.zeros(num, dtype=np.float32),
         )
         hidden = policy.initial_state(num)
+        every = np.arange(num)
         while lanes.alive.any():
             # Finished lanes keep computing (ignored) so every forward has the same batch shape.
             inputs = policy.encode(
@@ -310,56 +311,70 @@ class TrialRunner:
                 torch.from_numpy(lanes.prev_done),
             )
             head, hidden = policy.step(inputs, hidden)
-            step_noise = noise[np.arange(num), np.minimum(lanes.episode, num_episodes - 1), lanes.t]
+            step_noise = noise[every, np.minimum(lanes.episode, num_episodes - 1), lanes.t]
             actions, log_probs = policy.sample(head, torch.from_numpy(step_noise))
-            for i in np.flatnonzero(lanes.alive).tolist():
-                e, t = int(lanes.episode[i]), int(lanes.t[i])
-                out["obs"][i, e, t], out["inputs"][i, e, t] = lanes.obs[i], inputs[i].numpy()
-                out["actions"][i, e, t], out["log_probs"][i, e, t] = (
-                    actions[i].numpy(),
-                    log_probs[i],
-                )
-                out["mask"][i, e, t] = 1.0
-                self._advance(i, tasks[i], actions[i], policy, lanes, out, seeds)
+            live = np.flatnonzero(lanes.alive)
+            e, t = lanes.episode[live], lanes.t[live]
+            out["obs"][live, e, t], out["inputs"][live, e, t] = (
+                lanes.obs[live],
+                inputs.numpy()[live],
+            )
+            out["actions"][live, e, t] = actions.numpy()[live]
+            out["log_probs"][live, e, t] = log_probs.numpy()[live]
+            out["mask"][live, e, t] = 1.0
+            self._advance(live, tasks, actions.numpy()[live], policy, lanes, out, seeds)
         return Trials(**{k: torch.from_numpy(v) for k, v in out.items()})
 
     def _advance(
         self,
-        lane: int,
-        task: Task,
-        action: torch.Tensor,
+        live: np.ndarray,
+        tasks: list[Task],
+        actions: np.ndarray,
         policy: RecurrentPolicy,
         lanes: _Lanes,
         out: dict[str, np.ndarray],
         seeds: np.ndarray,
     ) -> None:
-        """Steps one lane's environment and records the step; starts the next episode if it ended."""
-        e, t = int(lanes.episode[lane]), int(lanes.t[lane])
+        """Steps the live lanes' environments and records the step; starts the next episode where one ended."""
+        e, t = lanes.episode[live], lanes.t[live]
         if self.discrete:
-            env_action: Any = int(action) + self._start
+            env_actions: Any = actions + self._start
         else:
-            env_action = action.numpy()
+            env_actions = actions
             if self._clip is not None:
-                env_action = np.clip(env_action, self._clip[0], self._clip[1])
-        try:
-            next_obs, reward, terminated, truncated, info = self._envs[lane].step(env_action)
-        except Exception as exc:
-            raise EpisodeError(_describe(task, lane, e, f"stepping at t={t}")) from exc
-        out["rewards"][lane, e, t], out["terminated"][lane, e, t] = reward, terminated
+                env_actions = np.clip(env_actions, self._clip[0], self._clip[1])
+        results = []
+        for k, lane in enumerate(live.tolist()):
+            action = int(env_actions[k]) if self.discrete else env_actions[k]
+            try:
+                results.append(self._envs[lane].step(action))
+            except Exception as exc:
+                raise EpisodeError(
+                    _describe(tasks[lane], lane, int(e[k]), f"stepping at t={int(t[k])}")
+                ) from exc
+        obs_list, reward_list, term_list, trunc_list, infos = zip(*results, strict=True)
+        rewards = np.asarray(reward_list, dtype=np.float32)
+        terminated = np.asarray(term_list, dtype=bool)
+        out["rewards"][live, e, t], out["terminated"][live, e, t] = rewards, terminated
+        success = np.fromiter((i.get("success", np.nan) for i in infos), np.float32, len(live))
         # fmax ignores NaN: an episode's success stays NaN until the env first reports one.
-        out["success"][lane, e] = np.fmax(out["success"][lane, e], info.get("success", np.nan))
-        ended = bool(terminated or truncated or t + 1 >= self.distribution.horizon)
-        fed_back = torch.as_tensor(env_action - self._start if self.discrete else env_action)
-        lanes.prev_action[lane] = policy.action_features(fed_back[None])[0].numpy()
-        lanes.prev_reward[lane], lanes.prev_done[lane] = reward, float(ended)
-        if not ended:
-            lanes.obs[lane], lanes.t[lane] = np.reshape(next_obs, -1), t + 1
-            return
-        lanes.episode[lane], lanes.t[lane] = e + 1, 0
-        if e + 1 < out["mask"].shape[1]:
-            lanes.obs[lane] = self._begin(lane, e + 1, task, seeds)
-        else:
-            lanes.alive[lane] = False
+        out["success"][live, e] = np.fmax(out["success"][live, e], success)
+        ended = (
+            terminated | np.asarray(trunc_list, dtype=bool) | (t + 1 >= self.distribution.horizon)
+        )
+        fed_back = torch.as_tensor(env_actions - self._start if self.discrete else env_actions)
+        lanes.prev_action[live] = policy.action_features(fed_back).numpy()
+        lanes.prev_reward[live], lanes.prev_done[live] = rewards, ended.astype(np.float32)
+        going = ~ended
+        next_obs = np.asarray(obs_list, dtype=np.float32).reshape(len(live), -1)
+        lanes.obs[live[going]], lanes.t[live[going]] = next_obs[going], t[going] + 1
+        for k in np.flatnonzero(ended).tolist():
+            lane = int(live[k])
+            lanes.episode[lane], lanes.t[lane] = e[k] + 1, 0
+            if e[k] + 1 < out["mask"].shape[1]:
+                lanes.obs[lane] = self._begin(lane, int(e[k]) + 1, tasks[lane], seeds)
+            else:
+                lanes.alive[lane] = False
 
 
 def _allocate(
