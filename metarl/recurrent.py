@@ -314,14 +314,14 @@ class TrialRunner:
             step_noise = noise[every, np.minimum(lanes.episode, num_episodes - 1), lanes.t]
             actions, log_probs = policy.sample(head, torch.from_numpy(step_noise))
             live = np.flatnonzero(lanes.alive)
-            e, t = lanes.episode[live], lanes.t[live]
-            out["obs"][live, e, t], out["inputs"][live, e, t] = (
+            ep, ts = lanes.episode[live], lanes.t[live]
+            out["obs"][live, ep, ts], out["inputs"][live, ep, ts] = (
                 lanes.obs[live],
                 inputs.numpy()[live],
             )
-            out["actions"][live, e, t] = actions.numpy()[live]
-            out["log_probs"][live, e, t] = log_probs.numpy()[live]
-            out["mask"][live, e, t] = 1.0
+            out["actions"][live, ep, ts] = actions.numpy()[live]
+            out["log_probs"][live, ep, ts] = log_probs.numpy()[live]
+            out["mask"][live, ep, ts] = 1.0
             self._advance(live, tasks, actions.numpy()[live], policy, lanes, out, seeds)
         return Trials(**{k: torch.from_numpy(v) for k, v in out.items()})
 
