@@ -319,15 +319,18 @@ class TrialRunner:
                 lanes.obs[live],
                 inputs.numpy()[live],
             )
-            out["actions"][live, ep, ts] = actions.numpy()[live]
+            live_actions = actions.numpy()[live]
+            out["actions"][live, ep, ts] = live_actions
             out["log_probs"][live, ep, ts] = log_probs.numpy()[live]
             out["mask"][live, ep, ts] = 1.0
-            self._advance(live, tasks, actions.numpy()[live], policy, lanes, out, seeds)
+            self._advance(live, ep, ts, tasks, live_actions, policy, lanes, out, seeds)
         return Trials(**{k: torch.from_numpy(v) for k, v in out.items()})
 
     def _advance(
         self,
         live: np.ndarray,
+        e: np.ndarray,
+        t: np.ndarray,
         tasks: list[Task],
         actions: np.ndarray,
         policy: RecurrentPolicy,
@@ -335,8 +338,10 @@ class TrialRunner:
         out: dict[str, np.ndarray],
         seeds: np.ndarray,
     ) -> None:
-        """Steps the live lanes' environments and records the step; starts the next episode where one ended."""
-        e, t = lanes.episode[live], lanes.t[live]
+        """Steps the live lanes' environments and records the step; starts the next episode where one ended.
+
+        ``e``, ``t``: each live lane's episode and step (``lanes.episode[live]``, ``lanes.t[live]``).
+        """
         if self.discrete:
             env_actions: Any = actions + self._start
         else:
