@@ -1,8 +1,8 @@
 # Over 400 lines: the equations, each deviation from the paper with its reason, and full state round-tripping; SAC's parts are in latent_sac.py and the config in pearl_config.py.
 """PEARL: probabilistic embeddings for actor-critic meta-RL (Rakelly et al. 2019, arXiv 1903.08254).
 
-A context encoder maps each transition ``c_n = (s, a, r, s')`` of a task to a Gaussian factor
-``N(μ_n, σ²_n)`` over a latent ``z``; the posterior is the product of those factors with the
+A context encoder maps each transition ``c_n = (s, a, r)`` of a task (``(s, a, r, s')`` with
+``use_next_obs_in_context``) to a Gaussian factor ``N(μ_n, σ²_n)`` over a latent ``z``; the posterior is the product of those factors with the
 unit-Gaussian prior, in closed form::
 
     1/σ² = 1 + Σ_n 1/σ²_n,        μ = σ² Σ_n μ_n/σ²_n.
@@ -33,7 +33,9 @@ every backend. Per iteration, each of the first ``num_collect_tasks`` tasks give
 runs ``num_prior_episodes`` with z from the prior (stored in the task's replay buffer and, replacing
 its previous content, in its encoder buffer: recent data only, as the paper) and
 ``num_posterior_episodes`` with z from the posterior on its encoder buffer (replay buffer only: the
-paper's ``num_extra_rl_steps_posterior``).
+paper's ``num_extra_rl_steps_posterior``). With ``num_initial_episodes``, the first step first
+runs that many prior episodes on every one of the distribution's ``train_tasks()`` (both buffers;
+the paper's ``num_initial_steps``), so the first gradient steps see more than the first few tasks.
 
 Evaluation on a held-out task: episode 0 acts with z from the prior, episode k with z drawn from
 the posterior on all transitions of episodes 0..k−1 (the paper's online adaptation), the policy
@@ -104,9 +106,13 @@ class PEARL:
         self.policy = LatentTanhPolicy(
             obs_dim, act_dim, latent, cfg.hidden_sizes, space.low, space.high
         )
+        # Context rows are (s, a, r, s'); the encoder reads their first context_width columns.
+        self.context_width = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
         self.encoder = FunctionalMLP(
-            [2 * obs_dim + act_dim + 1, *cfg.encoder_hidden_sizes, 2 * latent], "relu"
+            [self.context_width, *cfg.encoder_hidden_sizes, 2 * latent], "relu"
         )
+        if cfg.num_initial_episodes:
+            self._check_initial_tasks()
         self.critic = FunctionalMLP([obs_dim + act_dim + latent, *cfg.hidden_sizes, 1], "relu")
         initial: dict[str, Params] = {
             "policy": self.policy.init_params(seed),
@@ -146,9 +152,11 @@ class PEARL:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``context [..., C, 2·obs + act + 1]`` rows ``(s, a, r, s')`` -> posterior ``(mean, variance)`` ``[..., L]``.
 
-        Inputs on any device; the posterior is on the agent's device.
+        The encoder reads the rows' first ``context_width`` columns: ``(s, a, r)``, or all four
+        parts with ``use_next_obs_in_context``. Inputs on any device; the posterior is on the
+        agent's device.
         """
-        context = context.to(self.device)
+        context = context[..., : self.context_width].to(self.device)
         mask = None if mask is None else mask.to(self.device)
         means, raw = self.encoder(self.nets["encoder"], context).chunk(2, -1)
         return product_of_gaussians(means, F.softplus(raw).clamp(min=1e-7), mask)
@@ -172,6 +180,31 @@ class PEARL:
         return self._actor_params(mean, variance)
 
     # ------------------------------------------------------------------ data
+
+    def _check_initial_tasks(self) -> None:
+        try:
+            count = len(self.distribution.train_tasks())
+        except NotImplementedError:
+            raise ValueError(
+                "num_initial_episodes collects on the task family's train_tasks(), which "
+                f"{type(self.distribution).__name__} does not define; set num_initial_episodes = 0"
+            ) from None
+        if count > self.config.max_replay_tasks:
+            raise ValueError(
+                f"num_initial_episodes fills {count} training tasks' buffers but max_replay_tasks="
+                f"{self.config.max_replay_tasks} keeps fewer; raise max_replay_tasks to {count}"
+            )
+
+    def _collect_initial(self) -> float:
+        """Prior episodes on every training task into both buffers; returns the env steps."""
+        tasks = self.distribution.train_tasks()
+        traj = self.sampler.sample(
+            self.policy, self._prior(), tasks, self.config.num_initial_episodes
+        )
+        rows, mask = transitions(self.policy, traj)
+        for i, task in enumerate(tasks):
+            self._store(task, rows[i][mask[i] > 0], encoder=True)
+        return float(traj.mask.sum())
 
     def _store(self, task: Task, rows: torch.Tensor, encoder: bool) -> None:
         array = rows.numpy()
@@ -334,7 +367,11 @@ class PEARL:
         collect = list(tasks)[: cfg.num_collect_tasks or len(tasks)]
         if not collect:
             raise ValueError("step needs at least one task to collect data on")
+        # Once per run: the replay is empty only before the first step (a resume restores it).
+        initial = self._collect_initial() if cfg.num_initial_episodes and not self.replay else 0.0
         metrics = self._collect(collect)
+        metrics["train/env_steps"] += initial
+        metrics["train/initial_env_steps"] = initial
         sampling_s = time.perf_counter() - start
         totals: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_train_steps):
@@ -418,6 +455,13 @@ class PEARL:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        width = state["nets"]["encoder"]["fc0.weight"].shape[1]
+        if width != self.context_width:
+            raise ValueError(
+                f"the checkpoint's context encoder reads {width} numbers per transition, this "
+                f"config's {self.context_width}: set agent.use_next_obs_in_context = "
+                f"{str(width > self.context_width).lower()} as the run was trained"
+            )
         with torch.no_grad():
             for name, params in self.nets.items():
                 for k, v in params.items():

@@ -26,6 +26,11 @@ class PEARLConfig:
     """SAC transitions per task per gradient step."""
     context_batch_size: int = 100
     """Context transitions per task from which the encoder infers z during training."""
+    use_next_obs_in_context: bool = False
+    """The encoder reads ``(s, a, r, s')`` instead of ``(s, a, r)`` (off in oyster and garage)."""
+    num_initial_episodes: int = 0
+    """Before the first gradient step, prior episodes on every one of the distribution's
+    ``train_tasks()`` (oyster's and garage's ``num_initial_steps``); 0: none."""
     latent_dim: int = 5
     """Size of z (the paper: 5; Meta-World: 7)."""
     kl_weight: float = 0.1
@@ -91,6 +96,7 @@ class PEARLConfig:
         for name in (
             "num_collect_tasks",
             "num_posterior_episodes",
+            "num_initial_episodes",
             "envs_per_worker",
             "horizon",
             "eval_adapt_steps",

@@ -27,8 +27,9 @@ from agents.latent_sac import (
 from agents.pearl import PEARL, PEARLConfig
 from metarl import meta_pg
 from metarl.cli import main
-from metarl.config import ConfigError, build
+from metarl.config import ConfigError, build, load_toml
 from metarl.errors import NonFiniteLossError
+from metarl.registry import make_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,23 +210,63 @@ def test_step_metrics_and_nan_loss_raises_before_parameters_change(nav):
     assert str(agent.optimizers["q"].state_dict()) == str(before["optimizers"]["q"])
 
 
-def test_resume_from_a_checkpoint_gives_identical_metrics(nav):
+@pytest.mark.parametrize("initial", [0, 1])
+def test_resume_from_a_checkpoint_gives_identical_metrics(nav, initial):
     tasks = [nav.sample(4, np.random.default_rng(i)) for i in range(3)]
 
     def seeded(metrics: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in metrics.items() if not k.startswith("time/")}
 
-    full = tiny_agent(nav, seed=5)
+    full = tiny_agent(nav, seed=5, num_initial_episodes=initial)
     expected = [seeded(full.step(t)) for t in tasks]
-    first = tiny_agent(nav, seed=5)
+    first = tiny_agent(nav, seed=5, num_initial_episodes=initial)
     first.step(tasks[0])
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     first.step(tasks[1])  # moves on; the checkpoint must not share its tensors
-    resumed = tiny_agent(nav, seed=5)
+    resumed = tiny_agent(nav, seed=5, num_initial_episodes=initial)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    # A resumed run does not collect the initial episodes again.
     assert [seeded(resumed.step(t)) for t in tasks[1:]] == expected[1:]
+
+
+def test_initial_episodes_fill_every_training_task_once():
+    dist = envs.make("navigation-2d", horizon=20, num_train=6, num_test=4)
+    agent = PEARL(PEARLConfig(**{**TINY, "num_initial_episodes": 2}), dist, 0)
+    train = dist.train_tasks()
+    # (default_rng(0) would draw the training goals themselves: the split is seeded with 0)
+    first = agent.step(dist.sample(4, np.random.default_rng(100)))
+    # Every training task holds its two prior episodes in both buffers; the two collecting tasks
+    # of the meta-batch hold one prior and one posterior episode, so every stored row is a step.
+    for task in train:
+        assert 20 <= agent.replay[task].size <= 2 * 20
+        np.testing.assert_array_equal(agent.context[task], agent.replay[task].data[: agent.replay[task].size])
+    initial = sum(agent.replay[t].size for t in train)
+    assert first["train/initial_env_steps"] == initial
+    assert first["train/env_steps"] == sum(b.size for b in agent.replay.values())
+    assert len(agent.replay) == 6 + 2
+    sizes = {t: agent.replay[t].size for t in train}
+    second = agent.step(dist.sample(4, np.random.default_rng(101)))
+    assert second["train/initial_env_steps"] == 0.0
+    assert {t: agent.replay[t].size for t in train} == sizes
+    with pytest.raises(ValueError, match="raise max_replay_tasks to 6"):
+        PEARL(PEARLConfig(**{**TINY, "num_initial_episodes": 1, "max_replay_tasks": 5}), dist, 0)
+
+
+def test_encoder_reads_next_observations_only_when_told(nav):
+    obs_dim, act_dim = 2, 2
+    context = torch.randn(3, 8, 2 * obs_dim + act_dim + 1)
+    moved = context.clone()
+    moved[..., obs_dim + act_dim + 1 :] += 1.0  # the next observations s'
+    for use_next, width in ((False, obs_dim + act_dim + 1), (True, 2 * obs_dim + act_dim + 1)):
+        agent = tiny_agent(nav, use_next_obs_in_context=use_next)
+        assert agent.encoder.sizes[0] == width
+        with torch.no_grad():
+            same = torch.equal(agent.posterior(context)[0], agent.posterior(moved)[0])
+        assert same is not use_next
+    with pytest.raises(ValueError, match="use_next_obs_in_context = true as the run was trained"):
+        tiny_agent(nav).load_state_dict(agent.state_dict())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -359,6 +400,24 @@ def test_bad_settings_fail_early_with_the_value(nav):
         build(PEARLConfig, {"latent_size": 3}, "agent")
     with pytest.raises(TypeError, match="bounded Box action space"):
         PEARL(PEARLConfig(**TINY), envs.make("bandit"), 0)
+
+
+def test_every_pearl_config_builds_its_agent():
+    """Each shipped config on its own task family (serial rollouts): the initial episodes' tasks
+    fit max_replay_tasks, and the encoder reads (s, a, r) as oyster and garage."""
+    for path in sorted((ROOT / "experiments").glob("pearl_*.toml")):
+        document = load_toml(path)
+        settings = dict(document["agent"], backend="serial", num_workers=1)
+        cfg = build(PEARLConfig, settings, "agent")
+        tasks = dict(document["tasks"])
+        dist = make_distribution(tasks.pop("name"), **tasks)  # as the runner builds it
+        agent = PEARL(cfg, dist, 0)
+        try:
+            obs_dim = int(np.prod(dist.observation_space.shape))
+            act_dim = int(np.prod(dist.action_space.shape))
+            assert agent.encoder.sizes[0] == obs_dim + act_dim + 1, path.name
+        finally:
+            agent.close()
 
 
 def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
