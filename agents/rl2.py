@@ -387,7 +387,10 @@ class RL2:
     def adapt(self, task: Task, data: Trials) -> torch.Tensor:
         """RL² adapts in its recurrent state: the GRU state ``[hidden]`` after reading one trial
         ``data`` (a :class:`~metarl.recurrent.Trials` of one task, its live steps in order) from
-        a fresh state; the parameters do not change."""
+        a fresh state; the parameters do not change. The state has read every step's input, which
+        carries the previous step's action, reward and done flag, so the last step's own action
+        and reward are not in it yet: to act on from it, first feed the next observation with
+        them (as the trial runner does)."""
         inputs = data.inputs[0][data.mask[0].bool()]  # [L, input_dim]: the steps taken, in order
         with torch.no_grad():
             hidden = self.policy.initial_state(1)
