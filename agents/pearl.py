@@ -2,8 +2,8 @@
 """PEARL: probabilistic embeddings for actor-critic meta-RL (Rakelly et al. 2019, arXiv 1903.08254).
 
 A context encoder maps each transition ``c_n = (s, a, r)`` of a task (``(s, a, r, s')`` with
-``use_next_obs_in_context``) to a Gaussian factor ``N(μ_n, σ²_n)`` over a latent ``z``; the posterior is the product of those factors with the
-unit-Gaussian prior, in closed form::
+``use_next_obs_in_context``) to a Gaussian factor ``N(μ_n, σ²_n)`` over a latent ``z``; the
+posterior is the product of those factors with the unit-Gaussian prior, in closed form::
 
     1/σ² = 1 + Σ_n 1/σ²_n,        μ = σ² Σ_n μ_n/σ²_n.
 
