@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments.checkpoint_run import checkpoint_experiment
 from metarl import meta_pg, trust_region
 from metarl.config import load_toml
-from metarl.experiment import Experiment
-from metarl.logger import load_checkpoint
 
 
 def finite_difference_hvp(agent: Any, batch: Any, old: Any, epsilon: float, damping: float) -> Any:
@@ -71,41 +69,36 @@ def step_outcome(
 
 def probe(run_dir: Path, seed: int) -> dict[str, Any]:
     document = load_toml(run_dir / "config.toml")
-    with tempfile.TemporaryDirectory() as scratch:
-        experiment = Experiment(document, Path(scratch))
-        try:
-            experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            agent: Any = experiment.agent
-            if not hasattr(agent, "trust_region_terms"):
-                raise SystemExit(f"error: {run_dir} is not a MAML-TRPO run; this probe needs its TRPO step")
-            agent.config = cfg = replace(agent.config, hvp_subsample=1.0)  # as the paper's code: every episode
-            tasks = experiment.distribution.sample(cfg.meta_batch_size, np.random.default_rng(seed))
-            batch = meta_pg.collect(agent.sampler, agent.inner, agent.params, tasks, cfg.episodes_per_task,
-                                    cfg.adapt_steps, agent._advantages)
-            old, old_log_probs, surrogate, grad, exact = agent.trust_region_terms(batch)
-            old = {k: v.detach() for k, v in old.items()}
-            theta_norm = float(trust_region.flatten(list(agent.params.values())).norm())
-            epsilon = 1.0 / theta_norm
-            finite = finite_difference_hvp(agent, batch, old, epsilon, cfg.cg_damping)
-            result: dict[str, Any] = {"run": str(run_dir), "iteration": experiment.iteration,
-                                      "theta_norm": theta_norm, "epsilon": epsilon,
-                                      "grad_norm": float(grad.norm())}
-            directions = {}
-            for name, hvp in (("exact", exact), ("finite_difference", finite)):
-                direction = trust_region.conjugate_gradient(hvp, grad, cfg.cg_iters)
-                curvature = float(direction.dot(hvp(direction)))
-                step = direction * (2.0 * cfg.max_kl / max(curvature, 1e-12)) ** 0.5
-                directions[name] = (direction, step)
-                result[name] = {"direction_norm": float(direction.norm()), "step_norm": float(step.norm()),
-                                "predicted_kl": cfg.max_kl,
-                                **step_outcome(agent, batch, old, old_log_probs, float(surrogate), step)}
-            for name, vector in (("gradient", grad), ("exact_direction", directions["exact"][0])):
-                a, b = exact(vector), finite(vector)
-                result[f"relative_difference_at_{name}"] = float((a - b).norm() / a.norm())
-            s_exact, s_fd = directions["exact"][1], directions["finite_difference"][1]
-            result["step_cosine"] = float(s_exact.dot(s_fd) / (s_exact.norm() * s_fd.norm()))
-        finally:
-            experiment.close()
+    with checkpoint_experiment(run_dir, document) as experiment:
+        agent: Any = experiment.agent
+        if not hasattr(agent, "trust_region_terms"):
+            raise SystemExit(f"error: {run_dir} is not a MAML-TRPO run; this probe needs its TRPO step")
+        agent.config = cfg = replace(agent.config, hvp_subsample=1.0)  # as the paper's code: every episode
+        tasks = experiment.distribution.sample(cfg.meta_batch_size, np.random.default_rng(seed))
+        batch = meta_pg.collect(agent.sampler, agent.inner, agent.params, tasks, cfg.episodes_per_task,
+                                cfg.adapt_steps, agent._advantages)
+        old, old_log_probs, surrogate, grad, exact = agent.trust_region_terms(batch)
+        old = {k: v.detach() for k, v in old.items()}
+        theta_norm = float(trust_region.flatten(list(agent.params.values())).norm())
+        epsilon = 1.0 / theta_norm
+        finite = finite_difference_hvp(agent, batch, old, epsilon, cfg.cg_damping)
+        result: dict[str, Any] = {"run": str(run_dir), "iteration": experiment.iteration,
+                                  "theta_norm": theta_norm, "epsilon": epsilon,
+                                  "grad_norm": float(grad.norm())}
+        directions = {}
+        for name, hvp in (("exact", exact), ("finite_difference", finite)):
+            direction = trust_region.conjugate_gradient(hvp, grad, cfg.cg_iters)
+            curvature = float(direction.dot(hvp(direction)))
+            step = direction * (2.0 * cfg.max_kl / max(curvature, 1e-12)) ** 0.5
+            directions[name] = (direction, step)
+            result[name] = {"direction_norm": float(direction.norm()), "step_norm": float(step.norm()),
+                            "predicted_kl": cfg.max_kl,
+                            **step_outcome(agent, batch, old, old_log_probs, float(surrogate), step)}
+        for name, vector in (("gradient", grad), ("exact_direction", directions["exact"][0])):
+            a, b = exact(vector), finite(vector)
+            result[f"relative_difference_at_{name}"] = float((a - b).norm() / a.norm())
+        s_exact, s_fd = directions["exact"][1], directions["finite_difference"][1]
+        result["step_cosine"] = float(s_exact.dot(s_fd) / (s_exact.norm() * s_fd.norm()))
     return result
 
 

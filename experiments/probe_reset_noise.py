@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from envs.mujoco_tasks import RESET_NOISE
+from experiments.checkpoint_run import checkpoint_experiment
 from metarl.config import load_toml
-from metarl.experiment import Experiment
-from metarl.logger import load_checkpoint
 from metarl.registry import make_distribution
 
 
@@ -33,20 +31,15 @@ def evaluate(run_dir: Path, seeds: list[int]) -> dict[str, list[list[float]]]:
     document = load_toml(run_dir / "config.toml")
     tasks = {k: v for k, v in document["tasks"].items() if k != "name"}
     rows: dict[str, list[list[float]]] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        experiment = Experiment(document, Path(scratch))
-        try:
-            experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            for noise in RESET_NOISE:
-                family = make_distribution(experiment.task_name, **{**tasks, "reset_noise": noise})
-                rows[noise] = [
-                    [float(x) for x in np.asarray(result["return"], dtype=float).mean(0)]
-                    for result in (experiment.agent.evaluate(experiment.held_out_tasks(),
-                                                             np.random.default_rng(seed), family)
-                                   for seed in seeds)
-                ]
-        finally:
-            experiment.close()
+    with checkpoint_experiment(run_dir, document) as experiment:
+        for noise in RESET_NOISE:
+            family = make_distribution(experiment.task_name, **{**tasks, "reset_noise": noise})
+            rows[noise] = [
+                [float(x) for x in np.asarray(result["return"], dtype=float).mean(0)]
+                for result in (experiment.agent.evaluate(experiment.held_out_tasks(),
+                                                         np.random.default_rng(seed), family)
+                               for seed in seeds)
+            ]
     return rows
 
 

@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from experiments.checkpoint_run import checkpoint_experiment
 from metarl.config import load_toml
-from metarl.experiment import Experiment
-from metarl.logger import load_checkpoint
 from metarl.recurrent import RecurrentPolicy
 from metarl.stats import bootstrap_difference_ci
 
@@ -61,25 +59,20 @@ def probe(run_dir: Path, num_tasks: int, episodes: int, seed: int) -> dict[str, 
     document = load_toml(run_dir / "config.toml")
     if document["run"]["agent"] != "agents.rl2:RL2":
         raise SystemExit(f"error: {run_dir} trains {document['run']['agent']}; this probe reads RL² runs")
-    with tempfile.TemporaryDirectory() as scratch:
-        experiment = Experiment(document, Path(scratch))
-        try:
-            experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            agent: Any = experiment.agent
-            tasks = experiment.distribution.test_tasks()[:num_tasks]
-            policy = agent._rollout_policy()
-            size = agent.config.meta_batch_size  # one built environment per lane, as evaluate
-            scores: dict[str, dict[str, np.ndarray]] = {}
-            for name in VARIANTS:
-                acting = variant(policy, name)
-                trials = [agent.runner.run(acting, tasks[i : i + size], episodes, seed, call)
-                          for call, i in enumerate(range(0, len(tasks), size))]
-                scores[name] = {
-                    "return": torch.cat([t.episode_returns() for t in trials]).double().numpy(),
-                    "success": torch.cat([t.success for t in trials]).double().numpy(),
-                }
-        finally:
-            experiment.close()
+    with checkpoint_experiment(run_dir, document) as experiment:
+        agent: Any = experiment.agent
+        tasks = experiment.distribution.test_tasks()[:num_tasks]
+        policy = agent._rollout_policy()
+        size = agent.config.meta_batch_size  # one built environment per lane, as evaluate
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        for name in VARIANTS:
+            acting = variant(policy, name)
+            trials = [agent.runner.run(acting, tasks[i : i + size], episodes, seed, call)
+                      for call, i in enumerate(range(0, len(tasks), size))]
+            scores[name] = {
+                "return": torch.cat([t.episode_returns() for t in trials]).double().numpy(),
+                "success": torch.cat([t.success for t in trials]).double().numpy(),
+            }
     metrics = [m for m in ("success", "return") if not np.isnan(scores["trained"][m]).all()]
     result: dict[str, Any] = {"run": str(run_dir), "iteration": experiment.iteration, "tasks": len(tasks),
                               "episodes": episodes, "seed": seed}
@@ -94,6 +87,10 @@ def probe(run_dir: Path, num_tasks: int, episodes: int, seed: int) -> dict[str, 
     return result
 
 
+def _interval(difference: float, lo: float, hi: float) -> str:
+    return f"{difference:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+
+
 def _lines(result: dict[str, Any]) -> list[str]:
     lines = [f"{result['run']} at iteration {result['iteration']}, {result['tasks']} held-out tasks, "
              f"episodes 0..{result['episodes'] - 1} of one trial"]
@@ -103,7 +100,7 @@ def _lines(result: dict[str, Any]) -> list[str]:
         for name in VARIANTS:
             lines.append(f"  {m:7s} {name:10s} " + "  ".join(f"{v:8.3g}" for v in result[m][name]))
         for name in VARIANTS[1:]:
-            cells = [f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]" for d, lo, hi in result[f"{m}_difference"][name]]
+            cells = [_interval(*d) for d in result[f"{m}_difference"][name]]
             lines.append(f"  {m:7s} trained − {name}: " + "  ".join(cells))
     return lines
 
@@ -126,7 +123,7 @@ def _markdown(document: dict[str, Any]) -> str:
                 lines.append(
                     f"| {r['run']} | {r['iteration']} | {r['tasks']} | {m} | {e} | "
                     + " | ".join(f"{r[m][n][e]:.3g}" for n in VARIANTS) + " | "
-                    + " | ".join(f"{d:+.3g} [{lo:+.3g}, {hi:+.3g}]" for d, lo, hi in diffs) + " |")
+                    + " | ".join(_interval(*diff) for diff in diffs) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from experiments.checkpoint_run import checkpoint_experiment
 from metarl import meta_pg
 from metarl.config import load_toml
-from metarl.experiment import Experiment
-from metarl.logger import load_checkpoint
 
 VELOCITY_INDEX = {"halfcheetah-vel": 8}  # qvel[0] in the observation
 
@@ -63,33 +61,28 @@ def probe(run_dir: Path, num_goals: int, episodes: int | None, seed: int,
     if family not in VELOCITY_INDEX:
         raise SystemExit(f"error: {run_dir} trains on {family!r}; this probe knows {sorted(VELOCITY_INDEX)}")
     index = VELOCITY_INDEX[family]
-    with tempfile.TemporaryDirectory() as scratch:
-        experiment = Experiment(document, Path(scratch))
-        try:
-            experiment.load_state(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-            agent: Any = experiment.agent  # a meta-policy-gradient agent (metarl.meta_pg_agent)
-            cfg = experiment.agent_cfg
-            tasks = sorted(experiment.distribution.test_tasks(), key=lambda t: t["velocity"])
-            picked = [tasks[i] for i in np.linspace(0, len(tasks) - 1, num_goals).round().astype(int)]
-            inner = agent.inner._replace(first_order=True)
-            params = {k: v.detach() for k, v in agent.params.items()}
-            adapted = None
-            velocity, returns = [], []
-            with meta_pg.make_agent_sampler(cfg, experiment.distribution, seed) as sampler:
-                for step in range(cfg.eval_adapt_steps + 1):
-                    current = params if adapted is None else meta_pg.unstack(adapted)
-                    traj = sampler.sample(agent.policy, current, picked, episodes or cfg.eval_episodes_per_task)
-                    mask = traj.mask
-                    velocity.append(((traj.obs[..., index] * mask).sum((1, 2)) / mask.sum((1, 2))).numpy())
-                    returns.append(traj.episode_returns().mean(1).numpy())
-                    if step < cfg.eval_adapt_steps:
-                        start = params if adapted is None else adapted
-                        baseline = PositionBaseline(agent.baseline, index) if position_baseline else None
-                        batch = agent._advantages(traj, baseline)
-                        adapted = {k: v.detach() for k, v in
-                                   meta_pg.inner_step(inner, start, batch, adapted is None).items()}
-        finally:
-            experiment.close()
+    with checkpoint_experiment(run_dir, document) as experiment:
+        agent: Any = experiment.agent  # a meta-policy-gradient agent (metarl.meta_pg_agent)
+        cfg = experiment.agent_cfg
+        tasks = sorted(experiment.distribution.test_tasks(), key=lambda t: t["velocity"])
+        picked = [tasks[i] for i in np.linspace(0, len(tasks) - 1, num_goals).round().astype(int)]
+        inner = agent.inner._replace(first_order=True)
+        params = {k: v.detach() for k, v in agent.params.items()}
+        adapted = None
+        velocity, returns = [], []
+        with meta_pg.make_agent_sampler(cfg, experiment.distribution, seed) as sampler:
+            for step in range(cfg.eval_adapt_steps + 1):
+                current = params if adapted is None else meta_pg.unstack(adapted)
+                traj = sampler.sample(agent.policy, current, picked, episodes or cfg.eval_episodes_per_task)
+                mask = traj.mask
+                velocity.append(((traj.obs[..., index] * mask).sum((1, 2)) / mask.sum((1, 2))).numpy())
+                returns.append(traj.episode_returns().mean(1).numpy())
+                if step < cfg.eval_adapt_steps:
+                    start = params if adapted is None else adapted
+                    baseline = PositionBaseline(agent.baseline, index) if position_baseline else None
+                    batch = agent._advantages(traj, baseline)
+                    adapted = {k: v.detach() for k, v in
+                               meta_pg.inner_step(inner, start, batch, adapted is None).items()}
     goals = np.array([t["velocity"] for t in picked])
     v, r = np.stack(velocity, 1), np.stack(returns, 1)  # [goals, steps]
     slopes = [float(np.polyfit(goals, v[:, k], 1)[0]) for k in range(v.shape[1])]
