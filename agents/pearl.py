@@ -68,6 +68,7 @@ from agents.pearl_config import PEARLConfig
 from envs.base import Task, TaskDistribution
 from metarl import meta_pg
 from metarl.nn import FunctionalMLP, init_mlp
+from metarl.policies import diagonal_gaussian_kl
 from metarl.types import Trajectories
 
 _NAN_HINT = "lower the learning rates or reward_scale, or check the environment's rewards"
@@ -324,10 +325,32 @@ class PEARL:
             "entropy": -log_prob.detach().mean(),
         }
 
-    def _gradient_step(self) -> dict[str, torch.Tensor]:
-        """One step of every optimiser; raises before any parameter changes if a loss or gradient is not finite."""
+    def posterior_effect(self, context: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+        """How much the posterior changes the policy, on a batch's tasks and states (no gradients).
+
+        ``adapt/policy_kl``: the mean over tasks and states of ``KL(π(·|s, 0) || π(·|s, μ_q))``,
+        the policy at the prior's mean z against the task's posterior mean (pre-tanh Gaussians;
+        tanh is invertible, so the squashed actions have the same KL); ``adapt/mean_shift``: the
+        mean Euclidean change of the mean action in (−1, 1)^A. Near 0 the policy ignores z: PEARL
+        then trains a multi-task policy however much the posterior knows (``adapt/posterior_kl``).
+        """
+        num_tasks, num_rows = rows.shape[:2]
+        # In float64: early in training the KL is near 1e-9, below float32's cancellation error.
+        obs = rows[..., : self.policy.obs_dim].reshape(num_tasks * num_rows, -1).double()
+        params = {k: v.detach().double() for k, v in self.nets["policy"].items()}
+        with torch.no_grad():
+            z = self.posterior(context)[0].double().repeat_interleave(num_rows, 0)
+            mean_prior, log_std_prior = self.policy.distribution_params(params, obs, torch.zeros_like(z))
+            mean_post, log_std_post = self.policy.distribution_params(params, obs, z)
+            kl = diagonal_gaussian_kl(mean_prior, log_std_prior, mean_post, log_std_post)
+            shift = (torch.tanh(mean_post) - torch.tanh(mean_prior)).norm(dim=-1)
+        return {"adapt/policy_kl": float(kl.mean()), "adapt/mean_shift": float(shift.mean())}
+
+    def _gradient_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step of every optimiser on ``(context, rows)``; raises before any parameter changes
+        if a loss or gradient is not finite."""
         cfg = self.config
-        losses = self.losses(*self._sample_batch())
+        losses = self.losses(*batch)
         objectives = {
             ("q", "encoder"): losses["q"] + cfg.kl_weight * losses["kl"],
             ("policy",): losses["policy"],
@@ -375,8 +398,11 @@ class PEARL:
         sampling_s = time.perf_counter() - start
         totals: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_train_steps):
-            for k, v in self._gradient_step().items():  # summed on the device: no sync per step
+            batch = self._sample_batch()
+            for k, v in self._gradient_step(batch).items():  # summed on the device: no sync per step
                 totals[k] = totals[k] + v.detach() if k in totals else v.detach()
+        if cfg.num_train_steps:
+            metrics.update(self.posterior_effect(*batch))
         names = {"q": "q_loss", "policy": "policy_loss", "alpha": "alpha_loss"}
         for k, v in totals.items():
             metrics[f"train/{names.get(k, k)}"] = float(v) / cfg.num_train_steps

@@ -29,6 +29,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _UNIFORM_EPS = 1e-6
 
 
+def diagonal_gaussian_kl(
+    mean_p: torch.Tensor, log_std_p: torch.Tensor, mean_q: torch.Tensor, log_std_q: torch.Tensor
+) -> torch.Tensor:
+    """``KL(N(mean_p, exp(log_std_p)²) || N(mean_q, exp(log_std_q)²))`` summed over the last axis."""
+    var_ratio = torch.exp(2.0 * (log_std_p - log_std_q))
+    mahalanobis = (mean_p - mean_q).pow(2) * torch.exp(-2.0 * log_std_q)
+    return (log_std_q - log_std_p + 0.5 * (var_ratio + mahalanobis - 1.0)).sum(-1)
+
+
 class GaussianMLPPolicy:
     """Diagonal Gaussian policy: an MLP mean and a state-independent log standard deviation.
 
@@ -92,11 +101,9 @@ class GaussianMLPPolicy:
 
     def kl(self, params_p: Params, params_q: Params, obs: torch.Tensor) -> torch.Tensor:
         """Analytic ``KL(p || q)`` at each observation: ``obs [..., obs_dim]`` -> ``[...]``."""
-        mean_p, log_std_p = self.distribution_params(params_p, obs)
-        mean_q, log_std_q = self.distribution_params(params_q, obs)
-        var_ratio = torch.exp(2.0 * (log_std_p - log_std_q))
-        mahalanobis = (mean_p - mean_q).pow(2) * torch.exp(-2.0 * log_std_q)
-        return (log_std_q - log_std_p + 0.5 * (var_ratio + mahalanobis - 1.0)).sum(-1)
+        return diagonal_gaussian_kl(
+            *self.distribution_params(params_p, obs), *self.distribution_params(params_q, obs)
+        )
 
     def act(
         self, params: Params, obs: torch.Tensor, noise: torch.Tensor

@@ -203,11 +203,44 @@ def test_step_metrics_and_nan_loss_raises_before_parameters_change(nav):
     for t in agent.replay:
         agent.replay[t] = agent.replay[task]
     with pytest.raises(NonFiniteLossError, match="not finite.*parameters unchanged"):
-        agent._gradient_step()
+        agent._gradient_step(agent._sample_batch())
     for name, params in agent.nets.items():
         for k, v in params.items():
             torch.testing.assert_close(v.detach(), before["nets"][name][k], rtol=0, atol=0)
     assert str(agent.optimizers["q"].state_dict()) == str(before["optimizers"]["q"])
+
+
+def test_posterior_effect_against_torch_distributions_and_a_policy_blind_to_z(nav):
+    agent = tiny_agent(nav)
+    metrics = agent.step(nav.sample(4, np.random.default_rng(0)))
+    assert metrics["adapt/policy_kl"] >= 0 and metrics["adapt/mean_shift"] >= 0
+    context, rows = agent._sample_batch()
+    params, obs_dim = agent.nets["policy"], agent.policy.obs_dim
+    with torch.no_grad():  # a policy that reads z (a fresh one barely does: output scale 0.01)
+        params["fc0.weight"][:, obs_dim:] += torch.randn(params["fc0.weight"][:, obs_dim:].shape)
+        params["out.weight"].mul_(30.0)
+    effect = agent.posterior_effect(context, rows)
+    # Reference: task by task, torch's Normal KL between the policy at z = 0 and at the posterior mean.
+    kls, shifts = [], []
+    with torch.no_grad():
+        double = {k: v.double() for k, v in params.items()}
+        for task_context, task_rows in zip(context, rows, strict=True):
+            z = agent.posterior(task_context)[0].double()
+            obs = task_rows[:, :obs_dim].double()
+            zero = torch.zeros(len(obs), len(z), dtype=torch.float64)
+            before = agent.policy.distribution_params(double, obs, zero)
+            after = agent.policy.distribution_params(double, obs, z.expand(len(obs), -1))
+            p, q = Normal(before[0], before[1].exp()), Normal(after[0], after[1].exp())
+            kls.append(kl_divergence(p, q).sum(-1))
+            shifts.append((after[0].tanh() - before[0].tanh()).norm(dim=-1))
+    assert effect["adapt/policy_kl"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-9)
+    assert effect["adapt/mean_shift"] == pytest.approx(float(torch.cat(shifts).mean()), rel=1e-9)
+    assert effect["adapt/policy_kl"] > 1e-5
+    # A policy whose first layer gives z no weight acts the same under any posterior.
+    with torch.no_grad():
+        agent.nets["policy"]["fc0.weight"][:, obs_dim:] = 0.0
+    blind = agent.posterior_effect(context, rows)
+    assert blind == {"adapt/policy_kl": 0.0, "adapt/mean_shift": 0.0}
 
 
 @pytest.mark.parametrize("initial", [0, 1])
