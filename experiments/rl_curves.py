@@ -208,7 +208,8 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
         "# Meta-RL benchmarks: progress and held-out curves", "",
         "Each row is one benchmark's runs (one per seed) kept under `experiments/rl_runs/`, read from their "
         "`metrics.jsonl`. Held-out: the mean over held-out tasks at the last evaluation every seed reached "
-        "(`run.eval_every`), averaged over seeds, before adaptation (step 0), after one step and after the "
+        "(`run.eval_every`; where no evaluation has every seed yet, the latest one, and the eval-at column "
+        "says how many seeds its figures hold), averaged over seeds, before adaptation (step 0), after one step and after the "
         "last. Diagnostics: the mean of the last 10 logged iterations of every seed (`adapt/inner_kl`: KL "
         "between the pre- and post-update policies; `adapt/return_gain`: training tasks' post- minus "
         "pre-update return; `train/accepted`: TRPO line-search acceptance; KL used: an accepted TRPO step's "
@@ -233,6 +234,7 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
             lines.append(f"{progress} – | no held-out point yet | – | – | – | – | {diagnostics} – | {tail}")
         for metric, last in sorted(row["last_eval"].items()):
             steps = last["steps"]
+            seeds_note = f" ({last['seeds']} of {row['seeds']} seeds)" if last["seeds"] < row["seeds"] else ""
             ref = row["reference"]
             published = (f"{fmt(ref.get(f'{metric}_pre'))} → {fmt(ref.get(f'{metric}_post'))}"
                          if f"{metric}_pre" in ref or f"{metric}_post" in ref else "–")
@@ -241,7 +243,7 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
                          else f"{ref['env_steps'] / 1e6:.1f}M steps" if "env_steps" in ref else "")
                 published += f" ({where}, {ref.get('how', '')})" if where else ""
             lines.append(
-                f"{progress} {metric} | {last['iteration']} | "
+                f"{progress} {metric} | {last['iteration']}{seeds_note} | "
                 f"{fmt(steps.get(0))} | {fmt(steps.get(1))} | {fmt(steps[max(steps)])} (step {max(steps)}) | {published} | "
                 f"{diagnostics} [png]({Path(row['plot']).name}) | {tail}"
             )

@@ -70,3 +70,17 @@ def test_a_sweep_before_its_first_held_out_point_is_listed_with_its_progress_and
     assert "no held-out point yet" in line and "| 4 (500) | 0.0M |" in line
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["plot"] is None
     assert not list(tmp_path.glob("curves_*.png"))
+
+
+def test_a_seed_with_no_evaluation_yet_is_named_beside_the_held_out_figures(tmp_path):
+    sweep = tmp_path / "rl2-ml1-reach"
+    _run(sweep, 0, {4: [-150.0, -100.0]}, kl=0.1)
+    _run(sweep, 1, {4: [-130.0, -90.0]}, kl=0.1)
+    _run(sweep, 2, {}, kl=0.1)  # just started: no held-out point
+    out = tmp_path / "curves"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    line = next(x for x in out.with_suffix(".md").read_text().splitlines() if x.startswith("| halfcheetah-vel"))
+    assert "| return | 4 (2 of 3 seeds) | -140 | -95 |" in line
+    _run(tmp_path / "all", 0, {4: [-150.0, -100.0]}, kl=0.1)
+    assert main([str(tmp_path / "all"), "--out", str(out)]) == 0
+    assert "| return | 4 | -150 | -100 |" in out.with_suffix(".md").read_text()
