@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,38 @@ def kept_rows(
         for row in document.get(key, [])
         if (row["sweep"], row["cell"]) not in fresh
     ]
+
+
+def machine_at_iteration(run: Path) -> Callable[[int], str | None]:
+    """Which machine trained a run's iteration: from its machines.jsonl (each line: the machine
+    from that iteration on); None where the run records no machines."""
+    path = run / "machines.jsonl"
+    stretches = sorted(
+        (int(entry["iteration"]), str(entry["machine"]))
+        for entry in (json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []))
+    )
+
+    def machine_at(iteration: int) -> str | None:
+        found = None
+        for start, name in stretches:
+            if start < iteration:
+                found = name
+        return found
+
+    return machine_at
+
+
+def machines_of(run_dirs: list[Path]) -> dict[str, int]:
+    """Iterations trained on each machine, over the runs (from their timing and machines logs)."""
+    counts: dict[str, int] = {}
+    for run in run_dirs:
+        machine_at = machine_at_iteration(run)
+        lines = (run / "timing.jsonl").read_text().splitlines() if (run / "timing.jsonl").exists() else []
+        for line in lines:
+            name = machine_at(int(json.loads(line)["iteration"]))
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def several_machines(rows: list[dict[str, Any]], default: str) -> bool:

@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references, several_machines
+from experiments.tables.common import (
+    fmt_iqm,
+    kept_rows,
+    load_sweep,
+    machines_of,
+    references,
+    several_machines,
+)
 from metarl.config import load_toml
 from metarl.runtime import machine
 from metarl.sweep import aggregate
@@ -157,6 +164,10 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "command": document.get("sweep_command") or document["commands"][label],
             }
         )
+        # where the finished seeds trained (their machines.jsonl); the table's machine otherwise
+        trained_on = machines_of([r for r in runs if (r / "eval.json").exists()])
+        if trained_on:
+            rows[-1]["machine"] = "; ".join(trained_on)
     return rows
 
 
@@ -367,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.sweeps or args.keep or args.omniglot_cells):
         parser.error("give finished sweep directories, --omniglot-cells, --keep an earlier table's JSON, or several")
     rows = [row for sweep_dir in args.sweeps for row in rows_of(Path(sweep_dir))]
-    for row in rows:
-        row["machine"] = machine()
+    for row in rows:  # a sweep whose runs record no machine: the one building the table
+        row.setdefault("machine", machine())
     if args.omniglot_cells:
         if not Path(args.omniglot_cells).is_dir():
             parser.error(f"--omniglot-cells {args.omniglot_cells}: no such folder")

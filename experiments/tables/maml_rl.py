@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +22,16 @@ import numpy as np
 
 from experiments.bench.trpo import timing_table
 from experiments.rl_curves import reference_for
-from experiments.tables.common import fmt_iqm, kept_rows, load_sweep, references
+from experiments.tables.common import (
+    fmt_iqm,
+    kept_rows,
+    load_sweep,
+    machine_at_iteration,
+    machines_of,
+    references,
+)
 from metarl.runtime import machine
 from metarl.stats import bootstrap_difference_ci
-
-
-def _machine_of(run: Path) -> Callable[[int], str | None]:
-    """Which machine trained a run's iteration: from its machines.jsonl (each line: the machine
-    from that iteration on); None where the run records no machines."""
-    path = run / "machines.jsonl"
-    stretches = sorted(
-        (int(entry["iteration"]), str(entry["machine"]))
-        for entry in (json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []))
-    )
-
-    def machine_at(iteration: int) -> str | None:
-        found = None
-        for start, name in stretches:
-            if start < iteration:
-                found = name
-        return found
-
-    return machine_at
-
-
-def machines_of(run_dirs: list[Path]) -> dict[str, int]:
-    """Iterations trained on each machine, over the runs (from their timing and machines logs)."""
-    counts: dict[str, int] = {}
-    for run in run_dirs:
-        machine_at = _machine_of(run)
-        lines = (run / "timing.jsonl").read_text().splitlines() if (run / "timing.jsonl").exists() else []
-        for line in lines:
-            name = machine_at(int(json.loads(line)["iteration"]))
-            if name is not None:
-                counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def _timing(run_dirs: list[Path], main: str | None) -> dict[str, Any]:
@@ -65,7 +39,7 @@ def _timing(run_dirs: list[Path], main: str | None) -> dict[str, Any]:
     ``main``, the machine that trained most of them (runs that record no machines count whole)."""
     sampling, optimisation, iterations = [], [], 0
     for run in run_dirs:
-        machine_at = _machine_of(run)
+        machine_at = machine_at_iteration(run)
         lines = (
             (run / "timing.jsonl").read_text().splitlines()
             if (run / "timing.jsonl").exists()

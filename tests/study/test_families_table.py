@@ -121,3 +121,19 @@ def test_omniglot_rows_pool_cells_over_episodes_and_seeds(tmp_path):
     assert "| MAML | gradient (learned initialisation) | 2 | 600 | accuracy | – | – | 0.825 [" in text
     assert "| probabilistic MAML | Bayesian (learned prior) | 1 | 600 | accuracy | 0.2 [0.2, 0.2] | 0.5 [0.5, 0.5] | 0.8 [0.8, 0.8] |" in text
     assert "| ProtoNets | metric | 1 | 600 | accuracy | – | – | 0.96 [0.96, 0.96] |" in text
+
+
+def test_a_sweep_row_names_the_machines_its_finished_seeds_trained_on(tmp_path):
+    sweep = _fake_sweep(tmp_path, "reach-rl2", "agents.rl2:RL2", {"name": "ml1", "env_name": "reach-v3"}, {},
+                        [0, 1], {"return": [1.0, 2.0]})
+    done, running = sweep / "base-s0", sweep / "base-s1"
+    running.mkdir()
+    for run, machines in ((done, ["box A", "box B"]), (running, ["box C"])):
+        run.joinpath("machines.jsonl").write_text(
+            "".join(json.dumps({"iteration": 2 * i, "machine": m}) + "\n" for i, m in enumerate(machines)))
+        run.joinpath("timing.jsonl").write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)))
+    done.joinpath("eval.json").write_text("{}")  # only finished seeds count; base-s1 is still training
+    out = tmp_path / "families"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    # iterations 1 and 2 on box A (it trained from iteration 0), 3 to 5 on box B (from iteration 2)
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["machine"] == "box B; box A"
