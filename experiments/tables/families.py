@@ -164,8 +164,12 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "command": document.get("sweep_command") or document["commands"][label],
             }
         )
-        # where the finished seeds trained (their machines.jsonl); the table's machine otherwise
-        trained_on = machines_of([r for r in runs if (r / "eval.json").exists()])
+        # where the finished seeds trained (their machines.jsonl, most iterations first); where
+        # they record no machine, the table's own is assumed
+        finished = [r for r in runs if (r / "eval.json").exists()]
+        trained_on = list(machines_of(finished)) or sorted(
+            {json.loads(x)["machine"] for r in finished if (r / "machines.jsonl").exists()
+             for x in (r / "machines.jsonl").read_text().splitlines() if x.strip()})
         if trained_on:
             rows[-1]["machine"] = "; ".join(trained_on)
     return rows
@@ -321,9 +325,11 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
     ]
     if note:
         lines += ["", note]
-    per_row_machine = several_machines(rows, here)
+    # a row trained elsewhere than where the table is built names its machine even when all agree
+    per_row_machine = several_machines(rows, here) or any(r.get("machine", here) != here for r in rows)
     if per_row_machine:
-        lines += ["", "Rows ran on more than one machine; the machine column names each row's."]
+        lines += ["", "The machine column names the machines each row trained on, the one that trained "
+                  "most iterations first."]
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
         lines += [
             "",

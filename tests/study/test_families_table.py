@@ -137,3 +137,9 @@ def test_a_sweep_row_names_the_machines_its_finished_seeds_trained_on(tmp_path):
     assert main([str(sweep), "--out", str(out)]) == 0
     # iterations 1 and 2 on box A (it trained from iteration 0), 3 to 5 on box B (from iteration 2)
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["machine"] == "box B; box A"
+    # one row trained elsewhere than where the table is built: the .md names its machines too
+    assert "| machine | command |" in out.with_suffix(".md").read_text()
+    assert "| box B; box A | `metarl sweep reach-rl2` |" in out.with_suffix(".md").read_text()
+    done.joinpath("timing.jsonl").unlink()  # no timing log: the machines it names, alphabetically
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["machine"] == "box A; box B"

@@ -178,7 +178,8 @@ def test_rl_table_says_how_far_the_mean_after_one_step_is_from_the_published_ran
 def test_a_row_names_every_machine_its_runs_trained_on_and_times_the_main_one(tmp_path):
     """Iterations 1-3 on machine A, 4-5 on B (machines.jsonl: each line holds from the iteration
     after the one it names): B's timing is left out of the means, and both machines are counted."""
-    from experiments.tables.maml_rl import _timing, machines_of
+    from experiments.tables.common import machines_of
+    from experiments.tables.maml_rl import _timing
 
     run = tmp_path / "base-s0"
     run.mkdir()

@@ -84,3 +84,14 @@ def test_a_seed_with_no_evaluation_yet_is_named_beside_the_held_out_figures(tmp_
     _run(tmp_path / "all", 0, {4: [-150.0, -100.0]}, kl=0.1)
     assert main([str(tmp_path / "all"), "--out", str(out)]) == 0
     assert "| return | 4 | -150 | -100 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_last_evaluation_every_seed_reached_is_preferred_to_a_later_one_of_fewer_seeds(tmp_path):
+    sweep = tmp_path / "maml-trpo-cheetah-vel"
+    _run(sweep, 0, {2: [-200.0, -190.0], 4: [-150.0, -100.0]}, kl=0.1)
+    _run(sweep, 1, {2: [-210.0, -180.0]}, kl=0.1)  # behind seed 0: not yet at iteration 4's evaluation
+    row = summarize(sweep, {})
+    assert row["last_eval"]["return"] == {"iteration": 2, "steps": {0: -205.0, 1: -185.0}, "seeds": 2}
+    out = tmp_path / "curves"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert "| return | 2 | -205 | -185 |" in out.with_suffix(".md").read_text()
