@@ -51,14 +51,17 @@ def kept_rows(
     ]
 
 
+def _stretches(run: Path) -> list[tuple[int, str]]:
+    """(first iteration, machine) of each line of a run's machines.jsonl, in order."""
+    path = run / "machines.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sorted((int(e["iteration"]), str(e["machine"])) for e in (json.loads(x) for x in lines if x.strip()))
+
+
 def machine_at_iteration(run: Path) -> Callable[[int], str | None]:
     """Which machine trained a run's iteration: from its machines.jsonl (each line: the machine
     from that iteration on); None where the run records no machines."""
-    path = run / "machines.jsonl"
-    stretches = sorted(
-        (int(entry["iteration"]), str(entry["machine"]))
-        for entry in (json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []))
-    )
+    stretches = _stretches(run)
 
     def machine_at(iteration: int) -> str | None:
         found = None
@@ -71,11 +74,16 @@ def machine_at_iteration(run: Path) -> Callable[[int], str | None]:
 
 
 def machines_of(run_dirs: list[Path]) -> dict[str, int]:
-    """Iterations trained on each machine, over the runs (from their timing and machines logs)."""
+    """Iterations trained on each machine, over the runs (from their timing and machines logs);
+    a run with no timing log counts 0 iterations on each machine it records."""
     counts: dict[str, int] = {}
     for run in run_dirs:
+        if not (run / "timing.jsonl").exists():
+            for _, name in _stretches(run):
+                counts.setdefault(name, 0)
+            continue
         machine_at = machine_at_iteration(run)
-        lines = (run / "timing.jsonl").read_text().splitlines() if (run / "timing.jsonl").exists() else []
+        lines = (run / "timing.jsonl").read_text().splitlines()
         for line in lines:
             name = machine_at(int(json.loads(line)["iteration"]))
             if name is not None:

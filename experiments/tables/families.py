@@ -41,7 +41,6 @@ from experiments.tables.common import (
     load_sweep,
     machines_of,
     references,
-    several_machines,
 )
 from metarl.config import load_toml
 from metarl.runtime import machine
@@ -166,10 +165,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
         )
         # where the finished seeds trained (their machines.jsonl, most iterations first); where
         # they record no machine, the table's own is assumed
-        finished = [r for r in runs if (r / "eval.json").exists()]
-        trained_on = list(machines_of(finished)) or sorted(
-            {json.loads(x)["machine"] for r in finished if (r / "machines.jsonl").exists()
-             for x in (r / "machines.jsonl").read_text().splitlines() if x.strip()})
+        trained_on = machines_of([r for r in runs if (r / "eval.json").exists()])
         if trained_on:
             rows[-1]["machine"] = "; ".join(trained_on)
     return rows
@@ -326,7 +322,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
     if note:
         lines += ["", note]
     # a row trained elsewhere than where the table is built names its machine even when all agree
-    per_row_machine = several_machines(rows, here) or any(r.get("machine", here) != here for r in rows)
+    per_row_machine = any(r.get("machine", here) != here for r in rows)
     if per_row_machine:
         lines += ["", "The machine column names the machines each row trained on, the one that trained "
                   "most iterations first."]
