@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from envs.base import TaskDistribution
-from metarl import meta_pg, trust_region
+from metarl import inner_jacobian, meta_pg, trust_region
 from metarl.agent import Params
 from metarl.meta_pg import MetaBatch, PGBatch
 from metarl.meta_pg_agent import MetaPolicyGradient
@@ -67,12 +67,22 @@ class MAMLTRPOConfig(MetaPGConfig):
     fisher: str = "gauss-newton"
     """KL curvature products: 'gauss-newton' (Jacobian products of the policy outputs, no double
     backward) or 'hessian' (double backward of the KL); the same products, see trust_region."""
+    inner_jacobian: str = "auto"
+    """How the curvature and gradient products pass through the inner steps: 'closed-form'
+    (written out for Gaussian MLP policies, metarl.inner_jacobian), 'autograd' (a double
+    backward per product) or 'auto' (the closed form where the policy allows it); the same
+    products either way."""
     device: str = "cpu"
     """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device(self.device)
+        if self.inner_jacobian not in trust_region.JACOBIANS:
+            raise ValueError(
+                f"inner_jacobian must be one of {trust_region.JACOBIANS}, got "
+                f"{self.inner_jacobian!r}"
+            )
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(
                 f"need max_kl > 0 and cg_damping >= 0, got {self.max_kl}, {self.cg_damping}"
@@ -120,6 +130,13 @@ class MAMLTRPO(MetaPolicyGradient):
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
         # θ as plain tensors on the update's device: the TRPO step writes them itself.
         super().__init__(config, distribution, seed, device=config.device, trainable=False)
+        if config.inner_jacobian == "closed-form" and not inner_jacobian.supported(
+            self.policy, self.inner.lr, self.inner.first_order
+        ):
+            raise ValueError(
+                f"inner_jacobian='closed-form' covers second-order steps of a Gaussian MLP "
+                f"policy, not {self.policy!r}; set agent.inner_jacobian to 'auto' or 'autograd'"
+            )
 
     def trust_region_terms(self, batch: MetaBatch) -> TrustRegionTerms:
         """The surrogate, its meta-gradient and the KL Hessian-vector product at the parameters.
@@ -129,7 +146,9 @@ class MAMLTRPO(MetaPolicyGradient):
         """
         cfg, policy, post = self.config, self.policy, batch.post
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
-        lin = trust_region.linearize_steps(self.inner, self.params, batch.pre)
+        lin = trust_region.linearize_steps(
+            self.inner, self.params, batch.pre, cfg.inner_jacobian
+        )
         adapted = lin.adapted
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()
         old_surrogate, grad = trust_region.surrogate_gradient(

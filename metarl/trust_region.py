@@ -21,12 +21,15 @@ network. One product applies the inner steps' Jacobians, runs the outputs' ``J``
 built once, all vmapped over tasks. :func:`kl_hvp` (double backward of the KL) gives the same
 products and stays as the reference (``fisher = "hessian"`` in MAML-TRPO).
 
-The inner steps' Jacobians ``I − α ∇²L_k`` can be applied as the saved vector-Jacobian products
-(they are symmetric) or in forward mode (a forward-over-reverse Hessian-vector product of the
-inner loss, :func:`through_forward`). Forward mode recomputes the inner step's forward and
-backward pass at every product while the saved product only runs back through a graph built
-once; on a 2-core CPU (10 tasks × 10 episodes × 100 steps, policy (100, 100)) it took 1.3 to 2.6
-times as long, so the saved products are the default.
+The inner steps' Jacobians ``I − α ∇²L_k`` (symmetric) are applied in closed form for Gaussian
+MLP policies (:mod:`metarl.inner_jacobian`: the Hessian-vector product of the REINFORCE loss
+written out, without autograd's double backward; on a 2-core CPU with 40 tasks × 20 episodes ×
+200 steps and the (100, 100) policy, one product took 0.4 of the double backward's time), and
+otherwise as saved ``torch.func.vjp`` products of the step, or in forward mode (a
+forward-over-reverse product, :func:`through_forward`). Forward mode recomputes the inner step's
+forward and backward pass at every product while the saved product only runs back through a
+graph built once; on a 2-core CPU (10 tasks × 10 episodes × 100 steps, policy (100, 100)) it
+took 1.3 to 2.6 times as long as the saved products.
 
 Shapes: ``N`` tasks, ``P`` any parameter's shape, ``D`` the number of policy parameters.
 """
@@ -39,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from metarl import meta_pg
+from metarl import inner_jacobian, meta_pg
 from metarl.adaptation import Params
 from metarl.meta_pg import InnerLoop, PGBatch
 
@@ -107,7 +110,12 @@ class Linearization(NamedTuple):
     """Per step, its episodes ``[N, E, T, ...]``."""
 
 
-def linearize_steps(inner: InnerLoop, params: Params, pre: list[PGBatch]) -> Linearization:
+JACOBIANS = ("auto", "closed-form", "autograd")
+
+
+def linearize_steps(
+    inner: InnerLoop, params: Params, pre: list[PGBatch], jacobian: str = "auto"
+) -> Linearization:
     """Runs the inner steps from ``params`` and keeps each step's vector-Jacobian product.
 
     The products always use every pre-update episode: the Jacobian ``I − α ∇²L_k`` of a step is
@@ -120,15 +128,33 @@ def linearize_steps(inner: InnerLoop, params: Params, pre: list[PGBatch]) -> Lin
         inner: the inner loop's settings.
         params: meta-parameters ``[*P]``.
         pre: one batch per inner step, ``[N, E, T, ...]``.
+        jacobian: ``"closed-form"`` writes the products out by hand
+            (:class:`metarl.inner_jacobian.GaussianMLPStep`, Gaussian MLP policies only),
+            ``"autograd"`` saves each step's ``torch.func.vjp`` (a double backward per product),
+            ``"auto"`` the closed form where the policy allows it. Both give the same products.
 
     Returns:
         A :class:`Linearization`; its products ``u ↦ J_kᵀ u`` take per-task cotangents ``[N, *P]``.
     """
+    if jacobian not in JACOBIANS:
+        raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
+    closed = inner_jacobian.supported(inner.policy, inner.lr, inner.first_order)
+    if jacobian == "closed-form" and not closed:
+        raise ValueError(
+            "the closed-form inner Jacobian covers second-order steps of a Gaussian MLP policy "
+            "(ReLU or tanh) with one scalar inner lr; use jacobian='autograd' for this one"
+        )
     num_tasks = pre[0].mask.shape[0]
     current = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in params.items()}
-    vjps, points = [], []
+    vjps: list[VJP] = []
+    points = []
     for batch in pre:
         points.append(current)
+        if closed and jacobian != "autograd":
+            step = inner_jacobian.GaussianMLPStep(inner.policy, current, batch, inner.lr)
+            vjps.append(step)
+            current = step.adapted
+            continue
         # vjp returns (output, vjp_fn); indexing keeps mypy off its has_aux overload.
         linear = vjp(lambda p, b=batch: meta_pg.inner_step(inner, p, b, shared=False), current)
         vjps.append(linear[1])

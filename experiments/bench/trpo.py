@@ -60,6 +60,7 @@ def bench_setting(
     hvp_subsample: float,
     workers: int,
     fisher: str = "gauss-newton",
+    inner_jacobian: str = "auto",
     **overrides: Any,
 ) -> dict[str, Any]:
     """Mean timings of ``iterations - 1`` MAML-TRPO iterations after a warm-up one."""
@@ -71,6 +72,7 @@ def bench_setting(
         hvp_subsample=hvp_subsample,
         num_workers=workers,
         fisher=fisher,
+        inner_jacobian=inner_jacobian,
         **overrides,
     )
     rows = per_iteration[1:]
@@ -78,6 +80,7 @@ def bench_setting(
     return {
         "fisher": fisher,
         "hvp_subsample": hvp_subsample,
+        "inner_jacobian": inner_jacobian,
         "config": config,
         "iterations_timed": len(rows),
         "accepted_fraction": float(np.mean([r["accepted"] for r in per_iteration])),
@@ -93,18 +96,20 @@ def bench_setting(
 
 def timing_table(settings: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of one row per setting (also used by ``experiments.tables.maml_rl``); settings
-    measured before the ``fisher`` switch existed used the double-backward Hessian."""
+    measured before the ``fisher`` switch existed used the double-backward Hessian, and those
+    before the ``inner_jacobian`` switch autograd's products through the inner step."""
     lines = [
-        "| fisher | hvp_subsample | sampling s/it | optimisation s/it | ratio | inner | gradient | "
-        "CG | line search | accepted | env steps/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fisher | hvp_subsample | inner Jacobian | sampling s/it | optimisation s/it | ratio | "
+        "inner | gradient | CG | line search | accepted | env steps/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in settings:
         p = s["parts_s"]
         accepted = s.get("accepted_fraction")
         shown = "n/a" if accepted is None else f"{accepted:.2f}"
         lines.append(
-            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {s['sampling_s']:.2f} | "
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_jacobian(s)} | "
+            f"{s['sampling_s']:.2f} | "
             f"{s['optimization_s']:.2f} | **{s['optimization_over_sampling']:.3f}** | "
             f"{p['inner']:.2f} | {p['gradient']:.2f} | {p['cg']:.2f} | {p['line_search']:.2f} | "
             f"{shown} | {s['env_steps_per_s']:,.0f} |"
@@ -149,8 +154,9 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
         f"against what the {target:.2f} target leaves it ({target:.2f} × sampling, less the inner "
         "steps, the gradient and the line search, over the same number of products).",
         "",
-        "| fisher | hvp_subsample | s / product | allowed s / product | factor short |",
-        "|---|---|---|---|---|",
+        "| fisher | hvp_subsample | inner Jacobian | s / product | allowed s / product | "
+        "factor short |",
+        "|---|---|---|---|---|---|",
     ]
     for s in settings:
         p, products = s["parts_s"], s["config"].get("cg_iters", 10) + 1
@@ -164,10 +170,22 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
             else f"{took / allowed:.1f}×"
         )
         lines.append(
-            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {took:.3f} | "
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_jacobian(s)} | "
+            f"{took:.3f} | "
             f"{max(allowed, 0.0):.3f} | {short} |"
         )
     return lines
+
+
+def _jacobian(setting: dict[str, Any]) -> str:
+    """The setting's inner Jacobian; ``auto`` is the closed form on the benchmark's Gaussian
+    policy, and settings measured before the switch used autograd."""
+    chosen = setting.get("inner_jacobian", "autograd")
+    return "closed-form" if chosen == "auto" else chosen
+
+
+def _label(setting: dict[str, Any]) -> str:
+    return f"{setting['fisher']}/{setting['hvp_subsample']}/{_jacobian(setting)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["gauss-newton", "hessian"],
         help="KL curvature products to time, each with every --hvp-subsample",
     )
+    parser.add_argument(
+        "--inner-jacobian",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "closed-form", "autograd"],
+        help="products through the inner step to time, each with every fisher and subsample",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--meta-batch-size", type=int, default=40)
     parser.add_argument("--episodes-per-task", type=int, default=20)
@@ -199,28 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = []
-    for fisher in args.fisher:
-        for fraction in args.hvp_subsample:
-            r = bench_setting(
-                args.task,
-                args.iterations,
-                fraction,
-                args.workers,
-                fisher,
-                meta_batch_size=args.meta_batch_size,
-                episodes_per_task=args.episodes_per_task,
-                envs_per_worker=args.episodes_per_task,
-                device=args.device,
-            )
-            settings.append(r)
-            print(
-                f"fisher={fisher} hvp_subsample={fraction}: sampling {r['sampling_s']:.2f} s, "
-                f"optimisation {r['optimization_s']:.2f} s, ratio "
-                f"{r['optimization_over_sampling']:.3f} "
-                f"({', '.join(f'{k} {v:.2f}' for k, v in r['parts_s'].items())}), "
-                f"accepted {r['accepted_fraction']:.2f}",
-                flush=True,
-            )
+    grid = [(f, h, j) for f in args.fisher for h in args.hvp_subsample for j in args.inner_jacobian]
+    for fisher, fraction, jacobian in grid:
+        r = bench_setting(
+            args.task,
+            args.iterations,
+            fraction,
+            args.workers,
+            fisher,
+            jacobian,
+            meta_batch_size=args.meta_batch_size,
+            episodes_per_task=args.episodes_per_task,
+            envs_per_worker=args.episodes_per_task,
+            device=args.device,
+        )
+        settings.append(r)
+        print(
+            f"fisher={fisher} hvp_subsample={fraction} inner_jacobian={jacobian}: "
+            f"sampling {r['sampling_s']:.2f} s, "
+            f"optimisation {r['optimization_s']:.2f} s, ratio "
+            f"{r['optimization_over_sampling']:.3f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in r['parts_s'].items())}), "
+            f"accepted {r['accepted_fraction']:.2f}",
+            flush=True,
+        )
     results = {
         "task": args.task,
         "meta_batch_size": args.meta_batch_size,
@@ -237,13 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {k: v for k, v in results.items() if k != "settings"}
             | {
-                "ratios": {
-                    f"{s['fisher']}/{s['hvp_subsample']}": round(s["optimization_over_sampling"], 4)
-                    for s in settings
-                },
-                "accepted": {
-                    f"{s['fisher']}/{s['hvp_subsample']}": s["accepted_fraction"] for s in settings
-                },
+                "ratios": {_label(s): round(s["optimization_over_sampling"], 4) for s in settings},
+                "accepted": {_label(s): s["accepted_fraction"] for s in settings},
             }
         )
     )

@@ -1,0 +1,100 @@
+"""The closed-form inner step of :mod:`metarl.inner_jacobian` against autograd: the adapted
+parameters against :func:`metarl.meta_pg.inner_step`, the Jacobian-vector products against the
+explicit Jacobian of the step (``torch.autograd.functional.jacobian``) in float64, for ReLU and
+tanh networks of one and two hidden layers; and which policies it covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agents.maml_trpo import MAMLTRPOConfig
+from metarl import meta_pg
+from metarl.inner_jacobian import GaussianMLPStep, supported
+from metarl.meta_pg import InnerLoop, PGBatch
+from metarl.policies import CategoricalMLPPolicy, GaussianMLPPolicy
+from metarl.trust_region import flatten, linearize_steps, unflatten
+
+
+def _problem(policy, num_tasks: int = 2, seed: int = 0):
+    """Float64 per-task parameters off their initialisation and one batch, some steps masked."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        k: v.double() + 0.3 * torch.randn((num_tasks, *v.shape), generator=gen, dtype=torch.float64)
+        for k, v in policy.init_params(seed).items()
+    }
+    mask = torch.ones(num_tasks, 3, 5, dtype=torch.float64)
+    mask[0, 1, 3:] = 0.0
+    mask[-1, 2, 1:] = 0.0
+    obs = torch.randn(num_tasks, 3, 5, policy.obs_dim, generator=gen, dtype=torch.float64)
+    actions = torch.randn(num_tasks, 3, 5, policy.act_dim, generator=gen, dtype=torch.float64)
+    advantages = torch.randn(num_tasks, 3, 5, generator=gen, dtype=torch.float64) * mask
+    return params, PGBatch(obs, actions, advantages, mask)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("hidden", [(5,), (4, 3)])
+def test_step_and_jacobian_products_match_autograd(activation, hidden):
+    policy = GaussianMLPPolicy(3, 2, hidden_sizes=hidden, activation=activation, output_init_scale=1.0)
+    params, batch = _problem(policy, seed=len(hidden))
+    inner = InnerLoop(policy, 0.7, first_order=False)
+    step = GaussianMLPStep(policy, params, batch, inner.lr)
+    reference = meta_pg.inner_step(inner, params, batch, shared=False)
+    for k, v in reference.items():
+        torch.testing.assert_close(step.adapted[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    like = {k: v[0] for k, v in params.items()}
+    for task in range(2):
+        one = PGBatch(*(t[task : task + 1] for t in batch))
+
+        def adapted(flat: torch.Tensor, one: PGBatch = one) -> torch.Tensor:
+            p = {k: v[None] for k, v in unflatten(flat, like).items()}
+            return flatten([v[0] for v in meta_pg.inner_step(inner, p, one, shared=False).values()])
+
+        point = flatten([v[task] for v in params.values()])
+        jacobian = torch.autograd.functional.jacobian(adapted, point)
+        # The step must move the parameters nonlinearly for the products to test anything.
+        assert (jacobian - torch.eye(point.numel(), dtype=torch.float64)).abs().max() > 1e-3
+        gen = torch.Generator().manual_seed(task)
+        for _ in range(3):
+            u = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+            (ju,) = step(u)
+            flat_u = flatten([v[task] for v in u.values()])
+            torch.testing.assert_close(
+                flatten([v[task] for v in ju.values()]), jacobian @ flat_u, rtol=1e-10, atol=1e-12
+            )
+
+
+def test_masked_steps_and_their_data_do_not_count():
+    """Garbage observations and actions on masked steps change nothing (the loss weights them 0)."""
+    policy = GaussianMLPPolicy(3, 2, hidden_sizes=(4,), activation="relu")
+    params, batch = _problem(policy)
+    dead = batch.mask == 0
+    noisy = PGBatch(
+        batch.obs.masked_fill(dead[..., None], 1e3), batch.actions.masked_fill(dead[..., None], -1e3),
+        batch.advantages, batch.mask,
+    )
+    u = {k: torch.ones_like(v) for k, v in params.items()}
+    a, b = GaussianMLPStep(policy, params, batch, 0.5), GaussianMLPStep(policy, params, noisy, 0.5)
+    for k in params:
+        torch.testing.assert_close(a.adapted[k], b.adapted[k], msg=k)
+        torch.testing.assert_close(a(u)[0][k], b(u)[0][k], msg=k)
+
+
+def test_which_inner_loops_the_closed_form_covers():
+    gaussian = GaussianMLPPolicy(3, 2, hidden_sizes=(4,))
+    assert supported(gaussian, 0.1, first_order=False)
+    assert not supported(gaussian, 0.1, first_order=True)
+    assert not supported(gaussian, {"out.bias": torch.tensor(0.1)}, first_order=False)
+    assert not supported(CategoricalMLPPolicy(3, 2, hidden_sizes=(4,)), 0.1, first_order=False)
+    categorical = CategoricalMLPPolicy(3, 2, hidden_sizes=(4,))
+    params = {k: v[None] for k, v in categorical.init_params(0).items()}
+    batch = PGBatch(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, dtype=torch.long), torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
+    with pytest.raises(ValueError, match="use jacobian='autograd'"):
+        linearize_steps(InnerLoop(categorical, 0.1, False), params, [batch], "closed-form")
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        linearize_steps(InnerLoop(categorical, 0.1, False), params, [batch], "forward")
+    with pytest.raises(ValueError, match="inner_jacobian must be one of"):
+        MAMLTRPOConfig(inner_jacobian="double-backward")
+    extra = {k: v[None] for k, v in gaussian.init_params(0).items()} | {"scale": torch.ones(1, 1)}
+    with pytest.raises(ValueError, match="needs exactly the parameters"):
+        GaussianMLPStep(gaussian, extra, batch, 0.1)
