@@ -13,9 +13,10 @@ One meta-iteration on ``N`` tasks:
    on Hessian-vector products of the KL through the inner update, then a backtracking line search.
 
 The KL Hessian-vector products run through the inner steps without third derivatives
-(:mod:`metarl.trust_region`); ``hvp_subsample`` < 1 estimates the post-update policies' Fisher on
-the first fraction of each task's post-update episodes (TRPO's subsampled curvature, rllab's
-``subsample_factor``). The inner steps' Jacobians in the same products always use all pre-update
+(:mod:`metarl.trust_region`), written out by hand for Gaussian MLP policies
+(:mod:`metarl.closed_form`, ``products``); ``hvp_subsample`` < 1 estimates the post-update
+policies' Fisher on the first fraction of each task's post-update episodes (TRPO's subsampled
+curvature, rllab's ``subsample_factor``). The inner steps' Jacobians in the same products always use all pre-update
 episodes: thinning those too adds a few-episode Hessian's noise to them, which made the predicted
 KL of a step three times the one reached (and the step a ninth as long) on halfcheetah-dir.
 
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from envs.base import TaskDistribution
-from metarl import inner_jacobian, meta_pg, trust_region
+from metarl import closed_form, meta_pg, trust_region
 from metarl.agent import Params
 from metarl.meta_pg import MetaBatch, PGBatch
 from metarl.meta_pg_agent import MetaPolicyGradient
@@ -67,21 +68,20 @@ class MAMLTRPOConfig(MetaPGConfig):
     fisher: str = "gauss-newton"
     """KL curvature products: 'gauss-newton' (Jacobian products of the policy outputs, no double
     backward) or 'hessian' (double backward of the KL); the same products, see trust_region."""
-    inner_jacobian: str = "auto"
-    """How the curvature and gradient products pass through the inner steps: 'closed-form'
-    (written out for Gaussian MLP policies, metarl.inner_jacobian), 'autograd' (a double
-    backward per product) or 'auto' (the closed form where the policy allows it); the same
-    products either way."""
+    products: str = "auto"
+    """How the inner steps and the curvature products are computed: 'closed-form' (written out
+    for Gaussian MLP policies, metarl.closed_form), 'autograd' (a double backward through the
+    inner step per product) or 'auto' (the closed form where the policy allows it); the same
+    products either way. With fisher = 'hessian' the Fisher stays a double backward."""
     device: str = "cpu"
     """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device(self.device)
-        if self.inner_jacobian not in trust_region.JACOBIANS:
+        if self.products not in trust_region.PRODUCTS:
             raise ValueError(
-                f"inner_jacobian must be one of {trust_region.JACOBIANS}, got "
-                f"{self.inner_jacobian!r}"
+                f"products must be one of {trust_region.PRODUCTS}, got {self.products!r}"
             )
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(
@@ -130,12 +130,12 @@ class MAMLTRPO(MetaPolicyGradient):
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
         # θ as plain tensors on the update's device: the TRPO step writes them itself.
         super().__init__(config, distribution, seed, device=config.device, trainable=False)
-        if config.inner_jacobian == "closed-form" and not inner_jacobian.supported(
+        if config.products == "closed-form" and not closed_form.supported(
             self.policy, self.inner.lr, self.inner.first_order
         ):
             raise ValueError(
-                f"inner_jacobian='closed-form' covers second-order steps of a Gaussian MLP "
-                f"policy, not {self.policy!r}; set agent.inner_jacobian to 'auto' or 'autograd'"
+                f"products='closed-form' covers second-order steps of a Gaussian MLP policy, "
+                f"not {self.policy!r}; set agent.products to 'auto' or 'autograd'"
             )
 
     def trust_region_terms(self, batch: MetaBatch) -> TrustRegionTerms:
@@ -147,7 +147,7 @@ class MAMLTRPO(MetaPolicyGradient):
         cfg, policy, post = self.config, self.policy, batch.post
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
         lin = trust_region.linearize_steps(
-            self.inner, self.params, batch.pre, cfg.inner_jacobian
+            self.inner, self.params, batch.pre, cfg.products
         )
         adapted = lin.adapted
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()
@@ -156,7 +156,9 @@ class MAMLTRPO(MetaPolicyGradient):
         )
         curvature_post = PGBatch(*(t[:, :num_curvature] for t in post))
         if cfg.fisher == "gauss-newton":
-            hvp = trust_region.kl_fvp(policy, self.inner, lin, curvature_post, cfg.cg_damping)
+            hvp = trust_region.kl_fvp(
+                policy, self.inner, lin, curvature_post, cfg.cg_damping, products=cfg.products
+            )
         else:
             hvp = trust_region.kl_hvp(
                 policy, adapted, curvature_post, lin.vjps, cfg.cg_damping

@@ -21,12 +21,14 @@ network. One product applies the inner steps' Jacobians, runs the outputs' ``J``
 built once, all vmapped over tasks. :func:`kl_hvp` (double backward of the KL) gives the same
 products and stays as the reference (``fisher = "hessian"`` in MAML-TRPO).
 
-The inner steps' Jacobians ``I − α ∇²L_k`` (symmetric) are applied in closed form for Gaussian
-MLP policies (:mod:`metarl.inner_jacobian`: the Hessian-vector product of the REINFORCE loss
-written out, without autograd's double backward; on a 2-core CPU with 40 tasks × 20 episodes ×
-200 steps and the (100, 100) policy, one product took 0.4 of the double backward's time), and
-otherwise as saved ``torch.func.vjp`` products of the step, or in forward mode (a
-forward-over-reverse product, :func:`through_forward`). Forward mode recomputes the inner step's
+For Gaussian MLP policies both the inner steps' Jacobians and the Fisher products are written
+out by hand (:mod:`metarl.closed_form`, ``products="closed-form"``; ``"auto"`` picks it where the
+policy allows): plain forward and backward passes without autograd's double backward and its
+elementwise bookkeeping (on a 2-core CPU with 40 tasks × 20 episodes × 200 steps and the
+(100, 100) policy, one inner Jacobian product took 0.4 of the double backward's time). Otherwise
+the inner steps' Jacobians ``I − α ∇²L_k`` (symmetric) are applied as saved ``torch.func.vjp``
+products of the step, or in forward mode (a forward-over-reverse product,
+:func:`through_forward`). Forward mode recomputes the inner step's
 forward and backward pass at every product while the saved product only runs back through a
 graph built once; on a 2-core CPU (10 tasks × 10 episodes × 100 steps, policy (100, 100)) it
 took 1.3 to 2.6 times as long as the saved products.
@@ -42,7 +44,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from metarl import inner_jacobian, meta_pg
+from metarl import closed_form, meta_pg
 from metarl.adaptation import Params
 from metarl.meta_pg import InnerLoop, PGBatch
 
@@ -110,11 +112,23 @@ class Linearization(NamedTuple):
     """Per step, its episodes ``[N, E, T, ...]``."""
 
 
-JACOBIANS = ("auto", "closed-form", "autograd")
+PRODUCTS = ("auto", "closed-form", "autograd")
+
+
+def _closed_form(products: str, covered: bool) -> bool:
+    """Whether to use :mod:`metarl.closed_form`; ``covered``: whether it applies here."""
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
+    if products == "closed-form" and not covered:
+        raise ValueError(
+            "closed-form products cover Gaussian MLP policies (ReLU or tanh) with second-order "
+            "inner steps of one scalar lr; use products='autograd' for this one"
+        )
+    return covered and products != "autograd"
 
 
 def linearize_steps(
-    inner: InnerLoop, params: Params, pre: list[PGBatch], jacobian: str = "auto"
+    inner: InnerLoop, params: Params, pre: list[PGBatch], products: str = "auto"
 ) -> Linearization:
     """Runs the inner steps from ``params`` and keeps each step's vector-Jacobian product.
 
@@ -128,30 +142,25 @@ def linearize_steps(
         inner: the inner loop's settings.
         params: meta-parameters ``[*P]``.
         pre: one batch per inner step, ``[N, E, T, ...]``.
-        jacobian: ``"closed-form"`` writes the products out by hand
-            (:class:`metarl.inner_jacobian.GaussianMLPStep`, Gaussian MLP policies only),
+        products: ``"closed-form"`` writes the steps and their products out by hand
+            (:class:`metarl.closed_form.GaussianMLPStep`, Gaussian MLP policies only),
             ``"autograd"`` saves each step's ``torch.func.vjp`` (a double backward per product),
-            ``"auto"`` the closed form where the policy allows it. Both give the same products.
+            ``"auto"`` the closed form where it applies. Both give the same products.
 
     Returns:
         A :class:`Linearization`; its products ``u ↦ J_kᵀ u`` take per-task cotangents ``[N, *P]``.
     """
-    if jacobian not in JACOBIANS:
-        raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
-    closed = inner_jacobian.supported(inner.policy, inner.lr, inner.first_order)
-    if jacobian == "closed-form" and not closed:
-        raise ValueError(
-            "the closed-form inner Jacobian covers second-order steps of a Gaussian MLP policy "
-            "(ReLU or tanh) with one scalar inner lr; use jacobian='autograd' for this one"
-        )
+    closed = _closed_form(
+        products, closed_form.supported(inner.policy, inner.lr, inner.first_order)
+    )
     num_tasks = pre[0].mask.shape[0]
     current = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in params.items()}
     vjps: list[VJP] = []
     points = []
     for batch in pre:
         points.append(current)
-        if closed and jacobian != "autograd":
-            step = inner_jacobian.GaussianMLPStep(inner.policy, current, batch, inner.lr)
+        if closed:
+            step = closed_form.GaussianMLPStep(inner.policy, current, batch, inner.lr)
             vjps.append(step)
             current = step.adapted
             continue
@@ -229,6 +238,7 @@ def kl_fvp(
     post: PGBatch,
     damping: float,
     inner_jacobian: str = "vjp",
+    products: str = "auto",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``v [D] -> (Σ_i J_iᵀ F_i J_i / N + damping I) v`` as Gauss-Newton products (no double
     backward): the same products as :func:`kl_hvp`, see the module docstring.
@@ -241,11 +251,31 @@ def kl_fvp(
         damping: added times ``v``.
         inner_jacobian: ``"vjp"`` applies the inner steps' Jacobians as their saved
             vector-Jacobian products, ``"jvp"`` in forward mode (see the module docstring).
+        products: the Fisher products ``F_i u`` written out by hand
+            (:class:`metarl.closed_form.GaussianMLPFisher`, ``"closed-form"``), or as autograd's
+            forward- and reverse-mode products of the policy's outputs (``"autograd"``);
+            ``"auto"``: the closed form for Gaussian MLP policies.
     """
     if inner_jacobian not in ("vjp", "jvp"):
         raise ValueError(f"inner_jacobian must be 'vjp' or 'jvp', got {inner_jacobian!r}")
     adapted = lin.adapted
     num_tasks = post.mask.shape[0]
+    like = {k: v[0] for k, v in adapted.items()}
+
+    def inner_products(u: Params) -> Params:
+        if inner_jacobian == "jvp":
+            return through_forward(inner, lin, u)
+        return through(lin.vjps, u, transposed=False)
+
+    if _closed_form(products, closed_form.supported_policy(policy)):
+        fisher = closed_form.GaussianMLPFisher(policy, adapted, post)
+
+        def closed(v: torch.Tensor) -> torch.Tensor:
+            per_task = {k: t.expand(num_tasks, *t.shape) for k, t in unflatten(v, like).items()}
+            w = through(lin.vjps, fisher(inner_products(per_task)), transposed=True)
+            return flatten([t.sum(0) for t in w.values()]) + damping * v
+
+        return closed
 
     def outputs(p: Params) -> Any:
         return vmap(policy.distribution_params)(p, post.obs)
@@ -255,14 +285,10 @@ def kl_fvp(
     # d(mean KL) = Σ_i Σ_(e,t) mask / (count_i N) · d(KL at that step)
     counts = post.mask.flatten(1).sum(1).clamp(min=1.0)
     weight = (post.mask / (counts * num_tasks).view(-1, *([1] * (post.mask.dim() - 1))))[..., None]
-    like = {k: v[0] for k, v in adapted.items()}
 
     def product(v: torch.Tensor) -> torch.Tensor:
         per_task = {k: t.expand(num_tasks, *t.shape) for k, t in unflatten(v, like).items()}
-        if inner_jacobian == "jvp":
-            u = through_forward(inner, lin, per_task)
-        else:
-            u = through(lin.vjps, per_task, transposed=False)
+        u = inner_products(per_task)
         tangents = jvp(outputs, (adapted,), (u,))[1]
         metric = output_metric(policy, old, tangents)
         (g,) = outputs_vjp(torch.utils._pytree.tree_map(lambda m: m * weight, metric))

@@ -53,15 +53,15 @@ POLICIES = {
 
 
 @pytest.mark.parametrize(
-    ("kind", "jacobian"),
+    ("kind", "products"),
     [("gaussian", "closed-form"), ("gaussian", "autograd"), ("categorical", "autograd")],
 )
 @pytest.mark.parametrize("num_steps", [1, 2])
-def test_gauss_newton_products_equal_the_explicit_kl_hessian(kind, jacobian, num_steps):
+def test_gauss_newton_products_equal_the_explicit_kl_hessian(kind, products, num_steps):
     policy = POLICIES[kind]()
     params, pre, post = _problem(policy, num_steps, seed=1)
     inner = InnerLoop(policy, 0.5, first_order=False)
-    lin = linearize_steps(inner, params, pre, jacobian)
+    lin = linearize_steps(inner, params, pre, products)
     old = {k: v.detach() for k, v in lin.adapted.items()}
 
     def mean_kl(vector: torch.Tensor) -> torch.Tensor:
@@ -73,25 +73,25 @@ def test_gauss_newton_products_equal_the_explicit_kl_hessian(kind, jacobian, num
     assert hessian.abs().max() > 1e-3
     eye = torch.eye(flat.numel(), dtype=torch.float64)
     for inner_jacobian in ("vjp", "jvp"):
-        fvp = kl_fvp(policy, inner, lin, post, damping=0.0, inner_jacobian=inner_jacobian)
-        products = torch.stack([fvp(e) for e in eye], dim=1)
-        torch.testing.assert_close(products, hessian, rtol=1e-7, atol=1e-10, msg=inner_jacobian)
+        fvp = kl_fvp(policy, inner, lin, post, 0.0, inner_jacobian, products)
+        matrix = torch.stack([fvp(e) for e in eye], dim=1)
+        torch.testing.assert_close(matrix, hessian, rtol=1e-7, atol=1e-10, msg=inner_jacobian)
 
 
 @pytest.mark.parametrize(
-    ("first_order", "jacobian"), [(False, "closed-form"), (False, "autograd"), (True, "auto")]
+    ("first_order", "products"), [(False, "closed-form"), (False, "autograd"), (True, "auto")]
 )
 @pytest.mark.parametrize("num_curvature", [3, 2])
-def test_gauss_newton_products_equal_the_double_backward_ones(first_order, jacobian, num_curvature):
+def test_gauss_newton_products_equal_the_double_backward_ones(first_order, products, num_curvature):
     policy = POLICIES["gaussian"]()
     params, pre, post = _problem(policy, num_steps=2, seed=2)
     inner = InnerLoop(policy, 0.5, first_order=first_order)
-    lin = linearize_steps(inner, params, pre, jacobian)
+    lin = linearize_steps(inner, params, pre, products)
     sub = PGBatch(*(t[:, :num_curvature] for t in post))
     hvp = kl_hvp(policy, lin.adapted, sub, lin.vjps, damping=0.1)
     gen = torch.Generator().manual_seed(0)
     for inner_jacobian in ("vjp", "jvp"):
-        fvp = kl_fvp(policy, inner, lin, sub, damping=0.1, inner_jacobian=inner_jacobian)
+        fvp = kl_fvp(policy, inner, lin, sub, 0.1, inner_jacobian, products)
         for _ in range(3):
             v = torch.randn(
                 flatten(list(params.values())).numel(), generator=gen, dtype=torch.float64
@@ -101,7 +101,7 @@ def test_gauss_newton_products_equal_the_double_backward_ones(first_order, jacob
         kl_fvp(policy, inner, lin, sub, 0.0, inner_jacobian="reverse")
 
 
-def _terms(fisher: str, inner_jacobian: str = "auto"):
+def _terms(fisher: str, products: str = "auto"):
     """One MAML-TRPO batch on 2D navigation, its trust-region terms, and the CG direction."""
     config = MAMLTRPOConfig(
         meta_batch_size=3,
@@ -111,7 +111,7 @@ def _terms(fisher: str, inner_jacobian: str = "auto"):
         cg_damping=1e-2,
         backend="serial",
         fisher=fisher,
-        inner_jacobian=inner_jacobian,
+        products=products,
     )
     _, _, terms = _agent_terms(config, horizon=10)
     direction = conjugate_gradient(terms.hvp, terms.grad, config.cg_iters)
@@ -147,9 +147,10 @@ def test_maml_trpo_takes_the_same_step_with_either_fisher():
     assert error < 1e-3, float(error)
 
 
-def test_maml_trpo_takes_the_same_step_with_either_inner_jacobian():
-    """The closed-form inner step and autograd's, in the float32 agent on the same rollouts:
-    adapted parameters, surrogate, meta-gradient, products and direction agree to rounding."""
+def test_maml_trpo_takes_the_same_step_with_either_products():
+    """The closed-form inner step and products and autograd's, in the float32 agent on the same
+    rollouts: adapted parameters, surrogate, meta-gradient, products and direction agree to
+    rounding."""
     closed, auto = _terms("gauss-newton", "closed-form"), _terms("gauss-newton", "autograd")
     for k, v in auto[0].adapted.items():
         torch.testing.assert_close(closed[0].adapted[k], v, msg=k)

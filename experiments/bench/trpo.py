@@ -60,7 +60,7 @@ def bench_setting(
     hvp_subsample: float,
     workers: int,
     fisher: str = "gauss-newton",
-    inner_jacobian: str = "auto",
+    products: str = "auto",
     **overrides: Any,
 ) -> dict[str, Any]:
     """Mean timings of ``iterations - 1`` MAML-TRPO iterations after a warm-up one."""
@@ -72,7 +72,7 @@ def bench_setting(
         hvp_subsample=hvp_subsample,
         num_workers=workers,
         fisher=fisher,
-        inner_jacobian=inner_jacobian,
+        products=products,
         **overrides,
     )
     rows = per_iteration[1:]
@@ -80,7 +80,7 @@ def bench_setting(
     return {
         "fisher": fisher,
         "hvp_subsample": hvp_subsample,
-        "inner_jacobian": inner_jacobian,
+        "products": products,
         "config": config,
         "iterations_timed": len(rows),
         "accepted_fraction": float(np.mean([r["accepted"] for r in per_iteration])),
@@ -97,9 +97,9 @@ def bench_setting(
 def timing_table(settings: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of one row per setting (also used by ``experiments.tables.maml_rl``); settings
     measured before the ``fisher`` switch existed used the double-backward Hessian, and those
-    before the ``inner_jacobian`` switch autograd's products through the inner step."""
+    before the ``products`` switch autograd's products."""
     lines = [
-        "| fisher | hvp_subsample | inner Jacobian | sampling s/it | optimisation s/it | ratio | "
+        "| fisher | hvp_subsample | products | sampling s/it | optimisation s/it | ratio | "
         "inner | gradient | CG | line search | accepted | env steps/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -108,7 +108,7 @@ def timing_table(settings: list[dict[str, Any]]) -> list[str]:
         accepted = s.get("accepted_fraction")
         shown = "n/a" if accepted is None else f"{accepted:.2f}"
         lines.append(
-            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_jacobian(s)} | "
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_products(s)} | "
             f"{s['sampling_s']:.2f} | "
             f"{s['optimization_s']:.2f} | **{s['optimization_over_sampling']:.3f}** | "
             f"{p['inner']:.2f} | {p['gradient']:.2f} | {p['cg']:.2f} | {p['line_search']:.2f} | "
@@ -154,7 +154,7 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
         f"against what the {target:.2f} target leaves it ({target:.2f} × sampling, less the inner "
         "steps, the gradient and the line search, over the same number of products).",
         "",
-        "| fisher | hvp_subsample | inner Jacobian | s / product | allowed s / product | "
+        "| fisher | hvp_subsample | products | s / product | allowed s / product | "
         "factor short |",
         "|---|---|---|---|---|---|",
     ]
@@ -170,22 +170,22 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
             else f"{took / allowed:.1f}×"
         )
         lines.append(
-            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_jacobian(s)} | "
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_products(s)} | "
             f"{took:.3f} | "
             f"{max(allowed, 0.0):.3f} | {short} |"
         )
     return lines
 
 
-def _jacobian(setting: dict[str, Any]) -> str:
-    """The setting's inner Jacobian; ``auto`` is the closed form on the benchmark's Gaussian
-    policy, and settings measured before the switch used autograd."""
-    chosen = setting.get("inner_jacobian", "autograd")
+def _products(setting: dict[str, Any]) -> str:
+    """How the setting's products were computed; ``auto`` is the closed form on the benchmark's
+    Gaussian policy, and settings measured before the switch used autograd."""
+    chosen = setting.get("products", "autograd")
     return "closed-form" if chosen == "auto" else chosen
 
 
 def _label(setting: dict[str, Any]) -> str:
-    return f"{setting['fisher']}/{setting['hvp_subsample']}/{_jacobian(setting)}"
+    return f"{setting['fisher']}/{setting['hvp_subsample']}/{_products(setting)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         help="KL curvature products to time, each with every --hvp-subsample",
     )
     parser.add_argument(
-        "--inner-jacobian",
+        "--products",
         nargs="+",
         default=["auto"],
         choices=["auto", "closed-form", "autograd"],
-        help="products through the inner step to time, each with every fisher and subsample",
+        help="how the curvature products are computed (agent.products), each with every fisher "
+        "and subsample",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--meta-batch-size", type=int, default=40)
@@ -224,15 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = []
-    grid = [(f, h, j) for f in args.fisher for h in args.hvp_subsample for j in args.inner_jacobian]
-    for fisher, fraction, jacobian in grid:
+    grid = [(f, h, j) for f in args.fisher for h in args.hvp_subsample for j in args.products]
+    for fisher, fraction, products in grid:
         r = bench_setting(
             args.task,
             args.iterations,
             fraction,
             args.workers,
             fisher,
-            jacobian,
+            products,
             meta_batch_size=args.meta_batch_size,
             episodes_per_task=args.episodes_per_task,
             envs_per_worker=args.episodes_per_task,
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         settings.append(r)
         print(
-            f"fisher={fisher} hvp_subsample={fraction} inner_jacobian={jacobian}: "
+            f"fisher={fisher} hvp_subsample={fraction} products={products}: "
             f"sampling {r['sampling_s']:.2f} s, "
             f"optimisation {r['optimization_s']:.2f} s, ratio "
             f"{r['optimization_over_sampling']:.3f} "

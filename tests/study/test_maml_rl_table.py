@@ -76,13 +76,13 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
     out = tmp_path / "trpo_timing"
     last = metarl("bench", "trpo", "--task", "navigation-2d", "--iterations", "3", "--meta-batch-size", "2",
                   "--episodes-per-task", "2", "--workers", "1", "--fisher", "gauss-newton", "hessian",
-                  "--hvp-subsample", "0.5", "--inner-jacobian", "closed-form", "autograd",
+                  "--hvp-subsample", "0.5", "--products", "closed-form", "autograd",
                   "--out", str(out)).strip().splitlines()[-1]
     document = json.loads(out.with_suffix(".json").read_text())
-    assert [(s["fisher"], s["hvp_subsample"], s["inner_jacobian"]) for s in document["settings"]] == [
+    assert [(s["fisher"], s["hvp_subsample"], s["products"]) for s in document["settings"]] == [
         ("gauss-newton", 0.5, "closed-form"), ("gauss-newton", 0.5, "autograd"),
         ("hessian", 0.5, "closed-form"), ("hessian", 0.5, "autograd")]
-    assert [s["config"]["inner_jacobian"] for s in document["settings"]] == ["closed-form", "autograd"] * 2
+    assert [s["config"]["products"] for s in document["settings"]] == ["closed-form", "autograd"] * 2
     for setting in document["settings"]:
         timed = setting["per_iteration"][1:]  # the first builds workers and is left out
         assert setting["iterations_timed"] == 2 == len(timed)
@@ -91,7 +91,7 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         assert setting["optimization_over_sampling"] == pytest.approx(optimisation / sampling)
         # The parts are disjoint pieces of the optimisation time (each rounded to 1 ms).
         assert 0 < sum(setting["parts_s"].values()) <= optimisation + 0.003
-        key = f"{setting['fisher']}/{setting['hvp_subsample']}/{setting['inner_jacobian']}"
+        key = f"{setting['fisher']}/{setting['hvp_subsample']}/{setting['products']}"
         assert json.loads(last)["ratios"][key] == pytest.approx(setting["optimization_over_sampling"], abs=1e-4)
         assert json.loads(last)["accepted"][key] == setting["accepted_fraction"]
         accepted = [r["accepted"] for r in setting["per_iteration"]]

@@ -1,7 +1,9 @@
-"""The closed-form inner step of :mod:`metarl.inner_jacobian` against autograd: the adapted
-parameters against :func:`metarl.meta_pg.inner_step`, the Jacobian-vector products against the
-explicit Jacobian of the step (``torch.autograd.functional.jacobian``) in float64, for ReLU and
-tanh networks of one and two hidden layers; and which policies it covers."""
+"""The closed-form products of :mod:`metarl.closed_form` against autograd, in float64: the
+inner step's adapted parameters against :func:`metarl.meta_pg.inner_step` and its
+Jacobian-vector products against the step's explicit Jacobian
+(``torch.autograd.functional.jacobian``); the Fisher products against the explicit Hessian of the
+mean KL at the old policy; for ReLU and tanh networks of one and two hidden layers; and which
+policies they cover."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from agents.maml_trpo import MAMLTRPOConfig
 from metarl import meta_pg
-from metarl.inner_jacobian import GaussianMLPStep, supported
+from metarl.closed_form import GaussianMLPFisher, GaussianMLPStep, supported, supported_policy
 from metarl.meta_pg import InnerLoop, PGBatch
 from metarl.policies import CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl.trust_region import flatten, linearize_steps, unflatten
@@ -64,6 +66,32 @@ def test_step_and_jacobian_products_match_autograd(activation, hidden):
             )
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("hidden", [(5,), (4, 3)])
+def test_fisher_products_equal_the_explicit_kl_hessian(activation, hidden):
+    """At the old policy the mean KL's Hessian in each task's parameters is its Gauss-Newton
+    form; the products must equal autograd's explicit Hessian, masked steps left out."""
+    policy = GaussianMLPPolicy(3, 2, hidden_sizes=hidden, activation=activation, output_init_scale=1.0)
+    params, batch = _problem(policy, seed=3)
+    fisher = GaussianMLPFisher(policy, params, batch)
+    like = {k: v[0] for k, v in params.items()}
+    for task in range(2):
+        old = {k: v[task : task + 1] for k, v in params.items()}
+        one = PGBatch(*(t[task : task + 1] for t in batch))
+
+        def kl(flat: torch.Tensor, old: dict = old, one: PGBatch = one) -> torch.Tensor:
+            new = {k: v[None] for k, v in unflatten(flat, like).items()}
+            return meta_pg.mean_kl(policy, old, new, one) / 2  # mean over the 2 tasks
+
+        hessian = torch.autograd.functional.hessian(kl, flatten([v[task] for v in params.values()]))
+        assert hessian.abs().max() > 1e-3
+        gen = torch.Generator().manual_seed(task)
+        for _ in range(3):
+            u = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+            got = flatten([v[task] for v in fisher(u).values()])
+            torch.testing.assert_close(got, hessian @ flatten([v[task] for v in u.values()]), rtol=1e-10, atol=1e-12)
+
+
 def test_masked_steps_and_their_data_do_not_count():
     """Garbage observations and actions on masked steps change nothing (the loss weights them 0)."""
     policy = GaussianMLPPolicy(3, 2, hidden_sizes=(4,), activation="relu")
@@ -75,9 +103,11 @@ def test_masked_steps_and_their_data_do_not_count():
     )
     u = {k: torch.ones_like(v) for k, v in params.items()}
     a, b = GaussianMLPStep(policy, params, batch, 0.5), GaussianMLPStep(policy, params, noisy, 0.5)
+    fa, fb = GaussianMLPFisher(policy, params, batch)(u), GaussianMLPFisher(policy, params, noisy)(u)
     for k in params:
         torch.testing.assert_close(a.adapted[k], b.adapted[k], msg=k)
         torch.testing.assert_close(a(u)[0][k], b(u)[0][k], msg=k)
+        torch.testing.assert_close(fa[k], fb[k], msg=k)
 
 
 def test_which_inner_loops_the_closed_form_covers():
@@ -89,12 +119,13 @@ def test_which_inner_loops_the_closed_form_covers():
     categorical = CategoricalMLPPolicy(3, 2, hidden_sizes=(4,))
     params = {k: v[None] for k, v in categorical.init_params(0).items()}
     batch = PGBatch(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, dtype=torch.long), torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
-    with pytest.raises(ValueError, match="use jacobian='autograd'"):
+    with pytest.raises(ValueError, match="use products='autograd'"):
         linearize_steps(InnerLoop(categorical, 0.1, False), params, [batch], "closed-form")
-    with pytest.raises(ValueError, match="jacobian must be one of"):
+    with pytest.raises(ValueError, match="products must be one of"):
         linearize_steps(InnerLoop(categorical, 0.1, False), params, [batch], "forward")
-    with pytest.raises(ValueError, match="inner_jacobian must be one of"):
-        MAMLTRPOConfig(inner_jacobian="double-backward")
+    with pytest.raises(ValueError, match="products must be one of"):
+        MAMLTRPOConfig(products="double-backward")
+    assert supported_policy(gaussian) and not supported_policy(categorical)
     extra = {k: v[None] for k, v in gaussian.init_params(0).items()} | {"scale": torch.ones(1, 1)}
-    with pytest.raises(ValueError, match="needs exactly the parameters"):
+    with pytest.raises(ValueError, match="need exactly the parameters"):
         GaussianMLPStep(gaussian, extra, batch, 0.1)
