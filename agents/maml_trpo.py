@@ -16,9 +16,10 @@ The KL Hessian-vector products run through the inner steps without third derivat
 (:mod:`metarl.trust_region`), written out by hand for Gaussian MLP policies
 (:mod:`metarl.closed_form`, ``products``); ``hvp_subsample`` < 1 estimates the post-update
 policies' Fisher on the first fraction of each task's post-update episodes (TRPO's subsampled
-curvature, rllab's ``subsample_factor``). The inner steps' Jacobians in the same products always use all pre-update
-episodes: thinning those too adds a few-episode Hessian's noise to them, which made the predicted
-KL of a step three times the one reached (and the step a ninth as long) on halfcheetah-dir.
+curvature, rllab's ``subsample_factor``). The inner steps' Jacobians in the same products always
+use all pre-update episodes: thinning those too adds a few-episode Hessian's noise to them, which
+made the predicted KL of a step three times the one reached (and the step a ninth as long) on
+halfcheetah-dir.
 
 Defaults follow the MAML paper and its reference implementations (rllab's conjugate-gradient
 optimiser, pytorch-maml-rl): inner lr 0.1, max KL 0.01, 10 CG iterations, damping 1e-5,
@@ -79,10 +80,7 @@ class MAMLTRPOConfig(MetaPGConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device(self.device)
-        if self.products not in trust_region.PRODUCTS:
-            raise ValueError(
-                f"products must be one of {trust_region.PRODUCTS}, got {self.products!r}"
-            )
+        closed_form.chosen(self.products, covered=True)
         if not self.max_kl > 0 or self.cg_damping < 0:
             raise ValueError(
                 f"need max_kl > 0 and cg_damping >= 0, got {self.max_kl}, {self.cg_damping}"
@@ -130,13 +128,10 @@ class MAMLTRPO(MetaPolicyGradient):
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
         # θ as plain tensors on the update's device: the TRPO step writes them itself.
         super().__init__(config, distribution, seed, device=config.device, trainable=False)
-        if config.products == "closed-form" and not closed_form.supported(
-            self.policy, self.inner.lr, self.inner.first_order
-        ):
-            raise ValueError(
-                f"products='closed-form' covers second-order steps of a Gaussian MLP policy, "
-                f"not {self.policy!r}; set agent.products to 'auto' or 'autograd'"
-            )
+        closed_form.chosen(
+            config.products,
+            closed_form.supported(self.policy, self.inner.lr, self.inner.first_order),
+        )
 
     def trust_region_terms(self, batch: MetaBatch) -> TrustRegionTerms:
         """The surrogate, its meta-gradient and the KL Hessian-vector product at the parameters.

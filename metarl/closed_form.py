@@ -38,6 +38,21 @@ from metarl.adaptation import Params
 from metarl.nn import mlp_layer_names
 
 ACTIVATIONS = ("relu", "tanh")
+PRODUCTS = ("auto", "closed-form", "autograd")
+"""The agents' ``products`` settings: these products, autograd's, or these where they apply."""
+
+
+def chosen(products: str, covered: bool) -> bool:
+    """Whether a ``products`` setting takes these products where ``covered`` says whether they
+    apply; asking for them where they do not is an error."""
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
+    if products == "closed-form" and not covered:
+        raise ValueError(
+            "closed-form products cover Gaussian MLP policies (ReLU or tanh) with second-order "
+            "inner steps of one scalar lr; use products='autograd' for this one"
+        )
+    return covered and products != "autograd"
 
 
 def supported_policy(policy: Any) -> bool:
@@ -90,7 +105,7 @@ class MLPTrace:
             self.derivs: list[torch.Tensor] = []  # σ'(z) of each hidden layer
             h = obs.reshape(obs.shape[0], -1, obs.shape[-1])
             for layer, (wk, bk) in enumerate(self.keys):
-                self.inputs.append(_with_ones(h))
+                self.inputs.append(torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1))
                 z = torch.bmm(self.inputs[-1], _augmented(params[wk], params[bk]).transpose(1, 2))
                 if layer == len(self.keys) - 1:
                     self.mean = z
@@ -233,11 +248,6 @@ class GaussianMLPStep:
                     nxt.addcmul_(self.gates[layer - 1], tangents[layer - 1])
                 r_delta = nxt
         return {k: out[k] for k in u}
-
-
-def _with_ones(x: torch.Tensor) -> torch.Tensor:
-    """``[N, n, H]`` -> ``[N, n, H + 1]`` with a last column of ones (the bias's input)."""
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
 def _augmented(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

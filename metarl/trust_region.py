@@ -112,21 +112,6 @@ class Linearization(NamedTuple):
     """Per step, its episodes ``[N, E, T, ...]``."""
 
 
-PRODUCTS = ("auto", "closed-form", "autograd")
-
-
-def _closed_form(products: str, covered: bool) -> bool:
-    """Whether to use :mod:`metarl.closed_form`; ``covered``: whether it applies here."""
-    if products not in PRODUCTS:
-        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
-    if products == "closed-form" and not covered:
-        raise ValueError(
-            "closed-form products cover Gaussian MLP policies (ReLU or tanh) with second-order "
-            "inner steps of one scalar lr; use products='autograd' for this one"
-        )
-    return covered and products != "autograd"
-
-
 def linearize_steps(
     inner: InnerLoop, params: Params, pre: list[PGBatch], products: str = "auto"
 ) -> Linearization:
@@ -150,7 +135,7 @@ def linearize_steps(
     Returns:
         A :class:`Linearization`; its products ``u ↦ J_kᵀ u`` take per-task cotangents ``[N, *P]``.
     """
-    closed = _closed_form(
+    closed = closed_form.chosen(
         products, closed_form.supported(inner.policy, inner.lr, inner.first_order)
     )
     num_tasks = pre[0].mask.shape[0]
@@ -267,7 +252,7 @@ def kl_fvp(
             return through_forward(inner, lin, u)
         return through(lin.vjps, u, transposed=False)
 
-    if _closed_form(products, closed_form.supported_policy(policy)):
+    if closed_form.chosen(products, closed_form.supported_policy(policy)):
         fisher = closed_form.GaussianMLPFisher(policy, adapted, post)
 
         def closed(v: torch.Tensor) -> torch.Tensor:
