@@ -73,7 +73,8 @@ class MAMLTRPOConfig(MetaPGConfig):
     """How the inner steps and the curvature products are computed: 'closed-form' (written out
     for Gaussian MLP policies, metarl.closed_form), 'autograd' (a double backward through the
     inner step per product) or 'auto' (the closed form where the policy allows it); the same
-    products either way. With fisher = 'hessian' the Fisher stays a double backward."""
+    products either way. With fisher = 'hessian' the Fisher stays a double backward; with
+    first_order the inner steps' (identity) Jacobians are autograd's and 'closed-form' is refused."""
     device: str = "cpu"
     """Where the meta-update runs ('cpu' or 'cuda'); rollout workers always act on the CPU."""
 

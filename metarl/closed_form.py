@@ -1,4 +1,5 @@
-"""MAML-TRPO's curvature products written out by hand for Gaussian MLP policies.
+"""The meta-gradient's and MAML-TRPO's curvature products written out by hand for Gaussian MLP
+policies (MAML-TRPO and MAML-PPO, ``products``).
 
 Conjugate gradient in the TRPO meta-update multiplies by ``Σ_i J_iᵀ F_i J_i / N`` (see
 :mod:`metarl.trust_region`): ``J_i = I − α ∇²L_i`` the Jacobian of the inner step
@@ -35,7 +36,8 @@ from typing import Any
 import torch
 
 from metarl.adaptation import Params
-from metarl.nn import mlp_layer_names
+from metarl.nn import FunctionalMLP, mlp_layer_names
+from metarl.policies import GaussianMLPPolicy
 
 ACTIVATIONS = ("relu", "tanh")
 PRODUCTS = ("auto", "closed-form", "autograd")
@@ -49,20 +51,21 @@ def chosen(products: str, covered: bool) -> bool:
         raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     if products == "closed-form" and not covered:
         raise ValueError(
-            "closed-form products cover Gaussian MLP policies (ReLU or tanh) with second-order "
-            "inner steps of one scalar lr; use products='autograd' for this one"
+            "closed-form products cover Gaussian MLP policies (ReLU or tanh) and, through the "
+            "inner steps, second-order steps of one scalar lr; use products='autograd' here"
         )
     return covered and products != "autograd"
 
 
 def supported_policy(policy: Any) -> bool:
-    """Whether the products cover the policy: a Gaussian MLP with a ReLU or tanh network
-    (:class:`metarl.policies.GaussianMLPPolicy`)."""
-    mlp = getattr(policy, "mlp", None)
+    """Whether the products cover the policy: exactly a
+    :class:`metarl.policies.GaussianMLPPolicy` on a plain :class:`metarl.nn.FunctionalMLP` with
+    ReLU or tanh (a subclass may change the log-likelihood, squash the actions or add
+    parameters, which these products would not see)."""
     return (
-        not getattr(policy, "discrete", True)
-        and getattr(policy, "noise_kind", None) == "normal"
-        and getattr(mlp, "activation", None) in ACTIVATIONS
+        type(policy) is GaussianMLPPolicy
+        and type(policy.mlp) is FunctionalMLP
+        and policy.mlp.activation in ACTIVATIONS
     )
 
 
@@ -114,7 +117,7 @@ class MLPTrace:
                     self.derivs.append(1.0 - h * h)
                 else:
                     self.derivs.append((z > 0).to(z.dtype))
-                    h = z * self.derivs[-1]
+                    h = torch.relu(z)
 
     def tangents(self, u: Params) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Forward mode along ``u [N, *P]``: per hidden layer ``R z`` and ``R h = σ'(z) R z``,

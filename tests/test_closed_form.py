@@ -126,6 +126,14 @@ def test_which_inner_loops_the_closed_form_covers():
     with pytest.raises(ValueError, match="products must be one of"):
         MAMLTRPOConfig(products="double-backward")
     assert supported_policy(gaussian) and not supported_policy(categorical)
+
+    class Squashed(GaussianMLPPolicy):
+        """A subclass may change the likelihood the products assume: not covered."""
+
+    assert not supported_policy(Squashed(3, 2, hidden_sizes=(4,)))
+    # 'auto' takes autograd's products where the closed form does not apply.
+    lin = linearize_steps(InnerLoop(categorical, 0.1, False), categorical.init_params(0), [batch], "auto")
+    assert not isinstance(lin.vjps[0], GaussianMLPStep)
     extra = {k: v[None] for k, v in gaussian.init_params(0).items()} | {"scale": torch.ones(1, 1)}
     with pytest.raises(ValueError, match="need exactly the parameters"):
         GaussianMLPStep(gaussian, extra, batch, 0.1)

@@ -86,10 +86,11 @@ def _tiny_problem(num_steps: int = 2, seed: int = 0):
     return policy, params, pre, batch()
 
 
-def test_meta_gradient_through_two_inner_steps_matches_central_differences():
+@pytest.mark.parametrize("products", ["closed-form", "autograd"])
+def test_meta_gradient_through_two_inner_steps_matches_central_differences(products):
     policy, params, pre, post = _tiny_problem()
     inner = InnerLoop(policy, 0.5, first_order=False)
-    lin = linearize_steps(inner, params, pre)
+    lin = linearize_steps(inner, params, pre, products)
     adapted, grad_vjps = lin.adapted, lin.vjps
     old_log_probs = meta_pg.post_log_probs(policy, adapted, post)
     _, grad = surrogate_gradient(policy, adapted, old_log_probs, post, grad_vjps)
@@ -129,11 +130,12 @@ def test_conjugate_gradient_solves_a_random_spd_system():
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("products", ["closed-form", "autograd"])
 @pytest.mark.parametrize("num_steps", [1, 2])
-def test_kl_hessian_vector_product_matches_the_explicit_hessian(num_steps):
+def test_kl_hessian_vector_product_matches_the_explicit_hessian(num_steps, products):
     policy, params, pre, post = _tiny_problem(num_steps, seed=1)
     inner = InnerLoop(policy, 0.5, first_order=False)
-    lin = linearize_steps(inner, params, pre)
+    lin = linearize_steps(inner, params, pre, products)
     adapted, curvature_vjps = lin.adapted, lin.vjps
     old = {k: v.detach() for k, v in adapted.items()}
 

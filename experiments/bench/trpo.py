@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl import closed_form
 from metarl.runtime import machine
 
 PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
@@ -42,6 +43,10 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
     config = trpo.MAMLTRPOConfig(**settings)
     distribution = envs.make(task)
     agent = trpo.MAMLTRPO(config, distribution, seed=0)
+    inner = agent.inner
+    closed = closed_form.chosen(
+        config.products, closed_form.supported(agent.policy, inner.lr, inner.first_order)
+    )
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -51,7 +56,8 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
             rows.append(row | {"accepted": m["train/accepted"], "ls_steps": m["train/ls_steps"]})
     finally:
         agent.close()
-    return {k: getattr(config, k) for k in settings}, rows
+    used = {"products_used": "closed-form" if closed else "autograd"}
+    return {k: getattr(config, k) for k in settings} | used, rows
 
 
 def bench_setting(
@@ -159,10 +165,10 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
         "|---|---|---|---|---|---|",
     ]
     for s in settings:
-        p, products = s["parts_s"], s["config"].get("cg_iters", 10) + 1
-        took = p["cg"] / products
+        p, count = s["parts_s"], s["config"].get("cg_iters", 10) + 1
+        took = p["cg"] / count
         budget = target * s["sampling_s"] - (p["inner"] + p["gradient"] + p["line_search"])
-        allowed = budget / products
+        allowed = budget / count
         rest = (target * s["sampling_s"] - budget) / (target * s["sampling_s"])
         short = (
             f"none left: the other parts alone take {rest:.1f}× the target"
@@ -178,14 +184,14 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
 
 
 def _products(setting: dict[str, Any]) -> str:
-    """How the setting's products were computed; ``auto`` is the closed form on the benchmark's
-    Gaussian policy, and settings measured before the switch used autograd."""
-    chosen = setting.get("products", "autograd")
-    return "closed-form" if chosen == "auto" else chosen
+    """How the setting's products were computed (``auto`` resolved; settings measured before the
+    switch used autograd's)."""
+    return str(setting["config"].get("products_used", setting.get("products", "autograd")))
 
 
 def _label(setting: dict[str, Any]) -> str:
-    return f"{setting['fisher']}/{setting['hvp_subsample']}/{_products(setting)}"
+    """The setting's key in the printed summary: fisher, subsample and the products asked for."""
+    return f"{setting['fisher']}/{setting['hvp_subsample']}/{setting.get('products', 'autograd')}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,7 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         ("gauss-newton", 0.5, "closed-form"), ("gauss-newton", 0.5, "autograd"),
         ("hessian", 0.5, "closed-form"), ("hessian", 0.5, "autograd")]
     assert [s["config"]["products"] for s in document["settings"]] == ["closed-form", "autograd"] * 2
+    assert [s["config"]["products_used"] for s in document["settings"]] == ["closed-form", "autograd"] * 2
     for setting in document["settings"]:
         timed = setting["per_iteration"][1:]  # the first builds workers and is left out
         assert setting["iterations_timed"] == 2 == len(timed)
