@@ -129,7 +129,7 @@ class MAMLTRPO(MetaPolicyGradient):
     def __init__(self, config: MAMLTRPOConfig, distribution: TaskDistribution, seed: int) -> None:
         # θ as plain tensors on the update's device: the TRPO step writes them itself.
         super().__init__(config, distribution, seed, device=config.device, trainable=False)
-        closed_form.chosen(
+        self.closed_form = closed_form.chosen(
             config.products,
             closed_form.supported(self.policy, self.inner.lr, self.inner.first_order),
         )
@@ -143,7 +143,7 @@ class MAMLTRPO(MetaPolicyGradient):
         cfg, policy, post = self.config, self.policy, batch.post
         num_curvature = max(1, math.ceil(cfg.hvp_subsample * post.mask.shape[1]))
         lin = trust_region.linearize_steps(
-            self.inner, self.params, batch.pre, cfg.products
+            self.inner, self.params, batch.pre, "closed-form" if self.closed_form else "autograd"
         )
         adapted = lin.adapted
         old_log_probs = meta_pg.post_log_probs(policy, adapted, post).detach()

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from metarl import closed_form
 from metarl.runtime import machine
 
 PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
@@ -43,10 +42,6 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
     config = trpo.MAMLTRPOConfig(**settings)
     distribution = envs.make(task)
     agent = trpo.MAMLTRPO(config, distribution, seed=0)
-    inner = agent.inner
-    closed = closed_form.chosen(
-        config.products, closed_form.supported(agent.policy, inner.lr, inner.first_order)
-    )
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -56,7 +51,7 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
             rows.append(row | {"accepted": m["train/accepted"], "ls_steps": m["train/ls_steps"]})
     finally:
         agent.close()
-    used = {"products_used": "closed-form" if closed else "autograd"}
+    used = {"products_used": "closed-form" if agent.closed_form else "autograd"}
     return {k: getattr(config, k) for k in settings} | used, rows
 
 
