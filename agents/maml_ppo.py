@@ -124,14 +124,14 @@ class MAMLPPO(MetaPolicyGradient):
             return objective.detach(), fraction, dict(zip(self.params, grads, strict=True))
         detached = {k: v.detach() for k, v in self.params.items()}
         lin = trust_region.linearize_steps(self.inner, detached, batch.pre, "closed-form")
-        leaf = {k: v.requires_grad_() for k, v in lin.adapted.items()}
-        log_probs = meta_pg.post_log_probs(policy, leaf, post)
-        objective, fraction = clipped_objective(log_probs, old_log_probs, post, cfg.clip_range)
-        leaf_grads = torch.autograd.grad(-objective, list(leaf.values()))
-        grads = trust_region.through(
-            lin.vjps, dict(zip(leaf, leaf_grads, strict=True)), transposed=True
-        )
-        return objective.detach(), fraction, {k: g.sum(0) for k, g in grads.items()}
+
+        def loss(leaf: Params) -> tuple[torch.Tensor, torch.Tensor]:
+            log_probs = meta_pg.post_log_probs(policy, leaf, post)
+            objective, fraction = clipped_objective(log_probs, old_log_probs, post, cfg.clip_range)
+            return -objective, fraction
+
+        negative, fraction, grads = trust_region.gradient_through(lin.vjps, lin.adapted, loss)
+        return -negative, fraction, grads
 
     def _restore(self, params: Params, optimizer_state: dict[str, Any]) -> None:
         with torch.no_grad():

@@ -203,7 +203,14 @@ class MAMLTRPO(MetaPolicyGradient):
             fraction = cfg.ls_backtrack_ratio**i
             candidate = {k: v + fraction * steps[k] for k, v in self.params.items()}
             with torch.no_grad():
-                adapted = meta_pg.adapt_tasks(inner, candidate, batch.pre)
+                # The inner steps taken as at the old point, so that the surrogate and the KL
+                # compare like with like (the two routes differ by rounding).
+                if self.closed_form:
+                    adapted = trust_region.linearize_steps(
+                        self.inner, candidate, batch.pre, "closed-form"
+                    ).adapted
+                else:
+                    adapted = meta_pg.adapt_tasks(inner, candidate, batch.pre)
                 value = float(trust_region.surrogate(policy, adapted, old_log_probs, post))
                 kl_value = float(meta_pg.mean_kl(policy, old, adapted, post))
             if (

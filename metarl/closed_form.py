@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from metarl.adaptation import Params
+from metarl.meta_pg import step_weights
 from metarl.nn import FunctionalMLP, mlp_layer_names
 from metarl.policies import GaussianMLPPolicy
 
@@ -164,8 +165,7 @@ class GaussianMLPFisher:
     def __init__(self, policy: Any, params: Params, batch: Any) -> None:
         self.trace = MLPTrace(policy, params, batch.obs)
         num_tasks = batch.mask.shape[0]
-        mask = batch.mask.reshape(num_tasks, -1)
-        weight = mask / (mask.sum(1, keepdim=True).clamp(min=1.0) * num_tasks)
+        weight = step_weights(batch.mask, num_tasks).reshape(num_tasks, -1)
         self.metric = weight[..., None] * torch.exp(-2.0 * params["log_std"].detach())[:, None, :]
         self.log_std_weight = 2.0 * weight.sum(1, keepdim=True)  # [N, 1]
 
@@ -201,9 +201,7 @@ class GaussianMLPStep:
         num_tasks = batch.obs.shape[0]
         with torch.no_grad():
             actions = batch.actions.reshape(num_tasks, -1, batch.actions.shape[-1])
-            mask = batch.mask.reshape(num_tasks, -1)
-            count = mask.sum(1).clamp(min=1.0)
-            w = (batch.advantages.reshape(num_tasks, -1) * mask / count[:, None])[..., None]
+            w = (batch.advantages * step_weights(batch.mask)).reshape(num_tasks, -1, 1)
             self.r = actions - trace.mean
             self.w_iv = w * torch.exp(-2.0 * params["log_std"].detach())[:, None, :]
             # Backpropagated errors δ_l = ∂L/∂z_l, and for tanh the curvature gates

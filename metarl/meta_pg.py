@@ -86,6 +86,18 @@ def task_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_task.mean()
 
 
+def step_weights(mask: torch.Tensor, num_tasks: int = 1) -> torch.Tensor:
+    """Each step's weight in a per-task mean over alive steps, divided by ``num_tasks``:
+    ``mask / (alive steps of its task · num_tasks)``, shaped as ``mask [N, ...]``.
+
+    With ``num_tasks = N``, ``Σ step_weights · x`` is :func:`task_mean`; the hand-written
+    products of :mod:`metarl.closed_form` and :func:`metarl.trust_region.kl_fvp` weight their
+    steps by it.
+    """
+    counts = mask.flatten(1).sum(1).clamp(min=1.0)
+    return mask / (counts * num_tasks).view(-1, *([1] * (mask.dim() - 1)))
+
+
 def pg_batch(
     trajectories: Trajectories,
     baseline: Baseline,

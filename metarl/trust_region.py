@@ -268,8 +268,7 @@ def kl_fvp(
     linear = vjp(outputs, adapted)  # (outputs, vjp_fn); indexing keeps mypy off has_aux
     old, outputs_vjp = torch.utils._pytree.tree_map(torch.Tensor.detach, linear[0]), linear[1]
     # d(mean KL) = Σ_i Σ_(e,t) mask / (count_i N) · d(KL at that step)
-    counts = post.mask.flatten(1).sum(1).clamp(min=1.0)
-    weight = (post.mask / (counts * num_tasks).view(-1, *([1] * (post.mask.dim() - 1))))[..., None]
+    weight = meta_pg.step_weights(post.mask, num_tasks)[..., None]
 
     def product(v: torch.Tensor) -> torch.Tensor:
         per_task = {k: t.expand(num_tasks, *t.shape) for k, t in unflatten(v, like).items()}
@@ -299,8 +298,28 @@ def surrogate_gradient(
     Returns:
         ``(surrogate, gradient [D])``, both detached; ``D`` is the number of policy parameters.
     """
+    value, _, grads = gradient_through(
+        vjps, adapted, lambda leaf: (surrogate(policy, leaf, old_log_probs, post), None)
+    )
+    return value, flatten(list(grads.values()))
+
+
+def gradient_through(
+    vjps: list[VJP], adapted: Params, objective: Callable[[Params], tuple[torch.Tensor, Any]]
+) -> tuple[torch.Tensor, Any, Params]:
+    """A scalar of the per-task adapted parameters and its gradient in θ through the inner steps.
+
+    Args:
+        vjps: the inner steps' vector-Jacobian products (:attr:`Linearization.vjps`).
+        adapted: per-task parameters after the steps ``[N, *P]``.
+        objective: ``params [N, *P] -> (scalar, aux)``.
+
+    Returns:
+        ``(scalar, aux, gradient)``: the scalar detached, ``aux`` as returned, and the gradient
+        keyed as ``adapted`` with the tasks' shares summed (``[*P]``).
+    """
     leaf = {k: v.detach().requires_grad_() for k, v in adapted.items()}
-    value = surrogate(policy, leaf, old_log_probs, post)
+    value, aux = objective(leaf)
     leaf_grads = torch.autograd.grad(value, list(leaf.values()))
     grads = through(vjps, dict(zip(leaf, leaf_grads, strict=True)), transposed=True)
-    return value.detach(), flatten([g.sum(0) for g in grads.values()])
+    return value.detach(), aux, {k: g.sum(0) for k, g in grads.items()}
