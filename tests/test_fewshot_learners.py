@@ -3,6 +3,7 @@ arithmetic, learning on a tiny fixed episode stream, the official-run scorer pat
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metarl.fewshot.episodes import shift_images
 from metarl.fewshot.maml import GradientLearner, GradientLearnerConfig
@@ -168,6 +170,35 @@ def test_anil_on_cached_features_matches_adapting_the_head_inside_the_whole_mode
             p.grad, reference.params[name].grad, rtol=1e-4, atol=1e-5 * scale, msg=name
         )
     assert fast.params["encoder.0.0.weight"].grad.abs().sum() > 0  # second order reaches the body
+
+
+def test_conv4_equals_the_textbook_block_order_in_values_and_meta_gradients():
+    """Conv4 pools before its ReLU; the textbook block (conv, batch norm, ReLU, max-pool) is the
+    same function: the same logits, and the same second-order MAML meta-gradient, bit for bit."""
+    from metarl.adaptation import meta_objective
+    from metarl.nn import Conv4
+
+    model = Conv4(num_classes=5, channels=8)
+    textbook = copy.deepcopy(model)
+    for block in textbook.encoder[:4]:
+        assert isinstance(block[2], torch.nn.MaxPool2d) and isinstance(block[3], torch.nn.ReLU)
+        block[2], block[3] = block[3], block[2]
+    g = torch.Generator().manual_seed(0)
+    xs, xq = torch.randn(3, 5, 1, 28, 28, generator=g), torch.randn(3, 10, 1, 28, 28, generator=g)
+    ys, yq = torch.arange(5).expand(3, 5), torch.arange(5).repeat(2).expand(3, 10)
+    assert torch.equal(model(xq[0]), textbook(xq[0]))
+    grads = []
+    for net in (model, textbook):
+        params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+        def loss_fn(prm, data, net=net):
+            return F.cross_entropy(torch.func.functional_call(net, prm, (data[0],)), data[1])
+
+        meta_objective(loss_fn, params, (xs, ys), (xq, yq), 2, 0.4, batch="loop").mean().backward()
+        grads.append({k: v.grad for k, v in params.items()})
+    assert grads[0]["encoder.0.0.weight"].abs().sum() > 0
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
 
 
 def test_a_model_splits_into_body_and_head_only_where_it_says_how():

@@ -2,7 +2,7 @@
 
 Models (MAML paper settings):
 
-* ``conv4``: 4×[conv 3×3 64, batch norm, ReLU, max-pool] on 28×28 inputs, 5-way 1-shot, 15 queries
+* ``conv4``: :class:`metarl.nn.Conv4`, 4×[conv 3×3 64, batch norm, ReLU, max-pool] on 28×28 inputs, 5-way 1-shot, 15 queries
   per class, meta-batch 32, inner lr 0.4, one inner step.
 * ``sinusoid_mlp``: MLP 1-40-40-1 ReLU, K = 10 support and 10 query points, meta-batch 25, inner lr
   0.01, one inner step.
@@ -12,7 +12,8 @@ parameters. metarl runs three ways: ``metarl_vmap`` (tasks vmapped, one backward
 ``metarl_loop_one_backward`` (a loop over tasks, one backward at the end: every task's graph held
 at once) and ``metarl_loop`` (:func:`metarl.adaptation.meta_backward`: a backward per task, the
 meta-gradient accumulated, one task's graph at a time; what the learners run with loop batching).
-For each implementation: median milliseconds over repeats (after warm-up) and the peak memory
+For each implementation: median milliseconds over repeats (after warm-up; timed in rounds that call
+every implementation once, see :func:`time_interleaved`) and the peak memory
 increase during one step: on the CPU the resident set's high-water mark (Linux ``VmHWM`` reset
 through ``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``. All figures come
 from the same process run; speedups and memory ratios are taken within it. The last line printed
@@ -93,6 +94,27 @@ def time_ms(
         _sync(device)
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device = CPU
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, timed in rounds: every round calls each function
+    once, starting one further along each time, so that drift of the machine (other load, the
+    allocator's state) falls on all of them alike rather than on whichever ran in a bad stretch."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return samples
 
 
 def _problem(name: str, device: torch.device) -> dict[str, Any]:
@@ -211,17 +233,19 @@ def bench_model(name: str, repeats: int, warmup: int, device: torch.device) -> d
         "metarl_vmap": metarl_step(p, "vmap"), "metarl_loop": metarl_step(p, "loop", per_task_backward=True),
         "metarl_loop_one_backward": metarl_step(p, "loop"), "higher": higher_step(p), "autograd_loop": loop_step(p),
     }
-    out: dict[str, Any] = {}
-    for impl, fn in impls.items():
-        if fn is None:
-            out[impl] = None
-            continue
-        ms = time_ms(fn, repeats, warmup, device)
-        out[impl] = {"ms": ms, "peak_bytes": peak_memory(fn, device), "gflop_per_s": flops / ms / 1e6}
-    for v in out.values():  # time and peak memory as fractions of higher's, from this run
+    present = {k: fn for k, fn in impls.items() if fn is not None}
+    out: dict[str, Any] = {impl: None for impl in impls}
+    samples = time_interleaved(present, repeats, warmup, device)
+    for impl, times in samples.items():
+        ms = statistics.median(times)
+        out[impl] = {"ms": ms, "peak_bytes": peak_memory(present[impl], device), "gflop_per_s": flops / ms / 1e6}
+    for impl, v in out.items():  # time and peak memory as fractions of higher's, from this run
         ref = out["higher"]
         if v is not None and ref is not None:
             v["ms_over_higher"] = v["ms"] / ref["ms"]
+            # the same ratio round by round (both timed in each round): its spread is the noise
+            rounds = [a / b for a, b in zip(samples[impl], samples["higher"], strict=True)]
+            v["ms_over_higher_rounds"] = [min(rounds), max(rounds)]
             v["peak_over_higher"] = (
                 None if v["peak_bytes"] is None or not ref["peak_bytes"] else v["peak_bytes"] / ref["peak_bytes"]
             )
@@ -271,7 +295,9 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
              "memory increase during one step (resident set on the CPU, allocated memory on CUDA), all "
              "measured in one process run. metarl_loop backpropagates task by task (one task's graph "
              "at a time, what the learners run); metarl_loop_one_backward holds every task's graph "
-             "until one backward.", "",
+             "until one backward. The implementations are timed in rounds, each calling every one of "
+             "them once (starting one further along each round); time / higher is the ratio of the "
+             "medians, with in brackets the lowest and highest ratio within one round.", "",
              "| model | implementation | ms / meta-step | GFLOP/s | peak memory (MiB) | time / higher | "
              "memory / higher |", "|---|---|---|---|---|---|---|"]
     models = {name: r for name, r in results.items() if isinstance(r, dict)}
@@ -282,8 +308,10 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> None:
                 continue
             mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.1f}"
             ratios = [v.get(k) for k in ("ms_over_higher", "peak_over_higher")]
-            shown = " | ".join("n/a" if x is None else f"{x:.2f}" for x in ratios)
-            lines.append(f"| {name} | {impl} | {v['ms']:.2f} | {v['gflop_per_s']:.1f} | {mem} | {shown} |")
+            shown = ["n/a" if x is None else f"{x:.2f}" for x in ratios]
+            if v.get("ms_over_higher_rounds"):
+                shown[0] += " ({:.2f}–{:.2f})".format(*v["ms_over_higher_rounds"])
+            lines.append(f"| {name} | {impl} | {v['ms']:.2f} | {v['gflop_per_s']:.1f} | {mem} | {' | '.join(shown)} |")
     lines += ["", "| model | fastest metarl path | speedup vs higher | speedup vs autograd loop |", "|---|---|---|---|"]
     for name, r in models.items():
         vh = "n/a" if r["speedup_vs_higher"] is None else f"{r['speedup_vs_higher']:.2f}×"

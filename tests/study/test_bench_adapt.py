@@ -13,7 +13,7 @@ def test_bench_adapt_reports_every_path_against_higher_in_one_run(tmp_path, caps
 
     out = tmp_path / "bench_adapt"
     assert (
-        main(["--models", "sinusoid_mlp", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+        main(["--models", "sinusoid_mlp", "--repeats", "3", "--warmup", "0", "--out", str(out)])
         == 0
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sinusoid_mlp"]
@@ -23,5 +23,9 @@ def test_bench_adapt_reports_every_path_against_higher_in_one_run(tmp_path, caps
         assert impls[name]["ms"] > 0
         if impls["higher"] is not None:
             assert impls[name]["ms_over_higher"] == impls[name]["ms"] / impls["higher"]["ms"]
+            # every round's ratio at least m means every time at least m times higher's, so the
+            # ratio of the medians lies between the lowest and the highest round's
+            low, high = impls[name]["ms_over_higher_rounds"]
+            assert low * (1 - 1e-12) <= impls[name]["ms_over_higher"] <= high * (1 + 1e-12)
     table = out.with_suffix(".md").read_text()
     assert "| sinusoid_mlp | metarl_loop |" in table and "memory / higher" in table
