@@ -155,7 +155,46 @@ def _markdown(doc: dict[str, Any]) -> str:
         cells = [p.get(f"{k}_share") for k in ("env_step", "policy", "act_rest", "step_loop", "record",
                                                "episode_starts", "assembly", "other")]
         lines.append(f"| {label} | " + " | ".join("n/a" if c is None else f"{c:.1%}" for c in cells) + " |")
+    lines += _remaining_share(doc)
     return "\n".join(lines) + "\n"
+
+
+def _remaining_share(doc: dict[str, Any]) -> list[str]:
+    """Per family, what the process backend's efficiency is made of, from this run's figures: the
+    cores' own scaling (two raw processes side by side against twice one alone) and, against
+    that, the sampler's per-step work beside env.step (the serial profile)."""
+    out = ["", "What the process backend's remaining share is spent on:"]
+    for r in doc["rows"]:
+        p = doc["serial_profile"].get(r["env"])
+        if r["backend"] != "process" or p is None or "raw_parallel_steps_per_s" not in r:
+            continue
+        scaling = r["raw_parallel_steps_per_s"] / (r["raw_steps_per_s"] * min(r["num_workers"], r.get("cores", 2)))
+        work, unexplained = 1 - p["env_step_share"], p["env_step_share"] - r["efficiency_vs_parallel"]
+        line = (
+            f"- {r['env']}: {r['efficiency']:.2f} of the raw rate per worker. Two raw processes side by side "
+            f"reach {scaling:.2f} of twice one alone (the cores' shared caches and memory: no sampler "
+            f"removes that), and against them the sampler reaches {r['efficiency_vs_parallel']:.2f}. In a "
+            f"serial sampling call env.step takes {p['env_step_share']:.1%} of the time; the other "
+            f"{work:.1%} is work each step needs beside the environment: the policy forward "
+            f"({p['policy_share']:.1%}), gathering observations and clipping actions "
+            f"({p['act_rest_share']:.1%}), recording the step ({p['record_share']:.1%}), the loop over "
+            f"the worker's environments ({p['step_loop_share']:.1%}) and episode starts "
+            f"({p['episode_starts_share']:.1%})."
+        )
+        if unexplained > 0.05:
+            line += (f" The remaining {unexplained:.2f} is not in the serial profile: the process backend's "
+                     "own costs (workers and the parent exchanging work and results).")
+        needed = 0.95 / scaling
+        if needed >= 1:
+            line += (f" 0.95 of the raw rate is out of reach on this machine: a sampler doing no work beside "
+                     f"env.step would reach {scaling:.2f}.")
+        else:
+            line += (f" 0.95 of the raw rate needs the sampler at {needed:.2f} of the side-by-side rate, its "
+                     f"per-step work within {1 / needed - 1:.1%} of the environment's time; the policy "
+                     f"forward alone, which no sampler can skip, takes "
+                     f"{p['policy_share'] / p['env_step_share']:.1%} of it.")
+        out.append(line)
+    return out
 
 
 if __name__ == "__main__":
