@@ -355,15 +355,20 @@ def evaluate_adaptation(
     }
 
 
-def make_agent_sampler(cfg: Any, distribution: Any, seed: int) -> Sampler:
-    """The sampler a config asks for (``backend``, ``num_workers``, ``envs_per_worker``, ``horizon``)."""
+def make_agent_sampler(cfg: Any, distribution: Any, seed: int, max_envs: int | None = None) -> Sampler:
+    """The sampler a config asks for (``backend``, ``num_workers``, ``envs_per_worker``, ``horizon``).
+
+    ``max_envs`` bounds the environments each worker keeps where the config keeps one per episode
+    (``envs_per_worker = 0``): a call with more episodes runs them in turns. Every episode is
+    seeded from (seed, call, task, episode), so the episodes are the same either way.
+    """
     from metarl.rollout import make_sampler
 
     return make_sampler(
         distribution,
         backend=cfg.backend,
         num_workers=cfg.num_workers,
-        envs_per_worker=cfg.envs_per_worker or None,
+        envs_per_worker=cfg.envs_per_worker or max_envs,
         horizon=cfg.horizon or None,
         seed=seed,
     )

@@ -13,6 +13,7 @@ overrides the loop too and keeps the rest. One level of inheritance, no agent im
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Any
 
@@ -145,7 +146,11 @@ class MetaPolicyGradient:
 
         params = {k: v.detach() for k, v in self.params.items()}
         family = self.distribution if distribution is None else distribution
-        with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng)) as sampler:
+        # With one environment per episode (envs_per_worker = 0), evaluation keeps no more of
+        # them than a training call does: 50 Meta-World tasks × 10 episodes at once held 500
+        # environments, about 12 GB.
+        per_call = math.ceil(cfg.meta_batch_size * cfg.episodes_per_task / max(1, cfg.num_workers))
+        with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng), max_envs=per_call) as sampler:
             return meta_pg.evaluate_adaptation(
                 sampler,
                 self.inner,
