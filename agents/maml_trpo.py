@@ -203,8 +203,9 @@ class MAMLTRPO(MetaPolicyGradient):
             fraction = cfg.ls_backtrack_ratio**i
             candidate = {k: v + fraction * steps[k] for k, v in self.params.items()}
             with torch.no_grad():
-                # The inner steps taken as at the old point, so that the surrogate and the KL
-                # compare like with like (the two routes differ by rounding).
+                # The closed-form inner steps where the old point took them, so that the
+                # surrogate and the KL compare like with like (autograd's steps differ from them
+                # by rounding); the autograd route's first-order steps equal its own.
                 if self.closed_form:
                     adapted = trust_region.linearize_steps(
                         self.inner, candidate, batch.pre, "closed-form"

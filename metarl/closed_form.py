@@ -201,7 +201,9 @@ class GaussianMLPStep:
         num_tasks = batch.obs.shape[0]
         with torch.no_grad():
             actions = batch.actions.reshape(num_tasks, -1, batch.actions.shape[-1])
-            w = (batch.advantages * step_weights(batch.mask)).reshape(num_tasks, -1, 1)
+            mask = batch.mask.reshape(num_tasks, -1)
+            count = mask.sum(1).clamp(min=1.0)
+            w = (batch.advantages.reshape(num_tasks, -1) * mask / count[:, None])[..., None]
             self.r = actions - trace.mean
             self.w_iv = w * torch.exp(-2.0 * params["log_std"].detach())[:, None, :]
             # Backpropagated errors δ_l = ∂L/∂z_l, and for tanh the curvature gates

@@ -360,7 +360,8 @@ def make_agent_sampler(cfg: Any, distribution: Any, seed: int, max_envs: int | N
 
     ``max_envs`` bounds the environments each worker keeps where the config keeps one per episode
     (``envs_per_worker = 0``): a call with more episodes runs them in turns. Every episode is
-    seeded from (seed, call, task, episode), so the episodes are the same either way.
+    seeded from (seed, call, task, episode), so the episodes are the same either way, up to the
+    rounding of policy forwards batched over other sets of environments.
     """
     from metarl.rollout import make_sampler
 

@@ -149,7 +149,8 @@ class MetaPolicyGradient:
         # With one environment per episode (envs_per_worker = 0), evaluation keeps no more of
         # them than a training call does: 50 Meta-World tasks × 10 episodes at once held 500
         # environments, about 12 GB.
-        per_call = math.ceil(cfg.meta_batch_size * cfg.episodes_per_task / max(1, cfg.num_workers))
+        workers = 1 if cfg.backend == "serial" else max(1, cfg.num_workers)  # serial: one worker
+        per_call = math.ceil(cfg.meta_batch_size * cfg.episodes_per_task / workers)
         with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng), max_envs=per_call) as sampler:
             return meta_pg.evaluate_adaptation(
                 sampler,

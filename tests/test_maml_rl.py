@@ -4,6 +4,7 @@ differences and autograd's explicit Hessian, learning on 2D navigation, and runs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -245,6 +246,16 @@ def test_evaluation_keeps_no_more_environments_than_a_training_call(monkeypatch)
         finally:
             agent.close()
     np.testing.assert_allclose(scores[True], scores[False], rtol=1e-5)
+    # the serial backend is one worker whatever num_workers says: a training call holds all 4
+    monkeypatch.undo()
+    monkeypatch.setattr(rollout_worker.RolloutWorker, "close", recording_close)
+    agent = MAMLTRPO(dataclasses.replace(config, num_workers=2), distribution, 0)
+    try:
+        built.clear()
+        agent.evaluate(distribution.test_tasks(), np.random.default_rng(0))
+        assert built == [4], built
+    finally:
+        agent.close()
 
 
 def test_evaluation_steps_after_the_first_take_eval_later_lr(monkeypatch):

@@ -168,22 +168,25 @@ def _remaining_share(doc: dict[str, Any]) -> list[str]:
         p = doc["serial_profile"].get(r["env"])
         if r["backend"] != "process" or p is None or "raw_parallel_steps_per_s" not in r:
             continue
-        scaling = r["raw_parallel_steps_per_s"] / (r["raw_steps_per_s"] * min(r["num_workers"], r.get("cores", 2)))
+        side = min(r["num_workers"], r.get("cores", 2))
+        scaling = r["raw_parallel_steps_per_s"] / (r["raw_steps_per_s"] * side)
         work, unexplained = 1 - p["env_step_share"], p["env_step_share"] - r["efficiency_vs_parallel"]
+        rest = p["assembly_share"] + p["other_share"]
         line = (
-            f"- {r['env']}: {r['efficiency']:.2f} of the raw rate per worker. Two raw processes side by side "
-            f"reach {scaling:.2f} of twice one alone (the cores' shared caches and memory: no sampler "
+            f"- {r['env']}: {r['efficiency']:.2f} of the raw rate per worker. {side} raw processes side by side "
+            f"reach {scaling:.2f} of {side} times one alone (the cores' shared caches and memory: no sampler "
             f"removes that), and against them the sampler reaches {r['efficiency_vs_parallel']:.2f}. In a "
             f"serial sampling call env.step takes {p['env_step_share']:.1%} of the time; the other "
             f"{work:.1%} is work each step needs beside the environment: the policy forward "
             f"({p['policy_share']:.1%}), gathering observations and clipping actions "
             f"({p['act_rest_share']:.1%}), recording the step ({p['record_share']:.1%}), the loop over "
-            f"the worker's environments ({p['step_loop_share']:.1%}) and episode starts "
-            f"({p['episode_starts_share']:.1%})."
+            f"the worker's environments ({p['step_loop_share']:.1%}), episode starts "
+            f"({p['episode_starts_share']:.1%}) and the rest ({rest:.1%})."
         )
         if unexplained > 0.05:
-            line += (f" The remaining {unexplained:.2f} is not in the serial profile: the process backend's "
-                     "own costs (workers and the parent exchanging work and results).")
+            line += (f" The remaining {unexplained:.2f} is not in the serial profile; by elimination it is the "
+                     "process backend's own cost (workers and the parent exchanging work and results), not "
+                     "measured here.")
         needed = 0.95 / scaling
         if needed >= 1:
             line += (f" 0.95 of the raw rate is out of reach on this machine: a sampler doing no work beside "
