@@ -437,8 +437,10 @@ class PEARL:
         context: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         returns, successes = [], []
+        collecting = cfg.num_collect_tasks or cfg.meta_batch_size
+        call = collecting * max(cfg.num_prior_episodes, cfg.num_posterior_episodes, 1)
         with (
-            meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng)) as sampler,
+            meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng), call) as sampler,
             torch.no_grad(),
         ):
             for _ in range(cfg.eval_adapt_steps + 1):

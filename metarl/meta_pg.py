@@ -15,6 +15,7 @@ Per-task parameters are one dict whose tensors carry a leading task axis ``[N, *
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -355,21 +356,27 @@ def evaluate_adaptation(
     }
 
 
-def make_agent_sampler(cfg: Any, distribution: Any, seed: int, max_envs: int | None = None) -> Sampler:
+def make_agent_sampler(cfg: Any, distribution: Any, seed: int, call_episodes: int | None = None) -> Sampler:
     """The sampler a config asks for (``backend``, ``num_workers``, ``envs_per_worker``, ``horizon``).
 
-    ``max_envs`` bounds the environments each worker keeps where the config keeps one per episode
-    (``envs_per_worker = 0``): a call with more episodes runs them in turns. Every episode is
-    seeded from (seed, call, task, episode), so the episodes are the same either way, up to the
-    rounding of policy forwards batched over other sets of environments.
+    ``call_episodes`` is the episode count of the agent's largest training call. Where the config
+    keeps one environment per episode (``envs_per_worker = 0``), each worker then keeps no more
+    than its share of that call, and a call with more episodes (an evaluation over many held-out
+    tasks) runs them in turns: 50 Meta-World tasks x 10 episodes at once held 500 environments,
+    about 12 GB. Every episode is seeded from (seed, call, task, episode), so the episodes are the
+    same either way, up to the rounding of policy forwards batched over other sets of environments.
     """
     from metarl.rollout import make_sampler
 
+    cap = None
+    if call_episodes is not None:
+        workers = 1 if cfg.backend == "serial" else max(1, cfg.num_workers)  # serial: one worker
+        cap = max(1, math.ceil(call_episodes / workers))
     return make_sampler(
         distribution,
         backend=cfg.backend,
         num_workers=cfg.num_workers,
-        envs_per_worker=cfg.envs_per_worker or max_envs,
+        envs_per_worker=cfg.envs_per_worker or cap,
         horizon=cfg.horizon or None,
         seed=seed,
     )

@@ -13,7 +13,6 @@ overrides the loop too and keeps the rest. One level of inheritance, no agent im
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 
@@ -146,12 +145,8 @@ class MetaPolicyGradient:
 
         params = {k: v.detach() for k, v in self.params.items()}
         family = self.distribution if distribution is None else distribution
-        # With one environment per episode (envs_per_worker = 0), evaluation keeps no more of
-        # them than a training call does: 50 Meta-World tasks × 10 episodes at once held 500
-        # environments, about 12 GB.
-        workers = 1 if cfg.backend == "serial" else max(1, cfg.num_workers)  # serial: one worker
-        per_call = math.ceil(cfg.meta_batch_size * cfg.episodes_per_task / workers)
-        with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng), max_envs=per_call) as sampler:
+        call = cfg.meta_batch_size * cfg.episodes_per_task  # bounds the environments kept
+        with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng), call) as sampler:
             return meta_pg.evaluate_adaptation(
                 sampler,
                 self.inner,

@@ -4,7 +4,6 @@ differences and autograd's explicit Hessian, learning on 2D navigation, and runs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -210,50 +209,6 @@ def test_evaluate_and_adapt_shapes():
         )
         assert not torch.equal(adapted["out.bias"], agent.params["out.bias"])
         assert agent.state_dict()["params"]["out.bias"].equal(before["params"]["out.bias"])
-    finally:
-        agent.close()
-
-
-def test_evaluation_keeps_no_more_environments_than_a_training_call(monkeypatch):
-    """With one environment per episode (envs_per_worker = 0), 6 held-out tasks × 3 episodes would
-    build 18 environments; evaluation keeps the training call's 2 × 2 and runs the episodes in
-    turns. Every episode is seeded on its own, so the scores equal those of an evaluation that
-    holds all 18 at once."""
-    from metarl.rollout import worker as rollout_worker
-
-    distribution = envs.make("navigation-2d", horizon=10, num_test=6)
-    config = MAMLTRPOConfig(meta_batch_size=2, episodes_per_task=2, hidden_sizes=(8,), eval_adapt_steps=1,
-                            eval_episodes_per_task=3, envs_per_worker=0)
-    built: list[int] = []
-    real_close = rollout_worker.RolloutWorker.close
-
-    def recording_close(self):
-        built.append(self.num_envs)
-        real_close(self)
-
-    monkeypatch.setattr(rollout_worker.RolloutWorker, "close", recording_close)
-    scores = {}
-    for cap in (True, False):
-        if not cap:  # the evaluation as it was: one environment per episode, all at once
-            monkeypatch.setattr(meta_pg, "make_agent_sampler",
-                                lambda cfg, family, seed, max_envs=None, real=meta_pg.make_agent_sampler:
-                                real(cfg, family, seed))
-        agent = MAMLTRPO(config, distribution, 0)
-        try:
-            built.clear()
-            scores[cap] = agent.evaluate(distribution.test_tasks(), np.random.default_rng(0))["return"]
-            assert built == [4 if cap else 18], built
-        finally:
-            agent.close()
-    np.testing.assert_allclose(scores[True], scores[False], rtol=1e-5)
-    # the serial backend is one worker whatever num_workers says: a training call holds all 4
-    monkeypatch.undo()
-    monkeypatch.setattr(rollout_worker.RolloutWorker, "close", recording_close)
-    agent = MAMLTRPO(dataclasses.replace(config, num_workers=2), distribution, 0)
-    try:
-        built.clear()
-        agent.evaluate(distribution.test_tasks(), np.random.default_rng(0))
-        assert built == [4], built
     finally:
         agent.close()
 
