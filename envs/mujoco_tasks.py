@@ -17,7 +17,7 @@ Rewards, each computed from the MuJoCo state (``dt = frame_skip * timestep = 0.0
   the observation includes the torso x, y (as ProMP's does).
 
 Observations are gymnasium's v5 ones (HalfCheetah 17, Ant 105, Ant with x, y 107). Horizon 200
-throughout (MAML, ProMP).
+by default (the MAML paper's); ProMP's scripts use 100 for HalfCheetah and Ant (``horizon``).
 
 The MAML paper's HalfCheetah (rllab's, in cbfinn/maml_rl) differs from gymnasium's v5 in two
 ways that matter: it takes one MuJoCo step of 0.01 s per action (gymnasium: 5, ``dt = 0.05``),

@@ -359,7 +359,7 @@ def evaluate_adaptation(
 def make_agent_sampler(cfg: Any, distribution: Any, seed: int, call_episodes: int | None = None) -> Sampler:
     """The sampler a config asks for (``backend``, ``num_workers``, ``envs_per_worker``, ``horizon``).
 
-    ``call_episodes`` is the episode count of the agent's largest training call. Where the config
+    ``call_episodes`` is the episode count of the agent's per-iteration training call. Where the config
     keeps one environment per episode (``envs_per_worker = 0``), each worker then keeps no more
     than its share of that call, and a call with more episodes (an evaluation over many held-out
     tasks) runs them in turns: 50 Meta-World tasks x 10 episodes at once held 500 environments,

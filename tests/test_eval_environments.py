@@ -23,18 +23,19 @@ CASES = {
     # a call is 2 tasks × 2 episodes = 4; evaluation 6 tasks × 3 episodes = 18
     "maml-trpo": (MAMLTRPO, MAMLTRPOConfig(meta_batch_size=2, episodes_per_task=2, hidden_sizes=(8,),
                                            eval_adapt_steps=1, eval_episodes_per_task=3), 4, 18),
-    # 2 of the 4 tasks collect, max(1 prior, 1 posterior) episode each = 2; 6 tasks × 3 runs = 18
+    # 2 of the 4 tasks collect, the larger of 1 prior and 2 posterior episodes each: 2 × 2 = 4
+    # (a sum would give 6, a product or the prior alone 2); 6 tasks × 3 runs = 18
     "pearl": (PEARL, PEARLConfig(meta_batch_size=4, num_collect_tasks=2, num_prior_episodes=1,
-                                 num_posterior_episodes=1, num_train_steps=1, batch_size=8,
+                                 num_posterior_episodes=2, num_train_steps=1, batch_size=8,
                                  context_batch_size=4, hidden_sizes=(8,), encoder_hidden_sizes=(8,),
                                  eval_adapt_steps=2, eval_episodes_per_task=3,
-                                 eval_deterministic=False), 2, 18),
-    # a call is 3 tasks × 2 episodes = 6; evaluation 6 tasks × 2 episodes = 12
+                                 eval_deterministic=False), 4, 18),
+    # a call is 3 tasks × 2 episodes = 6 (the 3 evaluation episodes would give 9); 6 tasks × 3 = 18
     "meta-imitation": (MetaImitation, MetaImitationConfig(meta_batch_size=3, episodes_per_task=2,
                                                           hidden_sizes=(8,), eval_adapt_steps=1,
-                                                          eval_episodes_per_task=2, eval_ablations=False,
+                                                          eval_episodes_per_task=3, eval_ablations=False,
                                                           eval_bc_baselines=False, num_pretrain_tasks=4),
-                       6, 12),
+                       6, 18),
 }
 
 
@@ -83,3 +84,24 @@ def test_the_serial_backend_is_one_worker_whatever_num_workers_says(built):
     config = dataclasses.replace(config, num_workers=2)
     distribution = envs.make("navigation-2d", horizon=10, num_test=6)
     assert _evaluate(cls, config, distribution, built)[1] == [cap]
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers", "envs_per_worker", "kept"),
+    [
+        ("process", 2, 0, 4),  # 7 episodes over 2 workers: at most ceil(7 / 2) = 4 each
+        ("process", 3, 0, 3),  # ceil(7 / 3) = 3
+        ("serial", 3, 0, 7),  # one worker holds the whole call
+        ("process", 2, 5, 5),  # a config's own envs_per_worker is kept as it is
+    ],
+)
+def test_each_worker_keeps_its_share_of_the_call(monkeypatch, backend, workers, envs_per_worker, kept):
+    import metarl.rollout
+
+    asked: dict = {}
+    monkeypatch.setattr(metarl.rollout, "make_sampler", lambda family, **kw: asked.update(kw))
+    config = MAMLTRPOConfig(backend=backend, num_workers=workers, envs_per_worker=envs_per_worker)
+    meta_pg.make_agent_sampler(config, None, 0, call_episodes=7)
+    assert asked["envs_per_worker"] == kept
+    meta_pg.make_agent_sampler(config, None, 0)  # no call given: one environment per episode
+    assert asked["envs_per_worker"] == (envs_per_worker or None)
