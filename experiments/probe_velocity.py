@@ -1,7 +1,7 @@
 """Does adaptation move a velocity-task policy towards the goal velocity? One run's checkpoint,
 a few held-out goals spread over the range.
 
-    python -m experiments.probe_velocity experiments/rl_runs/maml-trpo-cheetah-vel/base-s0 --goals 5
+    python -m experiments.probe_velocity experiments/rl_runs/maml-trpo-cheetah-vel-full-curvature/base-s0 --goals 5
 
 A return gain after an inner step can come from anywhere in the reward (here also the control
 cost). For ``halfcheetah-vel`` the goal is a forward velocity, so a policy that adapts runs
