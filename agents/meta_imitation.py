@@ -394,7 +394,7 @@ class MetaImitation(MetaPolicyGradient):
         demo = demos.record(
             self.distribution, tasks, cfg.num_demos, self.horizon, meta_pg.eval_seed(rng)
         )
-        call = cfg.meta_batch_size * cfg.episodes_per_task  # bounds the environments kept
+        call = self.training_call_episodes()  # bounds the environments kept
         sampler = meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng), call)
         fresh_theta = self.policy.init_params(self.seed + 2)
         fresh_phi = self.disc.init_params(self.seed + 3)

@@ -15,7 +15,6 @@ Per-task parameters are one dict whose tensors carry a leading task axis ``[N, *
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -367,11 +366,12 @@ def make_agent_sampler(cfg: Any, distribution: Any, seed: int, call_episodes: in
     same either way, up to the rounding of policy forwards batched over other sets of environments.
     """
     from metarl.rollout import make_sampler
+    from metarl.rollout.sampler import split_shares
 
     cap = None
-    if call_episodes is not None:
+    if call_episodes is not None:  # the largest share the backends give one worker of that call
         workers = 1 if cfg.backend == "serial" else max(1, cfg.num_workers)  # serial: one worker
-        cap = max(1, math.ceil(call_episodes / workers))
+        cap = max((len(r) for r in split_shares(call_episodes, workers)), default=1)
     return make_sampler(
         distribution,
         backend=cfg.backend,

@@ -126,6 +126,10 @@ class MetaPolicyGradient:
         adapted = meta_pg.inner_step(self.inner._replace(first_order=True), start, batch, shared=True)
         return {k: v[0].detach().cpu() for k, v in adapted.items()}
 
+    def training_call_episodes(self) -> int:
+        """Episodes of one training sampler call: the meta-batch's tasks × ``episodes_per_task``."""
+        return self.config.meta_batch_size * self.config.episodes_per_task
+
     def evaluate(
         self,
         tasks: list[Task],
@@ -145,7 +149,7 @@ class MetaPolicyGradient:
 
         params = {k: v.detach() for k, v in self.params.items()}
         family = self.distribution if distribution is None else distribution
-        call = cfg.meta_batch_size * cfg.episodes_per_task  # bounds the environments kept
+        call = self.training_call_episodes()  # bounds the environments kept
         with meta_pg.make_agent_sampler(cfg, family, meta_pg.eval_seed(rng), call) as sampler:
             return meta_pg.evaluate_adaptation(
                 sampler,

@@ -1,5 +1,5 @@
 """Evaluation over many held-out tasks keeps no more environments per worker than the agent's
-largest training call, where the config keeps one environment per episode
+per-iteration training call, where the config keeps one environment per episode
 (``envs_per_worker = 0``): 50 Meta-World tasks × 10 episodes at once held 500 environments,
 about 12 GB. The episodes run in turns and, seeded one by one, score as when all are held."""
 
