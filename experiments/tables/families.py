@@ -290,14 +290,16 @@ def plot_benchmarks(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str = "") -> None:
+def write_table(rows: list[dict[str, Any]], out: Path, command: str, notes: list[str] | None = None) -> None:
+    """``out.json``, ``out.md`` and the curves beside them; ``notes`` are the lines of the table's
+    Notes section (what a reader must know about some rows), one a row or a group of rows."""
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = plot_benchmarks(rows, out)
     document = {
         "benchmark": "meta-learning families",
         "machine": (here := machine()),
         "command": command,
-        "note": note,
+        "notes": list(notes or []),
         "ml10_published_test_success": ML10_PUBLISHED,
         "rows": rows,
         "plots": [p.name for p in plots],
@@ -319,8 +321,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
         "",
         "Curves: " + ", ".join(f"[{p.name}]({p.name})" for p in plots),
     ]
-    if note:
-        lines += ["", note]
+    if notes:
+        lines += ["", "What a reader must know about single rows (settings, budgets, dropped rows) is under Notes, "
+                  "below the tables."]
     # a row trained elsewhere than where the table is built names its machine even when all agree
     per_row_machine = any(r.get("machine", here) != here for r in rows)
     if per_row_machine:
@@ -351,6 +354,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, note: str =
                     + (f"{r.get('machine', document['machine'])} | " if per_row_machine else "")
                     + f"`{r['command']}` |"
                 )
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -358,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", nargs="*", help="finished `metarl sweep` output directories")
     parser.add_argument("--out", default="experiments/results/families")
-    parser.add_argument("--note", default="", help="a paragraph printed under the header")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the table's Notes section (repeat for several)",
+    )
     parser.add_argument(
         "--keep",
         help="an earlier table's JSON: its rows for sweeps not given here are kept as they are, "

@@ -85,6 +85,18 @@ def test_recorded_command_parses_back_to_the_arguments_even_with_quotes_in_the_n
     assert shlex.split(command) == ["python", "-m", "experiments.tables.families", *argv]
 
 
+def test_each_note_is_one_bullet_of_the_notes_section_after_the_tables_in_the_order_given(tmp_path):
+    sweep = _fake_sweep(tmp_path / "s", "nav-rl2", "agents.rl2:RL2", {"name": "navigation-2d"}, {},
+                        [0], {"return": [-10.0]})
+    out = tmp_path / "t"
+    assert main([str(sweep), "--out", str(out), "--note", "second row: 5 seeds", "--note", "first row: early"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["notes"] == ["second row: 5 seeds", "first row: early"]
+    text = out.with_suffix(".md").read_text()
+    notes = text.index("## Notes")
+    assert text.index("| return |") < notes  # the row comes first
+    assert text[notes:].split("\n")[2:4] == ["- second row: 5 seeds", "- first row: early"]
+
+
 def _cell(folder, method, seed, per_task, curve=None, iterations=600):
     accuracy = {"step": 3 if method != "protonet" else 0, "per_task": per_task}
     if curve is not None:
