@@ -72,6 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError("--resume takes the run directory, not a config: its config.toml is reused "
                               "(--set may change run.num_iterations, the log intervals and [eval])")
+        if args.out:
+            raise ConfigError(f"--resume continues {args.resume} in place and takes no --out; to train a copy, "
+                              "copy the run directory first and resume the copy")
         experiment = Experiment.resume(args.resume, update=_continued(args.resume, args.set))
     elif args.config:
         experiment = Experiment.create(args.config, args.set, args.out)

@@ -215,10 +215,15 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
     summary["plots"] = [str(p) for p in plots]
     summary["iteration"] = experiment.iteration
     summary["num_tasks"] = len(tasks)
+    from metarl.experiment import evaluation_settings
+
     document = {
         "summary": summary,
         "per_task": {k: v for k, v in result.items() if k != "adaptation_steps"},
         "tasks": [t.to_dict() for t in tasks],
+        # what the scores depend on besides the model, so that a reuse is checked against this
+        # file rather than against a config.toml that may have been edited since
+        "settings": {"evaluation": evaluation_settings(experiment.document), "baselines": baselines},
     }
     if baseline_result is not None:
         document["baselines_per_task"] = baseline_result

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,9 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
     with and the current one, among those that change the model or the algorithm (the agent class,
     the seed, every [agent] and [tasks] key); the ones in :data:`FREE_RUN_KEYS`,
     :data:`FREE_AGENT_KEYS`, :data:`PLACEMENT_AGENT_KEYS` and :data:`FREE_SECTIONS` may change. An [agent] or [run] key the checkpoint did not record (a
-    field added to the code since) is not compared; [tasks] holds the keys as given, so one given
-    now and not then (or then and not now) is a change."""
+    field added to the code since) trained at the field's default, so it is a change only where the
+    current value differs from that default; [tasks] holds the keys as given, so one given now and
+    not then (or then and not now) is a change."""
     changed = []
     for section, table in recorded.items():
         if section in FREE_SECTIONS or not isinstance(table, dict):
@@ -166,11 +167,23 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
         for key in sorted(set(table) | set(now)):
             if (section, key) in _FREE_KEYS:
                 continue
-            if key not in table and section != "tasks":  # a field the code gained since: its default
+            if key not in table and section != "tasks" and key in now:  # a field the code gained since
+                if _plain(now[key]) != _plain(_field_default(section, key, current)):
+                    changed.append(f"{section}.{key}")
                 continue
             if key not in now or key not in table or _plain(table[key]) != _plain(now[key]):
                 changed.append(f"{section}.{key}")
     return changed
+
+
+def _field_default(section: str, key: str, document: dict[str, Any]) -> Any:
+    """The code's default for a [run] or [agent] key of a resolved ``document`` (``MISSING`` where
+    the field has none, so that any value counts as a change)."""
+    cls = RunConfig if section == "run" else resolve_agent(document["run"]["agent"]).Config
+    for field in fields(cls):
+        if field.name == key:
+            return field.default_factory() if field.default_factory is not MISSING else field.default
+    return MISSING
 
 
 @dataclass(frozen=True)
@@ -254,17 +267,34 @@ def _value(document: dict[str, Any], dotted: str) -> str:
     return repr(table[key]) if key in table else "(unset)"
 
 
+def scored_as(run_dir: Path, recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run's ``eval.json`` scored (``None`` when there is no readable file): ``iteration``,
+    its ``evaluation`` settings (:func:`evaluation_settings`), the ``baselines`` options it was
+    asked for (``None``: none) and whether the file ``recorded`` these itself; a file written
+    before evaluations recorded them falls back on ``recorded``, the run's config as resumed."""
+    try:
+        earlier = json.loads((run_dir / "eval.json").read_text())
+        summary = earlier["summary"]
+        iteration = int(summary.get("iteration", recorded["run"]["num_iterations"]))  # older files lack it
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    settings = earlier.get("settings")
+    if isinstance(settings, dict) and "evaluation" in settings:
+        return {"iteration": iteration, "evaluation": settings["evaluation"],
+                "baselines": settings.get("baselines"), "recorded": True}
+    return {"iteration": iteration, "evaluation": evaluation_settings(recorded),
+            "baselines": {} if summary.get("baselines") else None, "recorded": False}
+
+
 def _set_aside_evaluation(run_dir: Path, recorded: dict[str, Any], document: dict[str, Any]) -> None:
     """Renames ``eval.json`` to ``eval.iterK.json`` (K: the iteration it scored) when the run now
     trains further or is evaluated otherwise, so the earlier evaluation is kept, not overwritten."""
     done = run_dir / "eval.json"
     if not done.exists():
         return
-    try:
-        scored = int(json.loads(done.read_text())["summary"]["iteration"])
-    except (ValueError, KeyError, TypeError):
-        scored = int(recorded["run"]["num_iterations"])
-    if scored == document["run"]["num_iterations"] and evaluation_settings(recorded) == evaluation_settings(document):
+    earlier = scored_as(run_dir, recorded)
+    scored = earlier["iteration"] if earlier else int(recorded["run"]["num_iterations"])
+    if earlier and scored == document["run"]["num_iterations"] and earlier["evaluation"] == evaluation_settings(document):
         return
     target, n = run_dir / f"eval.iter{scored}.json", 1
     while target.exists():
@@ -372,8 +402,8 @@ class Experiment:
                     f"run.num_iterations={experiment.run_cfg.num_iterations}; ask for at least {experiment.iteration}"
                 )
             before = resolve_document(placed(recorded, experiment.document))
-            if update is not None:
-                _set_aside_evaluation(run_dir, before, experiment.document)
+            # also when config.toml was edited by hand or eval.json scored an earlier iteration
+            _set_aside_evaluation(run_dir, before, experiment.document)
             moved = any(_plain(v) != _plain(experiment.document["agent"].get(k))
                         for k, v in recorded.get("agent", {}).items() if k in PLACEMENT_AGENT_KEYS)
             if moved or _plain(experiment.document) != _plain(before):

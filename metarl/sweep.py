@@ -66,7 +66,7 @@ def run_one(
     if requested is None:
         experiment = Experiment.create(config, overrides, path)
     else:
-        if done.exists() and _evaluated_as_asked(path, requested):
+        if done.exists() and _evaluated_as_asked(path, requested, baselines):
             return json.loads(done.read_text())
         # resumes under the run directory's lock; an evaluation taken at another iteration or
         # with other evaluation settings is kept beside as eval.iterK.json (Experiment.resume)
@@ -104,18 +104,23 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
     return requested
 
 
-def _evaluated_as_asked(run_dir: Path, requested: dict[str, Any]) -> bool:
+def _evaluated_as_asked(run_dir: Path, requested: dict[str, Any], baselines: dict[str, Any] | None = None) -> bool:
     """Whether the run's ``eval.json`` scored the iteration asked for, with the evaluation settings
-    asked for."""
-    from metarl.experiment import evaluation_settings, placed, resolve_document
+    asked for (as the file records them) and, where baselines are asked for, these baselines (a
+    file from before evaluations recorded their options: any baselines)."""
+    from metarl.experiment import evaluation_settings, placed, resolve_document, scored_as
 
-    recorded = resolve_document(placed(load_toml(run_dir / "config.toml"), requested))
-    try:
-        summary = json.loads((run_dir / "eval.json").read_text())["summary"]
-        scored = int(summary.get("iteration", recorded["run"]["num_iterations"]))  # older files lack it
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    earlier = scored_as(run_dir, resolve_document(placed(load_toml(run_dir / "config.toml"), requested)))
+    if earlier is None:
         return False
-    return scored == requested["run"]["num_iterations"] and evaluation_settings(recorded) == evaluation_settings(requested)
+    if baselines is None:
+        same_baselines = True
+    elif earlier["recorded"]:
+        same_baselines = earlier["baselines"] == json.loads(json.dumps(baselines))  # as JSON gives it back
+    else:
+        same_baselines = earlier["baselines"] is not None
+    return (earlier["iteration"] == requested["run"]["num_iterations"]
+            and earlier["evaluation"] == evaluation_settings(requested) and same_baselines)
 
 
 def _pool_map(

@@ -199,6 +199,32 @@ def test_a_checkpoint_from_before_configs_were_recorded_still_loads(tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 30
 
 
+def test_a_key_the_checkpoint_never_recorded_resumes_at_its_default_and_is_refused_at_another_value(tmp_path):
+    # A checkpoint from before the code gained a field trained with the field's default.
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["config"]["agent"].pop("num_eval_queries") == 100
+    torch.save(state, run / "checkpoint.pt")
+    before = (run / "metrics.jsonl").read_text()
+    _edit_config(run, run__num_iterations=30, agent__num_eval_queries=50)
+    _one_line_error(metarl("run", "--resume", str(run), "--no-progress", check=False), "agent.num_eval_queries")
+    assert (run / "metrics.jsonl").read_text() == before
+    _edit_config(run, agent__num_eval_queries=100)
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 30
+
+
+def test_resume_refuses_an_out_instead_of_training_the_original_in_place(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    before = (run / "metrics.jsonl").read_text()
+    result = metarl("run", "--resume", str(run), "--out", str(tmp_path / "copy"), "--set", "run.num_iterations=30",
+                    check=False)
+    _one_line_error(result, "--out", "copy the run directory")
+    assert (run / "metrics.jsonl").read_text() == before and not (tmp_path / "copy").exists()
+
+
 def test_an_unreadable_checkpoint_is_one_line_naming_it_and_the_previous_one_restores(tmp_path):
     metarl(*small_run(tmp_path / "full", "run.num_iterations=60"))
     run = tmp_path / "r"
@@ -495,6 +521,45 @@ def test_an_evaluation_from_another_iteration_is_never_reused_and_always_kept(tm
     assert (run / "eval.iter40.json").read_text() == first and not (run / "eval.json").exists()
     _sweep(out, "run.num_iterations=60")
     assert json.loads((run / "eval.json").read_text())["summary"]["iteration"] == 60
+
+
+def test_an_evaluation_is_checked_against_the_settings_it_recorded_not_an_edited_config(tmp_path):
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=20")
+    run = out / "base-s0"
+    first = json.loads((run / "eval.json").read_text())
+    assert first["settings"]["evaluation"]["eval"]["num_tasks"] == 4 and first["settings"]["baselines"] is None
+    _edit_config(run, eval__num_tasks=6)  # by hand: the file now claims 6 tasks were scored
+    _sweep(out, "run.num_iterations=20", "eval.num_tasks=6")
+    assert json.loads((run / "eval.iter20.json").read_text()) == first
+    assert json.loads((run / "eval.json").read_text())["summary"]["num_tasks"] == 6
+
+
+def test_a_sweep_asking_for_baselines_does_not_reuse_an_evaluation_without_them_or_with_others(tmp_path):
+    from metarl.experiment import resolve_document
+    from metarl.sweep import _evaluated_as_asked
+
+    out = tmp_path / "sweep"
+    _sweep(out, "run.num_iterations=20")
+    run = out / "base-s0"
+    requested = resolve_document(load_toml(run / "config.toml"))
+    options = {"pretrain_steps": 100, "episodes": 5, "algo": "ppo"}
+    assert _evaluated_as_asked(run, requested) and not _evaluated_as_asked(run, requested, options)
+    document = json.loads((run / "eval.json").read_text())
+    document["settings"]["baselines"] = options
+    (run / "eval.json").write_text(json.dumps(document))
+    assert _evaluated_as_asked(run, requested, options)
+    assert not _evaluated_as_asked(run, requested, {**options, "pretrain_steps": 200})
+
+
+def test_resuming_a_run_whose_config_was_extended_by_hand_keeps_its_earlier_evaluation(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20", "run.eval_at_end=true", "eval.num_tasks=4"))
+    first = (run / "eval.json").read_text()
+    _edit_config(run, run__num_iterations=30)
+    metarl("run", "--resume", str(run), "--no-progress")
+    assert (run / "eval.iter20.json").read_text() == first
+    assert json.loads((run / "eval.json").read_text())["summary"]["iteration"] == 30
 
 
 def test_changing_only_how_a_finished_run_is_scored_scores_it_again_without_training(tmp_path):
