@@ -76,6 +76,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues {args.resume} in place and takes no --out; to train a copy, "
                               "copy the run directory first and resume the copy")
         experiment = Experiment.resume(args.resume, update=_continued(args.resume, args.set))
+        logged = Path(args.resume) / "metrics.jsonl"
+        if experiment.checkpointed is None and logged.exists() and logged.stat().st_size:
+            print(f"note: {args.resume} stopped before its first checkpoint; it trains again from iteration 0 "
+                  "and its logged lines are recomputed", file=sys.stderr)
     elif args.config:
         experiment = Experiment.create(args.config, args.set, args.out)
     else:

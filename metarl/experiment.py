@@ -335,6 +335,7 @@ class Experiment:
         self.agent = _make_agent(parts.agent_cls, self.agent_cfg, self.distribution, self.run_cfg.seed,
                                  self.run_cfg.agent, self.task_name)
         self.rng = np.random.default_rng([self.run_cfg.seed, 0])
+        self.watch = InnerStepWatch()  # its streak goes with the checkpoint: a resume does not reset it
         self.iteration = 0
         self.checkpointed: int | None = None  # the iteration of the latest checkpoint, if any
         self._release: weakref.finalize | None = None  # gives up the run directory (close, or garbage)
@@ -423,7 +424,7 @@ class Experiment:
 
     def state(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "agent": self.agent.state_dict(), "rng": self.rng.bit_generator.state,
-                "config": self.document}
+                "config": self.document, "inner_step_streak": self.watch.streak}
 
     def load_state(self, state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
         """Continues from ``state`` (a checkpoint read from ``source``), once it is known to fit.
@@ -451,6 +452,8 @@ class Experiment:
                 "put back the config it was trained with, or start a new run"
             ) from None
         self.iteration = int(state["iteration"])
+        # a resumed run that still does not adapt warns again, at once if the streak was already long
+        self.watch.streak = int(state.get("inner_step_streak", 0))
         self.checkpointed = self.iteration
 
     def checkpoint(self) -> None:
@@ -483,7 +486,7 @@ class Experiment:
         if self.iteration < cfg.num_iterations:
             self._record_machine()
         meta_batch = self.agent.meta_batch_size
-        watch = InnerStepWatch()
+        watch = self.watch
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",
                    desc=Path(self.run_dir).name, mininterval=1.0, dynamic_ncols=True)
         try:
@@ -502,6 +505,7 @@ class Experiment:
                     if self.iteration % cfg.log_every == 0 or last or held_out:
                         logger.log(self.iteration, metrics)
                     if self.iteration % cfg.checkpoint_every == 0 or last or received:
+                        logger.sync()  # on disk before the checkpoint, which must never outlive its lines
                         self.checkpoint()
                     bar.update(1)
                     if received and not last:

@@ -245,5 +245,13 @@ class MetricsLogger:
     def flush(self) -> None:
         self.writer.flush()
 
+    def sync(self) -> None:
+        """Puts the metric and timing lines on disk, so that a checkpoint written after them never
+        outlives them (a power loss would otherwise keep the checkpoint and lose its last lines)."""
+        for path in (self.metrics_path, self.timing_path):
+            if path.exists():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+
     def close(self) -> None:
         self.writer.close()

@@ -97,6 +97,18 @@ def test_a_run_with_a_no_op_inner_step_warns_once_and_a_working_one_does_not(
     assert "warning" not in stderr, stderr
 
 
+def test_the_no_op_streak_survives_a_resume_so_a_run_stopped_often_still_warns(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "noop"
+    # 6 iterations, then 6 more after a resume: 12 in a row, though no stretch alone reaches 10
+    assert "warning" not in _run(run, "agent.inner_lr=1e-9", "run.num_iterations=6")
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main(["run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=12"]) == 0
+    assert err.getvalue().count("warning: the inner step") == 1, err.getvalue()
+    assert "iteration 10:" in err.getvalue()
+
+
 MAML_CONFIGS = sorted(
     str(p.relative_to(ROOT))
     for p in (ROOT / "experiments").glob("maml_*.toml")

@@ -122,7 +122,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_afresh_keeping_no_line
     proc.wait()
     assert not (killed / "checkpoint.pt").exists() and 3 <= len(_lines(killed / "metrics.jsonl")) < 300
     assert _lock_owner(killed) == str(proc.pid)  # a stale lock file: its flock died with the process
-    metarl("run", "--resume", str(killed), "--no-progress")
+    assert "stopped before its first checkpoint" in metarl("run", "--resume", str(killed), "--no-progress").stderr
     assert (killed / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
     assert _iterations(killed / "timing.jsonl") == list(range(1, 301))
 
