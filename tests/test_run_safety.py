@@ -188,12 +188,17 @@ def test_resume_and_eval_refuse_a_config_that_changes_the_model_or_algorithm(tmp
     assert (run / "metrics.jsonl").read_text() == before and not (run / "eval.json").exists()
 
 
-def test_a_checkpoint_from_before_configs_were_recorded_still_loads(tmp_path):
-    run = tmp_path / "r"
+def _trained_with_checkpoint_edited(run: Path, edit) -> None:
+    """A 20-iteration run whose checkpoint ``edit`` (a function of its state) changed in place."""
     metarl(*small_run(run, "run.num_iterations=20"))
     state = torch.load(run / "checkpoint.pt", weights_only=False)
-    del state["config"]
+    edit(state)
     torch.save(state, run / "checkpoint.pt")
+
+
+def test_a_checkpoint_from_before_configs_were_recorded_still_loads(tmp_path):
+    run = tmp_path / "r"
+    _trained_with_checkpoint_edited(run, lambda state: state.pop("config"))
     _edit_config(run, run__num_iterations=30)
     metarl("run", "--resume", str(run), "--no-progress")
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 30
@@ -202,10 +207,8 @@ def test_a_checkpoint_from_before_configs_were_recorded_still_loads(tmp_path):
 def test_a_key_the_checkpoint_never_recorded_resumes_at_its_default_and_is_refused_at_another_value(tmp_path):
     # A checkpoint from before the code gained a field trained with the field's default.
     run = tmp_path / "r"
-    metarl(*small_run(run, "run.num_iterations=20"))
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["config"]["agent"].pop("num_eval_queries") == 100
-    torch.save(state, run / "checkpoint.pt")
+    _trained_with_checkpoint_edited(run, lambda state: state["config"]["agent"].pop("num_eval_queries"))
+    assert load_toml(run / "config.toml")["agent"]["num_eval_queries"] == 100  # the default
     before = (run / "metrics.jsonl").read_text()
     _edit_config(run, run__num_iterations=30, agent__num_eval_queries=50)
     _one_line_error(metarl("run", "--resume", str(run), "--no-progress", check=False), "agent.num_eval_queries")
