@@ -292,10 +292,25 @@ class MetaWorld(TaskDistribution):
         return self._tasks("test", self.test_names)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Task]:
-        """Draws ``n`` training tasks uniformly (without replacement while ``n`` allows)."""
+        """Draws ``n`` training tasks, without replacement while ``n`` allows.
+
+        ML1: goals uniformly. ML10 / ML45: balanced over the task types, as garage's
+        Meta-World task sampler (the protocol behind the paper's table 1): each type gets
+        ``n // k`` of its goals (``k`` types), and the ``n % k`` left over go to as many distinct
+        types drawn at random; a uniform draw over (type, goal) pairs would leave a batch of 10
+        ML10 tasks with about 6.5 of the 10 types. Returned type by type."""
         train = self.train_tasks()
-        idx = rng.choice(len(train), size=n, replace=n > len(train))
-        return [train[i] for i in idx]
+        if len(self.train_names) == 1:
+            idx = rng.choice(len(train), size=n, replace=n > len(train))
+            return [train[i] for i in idx]
+        k = len(self.train_names)
+        counts = np.full(k, n // k)
+        counts[rng.choice(k, size=n % k, replace=False)] += 1
+        tasks = []
+        for t, count in enumerate(counts.tolist()):
+            goals = rng.choice(NUM_GOALS, size=count, replace=count > NUM_GOALS)
+            tasks += [train[int(g) * k + t] for g in goals]  # goal-major order (_tasks)
+        return tasks
 
     def task_data(self, task: Task) -> bytes:
         """The pickled metaworld task data (goal included) behind ``task``; builds the benchmark once."""

@@ -53,7 +53,7 @@ SECTIONS = ("run", "tasks", "agent", "eval")
 FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end", "eval_every")
 FREE_SECTIONS = ("eval",)
 # [agent] keys that only change how a run is evaluated (held-out adaptation steps and episodes).
-FREE_AGENT_KEYS = ("eval_adapt_steps", "eval_episodes_per_task", "eval_later_lr")
+FREE_AGENT_KEYS = ("eval_adapt_steps", "eval_episodes_per_task", "eval_later_lr", "eval_episodes")
 # [agent] keys that only say where the work runs, so a run may continue on another machine: every
 # episode is seeded from (seed, call, task, episode) whichever backend, worker or slot runs it, and
 # a checkpoint holds its tensors on the CPU. The numbers agree up to the devices' floating-point

@@ -6,6 +6,7 @@ ML45 and running the experts on 20 held-out goals are marked slow.
 
 from __future__ import annotations
 
+import collections
 import pickle
 import warnings
 
@@ -151,6 +152,25 @@ def test_ml1_goals_disjoint_for_several_envs(env_name):
     dist = envs.make("ml1", env_name=env_name)
     train, test = _rand_vecs(dist, dist.train_tasks()), _rand_vecs(dist, dist.test_tasks())
     assert np.linalg.norm(train[:, None] - test[None], axis=-1).min() > 1e-6
+
+
+def test_ml1_batches_draw_goals_uniformly_and_ml10_batches_cover_every_type():
+    # ML1: the goal indices of one numpy draw over the 50 goals, as before.
+    reach = envs.make("ml1", env_name="reach-v3")
+    wanted = np.random.default_rng(5).choice(50, size=20, replace=False)
+    assert [t["goal_index"] for t in reach.sample(20, np.random.default_rng(5))] == wanted.tolist()
+    # ML10: n // 10 goals of every type, the rest on distinct types; no pair twice while n allows.
+    ml10 = envs.make("ml10")
+    for n, rng in ((20, 0), (10, 1), (15, 2), (3, 3)):
+        tasks = ml10.sample(n, np.random.default_rng(rng))
+        per_type = collections.Counter(t["env_name"] for t in tasks)
+        assert len(tasks) == n and set(per_type) <= set(ml10.train_names)
+        counts = [n // 10 + 1] * (n % 10) + [n // 10] * (10 - n % 10)
+        assert sorted(per_type.values()) == sorted(c for c in counts if c)
+        assert len({(t["env_name"], t["goal_index"]) for t in tasks}) == n
+        assert all(t["split"] == "train" for t in tasks)
+    big = ml10.sample(1000, np.random.default_rng(4))
+    assert set(collections.Counter(t["env_name"] for t in big).values()) == {100}
 
 
 @pytest.mark.slow

@@ -375,7 +375,7 @@ def test_hung_worker_times_out_and_env_errors_name_the_task():
     policy, params = _policy_and_params(dist)
     with make_sampler(dist, "process", num_workers=2, timeout_s=2.0) as sampler:
         start = time.monotonic()
-        with pytest.raises(WorkerError, match="worker 1 .*tasks \\[1\\].*timeout_s=2"):
+        with pytest.raises(WorkerError, match="worker 1 .*tasks \\[1\\].*no episode finished within timeout_s=2"):
             sampler.sample(policy, params, [toy_task(), toy_task(hang_at=3)], 1)
         assert time.monotonic() - start < 30.0  # timeout_s bounds it, not the hang (a loose bound: busy CI)
         with pytest.raises(
@@ -386,6 +386,20 @@ def test_hung_worker_times_out_and_env_errors_name_the_task():
         assert sampler.sample(policy, params, [toy_task(), toy_task()], 1).mask.eq(1).all()
         pids = sampler.backend.pids
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_timeout_bounds_a_workers_silence_not_its_share():
+    # Each worker's share, 40 episodes one after another at 0.12 s each (sleeps: at least 4.8 s
+    # whatever the machine), runs past timeout_s=2; it completes because episodes keep ending.
+    dist = ToyDistribution(delay_s=0.01)
+    policy, params = _policy_and_params(dist)
+    tasks = [toy_task(0.3), toy_task(-0.4)]
+    with make_sampler(dist, "process", num_workers=2, envs_per_worker=1, timeout_s=2.0, seed=3) as sampler:
+        start = time.monotonic()
+        traj = sampler.sample(policy, params, tasks, 40)
+        assert time.monotonic() - start > 4.8
+    with make_sampler(ToyDistribution(), seed=3) as serial:
+        _assert_same(traj, serial.sample(policy, params, tasks, 40))
 
 
 def test_no_child_survives_close_or_interpreter_exit(tmp_path: Path):

@@ -35,7 +35,7 @@ def _check_args(
         )
     if not timeout_s > 0:
         raise ValueError(
-            f"timeout_s={timeout_s} must be positive (seconds a worker may take per call)"
+            f"timeout_s={timeout_s} must be positive (seconds a worker may go without finishing an episode)"
         )
     if on_failure not in _ON_FAILURE:
         raise ValueError(f"on_failure={on_failure!r} is unknown; use one of {_ON_FAILURE}")
@@ -63,8 +63,9 @@ def make_sampler(
         envs_per_worker: environments each worker keeps; ``None`` keeps one per episode of its share.
         horizon: steps per episode ``T``; ``None`` uses ``distribution.horizon``.
         seed: root of every episode's seed.
-        timeout_s: the longest a worker may take for its share of one call, the first call's
-            environment building included; past it the worker is killed and reported.
+        timeout_s: ``process``: the longest a worker may go without finishing an episode (the
+            first call's environment building included); ``ray``: the longest an actor may take
+            for its share of one call. Past it the worker is killed and reported.
         on_failure: ``"raise"`` a :class:`WorkerError`, or ``"restart"`` the worker and re-collect
             its share (the same seeds give the same episodes).
         address: Ray cluster address (``ray`` backend only); ``None`` starts Ray locally.

@@ -7,7 +7,10 @@ forward per step, and answers with one message holding all its arrays. The polic
 only when it changes.
 
 Failures are detected by waiting on the result pipes and the process sentinels together under a
-deadline, so a dead or hung worker is noticed within ``timeout_s`` and never blocks the caller.
+deadline, so a dead or hung worker is noticed within ``timeout_s`` and never blocks the caller. The
+deadline measures silence, not the share's length: a worker that finishes an episode says so (at
+most every ``_BEAT_S`` seconds), which moves its deadline on, so a long share (a held-out
+evaluation of hundreds of tasks) runs as long as its episodes keep ending.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import multiprocessing as mp
 import signal
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -30,6 +34,7 @@ from metarl.rollout.worker import Batch, EpisodeSpec, RolloutWorker, describe_ex
 logger = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT_S = 5.0
+_BEAT_S = 0.25  # the most often a worker reports a finished episode during its share
 
 
 def _worker_main(conn: Connection, distribution: TaskDistribution, max_envs: int | None) -> None:
@@ -53,7 +58,9 @@ def _worker_main(conn: Connection, distribution: TaskDistribution, max_envs: int
             _, request, arrays, episodes, horizon = message
             try:
                 with torch.no_grad():
-                    batch = worker.run(policy, params_from_numpy(arrays), episodes, horizon)
+                    batch = worker.run(
+                        policy, params_from_numpy(arrays), episodes, horizon, _beat(conn, request)
+                    )
             except Exception as exc:
                 # Forwarded to the sampler, which raises it as a WorkerError.
                 conn.send(("error", request, describe_exception(exc)))
@@ -61,6 +68,21 @@ def _worker_main(conn: Connection, distribution: TaskDistribution, max_envs: int
             conn.send(("ok", request, batch))
     finally:
         worker.close()
+
+
+def _beat(conn: Connection, request: int) -> Callable[[], None]:
+    """Called by the worker as episodes end: tells the sampler, at most every ``_BEAT_S`` s, that
+    request ``request`` is making progress."""
+    last = time.monotonic()
+
+    def beat() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= _BEAT_S:
+            conn.send(("alive", request, None))
+            last = now
+
+    return beat
 
 
 def _exit_cause(process: mp.process.BaseProcess) -> str:
@@ -123,8 +145,9 @@ class ProcessBackend:
         distribution: the task family (must be picklable).
         num_workers: number of worker processes.
         envs_per_worker: environments per worker; ``None`` holds one per episode of its share.
-        timeout_s: the longest a worker may take for its share of one call (environment building
-            on the first call included) before it is killed and reported.
+        timeout_s: the longest a worker may go without finishing an episode (its environment
+            building on the first call included) before it is killed and reported; a share may
+            take longer in all.
         on_failure: ``"raise"`` a :class:`WorkerError`, or ``"restart"`` the worker and re-collect
             its share (at most ``max_restarts`` times per call).
         start_method: ``"forkserver"`` or ``"spawn"``.
@@ -207,7 +230,8 @@ class ProcessBackend:
         """Reads worker ``w``'s reply, or reports why there is none."""
         handle = self._handles[w]
         assert handle is not None
-        if handle.conn.poll():
+        alive = False
+        while handle.conn.poll():
             try:
                 kind, request, payload = handle.conn.recv()
             except (EOFError, OSError):
@@ -217,9 +241,14 @@ class ProcessBackend:
                 raise RuntimeError(
                     f"worker {w} answered request {request}, expected {self._request_of[w]}"
                 )
+            if kind == "alive":
+                alive = True
+                continue
             if kind == "ok":
                 return "ok", payload
             return "dead", f"its environment raised:\n{payload}"
+        if alive:
+            return "alive", None
         if not handle.process.is_alive():
             return "dead", _exit_cause(handle.process)
         return "busy", None
@@ -284,6 +313,9 @@ class ProcessBackend:
         retry: list[int] = []
         for w in list(deadlines):
             status, payload = self._receive(w)
+            if status == "alive":
+                deadlines[w] = time.monotonic() + self.timeout_s
+                continue
             if status == "busy" and time.monotonic() < deadlines[w]:
                 continue
             del deadlines[w]
@@ -292,7 +324,8 @@ class ProcessBackend:
                 continue
             if status == "busy":
                 payload = (
-                    f"no result within timeout_s={self.timeout_s:g} s (worker hung or too slow)"
+                    f"no episode finished within timeout_s={self.timeout_s:g} s (worker hung or "
+                    "too slow)"
                 )
             if self._fail(w, shares[w], payload, attempts):
                 retry.append(w)

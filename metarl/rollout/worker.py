@@ -14,6 +14,7 @@ its trajectory.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -225,6 +226,7 @@ class RolloutWorker:
         param_sets: list[dict[str, torch.Tensor]],
         episodes: list[EpisodeSpec],
         horizon: int,
+        on_episode_end: Callable[[], None] | None = None,
     ) -> Batch:
         """Collects ``episodes``; row ``i`` of every returned array belongs to ``episodes[i]``.
 
@@ -233,13 +235,15 @@ class RolloutWorker:
             param_sets: the parameter dicts that ``EpisodeSpec.param_index`` points into.
             episodes: what to collect.
             horizon: steps per episode ``T``.
+            on_episode_end: called after each step at which an episode ended (a process
+                worker's sign of life).
 
         Returns:
             The arrays of :func:`allocate_batch` with ``M = len(episodes)``.
         """
         # Inference mode skips autograd bookkeeping on every op; nothing here needs gradients.
         with torch.inference_mode():
-            return self._run(policy, param_sets, episodes, horizon)
+            return self._run(policy, param_sets, episodes, horizon, on_episode_end)
 
     def _run(
         self,
@@ -247,6 +251,7 @@ class RolloutWorker:
         param_sets: list[dict[str, torch.Tensor]],
         episodes: list[EpisodeSpec],
         horizon: int,
+        on_episode_end: Callable[[], None] | None,
     ) -> Batch:
         out = allocate_batch(len(episodes), horizon, self.obs_dim, self.action_space)
         noise = np.zeros((len(episodes), horizon, *policy.noise_shape), dtype=np.float32)
@@ -260,6 +265,8 @@ class RolloutWorker:
             results = self._step_all(lanes, env_actions, episodes)
             ended = self._record(results, lanes, out, horizon)
             lanes.steps += 1
+            if on_episode_end is not None and ended.any():
+                on_episode_end()
             for i in np.flatnonzero(ended).tolist():
                 if next_job < len(episodes):
                     lanes.envs[i] = self._begin(
