@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from metarl.experiment import Experiment
 
-    experiment = Experiment.resume(args.run_dir)
+    experiment = Experiment.resume(args.run_dir, update=_continued(args.run_dir, _evaluation_only(args.set)))
     if experiment.iteration == 0:
         print(f"warning: {args.run_dir} has no checkpoint; evaluating the initial parameters", file=sys.stderr)
     try:
@@ -128,6 +128,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     _print_summary(summary)
     return 0
+
+
+def _evaluation_only(overrides: list[str]) -> list[str]:
+    """``metarl eval --set`` values, refused (one line) unless they only change how the run is
+    evaluated or where it runs: ``[eval]`` and the agent's evaluation and placement keys."""
+    from metarl.experiment import FREE_AGENT_KEYS, PLACEMENT_AGENT_KEYS
+
+    free = {f"agent.{k}" for k in FREE_AGENT_KEYS + PLACEMENT_AGENT_KEYS}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith("eval.") or key in free):
+            raise ConfigError(
+                f"metarl eval --set {key}: eval changes only how a run is scored ([eval], "
+                f"{', '.join(sorted(free))}); to train further or otherwise use metarl run --resume"
+            )
+    return overrides
 
 
 def _baseline_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -249,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="evaluate a run's agent on held-out tasks")
     ev.add_argument("run_dir")
+    ev.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="score otherwise: [eval] (e.g. eval.num_tasks=0 for every held-out task) or the "
+                         "agent's evaluation keys; recorded in config.toml, the earlier eval.json kept aside")
     _add_baseline_options(ev)
     ev.set_defaults(func=cmd_eval)
     sw = sub.add_parser("sweep", help="several seeds (and a --grid of values) of one config in parallel, aggregated")

@@ -163,6 +163,22 @@ def test_eval_writes_json_and_plots_and_prints_curve(tmp_path):
     assert (run / "fits.png").stat().st_size > 1000
 
 
+def test_eval_set_rescores_otherwise_and_keeps_the_earlier_scores(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    metarl("eval", str(run))
+    first = (run / "eval.json").read_text()
+    proc = metarl("eval", str(run), "--set", "eval.num_tasks=5")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["num_tasks"] == 5
+    assert "num_tasks = 5" in (run / "config.toml").read_text()
+    assert (run / "eval.iter20.json").read_text() == first
+    config, scores = (run / "config.toml").read_text(), (run / "eval.json").read_text()
+    refused = metarl("eval", str(run), "--set", "agent.inner_lr=0.5", check=False)
+    assert refused.returncode == 2 and "agent.inner_lr" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert (run / "config.toml").read_text() == config and (run / "eval.json").read_text() == scores
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     run = tmp_path / "r"
     metarl(*small_run(run, "run.num_iterations=10"))
