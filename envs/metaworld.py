@@ -300,10 +300,7 @@ class MetaWorld(TaskDistribution):
         types drawn at random; a uniform draw over (type, goal) pairs would leave a batch of 10
         ML10 tasks with about 6.5 of the 10 types. Returned type by type."""
         train = self.train_tasks()
-        if len(self.train_names) == 1:
-            idx = rng.choice(len(train), size=n, replace=n > len(train))
-            return [train[i] for i in idx]
-        k = len(self.train_names)
+        k = len(self.train_names)  # ML1: k = 1, one draw over the goals
         counts = np.full(k, n // k)
         counts[rng.choice(k, size=n % k, replace=False)] += 1
         tasks = []
