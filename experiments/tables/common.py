@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from metarl.stats import bootstrap_difference_ci
 from metarl.sweep import grid_cells, label_of
 
 REFERENCES = Path(__file__).resolve().parents[1] / "references.toml"
@@ -115,3 +118,28 @@ def command_config(command: str, cell: str) -> dict[str, Any]:
     if cell not in cells:
         raise ValueError(f"cell {cell!r} is not one of the grid cells of {command!r}: {sorted(cells)}")
     return apply_overrides(load_toml(tokens[tokens.index("sweep") + 1]), sets + cells[cell])
+
+
+def gain(runs: list[Path], metric: str, step: int = 1) -> dict[str, float] | None:
+    """Held-out ``metric`` after adaptation step ``step`` (``-1``: the last one scored) minus
+    before, over tasks × seeds: the mean difference and its paired 95% bootstrap interval (each
+    task scored before and after), from every run's ``eval.json``; ``None`` without runs, when
+    one has no ``eval.json`` or when they did not score ``metric``."""
+    pre, post = [], []
+    if not runs or not all((run / "eval.json").exists() for run in runs):
+        return None
+    for run in runs:
+        table = json.loads((run / "eval.json").read_text())["per_task"].get(metric)
+        if table is None:
+            return None
+        scores = np.asarray(table, dtype=float)  # [tasks, adaptation steps]
+        pre.append(scores[:, 0])
+        post.append(scores[:, step])
+    a, b = np.concatenate(post), np.concatenate(pre)
+    lo, hi = bootstrap_difference_ci(a, b, np.mean)
+    return {"mean": float(a.mean() - b.mean()), "lo": lo, "hi": hi, "num": int(a.size)}
+
+
+def fmt_gain(g: dict[str, float] | None) -> str:
+    """``+mean [+lo, +hi]`` of a :func:`gain` (``–`` when absent)."""
+    return "–" if not g else f"{g['mean']:+.3g} [{g['lo']:+.3g}, {g['hi']:+.3g}]"

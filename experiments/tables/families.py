@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from experiments.tables.common import (
+    fmt_gain,
     fmt_iqm,
+    gain,
     kept_rows,
     load_sweep,
     machines_of,
@@ -163,6 +165,10 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "command": document.get("sweep_command") or document["commands"][label],
             }
         )
+        # after the last adaptation step minus before, paired over tasks × seeds (RL² and PEARL:
+        # the trial's last episode against its first)
+        if len(steps) > 1:
+            rows[-1]["gain"] = {m: gain(runs, m, step=-1) for m in metrics}
         # where the finished seeds trained (their machines.jsonl, most iterations first); where
         # they record no machine, the table's own is assumed
         trained_on = machines_of([r for r in runs if (r / "eval.json").exists()])
@@ -319,7 +325,10 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, notes: list
         "\"Before\" is the score with no task data; \"after\" is the score after the learner's own "
         "adaptation, with the experience it used in the \"adaptation used\" column; \"after first step\" "
         "is one inner step (one episode for RL² and PEARL). The plain mean after adaptation stands "
-        "beside the IQM: far above it, some tasks or seeds diverged. Regression scores are MSE "
+        "beside the IQM: far above it, some tasks or seeds diverged. \"After − before\" is the mean "
+        "change over the adaptation, each held-out task paired with itself, with a 95% bootstrap "
+        "interval (rows from sweep directories; for RL² and PEARL the trial's last episode against "
+        "its first, so an interval above 0 is a score rising with context). Regression scores are MSE "
         "(lower is better); classification scores accuracy; RL scores return or success. The "
         "iterations column is the meta-training length of each row: rows far below a paper's "
         "budget are early points of its setting, not converged figures.",
@@ -342,10 +351,10 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, notes: list
             f"## {benchmark}",
             "",
             "| learner | family | seeds | iterations | metric | before | after first step | after | "
-            "mean after | adaptation used | published | "
+            "mean after | after − before, mean [95% CI] | adaptation used | published | "
             + ("machine | " if per_row_machine else "")
             + "command |",
-            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if per_row_machine else "") + "---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if per_row_machine else "") + "---|",
         ]
         for r in (r for r in rows if r["benchmark"] == benchmark):
             for metric, stats in r["metrics"].items():
@@ -356,7 +365,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, notes: list
                 lines.append(
                     f"| {r['learner']} | {r['family']} | {r['num_seeds']} | {r['iterations']} | "
                     f"{metric} | {before} | {first} | {fmt_iqm(stats, last)} | "
-                    f"{stats['mean'][last]:.3g} | {r['experience_last']} | "
+                    f"{stats['mean'][last]:.3g} | {fmt_gain((r.get('gain') or {}).get(metric))} | "
+                    f"{r['experience_last']} | "
                     f"{_published(r) if metric == 'success' else '–'} | "
                     + (f"{r.get('machine', document['machine'])} | " if per_row_machine else "")
                     + f"`{r['command']}` |"

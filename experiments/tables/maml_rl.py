@@ -23,7 +23,9 @@ import numpy as np
 from experiments.bench.trpo import timing_table
 from experiments.rl_curves import reference_for
 from experiments.tables.common import (
+    fmt_gain,
     fmt_iqm,
+    gain,
     kept_rows,
     load_sweep,
     machine_at_iteration,
@@ -31,7 +33,6 @@ from experiments.tables.common import (
     references,
 )
 from metarl.runtime import machine
-from metarl.stats import bootstrap_difference_ci
 
 
 def _timing(run_dirs: list[Path], main: str | None) -> dict[str, Any]:
@@ -90,25 +91,6 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def gain(runs: list[Path], metric: str) -> dict[str, float] | None:
-    """Held-out ``metric`` after one adaptation step minus before, over tasks × seeds: the mean
-    difference and its paired 95% bootstrap interval (each task scored before and after), from
-    every run's ``eval.json``; ``None`` without runs or when they did not score ``metric``."""
-    pre, post = [], []
-    if not runs or not all((run / "eval.json").exists() for run in runs):
-        return None
-    for run in runs:
-        table = json.loads((run / "eval.json").read_text())["per_task"].get(metric)
-        if table is None:
-            return None
-        scores = np.asarray(table, dtype=float)  # [tasks, adaptation steps]
-        pre.append(scores[:, 0])
-        post.append(scores[:, 1])
-    a, b = np.concatenate(post), np.concatenate(pre)
-    lo, hi = bootstrap_difference_ci(a, b, np.mean)
-    return {"mean": float(a.mean() - b.mean()), "lo": lo, "hi": hi, "num": int(a.size)}
-
-
 def published_after(run: Path) -> dict[str, Any] | None:
     """The published held-out return (or success) after one step for the run's benchmark and
     algorithm (the MAML-TRPO curve stands for MAML-PPO where only it is published), where it was
@@ -143,10 +125,6 @@ def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
         "",
     ]
     return lines + timing_table(timing["settings"])
-
-
-def _fmt_gain(g: dict[str, float] | None) -> str:
-    return "–" if not g else f"{g['mean']:+.3g} [{g['lo']:+.3g}, {g['hi']:+.3g}]"
 
 
 def _fmt_published(row: dict[str, Any], metric: str) -> str:
@@ -223,7 +201,7 @@ def write_table(
                 f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
                 f"{t.get('iterations', '–')} | {metric} | {fmt_iqm(row[metric], 0)} | {fmt_iqm(row[metric], 1)} | "
                 f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | "
-                f"{_fmt_gain((row.get('gain') or {}).get(metric))} | {_fmt_published(row, metric)} | {base[0]} | {base[1]} | "
+                f"{fmt_gain((row.get('gain') or {}).get(metric))} | {_fmt_published(row, metric)} | {base[0]} | {base[1]} | "
                 f"{timing} | {row.get('machine', document['machine'])} | `{row['command']}` |"
             )
     if notes:

@@ -155,3 +155,20 @@ def test_a_sweep_row_names_the_machines_its_finished_seeds_trained_on(tmp_path):
     done.joinpath("timing.jsonl").unlink()  # no timing log: the machines it names, alphabetically
     assert main([str(sweep), "--out", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["machine"] == "box A; box B"
+
+
+def test_gain_column_pairs_each_task_last_step_against_before_by_hand(tmp_path):
+    # RL² trials of 3 episodes on 2 tasks in each of 2 seeds: last minus first per task is
+    # +1, -1 (seed 0) and +1, +1 (seed 1), so the mean gain is 0.5; return was not scored per task.
+    sweep = _fake_sweep(tmp_path, "push-rl2", "agents.rl2:RL2", {"name": "ml1", "env_name": "push-v3"}, {},
+                        [0, 1, 2], {"success": [0.25, 0.5, 0.75]})
+    (sweep / "base-s1").mkdir()
+    (sweep / "base-s1" / "config.toml").write_text((sweep / "base-s0" / "config.toml").read_text())
+    for seed, table in ((0, [[0, 1, 1], [1, 1, 0]]), (1, [[0, 0, 1], [0, 1, 1]])):
+        (sweep / f"base-s{seed}" / "eval.json").write_text(json.dumps({"per_task": {"success": table}}))
+    out = tmp_path / "t"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    g = row["gain"]["success"]
+    assert g["mean"] == 0.5 and g["num"] == 4 and g["lo"] <= 0.5 <= g["hi"]
+    assert f"| 0.75 | +0.5 [{g['lo']:+.3g}, {g['hi']:+.3g}] | 2 episode(s) |" in out.with_suffix(".md").read_text()
