@@ -15,11 +15,20 @@ policies (:mod:`metarl.closed_form`, ``products``) instead of autograd's double 
 Defaults: inner lr 0.1, outer lr 1e-3 (Adam) and clip range 0.5 as garage's ``MAMLPPO``
 (``lr_clip_range=5e-1``); 5 outer epochs as ProMP's PPO steps (Rothfuss et al. 2019, arXiv
 1810.06784; garage takes a single Adam step per iteration).
+
+The clip bounds nothing once a step has pushed the ratios out of the clip range: there the
+clipped objective has no gradient, so a policy thrown far off cannot come back. On
+halfcheetah-vel one Adam epoch did that after 387 good iterations (the adapted policies' mean KL
+to the sampling ones 1294 where it is usually 0.02 to 0.05; clip fraction 1.0 from then on, the
+held-out return back to a random policy's). ``max_update_kl`` undoes such an update: a
+meta-update whose adapted policies end further than it from the sampling ones (mean KL over
+tasks and steps) is taken again epoch by epoch and stops before the epoch that crosses it.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +55,15 @@ class MAMLPPOConfig(MetaPGConfig):
     Gaussian MLP policies, metarl.closed_form), 'autograd' (a double backward) or 'auto' (the
     closed form where the policy allows it); the same gradient either way."""
 
+    max_update_kl: float | None = 1.0
+    """Largest mean KL of the adapted policies to the sampling ones that a meta-update may reach;
+    an update past it keeps only its epochs before the crossing (none: the iteration changes
+    nothing). The usual update moves them by about 0.02 to 0.05. None: no limit."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_update_kl is not None and not self.max_update_kl > 0:
+            raise ValueError(f"max_update_kl must be > 0 or None, got {self.max_update_kl}")
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0.0 < self.clip_range < 1.0:
@@ -73,42 +89,87 @@ class MAMLPPO(MetaPolicyGradient):
     def __init__(self, config: MAMLPPOConfig, distribution: TaskDistribution, seed: int) -> None:
         super().__init__(config, distribution, seed)
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=config.outer_lr)
+        self._warned_kl = False
         self.closed_form = closed_form.chosen(
             config.products,
             closed_form.supported(self.policy, self.inner.lr, self.inner.first_order),
         )
 
     def _update(self, batch: MetaBatch) -> dict[str, float]:
-        """``num_epochs`` Adam steps; on a NaN the parameters and optimiser are put back, then it raises."""
+        """``num_epochs`` Adam steps; on a NaN the parameters and optimiser are put back, then it
+        raises. An update past ``max_update_kl`` is taken again epoch by epoch and stops before
+        the epoch that crosses it (``train/epochs_kept``)."""
         cfg, policy, post = self.config, self.policy, batch.post
         detached = {k: v.detach() for k, v in self.params.items()}
         with torch.no_grad():
             old = meta_pg.adapt_tasks(self.inner._replace(first_order=True), detached, batch.pre)
             old_log_probs = meta_pg.post_log_probs(policy, old, post)
-        snapshot = (
-            {k: v.clone() for k, v in detached.items()},
-            copy.deepcopy(self.optimizer.state_dict()),
-        )
+        snapshot = self._snapshot()
         clip_fraction = torch.zeros(())
         for _ in range(cfg.num_epochs):
-            objective, clip_fraction, grads = self.objective_gradient(batch, old_log_probs)
-            if not bool(torch.isfinite(objective)):
-                self._restore(*snapshot)
-                meta_pg.check_finite("clipped objective", objective, "lower inner_lr or outer_lr")
-            for k, v in self.params.items():
-                v.grad = grads[k]
-            self.optimizer.step()
-        with torch.no_grad():
-            new = meta_pg.adapt_tasks(self.inner._replace(first_order=True), self.params, batch.pre)
-            final, _ = clipped_objective(
-                meta_pg.post_log_probs(policy, new, post), old_log_probs, post, cfg.clip_range
-            )
-            kl = meta_pg.mean_kl(policy, old, new, post)
+            clip_fraction = self._epoch(batch, old_log_probs, snapshot)
+        final, kl = self._measure(batch, old, old_log_probs)
+        kept = cfg.num_epochs
+        limit = cfg.max_update_kl
+        if limit is not None and not float(kl) <= limit:
+            crossed = float(kl)
+            self._restore(*snapshot)
+            final, kl, kept = self._measure(batch, old, old_log_probs) + (0,)
+            clip_fraction = torch.zeros(())  # no epoch kept: every ratio is 1
+            for _ in range(cfg.num_epochs):
+                before = self._snapshot()
+                fraction = self._epoch(batch, old_log_probs, snapshot)
+                after = self._measure(batch, old, old_log_probs)
+                if not float(after[1]) <= limit:
+                    self._restore(*before)
+                    break
+                final, kl, kept, clip_fraction = after + (kept + 1, fraction)
+            if not self._warned_kl:
+                self._warned_kl = True
+                warnings.warn(
+                    f"a meta-update moved the adapted policies by a mean KL of {crossed:.3g}, past "
+                    f"agent.max_update_kl={limit}; it kept {kept} of {cfg.num_epochs} epochs "
+                    f"(train/epochs_kept in metrics.jsonl). If this repeats, lower agent.outer_lr.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return {
             "train/surrogate": float(final),
             "train/kl": float(kl),
             "train/clip_fraction": float(clip_fraction),
+            "train/epochs_kept": float(kept),
         }
+
+    def _snapshot(self) -> tuple[Params, dict[str, Any]]:
+        params = {k: v.detach().clone() for k, v in self.params.items()}
+        return params, copy.deepcopy(self.optimizer.state_dict())
+
+    def _epoch(
+        self, batch: MetaBatch, old_log_probs: torch.Tensor, snapshot: tuple[Params, dict[str, Any]]
+    ) -> torch.Tensor:
+        """One Adam step on the clipped objective; its clip fraction. On a NaN objective the
+        update's ``snapshot`` is put back, then it raises."""
+        objective, clip_fraction, grads = self.objective_gradient(batch, old_log_probs)
+        if not bool(torch.isfinite(objective)):
+            self._restore(*snapshot)
+            meta_pg.check_finite("clipped objective", objective, "lower inner_lr or outer_lr")
+        for k, v in self.params.items():
+            v.grad = grads[k]
+        self.optimizer.step()
+        return clip_fraction
+
+    def _measure(
+        self, batch: MetaBatch, old: Params, old_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipped objective at the current parameters and the mean KL of their adapted
+        policies to the sampling ones ``old``."""
+        with torch.no_grad():
+            new = meta_pg.adapt_tasks(self.inner._replace(first_order=True), self.params, batch.pre)
+            final, _ = clipped_objective(
+                meta_pg.post_log_probs(self.policy, new, batch.post), old_log_probs, batch.post,
+                self.config.clip_range,
+            )
+            return final, meta_pg.mean_kl(self.policy, old, new, batch.post)
 
     def objective_gradient(
         self, batch: MetaBatch, old_log_probs: torch.Tensor

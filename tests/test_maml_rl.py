@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,62 @@ def test_maml_ppo_post_update_return_beats_pre_update_on_navigation():
     history = _learning_run(MAMLPPO, config, 15)
     gains = [m["train/post_return"] - m["train/pre_return"] for m in history[-5:]]
     assert np.mean(gains) > 3.0, gains
+
+
+def _ppo_updates(distribution, tasks, agents):
+    """MAML-PPO agents built alike (seed 0) take one outer update each on one shared batch,
+    collected by the first; returns each update's metrics and parameters."""
+    base = dict(meta_batch_size=4, episodes_per_task=4, hidden_sizes=(16,), backend="serial", outer_lr=0.05)
+    out, batch = [], None
+    for changes in agents:
+        agent = MAMLPPO(MAMLPPOConfig(**(base | changes)), distribution, 0)
+        try:
+            if batch is None:
+                batch = meta_pg.collect(agent.sampler, agent.inner, agent.params, tasks, 4, 1,
+                                        agent._advantages, agent.device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                metrics = agent._update(batch)
+            out.append((metrics, {k: v.detach().clone() for k, v in agent.params.items()}, caught))
+        finally:
+            agent.close()
+    return out
+
+
+def test_maml_ppo_update_past_max_update_kl_keeps_the_epochs_before_the_crossing():
+    # Reference: the same update with the limit off and fewer epochs. A limit between the KL after
+    # one epoch and after two must leave exactly the one-epoch parameters, and warn once.
+    distribution = envs.make("navigation-2d", horizon=10)
+    tasks = distribution.sample(4, np.random.default_rng(0))
+    (one, p1, _), (two, _, _), (three, p3, quiet) = _ppo_updates(
+        distribution, tasks,
+        [dict(num_epochs=1, max_update_kl=None), dict(num_epochs=2, max_update_kl=None),
+                dict(num_epochs=3, max_update_kl=None)],
+    )
+    assert 0 < one["train/kl"] < two["train/kl"] < three["train/kl"]  # large steps: the KL grows
+    limit = (one["train/kl"] + two["train/kl"]) / 2
+    [(guarded, pg, caught)] = _ppo_updates(distribution, tasks,
+                                          [dict(num_epochs=3, max_update_kl=limit)])
+    assert guarded["train/epochs_kept"] == 1 and guarded["train/kl"] == pytest.approx(one["train/kl"])
+    for k in p1:
+        torch.testing.assert_close(pg[k], p1[k])
+    assert len([w for w in caught if "max_update_kl" in str(w.message)]) == 1 and not quiet
+    # a limit the update stays under changes nothing
+    [(free, pf, _)] = _ppo_updates(distribution, tasks,
+                                   [dict(num_epochs=3, max_update_kl=three["train/kl"] * 2)])
+    assert free["train/epochs_kept"] == 3
+    for k in p3:
+        torch.testing.assert_close(pf[k], p3[k])
+    # below the first epoch's KL: the iteration keeps the parameters it started from
+    [(none, p0, _)] = _ppo_updates(distribution, tasks,
+                                   [dict(num_epochs=3, max_update_kl=one["train/kl"] / 2)])
+    start = MAMLPPO(MAMLPPOConfig(hidden_sizes=(16,), backend="serial"), distribution, 0)
+    try:
+        for k, v in start.params.items():
+            torch.testing.assert_close(p0[k], v.detach())
+    finally:
+        start.close()
+    assert none["train/epochs_kept"] == 0 and none["train/kl"] == 0.0
 
 
 def test_evaluate_and_adapt_shapes():
