@@ -18,9 +18,9 @@ Defaults: inner lr 0.1, outer lr 1e-3 (Adam) and clip range 0.5 as garage's ``MA
 
 The clip bounds nothing once a step has pushed the ratios out of the clip range: there the
 clipped objective has no gradient, so a policy thrown far off cannot come back. On
-halfcheetah-vel one Adam epoch did that after 387 good iterations (the adapted policies' mean KL
-to the sampling ones 1294 where it is usually 0.02 to 0.05; clip fraction 1.0 from then on, the
-held-out return back to a random policy's). ``max_update_kl`` undoes such an update: a
+halfcheetah-vel one meta-update did that after 387 good iterations (the adapted policies' mean KL
+to the sampling ones 1294 where it is usually 0.02 to 0.05; clip fraction near 1.0 from then on,
+the held-out return down to about a random policy's). ``max_update_kl`` undoes such an update: a
 meta-update whose adapted policies end further than it from the sampling ones (mean KL over
 tasks and steps) is taken again epoch by epoch and stops before the epoch that crosses it.
 """
