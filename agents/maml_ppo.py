@@ -114,16 +114,16 @@ class MAMLPPO(MetaPolicyGradient):
         if limit is not None and not float(kl) <= limit:
             crossed = float(kl)
             self._restore(*snapshot)
-            final, kl, kept = self._measure(batch, old, old_log_probs) + (0,)
-            clip_fraction = torch.zeros(())  # no epoch kept: every ratio is 1
+            final, kl = self._measure(batch, old, old_log_probs)
+            kept, clip_fraction = 0, torch.zeros(())  # no epoch kept: every ratio is 1
             for _ in range(cfg.num_epochs):
                 before = self._snapshot()
                 fraction = self._epoch(batch, old_log_probs, snapshot)
-                after = self._measure(batch, old, old_log_probs)
-                if not float(after[1]) <= limit:
+                objective, reached = self._measure(batch, old, old_log_probs)
+                if not float(reached) <= limit:
                     self._restore(*before)
                     break
-                final, kl, kept, clip_fraction = after + (kept + 1, fraction)
+                final, kl, kept, clip_fraction = objective, reached, kept + 1, fraction
             if not self._warned_kl:
                 self._warned_kl = True
                 warnings.warn(
