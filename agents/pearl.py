@@ -390,7 +390,8 @@ class PEARL:
         collect = list(tasks)[: cfg.num_collect_tasks or len(tasks)]
         if not collect:
             raise ValueError("step needs at least one task to collect data on")
-        # Once per run: the replay is empty only before the first step (a resume restores it).
+        # Once per run: the replay is empty only before the first step (a resume restores it),
+        # or after a resume from portable_state_dict, which collects the initial episodes again.
         initial = self._collect_initial() if cfg.num_initial_episodes and not self.replay else 0.0
         metrics = self._collect(collect)
         metrics["train/env_steps"] += initial
@@ -482,7 +483,16 @@ class PEARL:
             "sampler": self.sampler.state_dict(),
         }
 
+    def portable_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the replay and encoder buffers (on ML1 about 10 MB against
+        hundreds): loaded, the agent's next step collects as a new run's first step does (the
+        initial episodes on every training task, with the current policy), then goes on."""
+        state = self.state_dict()
+        del state["replay"], state["context"]
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Takes :meth:`state_dict`'s state, or :meth:`portable_state_dict`'s (buffers left empty)."""
         width = state["nets"]["encoder"]["fc0.weight"].shape[1]
         if width != self.context_width:
             raise ValueError(
@@ -499,12 +509,12 @@ class PEARL:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         self.replay = OrderedDict()
-        for task, buffer_state in state["replay"]:
+        for task, buffer_state in state.get("replay", []):
             self.replay[task] = TaskReplay(
                 buffer_state["data"].shape[1], self.config.replay_capacity
             )
             self.replay[task].load_state_dict(buffer_state)
-        self.context = {t: c.copy() for t, c in state["context"].items()}
+        self.context = {t: c.copy() for t, c in state.get("context", {}).items()}
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])

@@ -9,6 +9,7 @@ An agent is built as ``cls(config, distribution, seed)`` and then driven by the 
     metrics = agent.step(distribution.sample(agent.meta_batch_size, rng))   # one meta-iteration
     result = agent.evaluate(held_out_tasks, rng)                            # adaptation curves
     state = agent.state_dict(); agent.load_state_dict(state)                # checkpoint / resume
+    state = agent.portable_state_dict()  # optional (PortableState): the state without its data
     agent.close()                                                           # workers, files
 
 Class attributes say what the reports need to know about an agent without knowing its name:
@@ -28,7 +29,7 @@ import numpy as np
 
 from metarl.types import Params
 
-__all__ = ["FAMILIES", "UNITS", "Agent", "EvalResult", "Params", "check_agent"]
+__all__ = ["FAMILIES", "UNITS", "Agent", "EvalResult", "Params", "PortableState", "check_agent"]
 
 EvalResult = dict[str, Any]
 """What :meth:`Agent.evaluate` returns: ``adaptation_steps`` (a list of ints, step 0 being before
@@ -84,6 +85,20 @@ class Agent(Protocol):
 
     def close(self) -> None:
         """Releases what the agent holds (worker processes, environments); idempotent."""
+        ...
+
+
+@runtime_checkable
+class PortableState(Protocol):
+    """An agent whose state holds data it can collect again (PEARL's replay buffers, hundreds of
+    MB on Meta-World): besides ``checkpoint.pt`` the runner then saves ``checkpoint.portable.pt``,
+    the state without that data, small enough to keep in a repository. A run directory without
+    ``checkpoint.pt`` resumes from it, and says so (:class:`metarl.experiment.Experiment`)."""
+
+    def portable_state_dict(self) -> dict[str, Any]:
+        """:meth:`Agent.state_dict` without the collected data. :meth:`Agent.load_state_dict`
+        takes it and collects the data again as a new run's first step would; the run then goes
+        on from where it was, but not exactly as it would have."""
         ...
 
 

@@ -9,6 +9,10 @@ A run directory holds::
     tb/               TensorBoard events
     checkpoint.pt     the latest checkpoint, written atomically, with the config it was trained with
     checkpoint.prev.pt  the checkpoint before it (to restore if the latest cannot be read)
+    checkpoint.portable.pt  for agents with data they can collect again (:class:`metarl.agent.PortableState`,
+                      PEARL's replay buffers): the same checkpoint without that data, small enough to
+                      keep in a repository; a resume uses it only when ``checkpoint.pt`` is missing,
+                      collects the data again, and records that in ``machines.jsonl``
     .lock             held by the process that owns the run directory (see :func:`metarl.logger.lock_run_dir`)
     eval.json, *.png  held-out evaluation and plots (``metarl eval``)
 
@@ -33,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.agent import Agent
+from metarl.agent import Agent, PortableState
 from metarl.config import ConfigError, apply_overrides, build, load_toml
 from metarl.diagnostics import InnerStepWatch
 from metarl.logger import (
     CheckpointError,
     MetricsLogger,
+    atomic_write_bytes,
     load_checkpoint,
     lock_run_dir,
     save_checkpoint,
@@ -48,6 +53,16 @@ from metarl.registry import make_distribution, resolve_agent
 from metarl.stopping import TrainingStopped, stop_signals
 
 SECTIONS = ("run", "tasks", "agent", "eval")
+PORTABLE_CHECKPOINT = "checkpoint.portable.pt"
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The checkpoint a resume of ``run_dir`` loads: ``checkpoint.pt``, else (on a machine that
+    has only what a repository kept) ``checkpoint.portable.pt``; ``None`` when there is neither."""
+    for name in ("checkpoint.pt", PORTABLE_CHECKPOINT):
+        if (run_dir / name).exists():
+            return run_dir / name
+    return None
 # Keys that may change between a checkpoint and its resume: they change neither the model nor the
 # algorithm (how long to train, how often to log and save, how to evaluate).
 FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end", "eval_every")
@@ -338,6 +353,7 @@ class Experiment:
         self.watch = InnerStepWatch()  # its streak goes with the checkpoint: a resume does not reset it
         self.iteration = 0
         self.checkpointed: int | None = None  # the iteration of the latest checkpoint, if any
+        self.resumed_portable = False  # resumed from checkpoint.portable.pt: its data collected again
         self._release: weakref.finalize | None = None  # gives up the run directory (close, or garbage)
         self.document = parts.document
 
@@ -349,13 +365,13 @@ class Experiment:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{Path(config_path).stem}-s{document.get('run', {}).get('seed', 0)}-{stamp}"
         run_dir = Path(out)
-        if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():
+        if resume_point(run_dir) is not None or (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with `metarl run --resume {run_dir}` or pick another --out")
         experiment = cls(document, run_dir)
         try:
             _make_run_dir(run_dir)
             experiment._claim()
-            if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.jsonl").exists():  # made meanwhile
+            if resume_point(run_dir) is not None or (run_dir / "metrics.jsonl").exists():  # made meanwhile
                 raise ConfigError(f"{run_dir} already holds a run; continue it with `metarl run --resume {run_dir}`")
             (run_dir / "config.toml").write_text(dump_toml(experiment.document))
         except BaseException:
@@ -395,8 +411,10 @@ class Experiment:
             raise
         experiment._hold(lock)
         try:
-            if (run_dir / load).exists():
-                experiment.load_state(load_checkpoint(run_dir / load), run_dir / load)
+            source = resume_point(run_dir) if load == "checkpoint.pt" else run_dir / load
+            if source is not None and source.exists():
+                experiment.load_state(load_checkpoint(source), source)
+                experiment.resumed_portable = source.name == PORTABLE_CHECKPOINT
             if experiment.iteration > experiment.run_cfg.num_iterations:
                 raise ConfigError(
                     f"{run_dir} has trained {experiment.iteration} iterations, more than "
@@ -459,6 +477,12 @@ class Experiment:
     def checkpoint(self) -> None:
         self._claim()
         save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
+        if isinstance(self.agent, PortableState):
+            import io
+
+            buf = io.BytesIO()
+            torch.save({**self.state(), "agent": self.agent.portable_state_dict()}, buf)
+            atomic_write_bytes(self.run_dir / PORTABLE_CHECKPOINT, buf.getvalue())
         self.checkpointed = self.iteration
 
     def _record_machine(self) -> None:
@@ -468,6 +492,8 @@ class Experiment:
 
         line = {"iteration": self.iteration, "machine": machine(), "code": code_version(),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        if self.resumed_portable:
+            line["resumed_from"] = f"{PORTABLE_CHECKPOINT} (collected data not kept: collected again)"
         with open(self.run_dir / "machines.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -485,6 +511,11 @@ class Experiment:
         logger = MetricsLogger(self.run_dir, resume_from=self.iteration)
         if self.iteration < cfg.num_iterations:
             self._record_machine()
+            if self.resumed_portable:
+                print(f"warning: {self.run_dir} resumes at iteration {self.iteration} from {PORTABLE_CHECKPOINT}, "
+                      "which holds no collected data (replay buffers): the agent collects it again, so the run "
+                      "goes on from there but not exactly as it would have (recorded in machines.jsonl)",
+                      file=sys.stderr)
         meta_batch = self.agent.meta_batch_size
         watch = self.watch
         bar = tqdm(total=cfg.num_iterations, initial=self.iteration, disable=not progress, unit="it",

@@ -87,7 +87,7 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
         ConfigError: the run was trained with other model or algorithm settings (naming them), or
             for more iterations than asked.
     """
-    from metarl.experiment import continued_document, placed, resolve_document
+    from metarl.experiment import continued_document, placed, resolve_document, resume_point
     from metarl.logger import load_checkpoint
 
     if not (run_dir / "config.toml").exists():
@@ -96,8 +96,9 @@ def continuation(config: str, overrides: list[str], run_dir: Path) -> dict[str, 
     recorded = resolve_document(placed(load_toml(run_dir / "config.toml"), requested))
     continued_document(recorded, requested, run_dir)
     asked = requested["run"]["num_iterations"]
-    if asked < recorded["run"]["num_iterations"] and (run_dir / "checkpoint.pt").exists():
-        trained = int(load_checkpoint(run_dir / "checkpoint.pt")["iteration"])
+    checkpoint = resume_point(run_dir)
+    if asked < recorded["run"]["num_iterations"] and checkpoint is not None:
+        trained = int(load_checkpoint(checkpoint)["iteration"])
         if trained > asked:
             raise ConfigError(f"{run_dir} has trained {trained} iterations, more than run.num_iterations={asked}; "
                               f"ask for at least {trained}")

@@ -59,6 +59,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     a = (tmp_path / "a" / "metrics.jsonl").read_text()
     assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
     assert len(a.splitlines()) == 6
+    assert not (tmp_path / "a" / "checkpoint.portable.pt").exists()  # only agents with collected data write one
     metarl(*small_run(tmp_path / "c", "run.num_iterations=60", "run.seed=1"))
     assert a != (tmp_path / "c" / "metrics.jsonl").read_text()
 

@@ -264,6 +264,42 @@ def test_resume_from_a_checkpoint_gives_identical_metrics(nav, initial):
     assert [seeded(resumed.step(t)) for t in tasks[1:]] == expected[1:]
 
 
+def test_portable_state_drops_the_buffers_and_collects_them_again():
+    """The portable state (``checkpoint.portable.pt``) holds everything but the replay and encoder
+    buffers. Loaded, the next step collects the initial episodes on every training task again and
+    goes on exactly as the reference: the full state loaded, its buffers emptied by hand."""
+    dist = envs.make("navigation-2d", horizon=20, num_train=6, num_test=4)
+    config = PEARLConfig(**{**TINY, "num_initial_episodes": 1})
+    tasks = [dist.sample(4, np.random.default_rng(100 + i)) for i in range(2)]
+
+    def seeded(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+    trained = PEARL(config, dist, 3)
+    trained.step(tasks[0])
+    full, portable = io.BytesIO(), io.BytesIO()
+    torch.save(trained.state_dict(), full)
+    torch.save(trained.portable_state_dict(), portable)
+    assert set(trained.state_dict()) - set(trained.portable_state_dict()) == {"replay", "context"}
+    assert len(portable.getvalue()) < len(full.getvalue())
+    resumed, reference, exact = (PEARL(config, dist, 3) for _ in range(3))
+    portable.seek(0)
+    resumed.load_state_dict(torch.load(portable, weights_only=False))
+    assert not resumed.replay and not resumed.context
+    full.seek(0)
+    reference.load_state_dict(torch.load(full, weights_only=False))
+    reference.replay.clear()
+    reference.context.clear()
+    full.seek(0)
+    exact.load_state_dict(torch.load(full, weights_only=False))
+    got = resumed.step(tasks[1])
+    assert seeded(got) == seeded(reference.step(tasks[1]))
+    assert got["train/initial_env_steps"] == sum(resumed.replay[t].size for t in dist.train_tasks()) > 0
+    assert exact.step(tasks[1])["train/initial_env_steps"] == 0.0  # the full state collects nothing again
+    for agent in (trained, resumed, reference, exact):
+        agent.close()
+
+
 def test_initial_episodes_fill_every_training_task_once():
     dist = envs.make("navigation-2d", horizon=20, num_train=6, num_test=4)
     agent = PEARL(PEARLConfig(**{**TINY, "num_initial_episodes": 2}), dist, 0)
@@ -471,3 +507,44 @@ def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
     document = json.loads((run / "eval.json").read_text())
     assert document["summary"]["adaptation_steps"] == [0, 1, 2]
     assert np.array(document["per_task"]["return"]).shape == (3, 3)
+
+
+def test_a_run_without_its_checkpoint_resumes_from_the_portable_one_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "r"
+    settings = [
+        f"agent.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()
+    ]
+    settings += ["run.num_iterations=2", "run.checkpoint_every=1", "run.eval_at_end=false", "tasks.horizon=20",
+                 "tasks.num_train=5", "tasks.num_test=3", "agent.num_initial_episodes=1",
+                 "agent.backend='serial'", "agent.num_workers=1"]  # fmt: skip
+    args = ["run", "experiments/pearl_nav2d.toml", "--out", str(run), "--no-progress"]
+    for s in settings:
+        args += ["--set", s]
+
+    def cli(*argv: str) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            assert main(list(argv)) == 0, err.getvalue()
+        return err.getvalue()
+
+    def logged(iteration: int) -> dict:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(x for x in lines if x["iteration"] == iteration)
+
+    cli(*args)
+    assert (run / "checkpoint.portable.pt").stat().st_size < (run / "checkpoint.pt").stat().st_size
+    # A clone that kept only the portable checkpoint (PEARL's full ones stay out of the repository).
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.prev.pt").unlink()
+    err = cli("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=3")
+    assert "resumes at iteration 2 from checkpoint.portable.pt" in err
+    machines = [json.loads(x) for x in (run / "machines.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in machines] == [0, 2]
+    assert "resumed_from" in machines[1] and "resumed_from" not in machines[0]
+    assert logged(1)["train/initial_env_steps"] > 0 and logged(2)["train/initial_env_steps"] == 0
+    assert logged(3)["train/initial_env_steps"] > 0  # collected again
+    # With checkpoint.pt back (written at iteration 3), a resume uses it and warns of nothing.
+    err = cli("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=4")
+    assert "portable" not in err and logged(4)["train/initial_env_steps"] == 0
+    assert "resumed_from" not in json.loads((run / "machines.jsonl").read_text().splitlines()[-1])
