@@ -385,6 +385,9 @@ class Experiment:
     ) -> Experiment:
         """Reopens a run directory at its latest checkpoint (or from scratch if it saved none).
 
+        Without ``checkpoint.pt``, a ``checkpoint.portable.pt`` is loaded instead (see
+        :func:`resume_point`); the agent then collects its data again and :meth:`run` says so.
+
         ``update`` (a resolved config document, see :func:`resolve_document`) gives new values of
         the keys that may change when a run continues (``run.num_iterations`` to train further,
         the log and checkpoint intervals, ``[eval]``); ``config.toml`` records them once the
