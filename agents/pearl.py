@@ -471,25 +471,25 @@ class PEARL:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "nets": {
-                n: {k: v.detach().cpu().clone() for k, v in p.items()} for n, p in self.nets.items()
-            },
-            "q_target": {k: v.cpu().clone() for k, v in self.q_target.items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            **self.portable_state_dict(),
             "replay": [(t, b.state_dict()) for t, b in self.replay.items()],
             "context": {t: c.copy() for t, c in self.context.items()},
-            "rng": copy.deepcopy(self.rng.bit_generator.state),
-            "generator": self.generator.get_state(),
-            "sampler": self.sampler.state_dict(),
         }
 
     def portable_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` without the replay and encoder buffers (on ML1 about 10 MB against
         hundreds): loaded, the agent's next step collects as a new run's first step does (the
         initial episodes on every training task, with the current policy), then goes on."""
-        state = self.state_dict()
-        del state["replay"], state["context"]
-        return state
+        return {
+            "nets": {
+                n: {k: v.detach().cpu().clone() for k, v in p.items()} for n, p in self.nets.items()
+            },
+            "q_target": {k: v.cpu().clone() for k, v in self.q_target.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "generator": self.generator.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Takes :meth:`state_dict`'s state, or :meth:`portable_state_dict`'s (buffers left empty)."""

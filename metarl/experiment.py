@@ -63,6 +63,8 @@ def resume_point(run_dir: Path) -> Path | None:
         if (run_dir / name).exists():
             return run_dir / name
     return None
+
+
 # Keys that may change between a checkpoint and its resume: they change neither the model nor the
 # algorithm (how long to train, how often to log and save, how to evaluate).
 FREE_RUN_KEYS = ("num_iterations", "log_every", "checkpoint_every", "eval_at_end", "eval_every")
@@ -479,12 +481,13 @@ class Experiment:
 
     def checkpoint(self) -> None:
         self._claim()
-        save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
+        state = self.state()
+        save_checkpoint(self.run_dir / "checkpoint.pt", state)
         if isinstance(self.agent, PortableState):
             import io
 
             buf = io.BytesIO()
-            torch.save({**self.state(), "agent": self.agent.portable_state_dict()}, buf)
+            torch.save({**state, "agent": self.agent.portable_state_dict()}, buf)
             atomic_write_bytes(self.run_dir / PORTABLE_CHECKPOINT, buf.getvalue())
         self.checkpointed = self.iteration
 
