@@ -489,17 +489,23 @@ def test_every_pearl_config_builds_its_agent():
             agent.close()
 
 
-def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    run = tmp_path / "r"
+def tiny_run_args(run: Path, *extra: str) -> list[str]:
+    """``metarl run`` of the navigation-2d PEARL config with :data:`TINY`'s settings, 2 iterations."""
     settings = [
         f"agent.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()
     ]
     settings += ["run.num_iterations=2", "run.eval_at_end=false", "tasks.horizon=20", "tasks.num_test=3",
-                 "agent.backend='serial'", "agent.num_workers=1"]  # fmt: skip
+                 "agent.backend='serial'", "agent.num_workers=1", *extra]  # fmt: skip
     args = ["run", "experiments/pearl_nav2d.toml", "--out", str(run), "--no-progress"]
     for s in settings:
         args += ["--set", s]
+    return args
+
+
+def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "r"
+    args = tiny_run_args(run)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert main(args) == 0, err.getvalue()
@@ -512,15 +518,7 @@ def test_runs_and_evaluates_through_the_cli(tmp_path, monkeypatch):
 def test_a_run_without_its_checkpoint_resumes_from_the_portable_one_and_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     run = tmp_path / "r"
-    settings = [
-        f"agent.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in TINY.items()
-    ]
-    settings += ["run.num_iterations=2", "run.checkpoint_every=1", "run.eval_at_end=false", "tasks.horizon=20",
-                 "tasks.num_train=5", "tasks.num_test=3", "agent.num_initial_episodes=1",
-                 "agent.backend='serial'", "agent.num_workers=1"]  # fmt: skip
-    args = ["run", "experiments/pearl_nav2d.toml", "--out", str(run), "--no-progress"]
-    for s in settings:
-        args += ["--set", s]
+    args = tiny_run_args(run, "run.checkpoint_every=1", "tasks.num_train=5", "agent.num_initial_episodes=1")
 
     def cli(*argv: str) -> str:
         err = io.StringIO()
