@@ -43,7 +43,6 @@ from metarl.diagnostics import InnerStepWatch
 from metarl.logger import (
     CheckpointError,
     MetricsLogger,
-    atomic_write_bytes,
     load_checkpoint,
     lock_run_dir,
     save_checkpoint,
@@ -484,11 +483,8 @@ class Experiment:
         state = self.state()
         save_checkpoint(self.run_dir / "checkpoint.pt", state)
         if isinstance(self.agent, PortableState):
-            import io
-
-            buf = io.BytesIO()
-            torch.save({**state, "agent": self.agent.portable_state_dict()}, buf)
-            atomic_write_bytes(self.run_dir / PORTABLE_CHECKPOINT, buf.getvalue())
+            portable = {**state, "agent": self.agent.portable_state_dict()}
+            save_checkpoint(self.run_dir / PORTABLE_CHECKPOINT, portable, keep_previous=False)
         self.checkpointed = self.iteration
 
     def _record_machine(self) -> None:

@@ -64,8 +64,9 @@ def previous_checkpoint(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Saves a checkpoint atomically and keeps the one it replaces as ``*.prev.pt``.
+def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = True) -> None:
+    """Saves a checkpoint atomically and keeps the one it replaces as ``*.prev.pt`` (unless not
+    ``keep_previous``).
 
     At every moment ``path`` holds a whole checkpoint: the new one is written to a temporary file,
     the old one is linked (or copied) to its ``.prev`` name, then the new one renamed over it.
@@ -76,7 +77,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, buf)
     tmp = _write_temp(path, buf.getvalue())
     try:
-        if path.exists():
+        if keep_previous and path.exists():
             prev = previous_checkpoint(path)
             prev_tmp = f"{tmp}.prev"
             try:
