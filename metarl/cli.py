@@ -33,7 +33,7 @@ DEMOS = {
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    out = {k: v for k, v in summary.items() if k in ("adaptation_steps", "iteration", "num_tasks", "plots")
+    out = {k: v for k, v in summary.items() if k in ("adaptation_steps", "iteration", "num_tasks", "repeats", "plots")
            or k.endswith("_mean")}
     if "baselines" in summary:
         b = summary["baselines"]
@@ -232,7 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_run(run_args)
     if code == 0:
         summary = json.loads((out / "eval.json").read_text())["summary"]
-        print(f"adaptation on {summary['num_tasks']} held-out tasks (mean after each inner step):")
+        times = f", each scored {summary['repeats']} times" if summary.get("repeats", 1) > 1 else ""
+        print(f"adaptation on {summary['num_tasks']} held-out tasks{times} (mean after each inner step):")
         for key in sorted(k for k in summary if k.endswith("_mean")):
             values = ", ".join(f"{v:.3f}" for v in summary[key])
             print(f"  {key[: -len('_mean')]}: {values}  (steps {summary['adaptation_steps']})")

@@ -214,7 +214,8 @@ def evaluate_experiment(experiment: Any, baselines: dict[str, Any] | None = None
         plots.append(plot_fits(experiment.agent, tasks[:3], run_dir / "fits.png"))
     summary["plots"] = [str(p) for p in plots]
     summary["iteration"] = experiment.iteration
-    summary["num_tasks"] = len(tasks)
+    summary["num_tasks"] = len(tasks) // experiment.eval_cfg.repeats
+    summary["repeats"] = experiment.eval_cfg.repeats
     from metarl.experiment import evaluation_settings
 
     document = {

@@ -111,10 +111,16 @@ class EvalConfig:
     """Held-out tasks to evaluate (0: all the distribution's test tasks)."""
     seed: int = 1234
     """Seed of the evaluation data (support sets, rollouts)."""
+    repeats: int = 1
+    """Times each held-out task is scored, each time adapting on fresh data and rollouts. Where a
+    distribution has few held-out tasks (halfcheetah-dir has two), one evaluation's noise can be as
+    large as the score; the repeats are rows of their own in ``eval.json``."""
 
     def __post_init__(self) -> None:
         if self.num_tasks < 0:
             raise ValueError(f"num_tasks must be >= 0 (0: all held-out tasks), got {self.num_tasks}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1 (times each held-out task is scored), got {self.repeats}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -163,7 +169,9 @@ def evaluation_settings(document: dict[str, Any]) -> dict[str, Any]:
     """What a run's held-out evaluation depends on besides the model: the iterations it was
     trained for, ``[eval]`` and the evaluation keys of ``[agent]`` (a resolved document)."""
     agent = document.get("agent", {})
-    return _plain({"num_iterations": document["run"]["num_iterations"], "eval": document.get("eval", {}),
+    # one repeat is what scores written before ``eval.repeats`` existed did, so it is left out
+    scoring = {k: v for k, v in document.get("eval", {}).items() if not (k == "repeats" and v == 1)}
+    return _plain({"num_iterations": document["run"]["num_iterations"], "eval": scoring,
                    "agent": {k: agent.get(k) for k in FREE_AGENT_KEYS if k in agent}})
 
 
@@ -548,9 +556,11 @@ class Experiment:
             logger.close()
 
     def held_out_tasks(self) -> list[Any]:
-        """The held-out tasks evaluation scores (``eval.num_tasks`` of them; 0: all)."""
+        """The held-out tasks evaluation scores (``eval.num_tasks`` of them; 0: all), the list
+        ``eval.repeats`` times over."""
         tasks = self.distribution.test_tasks()
-        return tasks[: self.eval_cfg.num_tasks] if self.eval_cfg.num_tasks else tasks
+        tasks = tasks[: self.eval_cfg.num_tasks] if self.eval_cfg.num_tasks else tasks
+        return tasks * self.eval_cfg.repeats
 
     def held_out_metrics(self) -> dict[str, float]:
         """Mean held-out score after each adaptation step at the current iteration.

@@ -180,6 +180,32 @@ def test_eval_set_rescores_otherwise_and_keeps_the_earlier_scores(tmp_path):
     assert (run / "config.toml").read_text() == config and (run / "eval.json").read_text() == scores
 
 
+def test_eval_repeats_scores_each_task_again_on_fresh_data(tmp_path):
+    run = tmp_path / "r"
+    metarl(*small_run(run, "run.num_iterations=20"))
+    metarl("eval", str(run), "--set", "eval.num_tasks=3")
+    once = json.loads((run / "eval.json").read_text())
+    proc = metarl("eval", str(run), "--set", "eval.num_tasks=3", "--set", "eval.repeats=2")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["num_tasks"] == 3 and summary["repeats"] == 2
+    twice = json.loads((run / "eval.json").read_text())
+    loss = np.array(twice["per_task"]["loss"])
+    assert loss.shape == (6, 6)
+    assert twice["tasks"][:3] == twice["tasks"][3:] == once["tasks"]
+    # the second pass over the same tasks adapts on other support sets: other losses
+    assert not np.allclose(loss[:3], loss[3:])
+    assert np.mean(loss[:, -1]) == pytest.approx(summary["loss_mean"][-1])
+
+
+def test_one_repeat_is_the_evaluation_scored_before_repeats_existed():
+    from metarl.experiment import evaluation_settings
+
+    document = {"run": {"num_iterations": 5}, "agent": {}, "eval": {"num_tasks": 0, "seed": 1234}}
+    with_key = {**document, "eval": {**document["eval"], "repeats": 1}}
+    assert evaluation_settings(with_key) == evaluation_settings(document)
+    assert evaluation_settings({**document, "eval": {**document["eval"], "repeats": 3}}) != evaluation_settings(document)
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     run = tmp_path / "r"
     metarl(*small_run(run, "run.num_iterations=10"))

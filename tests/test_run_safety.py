@@ -255,6 +255,7 @@ def test_an_unreadable_checkpoint_is_one_line_naming_it_and_the_previous_one_res
     ("config", "override", "expected"),
     [
         ("sinusoid_maml", "eval.num_tasks=-1", "num_tasks must be >= 0"),
+        ("sinusoid_maml", "eval.repeats=0", "repeats must be >= 1"),
         ("sinusoid_maml", "eval.seed=-1", "[eval] seed must be >= 0"),
         ("sinusoid_maml", "run.seed=-3", "[run] seed must be >= 0"),
         ("sinusoid_maml", "tasks.num_test_tasks=0", "num_test_tasks"),

@@ -83,6 +83,7 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
                 "timing": _timing(runs, next(iter(machines), None)),
                 "machines": machines,
                 "num_tasks": config.get("summary", {}).get("num_tasks"),
+                "repeats": config.get("summary", {}).get("repeats", 1),
                 "command": document.get("sweep_command") or document["commands"][label],
                 "gain": {metric: gain(runs, metric) for metric in ("return", "success")},
                 "published": published_after(runs[0]) if runs else None,
@@ -197,8 +198,9 @@ def write_table(
                 for x in (scratch, multi)
             ]
             last = len(row["adaptation_steps"]) - 1
+            repeats = f" (each scored {row['repeats']} times)" if row.get("repeats", 1) > 1 else ""
             lines.append(
-                f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']} | "
+                f"| {row['sweep']} ({row['cell']}) | {row['num_seeds']} × {row['num_tasks']}{repeats} | "
                 f"{t.get('iterations', '–')} | {metric} | {fmt_iqm(row[metric], 0)} | {fmt_iqm(row[metric], 1)} | "
                 f"{fmt_iqm(row[metric], last)} (step {row['adaptation_steps'][last]}) | "
                 f"{fmt_gain((row.get('gain') or {}).get(metric))} | {_fmt_published(row, metric)} | {base[0]} | {base[1]} | "
