@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         rows = [r for r in kept_rows(Path(args.keep), rows) if r["sweep"] not in args.drop] + rows
     timing = [(json.loads(Path(p).read_text()), p) for p in args.timing]
-    command = "python -m experiments.tables.maml_rl " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m experiments.tables.maml_rl " + shlex.join(given)  # notes hold spaces and quotes
     write_table(rows, Path(args.out), command, timing, args.note)
     print(json.dumps({"rows": len(rows), "out": args.out}))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,10 +48,13 @@ def test_rl_table_reads_a_sweep_and_its_timing(tmp_path, monkeypatch):
     metarl(*args)
     with contextlib.redirect_stdout(io.StringIO()):
         assert rl_table([str(tmp_path / "s"), "--out", str(tmp_path / "table"),
-                         "--note", "first note", "--note", "second note"]) == 0
+                         "--note", "first note", "--note", "the paper's second note"]) == 0
     table = json.loads((tmp_path / "table.json").read_text())
-    assert table["notes"] == ["first note", "second note"]
-    assert "## Notes\n\n- first note\n- second note\n" in (tmp_path / "table.md").read_text()
+    assert table["notes"] == ["first note", "the paper's second note"]
+    # the written command runs again as it stands: the shell gives back the same arguments
+    assert shlex.split(table["command"])[3:] == [str(tmp_path / "s"), "--out", str(tmp_path / "table"),
+                                                "--note", "first note", "--note", "the paper's second note"]
+    assert "## Notes\n\n- first note\n- the paper's second note\n" in (tmp_path / "table.md").read_text()
     (row,) = table["rows"]
     cell = json.loads((tmp_path / "s" / "sweep.json").read_text())["cells"]["base"]
     assert row["return"] == cell["return"] and row["num_seeds"] == 2 and row["num_tasks"] == 3
