@@ -13,6 +13,11 @@ The reference is the sampling time of the same iterations, so the figure that ma
 ratio. The first iteration builds workers and environments and is left out of the means. Every
 setting runs from the same seed, so its first iteration sees the same rollouts.
 
+That first iteration also counts the optimisation's floating-point operations, and the run times
+the policy's plain log-likelihood gradient on as many observations as one batch: the machine's
+rate on this arithmetic at its best. The operations at that rate give each setting a floor, the
+least optimisation time (and ratio to sampling) that fewer overheads alone could reach.
+
 The agent is found at run time (``agents.maml_trpo``), as the experiment runner finds it.
 """
 
@@ -22,11 +27,16 @@ import argparse
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.bench.adapt import count_flops
+from metarl.policies import make_policy
 from metarl.runtime import machine
 
 PARTS = ("inner_s", "gradient_s", "cg_s", "line_search_s")
@@ -45,14 +55,68 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
     rng = np.random.default_rng(0)
     rows = []
     try:
-        for _ in range(iterations):
-            m = agent.step(distribution.sample(config.meta_batch_size, rng))
+        for i in range(iterations):
+            tasks = distribution.sample(config.meta_batch_size, rng)
+            if i == 0:  # the warm-up iteration, left out of the timings, also counts the FLOPs
+                with FlopCounterMode(display=False) as counter:
+                    m = agent.step(tasks)
+                flops = {"flops": float(counter.get_total_flops())}
+            else:
+                m, flops = agent.step(tasks), {}
             row = {k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}
-            rows.append(row | {"accepted": m["train/accepted"], "ls_steps": m["train/ls_steps"]})
+            rows.append(
+                row | {"accepted": m["train/accepted"], "ls_steps": m["train/ls_steps"]} | flops
+            )
     finally:
         agent.close()
-    used = {"products_used": "closed-form" if agent.closed_form else "autograd"}
+    used = {
+        "products_used": "closed-form" if agent.closed_form else "autograd",
+        "hidden_sizes": list(config.hidden_sizes),
+        "post_update_samples": config.meta_batch_size
+        * config.episodes_per_task
+        * (config.horizon or distribution.horizon),
+    }
     return {k: getattr(config, k) for k in settings} | used, rows
+
+
+def reference_rate(
+    task: str, hidden_sizes: tuple[int, ...], samples: int, device: str = "cpu", repeats: int = 5
+) -> dict[str, float]:
+    """This machine's FLOP rate on the policy's own arithmetic at its best: the log-likelihood of
+    ``samples`` observations through the policy as one plain batch and its gradient, nothing per
+    task and nothing second-order (the median of ``repeats`` timed calls after one untimed)."""
+    import envs
+
+    distribution = envs.make(task)
+    policy = make_policy(
+        distribution.observation_space, distribution.action_space, hidden_sizes=hidden_sizes
+    )
+    params = {k: v.to(device).requires_grad_() for k, v in policy.init_params(0).items()}
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(samples, int(np.prod(distribution.observation_space.shape)), generator=gen)
+    actions = torch.randn(samples, int(np.prod(distribution.action_space.shape)), generator=gen)
+    obs, actions = obs.to(device), actions.to(device)
+    weights = torch.randn(samples, generator=gen).to(device)
+
+    def step() -> None:
+        loss = -(policy.log_prob(params, obs, actions) * weights).mean()
+        torch.autograd.grad(loss, list(params.values()))
+        if obs.is_cuda:
+            torch.cuda.synchronize()
+
+    flops = count_flops(step)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {
+        "samples": samples,
+        "gflop": flops / 1e9,
+        "s": seconds,
+        "gflop_per_s": flops / seconds / 1e9,
+    }
 
 
 def bench_setting(
@@ -91,8 +155,52 @@ def bench_setting(
         "optimization_over_sampling": mean["optimization_s"] / mean["sampling_s"],
         "env_steps_per_s": mean["env_steps_per_s"],
         "parts_s": {k.removesuffix("_s"): mean[k] for k in PARTS},
+        "optimization_gflop": per_iteration[0]["flops"] / 1e9,
         "per_iteration": per_iteration,
     }
+
+
+def add_floors(settings: list[dict[str, Any]], reference: dict[str, float]) -> None:
+    """Each setting's optimisation FLOPs at the reference rate: the least time, and the least
+    ratio to sampling, that the arithmetic allows on this machine; and the rate it ran at."""
+    for s in settings:
+        floor = s["optimization_gflop"] / reference["gflop_per_s"]
+        s["floor"] = {
+            "s": floor,
+            "over_sampling": floor / s["sampling_s"],
+            "achieved_gflop_per_s": s["optimization_gflop"] / s["optimization_s"],
+        }
+
+
+def floor_lines(
+    settings: list[dict[str, Any]], reference: dict[str, float], target: float = 0.10
+) -> list[str]:
+    """Markdown: what the optimisation's arithmetic needs at this machine's best rate."""
+    lines = [
+        "",
+        f"What the arithmetic allows. The optimisation's floating-point operations are counted "
+        f"with `torch.utils.flop_counter` on the warm-up iteration (the same batch sizes as the "
+        f"timed ones; its line search may try a different number of steps). The reference rate is "
+        f"the policy's log-likelihood gradient on {reference['samples']:,} observations as one "
+        f"plain batch ({reference['gflop']:.2f} GFLOP in {reference['s'] * 1e3:.0f} ms: "
+        f"**{reference['gflop_per_s']:.1f} GFLOP/s**), timed in the same run. At that rate the "
+        f"counted operations take at least the floor; a floor above {target:.2f} × sampling means "
+        f"the target needs fewer operations, not faster code.",
+        "",
+        "| fisher | hvp_subsample | products | GFLOP / iteration | GFLOP/s achieved | floor s | "
+        "floor / sampling |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in settings:
+        if "floor" not in s:
+            continue
+        f = s["floor"]
+        lines.append(
+            f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_products(s)} | "
+            f"{s['optimization_gflop']:.1f} | {f['achieved_gflop_per_s']:.1f} | {f['s']:.2f} | "
+            f"**{f['over_sampling']:.3f}** |"
+        )
+    return lines
 
 
 def timing_table(settings: list[dict[str, Any]]) -> list[str]:
@@ -140,6 +248,8 @@ def write_tables(results: dict[str, Any], out: Path, command: str) -> None:
     ]
     lines += timing_table(results["settings"])
     lines += allowance_lines(results["settings"])
+    if "reference" in results:
+        lines += floor_lines(results["settings"], results["reference"])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -155,8 +265,7 @@ def allowance_lines(settings: list[dict[str, Any]], target: float = 0.10) -> lis
         f"against what the {target:.2f} target leaves it ({target:.2f} × sampling, less the inner "
         "steps, the gradient and the line search, over the same number of products).",
         "",
-        "| fisher | hvp_subsample | products | s / product | allowed s / product | "
-        "factor short |",
+        "| fisher | hvp_subsample | products | s / product | allowed s / product | factor short |",
         "|---|---|---|---|---|---|",
     ]
     for s in settings:
@@ -250,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             f"accepted {r['accepted_fraction']:.2f}",
             flush=True,
         )
+    first = settings[0]["config"]
+    reference = reference_rate(
+        args.task, tuple(first["hidden_sizes"]), first["post_update_samples"], args.device
+    )
+    add_floors(settings, reference)
     results = {
         "task": args.task,
         "meta_batch_size": args.meta_batch_size,
@@ -257,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "device": args.device,
         "settings": settings,
+        "reference": reference,
         "machine": machine(),
     }
     if args.out:
@@ -268,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             | {
                 "ratios": {_label(s): round(s["optimization_over_sampling"], 4) for s in settings},
                 "accepted": {_label(s): s["accepted_fraction"] for s in settings},
+                "floors": {_label(s): round(s["floor"]["over_sampling"], 4) for s in settings},
             }
         )
     )

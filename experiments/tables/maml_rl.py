@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.bench.trpo import timing_table
+from experiments.bench.trpo import floor_lines, timing_table
 from experiments.rl_curves import reference_for
 from experiments.tables.common import (
     fmt_gain,
@@ -126,7 +126,8 @@ def _timing_section(timing: dict[str, Any], source: str) -> list[str]:
         f"{timing['machine']}); target: optimisation ≤ 0.10 × sampling.",
         "",
     ]
-    return lines + timing_table(timing["settings"])
+    lines += timing_table(timing["settings"])
+    return lines + (floor_lines(timing["settings"], timing["reference"]) if "reference" in timing else [])
 
 
 def _fmt_published(row: dict[str, Any], metric: str) -> str:

@@ -102,6 +102,21 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         accepted = [r["accepted"] for r in setting["per_iteration"]]
         assert setting["accepted_fraction"] == pytest.approx(np.mean(accepted))
     assert f"**{document['settings'][0]['optimization_over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
+    # The reference: the policy's log-likelihood gradient on all post-update observations (2 tasks ×
+    # 2 episodes × horizon 100) through [2, 100, 100, 2]; by hand, 2 FLOPs per multiply-add in the
+    # forward, the weight gradients, and the input gradients of every layer but the first.
+    reference = document["reference"]
+    samples = 2 * 2 * 100
+    assert reference["samples"] == samples
+    assert reference["gflop"] * 1e9 == pytest.approx(2 * samples * (2 * (200 + 10_000 + 200) + 10_000 + 200))
+    for setting in document["settings"]:
+        assert setting["optimization_gflop"] * 1e9 == setting["per_iteration"][0]["flops"] > reference["gflop"] * 1e9
+        floor = setting["optimization_gflop"] / reference["gflop_per_s"]
+        assert setting["floor"]["s"] == pytest.approx(floor)
+        assert setting["floor"]["over_sampling"] == pytest.approx(floor / setting["sampling_s"])
+        assert json.loads(last)["floors"][f"{setting['fisher']}/{setting['hvp_subsample']}/{setting['products']}"] \
+            == pytest.approx(setting["floor"]["over_sampling"], abs=1e-4)
+    assert f"**{document['settings'][0]['floor']['over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
     # rl_table carries the measurement into the MAML-RL table.
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text(json.dumps({"title": "t", "cells": {}, "commands": {}}))
