@@ -1,9 +1,11 @@
 """Sampler throughput against the physical limit and against gymnasium's AsyncVectorEnv.
 
-Three rates are measured in one run, on the same environments:
+These rates are measured in one run, on the same environments:
 
 * the sampler's env steps/s (a 64-64 MLP Gaussian or categorical policy, episodes to the horizon);
 * the raw single-process env rate: one environment stepped with pre-drawn random actions;
+* for a multi-process backend, the sampler's own worker code run in as many plain processes side
+  by side, with no messages and no calling process (what the backend's communication costs);
 * a hand-written baseline: ``gymnasium.vector.AsyncVectorEnv`` over as many environments as the
   sampler runs, with one batched torch policy forward per step in the calling process.
 
@@ -31,6 +33,7 @@ import torch
 from envs.base import Task, TaskDistribution
 from metarl.policies import make_policy
 from metarl.rollout import make_sampler
+from metarl.rollout.worker import EpisodeSpec, RolloutWorker
 
 
 def _make_distribution(env_name: str) -> TaskDistribution:
@@ -119,6 +122,61 @@ def raw_parallel_rate(
     for p in procs:
         p.join()
     return float(sum(rates))
+
+
+def _worker_rate_child(
+    distribution: TaskDistribution,
+    task: Task,
+    horizon: int,
+    seconds: float,
+    num_envs: int,
+    policy: Any,
+    params: dict,
+    barrier: Any,
+    results: Any,
+) -> None:
+    torch.set_num_threads(1)  # as a process worker
+    worker = RolloutWorker(distribution, max_envs=num_envs)
+    episodes = [EpisodeSpec(task, 0, e, 0, 0, 0) for e in range(num_envs)]
+    worker.run(policy, [params], episodes, horizon)  # builds the environments
+    barrier.wait()
+    steps, start, call = 0.0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        call += 1
+        episodes = [EpisodeSpec(task, 0, e, 0, 0, call) for e in range(num_envs)]
+        steps += float(worker.run(policy, [params], episodes, horizon)["mask"].sum())
+    results.put((steps, time.perf_counter() - start))
+    worker.close()
+
+
+def worker_parallel_rate(
+    distribution: TaskDistribution,
+    tasks: list[Task],
+    horizon: int,
+    seconds: float,
+    num_envs: int,
+    policy: Any,
+    params: dict,
+) -> float:
+    """Summed env steps/s of one plain process per task in ``tasks``, each running the sampler's
+    own worker code (:class:`~metarl.rollout.worker.RolloutWorker`, ``num_envs`` episodes of its
+    task per call) at the same time: every per-step cost of sampling, with no messages between
+    processes and no calling process. The process backend against it is the backend's own cost."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(len(tasks)), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_worker_rate_child,
+            args=(distribution, t, horizon, seconds, num_envs, policy, params, barrier, results),
+        )
+        for t in tasks
+    ]
+    for p in procs:
+        p.start()
+    counts = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return float(sum(steps / elapsed for steps, elapsed in counts))
 
 
 def gym_async_rate(
@@ -228,6 +286,11 @@ def bench_sampler(
     rate, parent_cpu = sampler_rate(
         dist, backend, num_workers, envs_per_worker, horizon, seconds, policy, params
     )
+    if backend != "serial" and parallel > 1:
+        tasks = dist.sample(num_workers, np.random.default_rng(0))[:parallel]  # the sampler's tasks
+        worker_parallel = worker_parallel_rate(
+            dist, tasks, horizon, seconds / 2, envs_per_worker, policy, params
+        )
     result: dict[str, Any] = {
         "env": env_name if distribution is None else dist.name,
         "backend": backend,
@@ -244,6 +307,9 @@ def bench_sampler(
         "efficiency_vs_parallel": rate / raw_parallel,
         "parent_cpu_share": parent_cpu,
     }
+    if backend != "serial" and parallel > 1:
+        result["worker_parallel_steps_per_s"] = worker_parallel
+        result["efficiency_vs_workers"] = rate / worker_parallel
     if with_baseline:
         num_envs = min(num_workers * envs_per_worker, baseline_max_envs)
         baseline = gym_async_rate(

@@ -124,16 +124,21 @@ def _markdown(doc: dict[str, Any]) -> str:
              "sampler); efficiency × envs is against that rate times min(workers, cores). Raw in "
              "parallel: min(workers, cores) processes doing the same at the same time, their rates "
              "summed (what the cores reach together with no policy and no communication); efficiency "
-             "in parallel is against it.", "",
+             "in parallel is against it. Workers in parallel: the sampler's own worker code in as many "
+             "plain processes side by side, with no messages and no calling process; the backend against "
+             "it is what its communication costs.", "",
              "| env | backend | workers × envs | steps/s | raw steps/s | efficiency | raw × envs steps/s | "
              "efficiency × envs | raw in parallel steps/s | efficiency in parallel | "
+             "workers in parallel steps/s | efficiency vs workers | "
              "AsyncVectorEnv steps/s (envs) | speedup vs AsyncVectorEnv |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         many = (f"{r['raw_many_steps_per_s']:,.0f} | {r['efficiency_vs_many']:.2f}"
                 if "raw_many_steps_per_s" in r else "n/a | n/a")
         many += (f" | {r['raw_parallel_steps_per_s']:,.0f} | {r['efficiency_vs_parallel']:.2f}"
                  if "raw_parallel_steps_per_s" in r else " | n/a | n/a")
+        many += (f" | {r['worker_parallel_steps_per_s']:,.0f} | {r['efficiency_vs_workers']:.2f}"
+                 if "worker_parallel_steps_per_s" in r else " | n/a | n/a")
         lines.append(f"| {r['env']} | {r['backend']} | {r['num_workers']} × {r['envs_per_worker']} | "
                      f"{r['steps_per_s']:,.0f} | {r['raw_steps_per_s']:,.0f} | {r['efficiency']:.2f} | {many} | "
                      f"{r.get('gym_async_steps_per_s', float('nan')):,.0f} ({r.get('gym_async_num_envs', '-')}) | "
@@ -183,7 +188,16 @@ def _remaining_share(doc: dict[str, Any]) -> list[str]:
             f"the worker's environments ({p['step_loop_share']:.1%}), episode starts "
             f"({p['episode_starts_share']:.1%}) and the rest ({rest:.1%})."
         )
-        if unexplained > 0.05:
+        if "worker_parallel_steps_per_s" in r:
+            own = 1 - r["efficiency_vs_workers"]
+            line += (f" The same worker code in {side} plain processes side by side, with no messages and no "
+                     f"calling process, reaches {r['worker_parallel_steps_per_s'] / r['raw_parallel_steps_per_s']:.2f} "
+                     f"of the raw side-by-side rate (the per-step work above, with both cores busy), and the "
+                     f"process backend {r['efficiency_vs_workers']:.2f} of that: its own cost (sending each "
+                     f"worker its share and the parameters, the parent gathering and assembling the results "
+                     f"while the workers wait, the parent's {r['parent_cpu_share']:.1%} of a core) is "
+                     f"{max(own, 0.0):.2f} of the sampling time.")
+        elif unexplained > 0.05:
             line += (f" The remaining {unexplained:.2f} is not in the serial profile; by elimination it is the "
                      "process backend's own cost (workers and the parent exchanging work and results), not "
                      "measured here.")
