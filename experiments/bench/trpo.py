@@ -58,9 +58,7 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
         for i in range(iterations):
             tasks = distribution.sample(config.meta_batch_size, rng)
             if i == 0:  # the warm-up iteration, left out of the timings, also counts the FLOPs
-                with FlopCounterMode(display=False) as counter:
-                    m = agent.step(tasks)
-                flops = {"flops": float(counter.get_total_flops())}
+                m, flops = _counted_step(agent, tasks)
             else:
                 m, flops = agent.step(tasks), {}
             row = {k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}
@@ -72,11 +70,51 @@ def _run(task: str, iterations: int, **overrides: Any) -> tuple[dict[str, Any], 
     used = {
         "products_used": "closed-form" if agent.closed_form else "autograd",
         "hidden_sizes": list(config.hidden_sizes),
+        "obs_dim": int(np.prod(distribution.observation_space.shape)),
+        "act_dim": int(np.prod(distribution.action_space.shape)),
         "post_update_samples": config.meta_batch_size
         * config.episodes_per_task
         * (config.horizon or distribution.horizon),
     }
     return {k: getattr(config, k) for k in settings} | used, rows
+
+
+def _counted_step(agent: Any, tasks: list) -> tuple[dict[str, float], dict[str, float]]:
+    """One ``agent.step`` under ``torch.utils.flop_counter``: its floating-point operations in
+    all (``flops``), in the meta-gradient and the terms conjugate gradient needs
+    (``gradient_flops``), in the curvature products (``products_flops``, over ``products``
+    calls), and in the line search; the rest are the inner steps."""
+    counter = FlopCounterMode(display=False)
+    parts = {"gradient_flops": 0.0, "products_flops": 0.0, "line_search_flops": 0.0, "products": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            before = counter.get_total_flops()
+            out = fn(*args, **kwargs)
+            parts[name] += float(counter.get_total_flops() - before)
+            return out
+
+        return call
+
+    terms_fn, line_search = agent.trust_region_terms, agent._line_search
+
+    def terms(batch: Any) -> Any:
+        out = counted("gradient_flops", terms_fn)(batch)
+        products = counted("products_flops", out.hvp)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            parts["products"] += 1
+            return products(v)
+
+        return out._replace(hvp=hvp)
+
+    agent.trust_region_terms, agent._line_search = terms, counted("line_search_flops", line_search)
+    try:
+        with counter:
+            metrics = agent.step(tasks)
+    finally:
+        del agent.trust_region_terms, agent._line_search
+    return metrics, {"flops": float(counter.get_total_flops())} | parts
 
 
 def reference_rate(
@@ -156,8 +194,22 @@ def bench_setting(
         "env_steps_per_s": mean["env_steps_per_s"],
         "parts_s": {k.removesuffix("_s"): mean[k] for k in PARTS},
         "optimization_gflop": per_iteration[0]["flops"] / 1e9,
+        "gflop_parts": _gflop_parts(per_iteration[0]),
         "per_iteration": per_iteration,
     }
+
+
+def _gflop_parts(counted: dict[str, float]) -> dict[str, float]:
+    """The counted iteration's GFLOP by part, the inner steps being the rest, and per product."""
+    parts = {
+        "gradient": counted["gradient_flops"] / 1e9,
+        "products": counted["products_flops"] / 1e9,
+        "line_search": counted["line_search_flops"] / 1e9,
+    }
+    parts["inner"] = counted["flops"] / 1e9 - sum(parts.values())
+    parts["per_product"] = parts["products"] / max(counted["products"], 1)
+    parts["num_products"] = counted["products"]
+    return parts
 
 
 def add_floors(settings: list[dict[str, Any]], reference: dict[str, float]) -> None:
@@ -170,6 +222,15 @@ def add_floors(settings: list[dict[str, Any]], reference: dict[str, float]) -> N
             "over_sampling": floor / s["sampling_s"],
             "achieved_gflop_per_s": s["optimization_gflop"] / s["optimization_s"],
         }
+
+
+def forward_gflop(setting: dict[str, Any]) -> float:
+    """GFLOP of one forward pass of the policy's MLP over every post-update observation: two
+    per multiply-add of each layer (the unit the table counts the optimisation in)."""
+    config = setting["config"]
+    sizes = [config["obs_dim"], *config["hidden_sizes"], config["act_dim"]]
+    macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return 2 * macs * config["post_update_samples"] / 1e9
 
 
 def floor_lines(
@@ -185,20 +246,28 @@ def floor_lines(
         f"plain batch ({reference['gflop']:.2f} GFLOP in {reference['s'] * 1e3:.0f} ms: "
         f"**{reference['gflop_per_s']:.1f} GFLOP/s**), timed in the same run. At that rate the "
         f"counted operations take at least the floor; a floor above {target:.2f} × sampling means "
-        f"the target needs fewer operations, not faster code.",
+        f"the target needs fewer operations, not faster code. By part (GFLOP of the counted "
+        f"iteration): the inner steps, the meta-gradient with the terms conjugate gradient needs, "
+        f"the curvature products (how many, and each), the line search; and the operations in "
+        f"forward passes of the policy over every post-update observation.",
         "",
         "| fisher | hvp_subsample | products | GFLOP / iteration | GFLOP/s achieved | floor s | "
-        "floor / sampling |",
-        "|---|---|---|---|---|---|---|",
+        "floor / sampling | inner | gradient | curvature products (each) | line search | "
+        "forward passes per observation (each product) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in settings:
         if "floor" not in s:
             continue
-        f = s["floor"]
+        f, g = s["floor"], s["gflop_parts"]
+        forward = forward_gflop(s)
         lines.append(
             f"| {s.get('fisher', 'hessian')} | {s['hvp_subsample']} | {_products(s)} | "
             f"{s['optimization_gflop']:.1f} | {f['achieved_gflop_per_s']:.1f} | {f['s']:.2f} | "
-            f"**{f['over_sampling']:.3f}** |"
+            f"**{f['over_sampling']:.3f}** | {g['inner']:.1f} | {g['gradient']:.1f} | "
+            f"{g['products']:.1f} ({g['num_products']} × {g['per_product']:.1f}) | "
+            f"{g['line_search']:.1f} | {s['optimization_gflop'] / forward:.0f} "
+            f"({g['per_product'] / forward:.1f}) |"
         )
     return lines
 

@@ -117,6 +117,19 @@ def test_bench_trpo_ratio_and_parts_come_from_the_timed_iterations(tmp_path, mon
         assert json.loads(last)["floors"][f"{setting['fisher']}/{setting['hvp_subsample']}/{setting['products']}"] \
             == pytest.approx(setting["floor"]["over_sampling"], abs=1e-4)
     assert f"**{document['settings'][0]['floor']['over_sampling']:.3f}**" in out.with_suffix(".md").read_text()
+    for setting in document["settings"]:
+        parts, counted = setting["gflop_parts"], setting["per_iteration"][0]
+        # at most conjugate gradient's cg_iters products, plus the one that scales the step
+        assert 2 <= parts["num_products"] == counted["products"] <= 10 + 1
+        assert parts["products"] > 0
+        assert parts["per_product"] * parts["num_products"] == pytest.approx(parts["products"])
+        assert parts["gradient"] > 0 and parts["line_search"] > 0 and parts["inner"] >= 0
+        total = parts["inner"] + parts["gradient"] + parts["products"] + parts["line_search"]
+        assert total == pytest.approx(setting["optimization_gflop"])
+    # One forward pass of [2, 100, 100, 2] over the 400 post-update observations, by hand.
+    from experiments.bench.trpo import forward_gflop
+
+    assert forward_gflop(document["settings"][0]) * 1e9 == pytest.approx(2 * 400 * (200 + 10_000 + 200))
     # rl_table carries the measurement into the MAML-RL table.
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text(json.dumps({"title": "t", "cells": {}, "commands": {}}))
