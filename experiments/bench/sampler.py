@@ -107,21 +107,25 @@ def raw_parallel_rate(
     """Summed env steps/s of ``num_processes`` processes each running :func:`raw_env_rate` over
     ``num_envs`` environments at the same time (started together at a barrier): what parallel
     stepping with no policy and no communication reaches on this machine's cores together."""
+    rates = _side_by_side(
+        _raw_rate_child,
+        [(distribution, task, horizon, seconds, num_envs)] * num_processes,
+    )
+    return float(sum(rates))
+
+
+def _side_by_side(target: Any, arguments: list[tuple]) -> list[Any]:
+    """Runs ``target(*args, barrier, results)`` for each ``args`` in its own spawned process,
+    all released together at a barrier; returns what each put on ``results``."""
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(num_processes), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_raw_rate_child,
-            args=(distribution, task, horizon, seconds, num_envs, barrier, results),
-        )
-        for _ in range(num_processes)
-    ]
+    barrier, results = ctx.Barrier(len(arguments)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for args in arguments]
     for p in procs:
         p.start()
-    rates = [results.get() for _ in procs]
+    out = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    return float(sum(rates))
+    return out
 
 
 def _worker_rate_child(
@@ -162,20 +166,10 @@ def worker_parallel_rate(
     own worker code (:class:`~metarl.rollout.worker.RolloutWorker`, ``num_envs`` episodes of its
     task per call) at the same time: every per-step cost of sampling, with no messages between
     processes and no calling process. The process backend against it is the backend's own cost."""
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(len(tasks)), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_worker_rate_child,
-            args=(distribution, t, horizon, seconds, num_envs, policy, params, barrier, results),
-        )
-        for t in tasks
-    ]
-    for p in procs:
-        p.start()
-    counts = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
+    counts = _side_by_side(
+        _worker_rate_child,
+        [(distribution, t, horizon, seconds, num_envs, policy, params) for t in tasks],
+    )
     return float(sum(steps / elapsed for steps, elapsed in counts))
 
 
