@@ -142,6 +142,8 @@ class PEARL:
         }
         self.replay: OrderedDict[Task, TaskReplay] = OrderedDict()
         self.context: dict[Task, np.ndarray] = {}
+        # Set by loading a portable state: (task, transitions) the replay held, refilled next step.
+        self._refill: list[tuple[Task, int]] = []
         self.rng = np.random.default_rng([seed, 11])
         self.generator = torch.Generator().manual_seed(seed + 12)
         self.sampler = meta_pg.make_agent_sampler(cfg, distribution, seed)
@@ -206,6 +208,34 @@ class PEARL:
         for i, task in enumerate(tasks):
             self._store(task, rows[i][mask[i] > 0], encoder=True)
         return float(traj.mask.sum())
+
+    def _collect_refill(self) -> float:
+        """After a resume from :meth:`portable_state_dict`: episodes with the current policy on
+        every task the replay held, until each holds at least as many transitions as it did
+        (less than one episode more), alternating prior and posterior episodes as training
+        collects them (the prior's first, which also fill the encoder buffers); the replay's
+        task order is restored. Returns the env steps."""
+        targets, self._refill = dict(self._refill), []
+        env_steps, prior = 0.0, True
+        while short := [t for t, n in targets.items() if (self.replay[t].size if t in self.replay else 0) < n]:
+            params: Params | list[Params] = self._prior()
+            if not prior:
+                context = torch.from_numpy(np.stack([self._context_batch(t)[:, :-1] for t in short]))
+                with torch.no_grad():
+                    mean, variance = self.posterior(context)
+                params = [self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)]
+            traj = self.sampler.sample(self.policy, params, short, 1)
+            rows, mask = transitions(self.policy, traj)
+            if not mask.sum():
+                raise RuntimeError("refilling PEARL's replay: the episodes collected no transitions")
+            for i, task in enumerate(short):
+                self._store(task, rows[i][mask[i] > 0], encoder=prior)
+            env_steps += float(traj.mask.sum())
+            prior = not prior
+        for task in targets:  # the order the replay had (the oldest task is dropped first)
+            if task in self.replay:
+                self.replay.move_to_end(task)
+        return env_steps
 
     def _store(self, task: Task, rows: torch.Tensor, encoder: bool) -> None:
         array = rows.numpy()
@@ -391,8 +421,12 @@ class PEARL:
         if not collect:
             raise ValueError("step needs at least one task to collect data on")
         # Once per run: the replay is empty only before the first step (a resume restores it),
-        # or after a resume from portable_state_dict, which collects the initial episodes again.
-        initial = self._collect_initial() if cfg.num_initial_episodes and not self.replay else 0.0
+        # or after a resume from portable_state_dict, which refills it to the size it had.
+        initial = 0.0
+        if self._refill:
+            initial = self._collect_refill()
+        elif cfg.num_initial_episodes and not self.replay:
+            initial = self._collect_initial()
         metrics = self._collect(collect)
         metrics["train/env_steps"] += initial
         metrics["train/initial_env_steps"] = initial
@@ -478,9 +512,12 @@ class PEARL:
 
     def portable_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` without the replay and encoder buffers (on ML1 about 10 MB against
-        hundreds): loaded, the agent's next step collects as a new run's first step does (the
-        initial episodes on every training task, with the current policy), then goes on."""
+        hundreds), with the number of transitions each task's replay held: loaded, the agent's
+        next step first refills every one of those tasks to that size with the current policy
+        (:meth:`_collect_refill`), then goes on. (A state saved without the sizes collects the
+        initial episodes on every training task instead, as a new run's first step.)"""
         return {
+            "replay_sizes": [(t, b.size) for t, b in self.replay.items()],
             "nets": {
                 n: {k: v.detach().cpu().clone() for k, v in p.items()} for n, p in self.nets.items()
             },
@@ -515,6 +552,7 @@ class PEARL:
             )
             self.replay[task].load_state_dict(buffer_state)
         self.context = {t: c.copy() for t, c in state.get("context", {}).items()}
+        self._refill = [] if "replay" in state else list(state.get("replay_sizes", []))
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])

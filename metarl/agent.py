@@ -97,8 +97,9 @@ class PortableState(Protocol):
 
     def portable_state_dict(self) -> dict[str, Any]:
         """:meth:`Agent.state_dict` without the collected data. :meth:`Agent.load_state_dict`
-        takes it and collects the data again as a new run's first step would; the run then goes
-        on from where it was, but not exactly as it would have."""
+        takes it and the agent collects data again with its current policy (PEARL: as many
+        transitions per task as its replay held); the run then goes on from where it was, but not
+        exactly as it would have."""
         ...
 
 

@@ -5,6 +5,7 @@ against a reference loop, and the encoder's posteriors on 2D navigation."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -264,10 +265,53 @@ def test_resume_from_a_checkpoint_gives_identical_metrics(nav, initial):
     assert [seeded(resumed.step(t)) for t in tasks[1:]] == expected[1:]
 
 
-def test_portable_state_drops_the_buffers_and_collects_them_again():
+def test_portable_state_drops_the_buffers_and_refills_them_to_their_size():
     """The portable state (``checkpoint.portable.pt``) holds everything but the replay and encoder
-    buffers. Loaded, the next step collects the initial episodes on every training task again and
-    goes on exactly as the reference: the full state loaded, its buffers emptied by hand."""
+    buffers, and how many transitions each task's replay held. Loaded, the next step first
+    collects on every one of those tasks until it holds at least that many again (less than one
+    episode more), in the replay's task order, then goes on as the full state would: against it,
+    every task ends the step with the same transitions plus the refill's overshoot."""
+    dist = envs.make("navigation-2d", horizon=20, num_train=6, num_test=4)
+    config = PEARLConfig(**{**TINY, "num_initial_episodes": 1})
+    tasks = [dist.sample(4, np.random.default_rng(100 + i)) for i in range(3)]
+    trained = PEARL(config, dist, 3)
+    for batch in tasks[:2]:
+        trained.step(batch)
+    sizes = {t: b.size for t, b in trained.replay.items()}
+    full, portable = io.BytesIO(), io.BytesIO()
+    torch.save(trained.state_dict(), full)
+    torch.save(trained.portable_state_dict(), portable)
+    assert set(trained.state_dict()) - set(trained.portable_state_dict()) == {"replay", "context"}
+    assert len(portable.getvalue()) < len(full.getvalue())
+    resumed, exact = PEARL(config, dist, 3), PEARL(config, dist, 3)
+    portable.seek(0)
+    resumed.load_state_dict(torch.load(portable, weights_only=False))
+    assert not resumed.replay and not resumed.context
+    full.seek(0)
+    exact.load_state_dict(torch.load(full, weights_only=False))
+    calls = []  # whether each sampler call ran posterior z's (one parameter set per task)
+    sample = resumed.sampler.sample
+    resumed.sampler.sample = lambda policy, params, *a, **k: calls.append(isinstance(params, list)) or sample(
+        policy, params, *a, **k
+    )
+    got, reference = resumed.step(tasks[2]), exact.step(tasks[2])
+    rounds = max(sizes.values()) // dist.horizon  # navigation-2d episodes run to the horizon
+    assert rounds >= 2 and calls == [i % 2 == 1 for i in range(rounds)] + [False, True]
+    assert reference["train/initial_env_steps"] == 0.0  # the full state collects nothing again
+    assert list(resumed.replay) == list(exact.replay)
+    overshoot = {t: resumed.replay[t].size - exact.replay[t].size for t in exact.replay}
+    assert all(0 <= n < dist.horizon for n in overshoot.values()), overshoot
+    # The refill collected the recorded sizes plus the overshoot, and this step's episodes as the full state's.
+    assert got["train/initial_env_steps"] == sum(sizes.values()) + sum(overshoot.values()) > 0
+    assert set(resumed.context) == set(exact.context)
+    for agent in (trained, resumed, exact):
+        agent.close()
+
+
+def test_a_portable_state_without_the_replay_sizes_collects_the_initial_episodes_again():
+    """A portable state saved before it recorded the replay's sizes: the next step collects as a
+    new run's first step (the initial episodes on every training task), then goes on exactly as the
+    reference: the full state loaded, its buffers emptied by hand."""
     dist = envs.make("navigation-2d", horizon=20, num_train=6, num_test=4)
     config = PEARLConfig(**{**TINY, "num_initial_episodes": 1})
     tasks = [dist.sample(4, np.random.default_rng(100 + i)) for i in range(2)]
@@ -277,26 +321,19 @@ def test_portable_state_drops_the_buffers_and_collects_them_again():
 
     trained = PEARL(config, dist, 3)
     trained.step(tasks[0])
-    full, portable = io.BytesIO(), io.BytesIO()
+    full = io.BytesIO()
     torch.save(trained.state_dict(), full)
-    torch.save(trained.portable_state_dict(), portable)
-    assert set(trained.state_dict()) - set(trained.portable_state_dict()) == {"replay", "context"}
-    assert len(portable.getvalue()) < len(full.getvalue())
-    resumed, reference, exact = (PEARL(config, dist, 3) for _ in range(3))
-    portable.seek(0)
-    resumed.load_state_dict(torch.load(portable, weights_only=False))
-    assert not resumed.replay and not resumed.context
+    old = {k: v for k, v in trained.portable_state_dict().items() if k != "replay_sizes"}
+    resumed, reference = PEARL(config, dist, 3), PEARL(config, dist, 3)
+    resumed.load_state_dict(copy.deepcopy(old))
     full.seek(0)
     reference.load_state_dict(torch.load(full, weights_only=False))
     reference.replay.clear()
     reference.context.clear()
-    full.seek(0)
-    exact.load_state_dict(torch.load(full, weights_only=False))
     got = resumed.step(tasks[1])
     assert seeded(got) == seeded(reference.step(tasks[1]))
     assert got["train/initial_env_steps"] == sum(resumed.replay[t].size for t in dist.train_tasks()) > 0
-    assert exact.step(tasks[1])["train/initial_env_steps"] == 0.0  # the full state collects nothing again
-    for agent in (trained, resumed, reference, exact):
+    for agent in (trained, resumed, reference):
         agent.close()
 
 
