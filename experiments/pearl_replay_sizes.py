@@ -5,9 +5,8 @@ to the size it had instead of collecting only the initial episodes.
 The sizes are reconstructed, not guessed: the runner draws each iteration's meta-batch from one
 generator seeded with the run's seed (restored from every checkpoint), so drawing again gives the
 tasks each iteration collected on, in order. That takes episodes that always run to the horizon
-(Meta-World's do); the script checks this against ``metrics.jsonl`` (every iteration's
-``train/env_steps`` minus ``train/initial_env_steps``) and against the total it reconstructs, and
-refuses a run it cannot reconstruct exactly.
+(Meta-World's do); the script checks this against ``metrics.jsonl`` (the initial episodes' and
+every iteration's ``train/env_steps``) and refuses a run it cannot reconstruct exactly.
 
     python -m experiments.pearl_replay_sizes experiments/rl_runs/pearl-ml1-reach/base-s0
 """
@@ -86,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     horizon = int(document["tasks"]["horizon"])
     per_iteration = cfg.num_collect_tasks * (cfg.num_prior_episodes + cfg.num_posterior_episodes) * horizon
     collected = {x["train/env_steps"] - x["train/initial_env_steps"] for x in logged.values()}
-    initial = logged[1]["train/initial_env_steps"]
-    total = initial + per_iteration * iterations
-    if collected != {per_iteration} or sum(n for _, n in sizes) != total:
+    tasks_cfg = dict(document["tasks"])
+    train_tasks = make_distribution(tasks_cfg.pop("name"), **tasks_cfg).train_tasks()
+    initial = cfg.num_initial_episodes * horizon * len(train_tasks)
+    if collected != {per_iteration} or logged[1]["train/initial_env_steps"] != initial:
         print(f"error: {args.run_dir}'s episodes did not all run to the horizon ({horizon} steps): "
               "its replay sizes cannot be reconstructed", file=sys.stderr)
         return 2
     state["agent"]["replay_sizes"] = sizes
     save_checkpoint(path, state, keep_previous=False)
-    print(f"{path}: {len(sizes)} tasks, {total:.0f} transitions at iteration {iterations} "
+    print(f"{path}: {len(sizes)} tasks, {sum(n for _, n in sizes)} transitions at iteration {iterations} "
           f"({min(n for _, n in sizes)} to {max(n for _, n in sizes)} per task)")
     return 0
 
