@@ -198,15 +198,24 @@ class PEARL:
                 f"{self.config.max_replay_tasks} keeps fewer; raise max_replay_tasks to {count}"
             )
 
-    def _collect_initial(self) -> float:
-        """Prior episodes on every training task into both buffers; returns the env steps."""
-        tasks = self.distribution.train_tasks()
-        traj = self.sampler.sample(
-            self.policy, self._prior(), tasks, self.config.num_initial_episodes
-        )
+    def _episodes(self, tasks: list[Task], prior: bool, episodes: int) -> Trajectories:
+        """``episodes`` per task with z from the prior (stored in both buffers: the encoder's
+        keeps the latest) or from each task's posterior on its encoder buffer (replay only)."""
+        params: Params | list[Params] = self._prior()
+        if not prior:
+            context = torch.from_numpy(np.stack([self._context_batch(t)[:, :-1] for t in tasks]))
+            with torch.no_grad():
+                mean, variance = self.posterior(context)
+            params = [self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)]
+        traj = self.sampler.sample(self.policy, params, tasks, episodes)
         rows, mask = transitions(self.policy, traj)
         for i, task in enumerate(tasks):
-            self._store(task, rows[i][mask[i] > 0], encoder=True)
+            self._store(task, rows[i][mask[i] > 0], encoder=prior)
+        return traj
+
+    def _collect_initial(self) -> float:
+        """Prior episodes on every training task into both buffers; returns the env steps."""
+        traj = self._episodes(self.distribution.train_tasks(), True, self.config.num_initial_episodes)
         return float(traj.mask.sum())
 
     def _collect_refill(self) -> float:
@@ -218,20 +227,10 @@ class PEARL:
         targets, self._refill = dict(self._refill), []
         env_steps, prior = 0.0, True
         while short := [t for t, n in targets.items() if (self.replay[t].size if t in self.replay else 0) < n]:
-            params: Params | list[Params] = self._prior()
-            if not prior:
-                context = torch.from_numpy(np.stack([self._context_batch(t)[:, :-1] for t in short]))
-                with torch.no_grad():
-                    mean, variance = self.posterior(context)
-                params = [self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)]
-            traj = self.sampler.sample(self.policy, params, short, 1)
-            rows, mask = transitions(self.policy, traj)
-            if not mask.sum():
+            steps = float(self._episodes(short, prior, 1).mask.sum())
+            if not steps:
                 raise RuntimeError("refilling PEARL's replay: the episodes collected no transitions")
-            for i, task in enumerate(short):
-                self._store(task, rows[i][mask[i] > 0], encoder=prior)
-            env_steps += float(traj.mask.sum())
-            prior = not prior
+            env_steps, prior = env_steps + steps, not prior
         for task in targets:  # the order the replay had (the oldest task is dropped first)
             if task in self.replay:
                 self.replay.move_to_end(task)
@@ -256,19 +255,7 @@ class PEARL:
         for name, episodes in runs:
             if episodes == 0:
                 continue
-            if name == "prior":
-                params: Params | list[Params] = self._prior()
-            else:
-                context = torch.from_numpy(
-                    np.stack([self._context_batch(t)[:, :-1] for t in tasks])
-                )
-                with torch.no_grad():
-                    mean, variance = self.posterior(context)
-                params = [self._actor_params(m, v) for m, v in zip(mean, variance, strict=True)]
-            traj = self.sampler.sample(self.policy, params, tasks, episodes)
-            rows, mask = transitions(self.policy, traj)
-            for i, task in enumerate(tasks):
-                self._store(task, rows[i][mask[i] > 0], encoder=name == "prior")
+            traj = self._episodes(tasks, name == "prior", episodes)
             metrics[f"train/{name}_return"] = float(traj.episode_returns().mean())
             if not torch.isnan(traj.success).all():
                 metrics[f"train/{name}_success"] = float(np.nanmean(traj.success.numpy()))

@@ -18,33 +18,31 @@ import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from envs.base import Task, TaskDistribution
 from metarl.config import build, load_toml
 from metarl.experiment import PORTABLE_CHECKPOINT
 from metarl.logger import load_checkpoint, save_checkpoint
 from metarl.registry import make_distribution, resolve_agent
 
 
-def _settings(run_dir: Path) -> tuple[dict, object, int]:
-    """The run's config document, its agent's config and its seed."""
+def _load(run_dir: Path) -> tuple[Any, int, TaskDistribution]:
+    """The run's agent config, seed and task distribution, from its ``config.toml``."""
     document = load_toml(run_dir / "config.toml")
-    agent_cls = resolve_agent(document["run"]["agent"])
-    return document, build(agent_cls.Config, dict(document["agent"]), "agent"), int(document["run"]["seed"])
+    cfg = build(resolve_agent(document["run"]["agent"]).Config, dict(document["agent"]), "agent")
+    tasks = dict(document["tasks"])
+    return cfg, int(document["run"]["seed"]), make_distribution(tasks.pop("name"), **tasks)
 
 
-def replay_sizes(run_dir: Path, iterations: int) -> list[tuple[object, int]]:
-    """``(task, transitions)`` in the replay's order after ``iterations`` steps of the run."""
-    document, cfg, seed = _settings(run_dir)
-    tasks_cfg = dict(document["tasks"])
-    distribution = make_distribution(tasks_cfg.pop("name"), **tasks_cfg)
-    horizon = int(tasks_cfg["horizon"])
+def _reconstruct(cfg: Any, seed: int, distribution: TaskDistribution, iterations: int) -> list[tuple[Task, int]]:
     rng = np.random.default_rng([seed, 0])  # the runner's meta-batch generator
-    replay: OrderedDict[object, int] = OrderedDict()
+    replay: OrderedDict[Task, int] = OrderedDict()
 
-    def store(task: object, rows: int) -> None:
-        replay[task] = replay.get(task, 0) + rows
+    def store(task: Task, episodes: int) -> None:
+        replay[task] = replay.get(task, 0) + episodes * distribution.horizon
         replay.move_to_end(task)
         while len(replay) > cfg.max_replay_tasks:
             replay.popitem(last=False)
@@ -53,13 +51,19 @@ def replay_sizes(run_dir: Path, iterations: int) -> list[tuple[object, int]]:
         batch = distribution.sample(cfg.meta_batch_size, rng)
         if iteration == 1 and cfg.num_initial_episodes:
             for task in distribution.train_tasks():
-                store(task, cfg.num_initial_episodes * horizon)
+                store(task, cfg.num_initial_episodes)
         collect = list(batch)[: cfg.num_collect_tasks or len(batch)]
         for episodes in (cfg.num_prior_episodes, cfg.num_posterior_episodes):
             if episodes:
                 for task in collect:
-                    store(task, episodes * horizon)
+                    store(task, episodes)
     return list(replay.items())
+
+
+def replay_sizes(run_dir: Path, iterations: int) -> list[tuple[Task, int]]:
+    """``(task, transitions)`` in the replay's order after ``iterations`` steps of the run."""
+    cfg, seed, distribution = _load(run_dir)
+    return _reconstruct(cfg, seed, distribution, iterations)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,18 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     if sorted(logged) != list(range(1, iterations + 1)):
         print(f"error: metrics.jsonl lacks iterations up to {iterations}", file=sys.stderr)
         return 2
-    sizes = replay_sizes(args.run_dir, iterations)
-    document, cfg, _ = _settings(args.run_dir)
-    horizon = int(document["tasks"]["horizon"])
+    cfg, seed, distribution = _load(args.run_dir)
+    horizon = distribution.horizon
     per_iteration = cfg.num_collect_tasks * (cfg.num_prior_episodes + cfg.num_posterior_episodes) * horizon
+    initial = cfg.num_initial_episodes * horizon * len(distribution.train_tasks())
     collected = {x["train/env_steps"] - x["train/initial_env_steps"] for x in logged.values()}
-    tasks_cfg = dict(document["tasks"])
-    train_tasks = make_distribution(tasks_cfg.pop("name"), **tasks_cfg).train_tasks()
-    initial = cfg.num_initial_episodes * horizon * len(train_tasks)
     if collected != {per_iteration} or logged[1]["train/initial_env_steps"] != initial:
         print(f"error: {args.run_dir}'s episodes did not all run to the horizon ({horizon} steps): "
               "its replay sizes cannot be reconstructed", file=sys.stderr)
         return 2
+    sizes = _reconstruct(cfg, seed, distribution, iterations)
     state["agent"]["replay_sizes"] = sizes
     save_checkpoint(path, state, keep_previous=False)
     print(f"{path}: {len(sizes)} tasks, {sum(n for _, n in sizes)} transitions at iteration {iterations} "
