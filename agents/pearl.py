@@ -144,6 +144,7 @@ class PEARL:
         self.context: dict[Task, np.ndarray] = {}
         # Set by loading a portable state: (task, transitions) the replay held, refilled next step.
         self._refill: list[tuple[Task, int]] = []
+        self._recollect = False  # set by loading a portable state of a run that had collected data
         self.rng = np.random.default_rng([seed, 11])
         self.generator = torch.Generator().manual_seed(seed + 12)
         self.sampler = meta_pg.make_agent_sampler(cfg, distribution, seed)
@@ -408,15 +409,20 @@ class PEARL:
         if not collect:
             raise ValueError("step needs at least one task to collect data on")
         # Once per run: the replay is empty only before the first step (a resume restores it),
-        # or after a resume from portable_state_dict, which refills it to the size it had.
-        initial = 0.0
+        # or after a resume from portable_state_dict, which refills it to the size it had (or,
+        # from a state that did not record the sizes, collects the initial episodes again).
+        initial = recollected = 0.0
         if self._refill:
-            initial = self._collect_refill()
+            recollected = self._collect_refill()
         elif cfg.num_initial_episodes and not self.replay:
             initial = self._collect_initial()
+            if self._recollect:
+                initial, recollected = 0.0, initial
+        self._recollect = False
         metrics = self._collect(collect)
-        metrics["train/env_steps"] += initial
+        metrics["train/env_steps"] += initial + recollected
         metrics["train/initial_env_steps"] = initial
+        metrics["train/recollected_env_steps"] = recollected  # data the run had, collected again
         sampling_s = time.perf_counter() - start
         totals: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_train_steps):
@@ -540,6 +546,7 @@ class PEARL:
             self.replay[task].load_state_dict(buffer_state)
         self.context = {t: c.copy() for t, c in state.get("context", {}).items()}
         self._refill = [] if "replay" in state else list(state.get("replay_sizes", []))
+        self._recollect = "replay" not in state and bool(state.get("replay_sizes", True))
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     horizon = distribution.horizon
     per_iteration = cfg.num_collect_tasks * (cfg.num_prior_episodes + cfg.num_posterior_episodes) * horizon
     initial = cfg.num_initial_episodes * horizon * len(distribution.train_tasks())
-    collected = {x["train/env_steps"] - x["train/initial_env_steps"] for x in logged.values()}
+    collected = {x["train/env_steps"] - x["train/initial_env_steps"] - x.get("train/recollected_env_steps", 0.0)
+                 for x in logged.values()}
     if collected != {per_iteration} or logged[1]["train/initial_env_steps"] != initial:
         print(f"error: {args.run_dir}'s episodes did not all run to the horizon ({horizon} steps): "
               "its replay sizes cannot be reconstructed", file=sys.stderr)

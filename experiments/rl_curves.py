@@ -83,9 +83,30 @@ def curves(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def recollected_steps(row: dict[str, Any]) -> float:
+    """Environment steps an iteration spent collecting again data its run had before a resume
+    (PEARL resumed from its portable checkpoint, which leaves out the replay). Logs written before
+    ``train/recollected_env_steps`` existed recorded them as ``train/initial_env_steps`` at an
+    iteration past the first (a run collects its initial episodes only at its first)."""
+    again = float(row.get("train/recollected_env_steps", 0.0))
+    return again + (float(row.get("train/initial_env_steps", 0.0)) if row["iteration"] > 1 else 0.0)
+
+
 def steps_per_iteration(runs: list[dict[str, Any]]) -> float:
-    values = [r["train/env_steps"] for run in runs for r in run["rows"] if "train/env_steps" in r]
+    """Mean new environment steps per iteration (re-collected ones left out)."""
+    values = [r["train/env_steps"] - recollected_steps(r) for run in runs for r in run["rows"]
+              if "train/env_steps" in r]
     return float(np.mean(values)) if values else float("nan")
+
+
+def run_env_steps(run: dict[str, Any], per_iteration: float) -> tuple[float, float]:
+    """A run's new and re-collected environment steps: summed over its logged iterations, or, where
+    some iteration did not log them, its iterations times the benchmark's mean per iteration."""
+    rows = run["rows"]
+    if rows and all("train/env_steps" in r for r in rows):
+        again = sum(recollected_steps(r) for r in rows)
+        return sum(r["train/env_steps"] for r in rows) - again, again
+    return (rows[-1]["iteration"] if rows else 0) * per_iteration, 0.0
 
 
 def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +116,7 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
     benchmark, algorithm = benchmark_of(config)
     iterations = [run["rows"][-1]["iteration"] if run["rows"] else 0 for run in runs]
     per_iteration = steps_per_iteration(runs)
+    steps = [run_env_steps(run, per_iteration) for run in runs]
     curve = curves(runs)
     last_eval: dict[str, Any] = {}
     for metric, by_step in curve.items():
@@ -118,7 +140,8 @@ def summarize(sweep: Path, references: dict[str, Any]) -> dict[str, Any]:
         "algorithm": algorithm, "seeds": len(runs),
         "iterations": iterations, "budget_iterations": config["run"]["num_iterations"],
         "env_steps_per_iteration": per_iteration,
-        "env_steps": [it * per_iteration for it in iterations],
+        "env_steps": [new for new, _ in steps],
+        "recollected_env_steps": [again for _, again in steps],
         "last_eval": last_eval, "diagnostics": diagnostics, "curves": curve,
         "reference": {k: v for k, v in reference.items() if not isinstance(v, dict)},
         "machines": sorted({m for run in runs for m in run["machines"]}),
@@ -203,11 +226,19 @@ def fmt(value: float | None) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.3g}"
 
 
+def env_steps_cell(row: dict[str, Any]) -> list[str]:
+    """Each run's new environment steps, and those it collected again after a resume where any."""
+    again = row.get("recollected_env_steps") or [0.0] * len(row["env_steps"])
+    return [f"{new / 1e6:.1f}M" + (f" (+{extra / 1e6:.2f}M again)" if extra else "")
+            for new, extra in zip(row["env_steps"], again, strict=True)]
+
+
 def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
     lines = [
         "# Meta-RL benchmarks: progress and held-out curves", "",
         "Each row is one benchmark's runs (one per seed) kept under `experiments/rl_runs/`, read from their "
-        "`metrics.jsonl`. Held-out: the mean over held-out tasks at the last evaluation every seed reached "
+        "`metrics.jsonl`. Env steps: each seed's, summed from its log; those a resumed run spent collecting "
+        "again the data its checkpoint left out (PEARL's replay) are shown apart (\"again\") and not counted. Held-out: the mean over held-out tasks at the last evaluation every seed reached "
         "(`run.eval_every`; where no evaluation has every seed yet, the latest one, and the eval-at column "
         "says how many seeds its figures hold), averaged over seeds, before adaptation (step 0), after one step and after the "
         "last. Diagnostics: the mean of the last 10 logged iterations of every seed (`adapt/inner_kl`: KL "
@@ -226,7 +257,7 @@ def table(rows: list[dict[str, Any]], command: str, machine: str) -> str:
                         else f"`metarl sweep ... --out {row['sweep']}` (see docs/reproducing.md)")
         progress = (f"| {row['benchmark']} | {row['algorithm']} | {row['seeds']} | "
                     f"{', '.join(map(str, row['iterations']))} ({row['budget_iterations']}) | "
-                    f"{', '.join(f'{s / 1e6:.1f}M' for s in row['env_steps'])} |")
+                    f"{', '.join(env_steps_cell(row))} |")
         diagnostics = (f"{fmt(d.get('adapt/inner_kl'))} | {fmt(d.get('adapt/return_gain'))} | "
                        f"{fmt(d.get('train/accepted'))} | {fmt(d.get('trust_region_used'))} |")
         tail = f"{'; '.join(row['machines'])} | {continue_cmd} |"

@@ -297,12 +297,15 @@ def test_portable_state_drops_the_buffers_and_refills_them_to_their_size():
     got, reference = resumed.step(tasks[2]), exact.step(tasks[2])
     rounds = max(sizes.values()) // dist.horizon  # navigation-2d episodes run to the horizon
     assert rounds >= 2 and calls == [i % 2 == 1 for i in range(rounds)] + [False, True]
-    assert reference["train/initial_env_steps"] == 0.0  # the full state collects nothing again
+    assert reference["train/initial_env_steps"] == reference["train/recollected_env_steps"] == 0.0
     assert list(resumed.replay) == list(exact.replay)
     overshoot = {t: resumed.replay[t].size - exact.replay[t].size for t in exact.replay}
     assert all(0 <= n < dist.horizon for n in overshoot.values()), overshoot
-    # The refill collected the recorded sizes plus the overshoot, and this step's episodes as the full state's.
-    assert got["train/initial_env_steps"] == sum(sizes.values()) + sum(overshoot.values()) > 0
+    # The refill collected the recorded sizes plus the overshoot, and this step's episodes as the
+    # full state's; it is logged apart from a new run's initial episodes, and counted in env_steps.
+    assert got["train/recollected_env_steps"] == sum(sizes.values()) + sum(overshoot.values()) > 0
+    assert got["train/initial_env_steps"] == 0.0
+    assert got["train/env_steps"] == reference["train/env_steps"] + got["train/recollected_env_steps"]
     assert set(resumed.context) == set(exact.context)
     for agent in (trained, resumed, exact):
         agent.close()
@@ -330,9 +333,12 @@ def test_a_portable_state_without_the_replay_sizes_collects_the_initial_episodes
     reference.load_state_dict(torch.load(full, weights_only=False))
     reference.replay.clear()
     reference.context.clear()
-    got = resumed.step(tasks[1])
-    assert seeded(got) == seeded(reference.step(tasks[1]))
-    assert got["train/initial_env_steps"] == sum(resumed.replay[t].size for t in dist.train_tasks()) > 0
+    got, expected = resumed.step(tasks[1]), reference.step(tasks[1])
+    # The same data, logged as collected again (the reference's emptied buffers look like a new run's).
+    swapped = {"train/initial_env_steps": "train/recollected_env_steps",
+               "train/recollected_env_steps": "train/initial_env_steps"}
+    assert seeded(got) == {swapped.get(k, k): v for k, v in seeded(expected).items()}
+    assert got["train/recollected_env_steps"] == sum(resumed.replay[t].size for t in dist.train_tasks()) > 0
     for agent in (trained, resumed, reference):
         agent.close()
 
@@ -356,6 +362,15 @@ def test_initial_episodes_fill_every_training_task_once():
     second = agent.step(dist.sample(4, np.random.default_rng(101)))
     assert second["train/initial_env_steps"] == 0.0
     assert {t: agent.replay[t].size for t in train} == sizes
+    # A portable state saved before the first step holds no data: loaded, the first step is a new
+    # run's, initial episodes and all, not a re-collection.
+    config = PEARLConfig(**{**TINY, "num_initial_episodes": 2})
+    unsaved, loaded = PEARL(config, dist, 0), PEARL(config, dist, 0)
+    loaded.load_state_dict(unsaved.portable_state_dict())
+    again = loaded.step(dist.sample(4, np.random.default_rng(100)))
+    assert again["train/initial_env_steps"] == initial and again["train/recollected_env_steps"] == 0.0
+    for other in (agent, unsaved, loaded):
+        other.close()
     with pytest.raises(ValueError, match="raise max_replay_tasks to 6"):
         PEARL(PEARLConfig(**{**TINY, "num_initial_episodes": 1, "max_replay_tasks": 5}), dist, 0)
 
@@ -578,7 +593,7 @@ def test_a_run_without_its_checkpoint_resumes_from_the_portable_one_and_says_so(
     assert [m["iteration"] for m in machines] == [0, 2]
     assert "resumed_from" in machines[1] and "resumed_from" not in machines[0]
     assert logged(1)["train/initial_env_steps"] > 0 and logged(2)["train/initial_env_steps"] == 0
-    assert logged(3)["train/initial_env_steps"] > 0  # collected again
+    assert logged(3)["train/recollected_env_steps"] > 0 and logged(3)["train/initial_env_steps"] == 0
     # With checkpoint.pt back (written at iteration 3), a resume uses it and warns of nothing.
     err = cli("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=4")
     assert "portable" not in err and logged(4)["train/initial_env_steps"] == 0

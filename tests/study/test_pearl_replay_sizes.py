@@ -54,5 +54,5 @@ def test_reconstructed_sizes_match_the_replay_and_a_resume_refills_it(tmp_path, 
     assert "already records" in err.getvalue()
     assert _cli("run", "--resume", str(run), "--no-progress", "--set", "run.num_iterations=4") == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    refilled = lines[-1]["train/initial_env_steps"]
+    refilled = lines[-1]["train/recollected_env_steps"]
     assert lines[-1]["iteration"] == 4 and refilled >= sum(n for _, n in actual)

@@ -95,3 +95,34 @@ def test_the_last_evaluation_every_seed_reached_is_preferred_to_a_later_one_of_f
     out = tmp_path / "curves"
     assert main([str(sweep), "--out", str(out)]) == 0
     assert "| return | 2 | -205 | -185 |" in out.with_suffix(".md").read_text()
+
+
+def test_steps_collected_again_after_a_resume_are_shown_apart_and_not_counted(tmp_path):
+    """PEARL resumed from its portable checkpoint collects its replay again: logged as
+    ``train/recollected_env_steps``, or, in logs older than that key, as ``train/initial_env_steps``
+    past the first iteration. The env-steps column counts new steps only and shows those apart."""
+    sweep = tmp_path / "pearl"
+    config = '[run]\nagent = "agents.pearl:PEARL"\nnum_iterations = 200\n\n[tasks]\nname = "navigation-2d"\n'
+    logs = {  # iteration: (env_steps, initial, recollected or None for an older log)
+        0: {1: (1.5e6, 1e6, 0.0), 2: (5e5, 0.0, 0.0), 3: (3.5e6, 0.0, 3e6), 4: (5e5, 0.0, 0.0)},
+        1: {1: (1.5e6, 1e6, None), 2: (5e5, 0.0, None), 3: (2.5e6, 2e6, None)},
+    }
+    for seed, rows in logs.items():
+        run = sweep / f"base-s{seed}"
+        run.mkdir(parents=True)
+        run.joinpath("config.toml").write_text(config)
+        lines = []
+        for iteration, (steps, initial, again) in rows.items():
+            row = {"iteration": iteration, "train/env_steps": steps, "train/initial_env_steps": initial}
+            if again is not None:
+                row["train/recollected_env_steps"] = again
+            lines.append(json.dumps(row) + "\n")
+        run.joinpath("metrics.jsonl").write_text("".join(lines))
+        run.joinpath("machines.jsonl").write_text(json.dumps({"iteration": 0, "machine": "box"}) + "\n")
+    row = summarize(sweep, {})
+    # seed 0: 1.5M + 0.5M + 0.5M + 0.5M new, 3M again; seed 1: 1.5M + 0.5M + 0.5M new, 2M again
+    assert row["env_steps"] == [3e6, 2.5e6] and row["recollected_env_steps"] == [3e6, 2e6]
+    assert row["env_steps_per_iteration"] == 5.5e6 / 7
+    assert main([str(sweep), "--out", str(tmp_path / "curves")]) == 0
+    text = (tmp_path / "curves.md").read_text()
+    assert "| 4, 3 (200) | 3.0M (+3.00M again), 2.5M (+2.00M again) |" in text
