@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,9 @@ import numpy as np
 import torch
 
 from agents.latent_sac import transitions
-from experiments.checkpoint_run import checkpoint_experiment
+from experiments.checkpoint_run import checkpoint_experiment, probe_runs
 from metarl import meta_pg
 from metarl.config import load_toml
-from metarl.experiment import resume_point
 from metarl.stats import bootstrap_difference_ci
 
 EVALUATED = {1: "episode 0", 2: "episodes 0-1"}
@@ -171,19 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tasks < 2 or args.repeats < 1:
         parser.error("--tasks must be at least 2 (for an interval) and --repeats at least 1")
-    for run_dir in args.run_dirs:
-        if resume_point(run_dir) is None:
-            parser.error(f"{run_dir} has no checkpoint; give run directories (e.g. SWEEP/base-s0)")
-    results = []
-    for run_dir in args.run_dirs:
-        results.append(probe(run_dir, args.tasks, args.repeats, args.seed))
-        print("\n".join(_lines(results[-1])), flush=True)
-    if args.out:
-        from experiments.bench import save_results
-
-        save_results(args.out, "python -m experiments.probe_pearl_context", argv, {"runs": results}, _markdown)
-    print(json.dumps(results[-1] if len(results) == 1 else {"runs": results}))
-    return 0
+    return probe_runs("python -m experiments.probe_pearl_context", parser, args, argv,
+                      lambda run_dir: probe(run_dir, args.tasks, args.repeats, args.seed), _lines, _markdown)
 
 
 if __name__ == "__main__":

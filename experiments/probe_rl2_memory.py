@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from experiments.checkpoint_run import checkpoint_experiment
+from experiments.checkpoint_run import checkpoint_experiment, probe_runs
 from metarl.config import load_toml
 from metarl.recurrent import RecurrentPolicy
 from metarl.stats import bootstrap_difference_ci
@@ -137,19 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tasks < 2 or args.episodes < 1:
         parser.error("--tasks must be at least 2 (for an interval) and --episodes at least 1")
-    for run_dir in args.run_dirs:
-        if not (run_dir / "checkpoint.pt").is_file():
-            parser.error(f"{run_dir} has no checkpoint.pt; give run directories (e.g. SWEEP/base-s0)")
-    results = []
-    for run_dir in args.run_dirs:
-        results.append(probe(run_dir, args.tasks, args.episodes, args.seed))
-        print("\n".join(_lines(results[-1])), flush=True)
-    if args.out:
-        from experiments.bench import save_results
-
-        save_results(args.out, "python -m experiments.probe_rl2_memory", argv, {"runs": results}, _markdown)
-    print(json.dumps(results[-1] if len(results) == 1 else {"runs": results}))
-    return 0
+    return probe_runs("python -m experiments.probe_rl2_memory", parser, args, argv,
+                      lambda run_dir: probe(run_dir, args.tasks, args.episodes, args.seed), _lines, _markdown)
 
 
 if __name__ == "__main__":

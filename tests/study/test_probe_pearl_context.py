@@ -72,3 +72,7 @@ def test_probe_matches_evaluate_and_infers_z_from_the_named_contexts(tmp_path, m
         assert difference == pytest.approx(rows[key]["return"] - base) and lo <= hi
     table = (tmp_path / "p.md").read_text()
     assert table.count(f"| {run} | 2 |") == 7
+    (tmp_path / "empty").mkdir()
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit) as exit_info:
+        main([str(run), str(tmp_path / "empty")])  # refused before any run is probed
+    assert exit_info.value.code == 2 and "empty has no checkpoint" in err.getvalue()
