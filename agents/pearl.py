@@ -448,6 +448,14 @@ class PEARL:
 
     # ------------------------------------------------------------------ evaluation and state
 
+    def evaluation_sampler(self, seed: int) -> Any:
+        """The sampler :meth:`evaluate` runs held-out episodes with: no more environments per worker
+        than the per-iteration training call (collecting tasks × the larger episode count)."""
+        cfg = self.config
+        collecting = cfg.num_collect_tasks or cfg.meta_batch_size
+        call = collecting * max(cfg.num_prior_episodes, cfg.num_posterior_episodes, 1)
+        return meta_pg.make_agent_sampler(cfg, self.distribution, seed, call)
+
     def evaluate(self, tasks: list[Task], rng: np.random.Generator) -> dict[str, Any]:
         """Return and success per held-out task of episodes 0..``eval_adapt_steps``.
 
@@ -465,10 +473,8 @@ class PEARL:
         context: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         returns, successes = [], []
-        collecting = cfg.num_collect_tasks or cfg.meta_batch_size
-        call = collecting * max(cfg.num_prior_episodes, cfg.num_posterior_episodes, 1)
         with (
-            meta_pg.make_agent_sampler(cfg, self.distribution, meta_pg.eval_seed(rng), call) as sampler,
+            self.evaluation_sampler(meta_pg.eval_seed(rng)) as sampler,
             torch.no_grad(),
         ):
             for _ in range(cfg.eval_adapt_steps + 1):

@@ -18,9 +18,9 @@ from metarl.logger import load_checkpoint
 @contextmanager
 def checkpoint_experiment(run_dir: Path, document: dict[str, Any]) -> Iterator[Experiment]:
     """The run's experiment built from ``document`` (its config, possibly changed) in a scratch
-    directory, with the checkpoint a resume would load (``checkpoint.pt``, else ``checkpoint.portable.pt``: all a
-    committed PEARL run keeps, the networks without the replay, which a probe does not read) loaded;
-    closed on leaving."""
+    directory, with the checkpoint a resume would load loaded (``checkpoint.pt``, else
+    ``checkpoint.portable.pt``: all a committed PEARL run keeps, its networks without the replay,
+    which a probe does not read); closed on leaving."""
     path = resume_point(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint.pt or checkpoint.portable.pt")
@@ -42,8 +42,8 @@ def probe_runs(
     lines: Callable[[dict[str, Any]], list[str]],
     markdown: Callable[[dict[str, Any]], str],
 ) -> int:
-    """The probe ``command`` (``"python -m experiments.NAME"``) over ``args.run_dirs``: refuses a directory without a checkpoint (exit 2)
-    before any work, prints each run's ``lines`` as it is probed, writes ``args.out``.json/.md
+    """The probe ``command`` (``"python -m experiments.NAME"``) over ``args.run_dirs``: refuses a
+    directory without a checkpoint (exit 2) before any work, prints each run's ``lines`` as it is probed, writes ``args.out``.json/.md
     when given (the table by ``markdown``) and prints one JSON object last."""
     for run_dir in args.run_dirs:
         if resume_point(run_dir) is None:

@@ -36,7 +36,6 @@ import torch
 
 from agents.latent_sac import transitions
 from experiments.checkpoint_run import checkpoint_experiment, probe_runs
-from metarl import meta_pg
 from metarl.config import load_toml
 from metarl.stats import bootstrap_difference_ci
 
@@ -55,15 +54,13 @@ def probe(run_dir: Path, num_tasks: int, repeats: int, seed: int) -> dict[str, A
         actor = copy.copy(agent.policy)
         actor.deterministic = cfg.eval_deterministic
         rng = np.random.default_rng(seed)
-        call = (cfg.num_collect_tasks or cfg.meta_batch_size) * max(
-            cfg.num_prior_episodes, cfg.num_posterior_episodes, 1)  # as evaluate sizes its sampler
-        rows_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         results: list[dict[str, Any]] = []
         scores: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-        with meta_pg.make_agent_sampler(cfg, agent.distribution, seed, call) as sampler, torch.no_grad():
+        with agent.evaluation_sampler(seed) as sampler, torch.no_grad():
 
             def episode(index: int, name: str, context: tuple[torch.Tensor, torch.Tensor] | None,
-                        mean_only: bool = False) -> None:
+                        mean_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                """Scores one variant; returns its transitions and their mask."""
                 if context is None:
                     params: Any = agent._prior()
                     stds = torch.ones(1)
@@ -75,7 +72,6 @@ def probe(run_dir: Path, num_tasks: int, repeats: int, seed: int) -> dict[str, A
                     stds = variance.sqrt()
                 sampler.num_calls = index  # every variant of an episode runs with the same seeds
                 traj = sampler.sample(actor, params, runs, 1)
-                rows_of[name] = transitions(agent.policy, traj)
                 per_task = {"return": traj.episode_returns()[:, 0].double().numpy().reshape(len(tasks), repeats),
                             "success": traj.success[:, 0].double().numpy().reshape(len(tasks), repeats)}
                 scores[index, name] = {k: v.mean(1) for k, v in per_task.items()}
@@ -83,16 +79,15 @@ def probe(run_dir: Path, num_tasks: int, repeats: int, seed: int) -> dict[str, A
                 results.append({"episode": index, "z_from": name, "context_rows": rows,
                                 "z_std": float(stds.mean()),
                                 **{k: float(v.mean()) for k, v in scores[index, name].items()}})
+                return transitions(agent.policy, traj)
 
-            episode(0, "prior", None)
-            first = rows_of["prior"]
+            first = episode(0, "prior", None)
             drawn = []  # per run: context_batch_size of episode 0's transitions, with replacement
             for rows, valid in zip(*first, strict=True):
                 index = torch.nonzero(valid > 0)[:, 0]
                 drawn.append(rows[index[rng.integers(0, len(index), cfg.context_batch_size)]])
             subset = (torch.stack(drawn), torch.ones(len(runs), cfg.context_batch_size))
-            episode(1, "episode 0", first)
-            evaluated_first = rows_of["episode 0"]
+            evaluated_first = episode(1, "episode 0", first)
             episode(1, f"{cfg.context_batch_size} rows of episode 0", subset)
             episode(1, "episode 0, posterior mean", first, mean_only=True)
             both = (torch.cat([first[0], evaluated_first[0]], 1), torch.cat([first[1], evaluated_first[1]], 1))
